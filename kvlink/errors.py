@@ -1,0 +1,100 @@
+"""The one exception tree of kvlink.
+
+Every error kvlink raises on purpose derives from :class:`KvlinkError`::
+
+    KvlinkError
+    ├── ConfigError                 bad configuration or arguments
+    ├── SpecError                   malformed or unknown cache layout
+    │   └── IncompatibleLayoutError  tensors/payload do not fit the destination layout
+    │       └── FingerprintMismatch  peers or payloads built for a different layout
+    ├── WireFormatError             a payload or frame failed validation
+    │   ├── BadMagic
+    │   ├── UnsupportedVersion
+    │   ├── LengthError             a length is beyond its limit or beyond the buffer
+    │   ├── UnknownCodec
+    │   └── ChecksumMismatch        names the failing segment
+    ├── CodecError                  a codec failed to encode or decode
+    ├── StagingExhausted            the staging area has no room for this payload
+    ├── BackendUnavailable          a requested kernel backend cannot run here
+    ├── TransportError              network transfer failures (transport issue)
+    └── PoolError                   prefix cache pool failures (pool issue)
+
+Decoders raise before writing anything, so a caught error means the destination is untouched.
+"""
+
+from __future__ import annotations
+
+
+class KvlinkError(Exception):
+    """Base class of every error kvlink raises on purpose."""
+
+
+class ConfigError(KvlinkError, ValueError):
+    """Invalid configuration value or argument."""
+
+
+class SpecError(KvlinkError, ValueError):
+    """A cache layout is malformed or unknown."""
+
+
+class IncompatibleLayoutError(SpecError):
+    """Tensors or a payload do not match the destination's layout (shape, dtype, kind)."""
+
+
+class FingerprintMismatch(IncompatibleLayoutError):
+    """The payload or peer was built for a different cache layout."""
+
+    def __init__(self, expected: bytes, got: bytes):
+        super().__init__(f"spec fingerprint mismatch: expected {expected.hex()}, got {got.hex()}")
+        self.expected = expected
+        self.got = got
+
+
+class WireFormatError(KvlinkError, ValueError):
+    """A payload or frame failed validation."""
+
+
+class BadMagic(WireFormatError):
+    """The first bytes are not a kvlink magic."""
+
+
+class UnsupportedVersion(WireFormatError):
+    """The format version is not one this build reads."""
+
+
+class LengthError(WireFormatError):
+    """A declared length exceeds its limit or the buffer that holds it."""
+
+
+class UnknownCodec(WireFormatError):
+    """A segment names a codec this build does not know."""
+
+
+class ChecksumMismatch(WireFormatError):
+    """A segment's bytes do not match its checksum."""
+
+    def __init__(self, segment: str, expected: int, got: int):
+        super().__init__(f"checksum mismatch in segment {segment}: expected {expected:#018x}, got {got:#018x}")
+        self.segment = segment
+        self.expected = expected
+        self.got = got
+
+
+class CodecError(KvlinkError):
+    """A codec could not encode or decode its input."""
+
+
+class StagingExhausted(KvlinkError):
+    """The staging area cannot hold the requested bytes right now."""
+
+
+class BackendUnavailable(KvlinkError):
+    """A requested kernel backend (triton, cuda, native) cannot run on this machine."""
+
+
+class TransportError(KvlinkError):
+    """A network transfer failed."""
+
+
+class PoolError(KvlinkError):
+    """The prefix cache pool failed an operation."""

@@ -1,0 +1,111 @@
+"""On-demand builds of ``csrc/``: the CPU row copier (plain C through ctypes) and the CUDA extension.
+
+Each is built once per machine into the build directory (``KVLINK_BUILD_DIR``) keyed by a hash of
+its source, then loaded once per process. A missing compiler or CUDA makes the backend unavailable;
+callers then fall back to the reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from kvlink.config import OpsConfig
+from kvlink.errors import BackendUnavailable
+
+CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"
+_PACKAGED_CSRC = Path(__file__).resolve().parent / "csrc"
+_lock = threading.Lock()
+_cpu_lib: ctypes.CDLL | None = None
+_cpu_error: str | None = None
+_cuda_mod = None
+_cuda_error: str | None = None
+
+
+def _source(rel: str) -> Path:
+    for root in (CSRC, _PACKAGED_CSRC):
+        if (root / rel).exists():
+            return root / rel
+    raise BackendUnavailable(f"csrc/{rel} not found (source checkout or packaged csrc needed)")
+
+
+def _build_cpu(config: OpsConfig) -> ctypes.CDLL:
+    src = _source("cpu/rows.c")
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+    target = config.build_dir / f"kvlink_rows_{digest}.so"
+    if not target.exists():
+        cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+        if cc is None:
+            raise BackendUnavailable("no C compiler found for the native CPU backend")
+        config.build_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=config.build_dir)
+        os.close(fd)
+        cmd = [cc, "-O3", "-fopenmp", "-shared", "-fPIC", str(src), "-o", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            os.unlink(tmp)
+            raise BackendUnavailable(f"building {src.name} failed: {proc.stderr.strip()[:500]}")
+        os.replace(tmp, target)  # atomic: concurrent builders never see half a library
+    lib = ctypes.CDLL(str(target))
+    args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
+    for name in ("kvlink_gather_rows", "kvlink_scatter_rows"):
+        getattr(lib, name).argtypes = args
+        getattr(lib, name).restype = None
+    return lib
+
+
+def cpu_lib(config: OpsConfig | None = None) -> ctypes.CDLL:
+    """The loaded CPU library; raises :class:`BackendUnavailable` if it cannot be built."""
+    global _cpu_lib, _cpu_error
+    with _lock:
+        if _cpu_lib is None and _cpu_error is None:
+            try:
+                _cpu_lib = _build_cpu(config or OpsConfig.from_env())
+            except (BackendUnavailable, OSError) as exc:
+                _cpu_error = str(exc)
+        if _cpu_lib is None:
+            raise BackendUnavailable(_cpu_error or "native CPU backend unavailable")
+        return _cpu_lib
+
+
+def cuda_ext(config: OpsConfig | None = None):
+    """The CUDA extension, built with torch's extension builder on first use where CUDA exists."""
+    global _cuda_mod, _cuda_error
+    with _lock:
+        if _cuda_mod is None and _cuda_error is None:
+            if not torch.cuda.is_available():
+                _cuda_error = "CUDA is not available on this machine"
+            else:
+                try:
+                    from torch.utils.cpp_extension import load
+
+                    config = config or OpsConfig.from_env()
+                    build = config.build_dir / "cuda_rows"
+                    build.mkdir(parents=True, exist_ok=True)
+                    _cuda_mod = load(name="kvlink_cuda_rows", sources=[str(_source("cuda/rows.cu"))],
+                                     build_directory=str(build), extra_cuda_cflags=["-O3"], verbose=False)
+                except Exception as exc:  # the builder raises many types; report them all the same way
+                    _cuda_error = f"building the CUDA extension failed: {exc}"
+        if _cuda_mod is None:
+            raise BackendUnavailable(_cuda_error or "CUDA backend unavailable")
+        return _cuda_mod
+
+
+def cpu_gather_rows(rows: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> None:
+    es = rows.element_size()
+    cpu_lib().kvlink_gather_rows(rows.data_ptr(), rows.stride(0) * es, ids.data_ptr(), ids.numel(),
+                                 out.data_ptr(), out.shape[1] * es)
+
+
+def cpu_scatter_rows(packed: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor) -> None:
+    es = rows.element_size()
+    cpu_lib().kvlink_scatter_rows(packed.data_ptr(), packed.shape[1] * es, ids.data_ptr(), ids.numel(),
+                                  rows.data_ptr(), rows.stride(0) * es)

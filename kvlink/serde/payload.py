@@ -1,0 +1,62 @@
+"""A payload: a header plus one buffer per segment, sendable as a list of buffers (no join)."""
+
+from __future__ import annotations
+
+from kvlink.errors import LengthError
+from kvlink.serde.staging import StagingLease
+from kvlink.serde.wire import PayloadHeader, parse_header, verify_segment
+
+
+class Payload:
+    """Header plus segment buffers (views into a staging lease, or into a received buffer)."""
+
+    def __init__(self, header: PayloadHeader, datas: list, lease: StagingLease | None = None):
+        if len(datas) != len(header.segments):
+            raise LengthError(f"{len(datas)} buffers for {len(header.segments)} segments")
+        self.header = header
+        self.datas = [memoryview(d).cast("B") for d in datas]
+        self._lease = lease
+        self._header_bytes: bytes | None = None
+
+    @property
+    def segments(self):
+        return self.header.segments
+
+    def header_bytes(self) -> bytes:
+        if self._header_bytes is None:
+            self._header_bytes = self.header.encode()
+        return self._header_bytes
+
+    def buffers(self) -> list[memoryview]:
+        """Header then segment bytes, in wire order: hand these to ``sendmsg``/``writelines`` as is."""
+        return [memoryview(self.header_bytes()), *self.datas]
+
+    @property
+    def nbytes(self) -> int:
+        return self.header.header_len + self.header.body_len
+
+    def tobytes(self) -> bytes:
+        """The whole payload as one ``bytes`` (copies: for tests and small payloads)."""
+        return b"".join(self.buffers())
+
+    def verify(self) -> None:
+        """Check every segment's checksum; raises :class:`~kvlink.errors.ChecksumMismatch` naming it."""
+        for seg, data in zip(self.header.segments, self.datas):
+            verify_segment(seg, data)
+
+    def release(self) -> None:
+        """Give the staging space back; the segment buffers must not be used afterwards."""
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
+
+    @classmethod
+    def from_buffer(cls, buf) -> "Payload":
+        """Parse a received payload; segment buffers view ``buf`` (no copy). Checksums are checked by
+        :meth:`verify` (the unpacker calls it before writing)."""
+        view = memoryview(buf).cast("B")
+        header = parse_header(view)
+        if len(view) != header.header_len + header.body_len:
+            raise LengthError(f"payload of {len(view)} bytes, header says {header.header_len + header.body_len}")
+        base = header.header_len
+        return cls(header, [view[base + s.offset : base + s.offset + s.length] for s in header.segments])

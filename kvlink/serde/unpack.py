@@ -1,0 +1,85 @@
+"""Unpack a payload into a paged cache: validate everything first, then write.
+
+Any error leaves the destination untouched: structure, fingerprint, layout, block table and
+checksums are all checked, and every segment is decoded, before the first byte is written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvlink.codec import decode
+from kvlink.errors import FingerprintMismatch, IncompatibleLayoutError
+from kvlink.serde.layout import TORCH_DTYPES, layer_segments
+from kvlink.serde.paged import CacheRef, PagedCache
+from kvlink.serde.payload import Payload
+from kvlink.serde.tokens import copy_tokens
+
+
+def check_compatible(payload: Payload, cache: PagedCache, ref: CacheRef) -> None:
+    """Raise unless every segment of ``payload`` is exactly what ``cache``'s spec expects at ``ref``."""
+    spec, header = cache.spec, payload.header
+    if header.fingerprint != spec.fingerprint:
+        raise FingerprintMismatch(spec.fingerprint, header.fingerprint)
+    if header.token_end != ref.num_tokens:
+        raise IncompatibleLayoutError(f"payload ends at token {header.token_end}, destination expects {ref.num_tokens}")
+    by_layer: dict[int, list] = {}
+    for seg in header.segments:
+        if by_layer and seg.layer in by_layer and seg.layer != next(reversed(by_layer)):
+            raise IncompatibleLayoutError(f"{seg.name}: segments of a layer must be adjacent")
+        by_layer.setdefault(seg.layer, []).append(seg)
+    for layer, segs in by_layer.items():
+        if layer >= spec.num_layers:
+            raise IncompatibleLayoutError(f"layer {layer} beyond the destination's {spec.num_layers} layers")
+        expected = layer_segments(spec, layer, header.token_start, header.token_end)
+        if len(segs) != len(expected):
+            raise IncompatibleLayoutError(f"layer {layer}: {len(segs)} segments, expected {len(expected)}")
+        for seg, exp in zip(segs, expected):
+            got = (seg.kind, seg.dtype, seg.shape, seg.token_start)
+            want = (exp.kind, exp.dtype, exp.shape, exp.token_start)
+            if got != want:
+                raise IncompatibleLayoutError(f"{seg.name}: got kind/dtype/shape/start {got}, expected {want}")
+            if seg.codec.lossy and seg.kind.is_state:
+                raise IncompatibleLayoutError(f"{seg.name}: lossy codec on state is never accepted")
+
+
+class Unpacker:
+    """Writes payloads into one :class:`PagedCache`."""
+
+    def __init__(self, cache: PagedCache, backend: str | None = None):
+        self.cache = cache
+        self.backend = backend
+
+    def unpack(self, payload: Payload | bytes | bytearray | memoryview, ref: CacheRef) -> list[int]:
+        """Write ``payload`` into ``ref``'s blocks and slot; returns the layers written.
+
+        ``ref.block_ids`` must cover tokens [0, payload end); only tokens from the payload's start
+        are written. Raises (writing nothing) :class:`~kvlink.errors.WireFormatError` subclasses for
+        malformed or corrupt payloads, :class:`~kvlink.errors.FingerprintMismatch` /
+        :class:`~kvlink.errors.IncompatibleLayoutError` for the wrong layout,
+        :class:`~kvlink.errors.ConfigError` for a bad block table or slot, and
+        :class:`~kvlink.errors.CodecError` when a segment does not decode.
+        """
+        if not isinstance(payload, Payload):
+            payload = Payload.from_buffer(payload)
+        cache, header = self.cache, payload.header
+        check_compatible(payload, cache, ref)
+        ref = CacheRef(ref.block_ids, header.token_end, ref.state_slot, header.token_start)
+        ids = ref.ids_tensor(cache)
+        slot = ref.slot(cache) if any(s.kind.is_state for s in header.segments) else -1
+        payload.verify()
+        decoded = [decode(seg.codec, data, TORCH_DTYPES[seg.dtype], seg.numel,
+                          fp8_group=1 << seg.codec_param).view(seg.shape)
+                   for seg, data in zip(header.segments, payload.datas)]
+        ids_host = ids.tolist()
+        for seg, values in zip(header.segments, decoded):
+            if seg.kind.is_state:
+                dict(cache.states(seg.layer))[seg.kind][slot].copy_(values)
+            else:
+                rows = dict(cache.planes(seg.layer))[seg.kind]
+                copy_tokens(rows, ids, ids_host, seg.token_start, seg.token_start + seg.shape[0], cache.block_size,
+                            values, False, self.backend)
+        if cache.device.type == "cuda":
+            torch.cuda.current_stream(cache.device).synchronize()
+        return sorted({seg.layer for seg in header.segments})
+

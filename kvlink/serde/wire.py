@@ -1,0 +1,155 @@
+"""Wire format v1 of a payload: header, segment table, segment bytes. See docs/wire-format.md.
+
+All integers little-endian. Parsing checks every length against its limit and the buffer before
+using it, and never allocates from a length it read.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from kvlink.codec import Codec, checksum, encoded_bound
+from kvlink.errors import BadMagic, ChecksumMismatch, LengthError, UnknownCodec, UnsupportedVersion, WireFormatError
+from kvlink.serde.layout import DTYPE_BY_CODE, DTYPE_CODES, TORCH_DTYPES, SegmentKind
+
+MAGIC = b"KVLK"
+VERSION = 1
+# magic, version, flags, header_len, num_segments, header_checksum, fingerprint, token_start,
+# token_end, block_size, reserved, body_len
+PREFIX = struct.Struct("<4sHHIIQ16sQQIIQ")
+# layer, kind, dtype, codec, ndim, codec_param, token_start, reserved, shape[6], offset, length,
+# raw_nbytes, checksum
+ENTRY = struct.Struct("<HBBBBHII6IQQQQ")
+MAX_DIMS = 6
+MAX_SEGMENTS = 1 << 17
+MAX_SEGMENT_BYTES = 1 << 40
+CHECKSUM_OFFSET = 16  # byte offset of header_checksum inside PREFIX
+
+
+@dataclass(frozen=True)
+class SegmentHeader:
+    layer: int
+    kind: SegmentKind
+    dtype: str
+    codec: Codec
+    codec_param: int
+    token_start: int
+    shape: tuple[int, ...]
+    offset: int
+    length: int
+    raw_nbytes: int
+    checksum: int
+
+    @property
+    def name(self) -> str:
+        return f"layer {self.layer} {self.kind.name.lower()}"
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class PayloadHeader:
+    fingerprint: bytes
+    token_start: int
+    token_end: int
+    block_size: int
+    segments: tuple[SegmentHeader, ...]
+
+    @property
+    def header_len(self) -> int:
+        return PREFIX.size + ENTRY.size * len(self.segments)
+
+    @property
+    def body_len(self) -> int:
+        return sum(s.length for s in self.segments)
+
+    def encode(self) -> bytes:
+        out = bytearray(self.header_len)
+        PREFIX.pack_into(out, 0, MAGIC, VERSION, 0, self.header_len, len(self.segments), 0, self.fingerprint,
+                         self.token_start, self.token_end, self.block_size, 0, self.body_len)
+        pos = PREFIX.size
+        for s in self.segments:
+            shape = tuple(s.shape) + (0,) * (MAX_DIMS - len(s.shape))
+            ENTRY.pack_into(out, pos, s.layer, s.kind, DTYPE_CODES[s.dtype], s.codec, len(s.shape), s.codec_param,
+                            s.token_start, 0, *shape, s.offset, s.length, s.raw_nbytes, s.checksum)
+            pos += ENTRY.size
+        struct.pack_into("<Q", out, CHECKSUM_OFFSET, checksum(out))
+        return bytes(out)
+
+
+def peek_lengths(prefix: bytes | memoryview) -> tuple[int, int]:
+    """(header_len, body_len) from the first ``PREFIX.size`` bytes, validated against the limits."""
+    if len(prefix) < PREFIX.size:
+        raise LengthError(f"need {PREFIX.size} bytes for the payload prefix, got {len(prefix)}")
+    magic, version, _, header_len, nseg, _, _, _, _, _, _, body_len = PREFIX.unpack_from(prefix, 0)
+    if magic != MAGIC:
+        raise BadMagic(f"bad payload magic {bytes(magic)!r}")
+    if version != VERSION:
+        raise UnsupportedVersion(f"payload version {version}; this build reads {VERSION}")
+    if nseg > MAX_SEGMENTS or header_len != PREFIX.size + ENTRY.size * nseg:
+        raise LengthError(f"header length {header_len} does not fit {nseg} segments")
+    if body_len > MAX_SEGMENT_BYTES * 4:
+        raise LengthError(f"body length {body_len} beyond limit")
+    return header_len, body_len
+
+
+def parse_header(buf) -> PayloadHeader:
+    """Parse and validate the header at the start of ``buf`` (segment bytes may follow)."""
+    view = memoryview(buf).cast("B")
+    header_len, body_len = peek_lengths(view[: PREFIX.size])
+    if len(view) < header_len:
+        raise LengthError(f"header of {header_len} bytes, buffer holds {len(view)}")
+    head = bytearray(view[:header_len])
+    (_, _, _, _, nseg, expect_sum, fingerprint, t0, t1, block_size, _, _) = PREFIX.unpack_from(head, 0)
+    struct.pack_into("<Q", head, CHECKSUM_OFFSET, 0)
+    got = checksum(head)
+    if got != expect_sum:
+        raise ChecksumMismatch("header", expect_sum, got)
+    if t0 > t1:
+        raise WireFormatError(f"token range [{t0}, {t1}) is reversed")
+    segments, offset = [], 0
+    for i in range(nseg):
+        (layer, kind, dtype, codec, ndim, cparam, seg_t0, _, *rest) = ENTRY.unpack_from(head, PREFIX.size + i * ENTRY.size)
+        shape_raw, (off, length, raw_nbytes, seg_sum) = rest[:MAX_DIMS], rest[MAX_DIMS:]
+        where = f"segment {i}"
+        try:
+            kind = SegmentKind(kind)
+        except ValueError:
+            raise WireFormatError(f"{where}: unknown segment kind {kind}") from None
+        if dtype not in DTYPE_BY_CODE:
+            raise WireFormatError(f"{where}: unknown dtype code {dtype}")
+        try:
+            codec = Codec(codec)
+        except ValueError:
+            raise UnknownCodec(f"{where}: unknown codec id {codec}") from None
+        if not 1 <= ndim <= MAX_DIMS or any(shape_raw[ndim:]):
+            raise WireFormatError(f"{where}: bad rank {ndim}")
+        shape = tuple(shape_raw[:ndim])
+        seg = SegmentHeader(layer, kind, DTYPE_BY_CODE[dtype], codec, cparam, seg_t0, shape, off, length, raw_nbytes, seg_sum)
+        if raw_nbytes != seg.numel * TORCH_DTYPES[seg.dtype].itemsize or raw_nbytes > MAX_SEGMENT_BYTES:
+            raise LengthError(f"{where} ({seg.name}): raw length {raw_nbytes} does not match shape {shape}")
+        if codec is Codec.FP8_E4M3 and not 0 <= cparam <= 16:
+            raise WireFormatError(f"{where}: bad fp8 group exponent {cparam}")
+        bound = encoded_bound(codec, raw_nbytes, seg.numel, 1 << cparam if codec is Codec.FP8_E4M3 else 128)
+        if off != offset or length > bound:
+            raise LengthError(f"{where} ({seg.name}): offset {off} / length {length} out of place or beyond {bound}")
+        offset += length
+        segments.append(seg)
+    if offset != body_len:
+        raise LengthError(f"segments hold {offset} bytes, header says {body_len}")
+    return PayloadHeader(bytes(fingerprint), t0, t1, block_size, tuple(segments))
+
+
+def verify_segment(seg: SegmentHeader, data) -> None:
+    """Raise :class:`ChecksumMismatch` (naming the segment) unless ``data`` matches ``seg``."""
+    if memoryview(data).nbytes != seg.length:
+        raise LengthError(f"{seg.name}: {memoryview(data).nbytes} bytes, expected {seg.length}")
+    got = checksum(data)
+    if got != seg.checksum:
+        raise ChecksumMismatch(seg.name, seg.checksum, got)

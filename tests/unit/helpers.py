@@ -1,0 +1,53 @@
+"""Small layouts and request builders shared by the serde tests."""
+
+import random
+
+import torch
+
+from kvlink.serde import CacheRef, PagedCache
+from kvlink.spec import MLA, CacheSpec, FullAttention, LinearAttention, SlidingWindow
+
+HYBRID = CacheSpec("tiny-hybrid", (
+    LinearAttention((2, 4, 4), "float32", (12, 3), "bfloat16", variant="kda"),
+    MLA(12, 4),
+    SlidingWindow(2, 8, window=6),
+    FullAttention(2, 8),
+    LinearAttention((3, 4, 4), "bfloat16", None, variant="lightning"),
+    FullAttention(1, 6, v_head_dim=4, dtype="float32"),
+))
+
+
+def filled(spec, num_blocks, block_size, num_slots=3, layout="blocks_first", seed=0):
+    torch.manual_seed(seed)
+    return PagedCache.allocate(spec, num_blocks, block_size, num_slots, layout=layout, fill="randn")
+
+
+def snapshot(cache: PagedCache) -> list[torch.Tensor]:
+    """Copies of every tensor of a cache, to assert that nothing was written."""
+    out = []
+    for layer in range(cache.spec.num_layers):
+        group = cache.states(layer) if cache.spec.layers[layer].kind == "linear" else cache.planes(layer)
+        out.extend(t.clone() for _, t in group)
+    return out
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(a, b))
+
+
+def random_ref(num_blocks, block_size, tokens, slot=0, token_start=0, seed=0) -> CacheRef:
+    need = -(-tokens // block_size)
+    ids = random.Random(seed).sample(range(num_blocks), need)
+    return CacheRef(ids, tokens, slot, token_start)
+
+
+def tokens_of(cache: PagedCache, ref: CacheRef, layer: int, t0: int, t1: int) -> list[torch.Tensor]:
+    """The per-token rows of tokens [t0, t1) of a layer, read with plain indexing (test oracle)."""
+    bs = cache.block_size
+    ids = list(ref.block_ids)
+    out = []
+    for _, rows in cache.planes(layer):
+        elems = rows.shape[1] // bs
+        per = [rows[ids[t // bs], (t % bs) * elems:(t % bs + 1) * elems] for t in range(t0, t1)]
+        out.append(torch.stack(per) if per else torch.empty(0))
+    return out
