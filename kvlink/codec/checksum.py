@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import xxhash
 
+from kvlink.codec.parallel import parallel_map
+
 
 def checksum(data) -> int:
     """xxh3-64 of a bytes-like object (memoryview, bytes, numpy buffer) without copying it."""
     return xxhash.xxh3_64_intdigest(data)
+
+
+def checksums(buffers: list) -> list[int]:
+    """Checksums of many buffers, hashed on all cores when they are large."""
+    return parallel_map(checksum, buffers, sum(memoryview(b).nbytes for b in buffers))

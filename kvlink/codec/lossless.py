@@ -7,6 +7,7 @@ compressors find far more to work with once the two are apart.
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import lz4.block
@@ -34,20 +35,26 @@ def shuffle(data: torch.Tensor, itemsize: int) -> torch.Tensor:
     """Byte-plane shuffle of a uint8 tensor whose length is a multiple of ``itemsize``."""
     if itemsize == 1:
         return data
-    return data.view(-1, itemsize).t().contiguous().view(-1)
+    # One strided copy per plane runs ~20x faster than transpose().contiguous() on uint8.
+    elems = data.numel() // itemsize
+    src = data.view(-1, itemsize)
+    out = torch.empty(data.numel(), dtype=torch.uint8)
+    for k in range(itemsize):
+        out[k * elems : (k + 1) * elems].copy_(src[:, k])
+    return out
 
 
 def unshuffle(data: torch.Tensor, itemsize: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of :func:`shuffle`; writes into ``out`` (uint8, same length) when given."""
-    if itemsize == 1:
-        if out is not None:
-            out.copy_(data)
-            return out
-        return data
-    planes = data.view(itemsize, -1).t()
     if out is None:
-        return planes.contiguous().view(-1)
-    out.view(-1, itemsize).copy_(planes)
+        out = torch.empty(data.numel(), dtype=torch.uint8)
+    if itemsize == 1:
+        out.copy_(data)
+        return out
+    elems = data.numel() // itemsize
+    dst = out.view(-1, itemsize)
+    for k in range(itemsize):
+        dst[:, k].copy_(data[k * elems : (k + 1) * elems])
     return out
 
 
@@ -65,20 +72,23 @@ def lz4_decompress(data, raw_nbytes: int) -> bytearray:
     return out
 
 
-_ZSTD_C: dict[int, zstandard.ZstdCompressor] = {}
+_local = threading.local()  # zstd (de)compressor objects must not be shared between threads
 
 
 def zstd_compress(data, level: int) -> bytes:
-    comp = _ZSTD_C.get(level)
+    cache = _local.__dict__.setdefault("compressors", {})
+    comp = cache.get(level)
     if comp is None:
-        comp = _ZSTD_C[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        comp = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
     return comp.compress(memoryview(data))
 
 
 def zstd_decompress(data, raw_nbytes: int) -> bytes:
     try:
         # max_output_size bounds the allocation by the validated raw size, never by the frame.
-        out = zstandard.ZstdDecompressor().decompress(memoryview(data), max_output_size=raw_nbytes)
+        if not hasattr(_local, "decompressor"):
+            _local.decompressor = zstandard.ZstdDecompressor()
+        out = _local.decompressor.decompress(memoryview(data), max_output_size=raw_nbytes)
     except zstandard.ZstdError as exc:
         raise CodecError(f"zstd decode failed: {exc}") from exc
     if len(out) != raw_nbytes:

@@ -6,7 +6,9 @@ from typing import Iterable
 
 import torch
 
-from kvlink.codec import Codec, checksum, encode
+from kvlink.codec import Codec, encode
+from kvlink.codec.checksum import checksums
+from kvlink.codec.parallel import parallel_map
 from kvlink.config import CodecConfig
 from kvlink.errors import ConfigError
 from kvlink.serde.layout import SegmentLayout, payload_segments
@@ -86,15 +88,19 @@ class Packer:
         return out.view(seg.shape)
 
     def _encode(self, ref: CacheRef, layouts, raws, lease, overrides) -> Payload:
-        headers, datas, offset = [], [], 0
-        for i, (seg, raw) in enumerate(zip(layouts, raws)):
-            codec = overrides.get(i) or choose_codec(seg, self.codec)
-            data = encode(codec, raw, zstd_level=self.codec.zstd_level, fp8_group=self.codec.fp8_group)
+        codecs = [overrides.get(i) or choose_codec(seg, self.codec) for i, seg in enumerate(layouts)]
+        cfg = self.codec
+        datas = parallel_map(lambda job: encode(job[0], job[1], zstd_level=cfg.zstd_level, fp8_group=cfg.fp8_group),
+                             zip(codecs, raws), sum(0 if c is Codec.NONE else r.nbytes for c, r in zip(codecs, raws)))
+        if all(codec is not Codec.NONE for codec in codecs):
+            lease.release()  # every segment was re-encoded into its own buffer
+            lease = None
+        headers, offset = [], 0
+        for seg, codec, data, digest in zip(layouts, codecs, datas, checksums(datas)):
             length = memoryview(data).nbytes
             cparam = self.codec.fp8_group.bit_length() - 1 if codec is Codec.FP8_E4M3 else 0
             headers.append(SegmentHeader(seg.layer, seg.kind, seg.dtype, codec, cparam, seg.token_start, seg.shape,
-                                         offset, length, seg.nbytes, checksum(data)))
-            datas.append(data)
+                                         offset, length, seg.nbytes, digest))
             offset += length
         header = PayloadHeader(self.cache.spec.fingerprint, ref.token_start, ref.num_tokens, self.cache.block_size,
                                tuple(headers))

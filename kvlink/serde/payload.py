@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from kvlink.errors import LengthError
+from kvlink.codec.checksum import checksums
+from kvlink.errors import ChecksumMismatch, LengthError
 from kvlink.serde.staging import StagingLease
-from kvlink.serde.wire import PayloadHeader, parse_header, verify_segment
+from kvlink.serde.wire import PayloadHeader, parse_header
 
 
 class Payload:
@@ -42,7 +43,11 @@ class Payload:
     def verify(self) -> None:
         """Check every segment's checksum; raises :class:`~kvlink.errors.ChecksumMismatch` naming it."""
         for seg, data in zip(self.header.segments, self.datas):
-            verify_segment(seg, data)
+            if data.nbytes != seg.length:
+                raise LengthError(f"{seg.name}: {data.nbytes} bytes, expected {seg.length}")
+        for seg, got in zip(self.header.segments, checksums(self.datas)):
+            if got != seg.checksum:
+                raise ChecksumMismatch(seg.name, seg.checksum, got)
 
     def release(self) -> None:
         """Give the staging space back; the segment buffers must not be used afterwards."""

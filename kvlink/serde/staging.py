@@ -53,6 +53,8 @@ class StagingArena:
         self.capacity = capacity
         self.pinned = pin
         self.buffer = torch.empty(capacity, dtype=torch.uint8, pin_memory=pin)
+        if not pin:
+            self.buffer.zero_()  # fault the pages in now, not on the first pack's hot path
         self._spans: deque[_Span] = deque()
         self._lock = threading.Lock()
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from kvlink.codec import decode
+from kvlink.codec import Codec, decode
+from kvlink.codec.parallel import parallel_map
 from kvlink.errors import FingerprintMismatch, IncompatibleLayoutError
 from kvlink.serde.layout import TORCH_DTYPES, layer_segments
 from kvlink.serde.paged import CacheRef, PagedCache
@@ -68,9 +69,11 @@ class Unpacker:
         ids = ref.ids_tensor(cache)
         slot = ref.slot(cache) if any(s.kind.is_state for s in header.segments) else -1
         payload.verify()
-        decoded = [decode(seg.codec, data, TORCH_DTYPES[seg.dtype], seg.numel,
-                          fp8_group=1 << seg.codec_param).view(seg.shape)
-                   for seg, data in zip(header.segments, payload.datas)]
+        decoded = parallel_map(
+            lambda job: decode(job[0].codec, job[1], TORCH_DTYPES[job[0].dtype], job[0].numel,
+                               fp8_group=1 << job[0].codec_param).view(job[0].shape),
+            zip(header.segments, payload.datas),
+            sum(s.raw_nbytes for s in header.segments if s.codec is not Codec.NONE))
         ids_host = ids.tolist()
         for seg, values in zip(header.segments, decoded):
             if seg.kind.is_state:

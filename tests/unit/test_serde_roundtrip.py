@@ -174,3 +174,19 @@ def test_from_buffer_views_without_copy():
     payload.verify()
     wire[-1] ^= 1
     assert payload.datas[-1][-1] == wire[-1]
+
+
+@pytest.mark.parametrize("codec", ["zstd", "shuffle-lz4"])
+def test_large_payload_codecs_run_in_parallel_safely(codec):
+    # > 8 MiB of segments takes the threaded encode/decode path (zstd objects are per thread)
+    from kvlink.spec import CacheSpec, FullAttention
+
+    spec = CacheSpec("wide", tuple(FullAttention(8, 128) for _ in range(3)))
+    src = filled(spec, 300, 16, num_slots=1)
+    dst = PagedCache.allocate(spec, 300, 16, 1, fill="zeros")
+    ref = random_ref(300, 16, 4000, seed=1)
+    cfg = CodecConfig(kv_codec=codec)
+    payload = Packer(src, codec=cfg).pack(ref)
+    assert payload.header.body_len < sum(s.raw_nbytes for s in payload.segments) * 1.01
+    Unpacker(dst).unpack(payload.tobytes(), ref)
+    assert Packer(dst, codec=cfg).pack(ref).tobytes() == payload.tobytes()
