@@ -190,3 +190,27 @@ def test_large_payload_codecs_run_in_parallel_safely(codec):
     assert payload.header.body_len < sum(s.raw_nbytes for s in payload.segments) * 1.01
     Unpacker(dst).unpack(payload.tobytes(), ref)
     assert Packer(dst, codec=cfg).pack(ref).tobytes() == payload.tobytes()
+
+
+def _to(cache: PagedCache, device: str) -> PagedCache:
+    move = lambda t: tuple(x.to(device) for x in t) if isinstance(t, tuple) else t.to(device)  # noqa: E731
+    return PagedCache(cache.spec, cache.block_size, {k: move(v) for k, v in cache.kv.items()},
+                      {k: move(v) for k, v in cache.conv.items()}, {k: move(v) for k, v in cache.recurrent.items()},
+                      cache.layout)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine (CI has none)")
+@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
+@pytest.mark.parametrize("pinned", [True, False])
+def test_cuda_cache_roundtrip_matches_cpu(backend, pinned):
+    cpu = filled(HYBRID, 16, BS, layout="kv_first", seed=5)
+    gpu = _to(cpu, "cuda")
+    ref = random_ref(16, BS, 37, slot=1, token_start=BS, seed=8)
+    staging = StagingArena(1 << 20, pin=pinned)
+    wire = Packer(gpu, staging=staging, backend=backend).pack(ref).tobytes()
+    assert wire == Packer(cpu).pack(ref).tobytes()
+    dst = _to(PagedCache.allocate(HYBRID, 20, BS, 3, layout="split", fill="zeros"), "cuda")
+    dst_ref = random_ref(20, BS, 37, slot=2, seed=9)
+    Unpacker(dst, backend=backend).unpack(wire, dst_ref)
+    assert Packer(dst, backend=backend).pack(CacheRef(dst_ref.block_ids, 37, 2, BS)).tobytes() == wire
