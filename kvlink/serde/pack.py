@@ -6,8 +6,7 @@ from typing import Iterable
 
 import torch
 
-from kvlink.codec import Codec, encode
-from kvlink.codec.checksum import checksums
+from kvlink.codec import Codec, checksum, encode
 from kvlink.codec.parallel import parallel_map
 from kvlink.config import CodecConfig
 from kvlink.errors import ConfigError
@@ -62,15 +61,38 @@ class Packer:
         for seg in layouts:
             offsets.append(total)
             total += -(-seg.nbytes // ALIGN) * ALIGN
+        codecs = [(codecs or {}).get(i) or choose_codec(seg, self.codec) for i, seg in enumerate(layouts)]
         lease = self.staging.lease(total) if self.staging else StagingLease.standalone(total)
         try:
-            raws = [self._gather(seg, lease.tensor, off, ids, ids_host, slot) for seg, off in zip(layouts, offsets)]
+            jobs = []
+            for seg, off, codec in zip(layouts, offsets, codecs):
+                raw = self._gather(seg, lease.tensor, off, ids, ids_host, slot)
+                ready = None
+                if cache.device.type == "cuda":
+                    # Encoding and hashing of this segment start as soon as its copy is done,
+                    # while the GPU moves on to the next segments.
+                    ready = torch.cuda.Event()
+                    ready.record(torch.cuda.current_stream(cache.device))
+                jobs.append((codec, raw, ready))
+            results = parallel_map(self._finish, jobs, total)
             if cache.device.type == "cuda":
                 torch.cuda.current_stream(cache.device).synchronize()
-            return self._encode(ref, layouts, raws, lease, codecs or {})
         except BaseException:
             lease.release()
             raise
+        if all(codec is not Codec.NONE for codec in codecs):
+            lease.release()  # every segment was re-encoded into its own buffer
+            lease = None
+        headers, datas, offset = [], [], 0
+        for seg, codec, (data, digest) in zip(layouts, codecs, results):
+            length = memoryview(data).nbytes
+            cparam = self.codec.fp8_group.bit_length() - 1 if codec is Codec.FP8_E4M3 else 0
+            headers.append(SegmentHeader(seg.layer, seg.kind, seg.dtype, codec, cparam, seg.token_start, seg.shape,
+                                         offset, length, seg.nbytes, digest))
+            datas.append(data)
+            offset += length
+        header = PayloadHeader(spec.fingerprint, ref.token_start, ref.num_tokens, cache.block_size, tuple(headers))
+        return Payload(header, datas, lease)
 
     def pack_layer(self, ref: CacheRef, layer: int) -> Payload:
         """Pack one layer on its own, e.g. as soon as prefill has produced it."""
@@ -80,28 +102,16 @@ class Packer:
         out = buf[off : off + seg.nbytes].view(seg.torch_dtype)
         if seg.kind.is_state:
             pool = dict(self.cache.states(seg.layer))[seg.kind]
-            out.view(seg.shape).copy_(pool[slot])
+            out.view(seg.shape).copy_(pool[slot], non_blocking=out.is_pinned())
         else:
             rows = dict(self.cache.planes(seg.layer))[seg.kind]
             t0 = seg.token_start
             copy_tokens(rows, ids, ids_host, t0, t0 + seg.shape[0], self.cache.block_size, out, True, self.backend)
         return out.view(seg.shape)
 
-    def _encode(self, ref: CacheRef, layouts, raws, lease, overrides) -> Payload:
-        codecs = [overrides.get(i) or choose_codec(seg, self.codec) for i, seg in enumerate(layouts)]
-        cfg = self.codec
-        datas = parallel_map(lambda job: encode(job[0], job[1], zstd_level=cfg.zstd_level, fp8_group=cfg.fp8_group),
-                             zip(codecs, raws), sum(0 if c is Codec.NONE else r.nbytes for c, r in zip(codecs, raws)))
-        if all(codec is not Codec.NONE for codec in codecs):
-            lease.release()  # every segment was re-encoded into its own buffer
-            lease = None
-        headers, offset = [], 0
-        for seg, codec, data, digest in zip(layouts, codecs, datas, checksums(datas)):
-            length = memoryview(data).nbytes
-            cparam = self.codec.fp8_group.bit_length() - 1 if codec is Codec.FP8_E4M3 else 0
-            headers.append(SegmentHeader(seg.layer, seg.kind, seg.dtype, codec, cparam, seg.token_start, seg.shape,
-                                         offset, length, seg.nbytes, digest))
-            offset += length
-        header = PayloadHeader(self.cache.spec.fingerprint, ref.token_start, ref.num_tokens, self.cache.block_size,
-                               tuple(headers))
-        return Payload(header, datas, lease)
+    def _finish(self, job) -> tuple[object, int]:
+        codec, raw, ready = job
+        if ready is not None:
+            ready.synchronize()
+        data = encode(codec, raw, zstd_level=self.codec.zstd_level, fp8_group=self.codec.fp8_group)
+        return data, checksum(data)

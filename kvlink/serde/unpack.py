@@ -77,7 +77,7 @@ class Unpacker:
         ids_host = ids.tolist()
         for seg, values in zip(header.segments, decoded):
             if seg.kind.is_state:
-                dict(cache.states(seg.layer))[seg.kind][slot].copy_(values)
+                dict(cache.states(seg.layer))[seg.kind][slot].copy_(values, non_blocking=values.is_pinned())
             else:
                 rows = dict(cache.planes(seg.layer))[seg.kind]
                 copy_tokens(rows, ids, ids_host, seg.token_start, seg.token_start + seg.shape[0], cache.block_size,
