@@ -145,11 +145,3 @@ def parse_header(buf) -> PayloadHeader:
         raise LengthError(f"segments hold {offset} bytes, header says {body_len}")
     return PayloadHeader(bytes(fingerprint), t0, t1, block_size, tuple(segments))
 
-
-def verify_segment(seg: SegmentHeader, data) -> None:
-    """Raise :class:`ChecksumMismatch` (naming the segment) unless ``data`` matches ``seg``."""
-    if memoryview(data).nbytes != seg.length:
-        raise LengthError(f"{seg.name}: {memoryview(data).nbytes} bytes, expected {seg.length}")
-    got = checksum(data)
-    if got != seg.checksum:
-        raise ChecksumMismatch(seg.name, seg.checksum, got)

@@ -1,0 +1,39 @@
+"""The command line, run as a real subprocess."""
+
+import json
+import subprocess
+import sys
+
+
+def kvlink(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "kvlink.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_spec_json_matches_reference_figures():
+    proc = kvlink("spec", "kimi-linear-48b-a3b", "--tokens", "1024,32768,131072", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["kv_bytes_per_token"] == 8064
+    assert data["totals"]["32768"] == 8064 * 32768 + data["fixed_state_bytes"]
+
+
+def test_spec_text_and_unknown_preset():
+    assert "70,272" in kvlink("spec", "deepseek-v3").stdout
+    proc = kvlink("spec", "not-a-model")
+    assert proc.returncode == 2 and "unknown preset" in proc.stderr
+
+
+def test_demo_runs_bit_exact():
+    proc = kvlink("demo", "--tokens", "4100")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("bit-exact: yes") == 2
+
+
+def test_bench_serde_json():
+    proc = kvlink("bench", "serde", "--tokens", "2048", "--repeat", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["pack"]["bit_exact"] is True
+    assert data["pack"]["memcpy_gbps"] > 0
+    codecs = {(r["data"], r["codec"]): r for r in data["codecs"]}
+    assert all(r["lossless"] for (d, c), r in codecs.items() if c not in ("fp8-e4m3", "xxh3 checksum"))
