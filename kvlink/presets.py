@@ -28,24 +28,24 @@ def kimi_linear_48b_a3b() -> CacheSpec:
     )
 
 
-def qwen3_next_80b_a3b() -> CacheSpec:
-    # Every 4th layer gated full attention (2 kv heads x 256); Gated DeltaNet: 16 key / 32 value heads.
+def _qwen_gated_deltanet(name: str, layers: int, value_heads: int, notes: str = "") -> CacheSpec:
+    # Every 4th layer gated full attention (2 kv heads x 256); Gated DeltaNet with 16 key heads,
+    # ``value_heads`` value heads, d_k = d_v = 128, conv kernel 4 (3 taps kept) over q, k and v channels.
     return CacheSpec(
-        "qwen3-next-80b-a3b",
-        _pattern(48, lambda i: i % 4 == 3, FullAttention(kv_heads=2, head_dim=256),
-                 LinearAttention((32, 128, 128), "float32", (2 * 16 * 128 + 32 * 128, 3), "bfloat16",
+        name,
+        _pattern(layers, lambda i: i % 4 == 3, FullAttention(kv_heads=2, head_dim=256),
+                 LinearAttention((value_heads, 128, 128), "float32", (2 * 16 * 128 + value_heads * 128, 3), "bfloat16",
                                  variant="gated_deltanet")),
+        notes=notes,
     )
+
+
+def qwen3_next_80b_a3b() -> CacheSpec:
+    return _qwen_gated_deltanet("qwen3-next-80b-a3b", 48, value_heads=32)
 
 
 def qwen3_5_397b_a17b() -> CacheSpec:
-    return CacheSpec(
-        "qwen3.5-397b-a17b",
-        _pattern(60, lambda i: i % 4 == 3, FullAttention(kv_heads=2, head_dim=256),
-                 LinearAttention((64, 128, 128), "float32", (2 * 16 * 128 + 64 * 128, 3), "bfloat16",
-                                 variant="gated_deltanet")),
-        notes="mamba_ssm_dtype float32",
-    )
+    return _qwen_gated_deltanet("qwen3.5-397b-a17b", 60, value_heads=64, notes="mamba_ssm_dtype float32")
 
 
 def mimo_v2_flash() -> CacheSpec:
