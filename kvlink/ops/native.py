@@ -21,8 +21,8 @@ import torch
 from kvlink.config import OpsConfig
 from kvlink.errors import BackendUnavailable
 
+# csrc/ sits beside the package in a source checkout (the Makefile installs kvlink editable).
 CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"
-_PACKAGED_CSRC = Path(__file__).resolve().parent / "csrc"
 _lock = threading.Lock()
 _cpu_lib: ctypes.CDLL | None = None
 _cpu_error: str | None = None
@@ -31,10 +31,9 @@ _cuda_error: str | None = None
 
 
 def _source(rel: str) -> Path:
-    for root in (CSRC, _PACKAGED_CSRC):
-        if (root / rel).exists():
-            return root / rel
-    raise BackendUnavailable(f"csrc/{rel} not found (source checkout or packaged csrc needed)")
+    if (CSRC / rel).exists():
+        return CSRC / rel
+    raise BackendUnavailable(f"csrc/{rel} not found: native backends need a source checkout")
 
 
 def _build_cpu(config: OpsConfig) -> ctypes.CDLL:

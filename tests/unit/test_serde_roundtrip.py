@@ -154,7 +154,6 @@ def test_staging_arena_ring_reuses_space():
     a, b = packer.pack(ref), packer.pack(ref)
     with pytest.raises(StagingExhausted):
         packer.pack(ref)
-    assert a.datas[0].obj is not None
     a.release()
     c = packer.pack(ref)  # wraps to the front
     assert c.tobytes() == b.tobytes()
