@@ -98,7 +98,7 @@ def _check(rows: torch.Tensor, ids: torch.Tensor, packed: torch.Tensor) -> None:
 
 def _check_range(ids: torch.Tensor, num_rows: int) -> None:
     # Only for CPU ids: on CUDA this would synchronise the stream; callers validate block tables
-    # on the host before moving them (CacheRef.ids_tensor).
+    # on the host before moving them (CacheRef.block_ids_checked).
     if ids.device.type == "cpu" and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_rows):
         raise ConfigError(f"block id out of range [0, {num_rows})")
 

@@ -53,8 +53,7 @@ class Packer:
         layers = list(range(spec.num_layers) if layers is None else layers)
         if len(set(layers)) != len(layers):
             raise ConfigError("a layer is listed twice")
-        ids = ref.ids_tensor(cache)
-        ids_host = ids.tolist()
+        ids, ids_host = ref.block_ids_checked(cache)
         layouts = payload_segments(spec, layers, ref.token_start, ref.num_tokens)
         slot = ref.slot(cache) if any(s.kind.is_state for s in layouts) else -1
         offsets, total = [], 0

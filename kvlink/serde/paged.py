@@ -38,13 +38,12 @@ def _expect(t: torch.Tensor, shape: tuple, dtype: torch.dtype, what: str) -> Non
 
 def _block_rows(plane: torch.Tensor, what: str) -> torch.Tensor:
     """View [num_blocks, block_size, *token] as [num_blocks, block_size * token_elems]."""
-    inner = plane.flatten(1) if plane.dim() > 2 else plane
     expected = 1
     for size, stride in reversed(list(zip(plane.shape[1:], plane.stride()[1:]))):
         if size != 1 and stride != expected:
             raise IncompatibleLayoutError(f"{what}: each block must be contiguous (strides {plane.stride()})")
         expected *= size
-    return inner if inner.dim() == 2 else inner.view(plane.shape[0], -1)
+    return plane.view(plane.shape[0], -1)  # a view, never a copy: writes must reach the cache
 
 
 @dataclass
@@ -175,12 +174,15 @@ class CacheRef:
     state_slot: int | None = None
     token_start: int = 0
 
-    def ids_tensor(self, cache: PagedCache) -> torch.Tensor:
-        """Validated int64 block ids (on the cache's device)."""
+    def block_ids_checked(self, cache: PagedCache) -> tuple[torch.Tensor, list[int]]:
+        """Validated block ids covering [0, num_tokens): on the cache's device, and as a host list.
+
+        Checked on the host so that a CUDA cache needs no device round trip.
+        """
         ids = torch.as_tensor(self.block_ids, dtype=torch.int64).reshape(-1).cpu()
         bs = cache.block_size
         if not cache.num_blocks:  # a spec without attention layers has no blocks to address
-            return ids[:0].to(cache.device)
+            return ids[:0].to(cache.device), []
         need = math.ceil(self.num_tokens / bs)
         if self.num_tokens < 0 or ids.numel() < need:
             raise ConfigError(f"{ids.numel()} blocks cannot hold {self.num_tokens} tokens of block size {bs}")
@@ -191,7 +193,7 @@ class CacheRef:
             raise ConfigError(f"block id out of range [0, {cache.num_blocks})")
         if torch.unique(ids).numel() != ids.numel():
             raise ConfigError("block ids repeat")
-        return ids.to(cache.device)
+        return ids.to(cache.device), ids.tolist()
 
     def slot(self, cache: PagedCache) -> int:
         if cache.num_slots == 0:

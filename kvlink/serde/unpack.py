@@ -66,7 +66,7 @@ class Unpacker:
         cache, header = self.cache, payload.header
         check_compatible(payload, cache, ref)
         ref = CacheRef(ref.block_ids, header.token_end, ref.state_slot, header.token_start)
-        ids = ref.ids_tensor(cache)
+        ids, ids_host = ref.block_ids_checked(cache)
         slot = ref.slot(cache) if any(s.kind.is_state for s in header.segments) else -1
         payload.verify()
         decoded = parallel_map(
@@ -74,7 +74,6 @@ class Unpacker:
                                fp8_group=1 << job[0].codec_param).view(job[0].shape),
             zip(header.segments, payload.datas),
             sum(s.raw_nbytes for s in header.segments if s.codec is not Codec.NONE))
-        ids_host = ids.tolist()
         for seg, values in zip(header.segments, decoded):
             if seg.kind.is_state:
                 dict(cache.states(seg.layer))[seg.kind][slot].copy_(values, non_blocking=values.is_pinned())

@@ -53,7 +53,7 @@ def test_split_needed_for_different_head_dims():
 ])
 def test_bad_refs(ref, match):
     with pytest.raises(ConfigError, match=match):
-        ref.ids_tensor(PagedCache(SPEC, 4, **_ok()))
+        ref.block_ids_checked(PagedCache(SPEC, 4, **_ok()))
 
 
 def test_bad_slot():

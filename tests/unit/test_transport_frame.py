@@ -93,6 +93,11 @@ def test_token_bucket_burst_is_bounded_and_rate_changes():
 
 
 async def test_acquire_waits_on_the_loop():
+    import asyncio
+
+    loop = asyncio.get_running_loop()
     bucket = TokenBucket(rate=1e6, burst=10_000)
+    start = loop.time()
     await bucket.acquire(10_000)  # burst: no wait
-    await bucket.acquire(1_000)   # 1 ms of debt
+    await bucket.acquire(2_000)   # 2 ms of debt: the loop must sleep at least that long
+    assert loop.time() - start >= 0.0019
