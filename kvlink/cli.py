@@ -55,6 +55,62 @@ def cmd_bench_serde(args) -> int:
     return 0
 
 
+def _transport_config(args):
+    from kvlink.config import TransportConfig, parse_rate
+
+    return TransportConfig(connections=args.streams, chunk_bytes=args.chunk << 10, rate_cap=parse_rate(args.rate),
+                           adaptive=not args.no_adaptive, chunk_checksums=not args.unchecked)
+
+
+def cmd_transfer_serve(args) -> int:
+    from kvlink.bench import sink
+    from kvlink.config import TransportConfig
+    from kvlink.transport.loop import run
+
+    run(sink.serve(args.host, args.port, args.raw_port, args.arena << 20, TransportConfig(),
+                   TransportConfig.secret_from_env(), args.max_transfers, verify=not args.no_verify))
+    return 0
+
+
+def cmd_bench_transfer(args) -> int:
+    from kvlink.bench import harness, transfer
+    from kvlink.config import TransportConfig, parse_rate
+
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else [1.0] * args.transfers
+    config = _transport_config(args)
+    if args.connect:
+        host, port = harness.parse_connect(args.connect)
+        result = transfer.run(host, port, args.raw_port, args.model, args.tokens, config, weights,
+                              TransportConfig.secret_from_env(), sys.stderr.isatty() or args.progress,
+                              announce=args.announce_start, repeat=args.repeat)
+        print(json.dumps(result, indent=2) if args.json else transfer.render(result))
+        return 0
+    # Run the receiver ourselves: a loopback subprocess, or inside the link lab.
+    forward = [sys.executable, "-m", "kvlink.cli", "bench", "transfer", "--model", args.model,
+               "--tokens", str(args.tokens), "--streams", str(args.streams), "--chunk", str(args.chunk),
+               "--rate", args.rate or "0", "--weights", ",".join(str(w) for w in weights), "--repeat", str(args.repeat), "--json"]
+    if args.no_adaptive:
+        forward.append("--no-adaptive")
+    if args.unchecked:
+        forward.append("--unchecked")
+    if args.lab:
+        change = None
+        if args.lab_change:
+            rate_text, _, after = args.lab_change.partition("@")
+            change = (float(after or 2.0), parse_rate(rate_text))
+        rc, out, events = harness.run_lab(forward, str(args.arena), parse_rate(args.lab_rate), change)
+    else:
+        rc, out, events = harness.run_local(forward, str(args.arena))
+    if rc != 0:
+        return rc
+    result = json.loads(out)
+    result["receiver_events"] = events
+    if args.lab:
+        result["lab"] = {"rate_bps": parse_rate(args.lab_rate), "change": args.lab_change}
+    print(json.dumps(result, indent=2) if args.json else transfer.render(result))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from kvlink import demo
 
@@ -80,6 +136,40 @@ def build_parser() -> argparse.ArgumentParser:
     serde.add_argument("--repeat", type=int, default=5)
     serde.add_argument("--json", action="store_true")
     serde.set_defaults(func=cmd_bench_serde)
+
+    bt = bench_sub.add_parser("transfer", help="model-shaped transfer vs a raw sendall/recv_into baseline")
+    bt.add_argument("--model", default="kimi-linear-48b-a3b")
+    bt.add_argument("--tokens", type=int, default=32768)
+    bt.add_argument("--streams", type=int, default=4, help="TCP connections")
+    bt.add_argument("--chunk", type=int, default=4096, help="largest chunk in KiB")
+    bt.add_argument("--unchecked", action="store_true",
+                    help="no per-chunk xxh3 (payloads are verified end to end by the receiver)")
+    bt.add_argument("--rate", default=None, help="rate cap, e.g. 10gbit (default: none)")
+    bt.add_argument("--no-adaptive", action="store_true", help="pace at the cap only, no congestion control")
+    bt.add_argument("--repeat", type=int, default=3, help="rounds of each (median reported)")
+    bt.add_argument("--transfers", type=int, default=1, help="concurrent transfers of the payload")
+    bt.add_argument("--weights", default=None, help="per-transfer weights, e.g. 1,1,2,4")
+    bt.add_argument("--connect", default=None, help="HOST:PORT of a 'kvlink transfer serve' (default: spawn one)")
+    bt.add_argument("--raw-port", type=int, default=None, help="the receiver's raw sink port (baseline)")
+    bt.add_argument("--lab", action="store_true", help="run both ends over the link lab (root)")
+    bt.add_argument("--lab-rate", default="1gbit")
+    bt.add_argument("--lab-change", default=None, help="change the lab rate mid-run: RATE@SECONDS")
+    bt.add_argument("--arena", type=int, default=2048, help="receiver arena in MiB")
+    bt.add_argument("--progress", action="store_true", help="progress bar even when stderr is not a terminal")
+    bt.add_argument("--announce-start", action="store_true", help=argparse.SUPPRESS)
+    bt.add_argument("--json", action="store_true")
+    bt.set_defaults(func=cmd_bench_transfer)
+
+    tr = sub.add_parser("transfer", help="transfer endpoints")
+    tr_sub = tr.add_subparsers(dest="transfer", required=True)
+    serve = tr_sub.add_parser("serve", help="receive transfers (benchmarks, link tests); JSON event lines")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=7471)
+    serve.add_argument("--raw-port", type=int, default=None, help="also run the raw recv_into baseline sink")
+    serve.add_argument("--arena", type=int, default=2048, help="receive arena in MiB")
+    serve.add_argument("--max-transfers", type=int, default=None)
+    serve.add_argument("--no-verify", action="store_true", help="skip payload checksum verification")
+    serve.set_defaults(func=cmd_transfer_serve)
 
     demo = sub.add_parser("demo", help="run the main job end to end")
     demo.add_argument("--model", default="kimi-linear-48b-a3b")

@@ -6,11 +6,14 @@ Environment variables (all optional):
   ``triton`` or ``cuda``.
 - ``KVLINK_BUILD_DIR``: where on-demand native builds (csrc/) are cached
   (default ``~/.cache/kvlink/build``).
+- ``KVLINK_SECRET``: shared secret for the transport handshake (read by
+  :meth:`TransportConfig.from_env` and the CLI; unset means no authentication).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,3 +67,86 @@ class CodecConfig:
 def triton_interpret_enabled() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_RATE_UNITS = {"": 1, "bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12,
+               "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "bps": 1, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9}
+
+
+def parse_rate(text: str | float | int | None) -> float | None:
+    """A link rate in bits per second from ``"10gbit"``, ``"500mbit"``, ``"2.5G"``, ``"1.2GBps"`` or a
+    number (bits/s). ``None``, ``""``, ``"0"`` and ``"unlimited"`` mean no cap."""
+    if text is None or isinstance(text, (int, float)):
+        return None if not text else float(text)
+    raw = text.strip()
+    if raw.lower() in ("", "0", "none", "unlimited", "inf"):
+        return None
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)", raw)
+    unit = match.group(2) if match else ""
+    # "GBps"/"MBps" are bytes per second; everything else is bits.
+    key = unit.lower() if not unit.endswith("Bps") else unit[:-3].lower() + "bps"
+    if not match or key not in _RATE_UNITS:
+        raise ConfigError(f"cannot parse rate {text!r}; use e.g. 10gbit, 500mbit, 1.2GBps")
+    value = float(match.group(1)) * _RATE_UNITS[key]
+    if value <= 0:
+        raise ConfigError(f"rate must be positive, got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """Sender and receiver settings. Rates are bits per second; sizes are bytes.
+
+    The defaults were chosen by measurement (``kvlink bench transfer``, benchmarks/transfer.py):
+    4 connections and chunks of up to 4 MiB (per-chunk cost in Python is what limits loopback
+    speed below that); a transfer under a rate cap uses chunks of ~4 ms at that rate (at least
+    256 KiB) so pacing stays smooth. ``chunk_checksums=False`` sends chunks without their xxh3
+    (flagged) for payloads that carry end-to-end checksums of their own (kvlink payloads do):
+    that halves the hashing, at the price of detecting corruption only when the payload is
+    verified, not per chunk.
+    """
+
+    connections: int = 4
+    chunk_bytes: int = 4 << 20            # the largest chunk; smaller under low rate caps
+    chunk_checksums: bool = True
+    window_bytes: int = 16 << 20          # unacknowledged bytes per connection
+    rate_cap: float | None = None         # link share this sender may use (bits/s); None: no cap
+    adaptive: bool = True                 # congestion-aware rate control under the cap
+    initial_rate: float | None = None     # adaptive start: pace at this (bits/s); None: TCP's slow start
+    burst_bytes: int | None = None        # pacing burst; default max(2 chunks, 2 ms at the rate)
+    connect_timeout: float = 5.0
+    progress_timeout: float = 10.0        # a connection with unacked data and no ack this long is dead
+    reconnect_attempts: int = 6           # per connection loss, with exponential backoff from 50 ms
+    chunk_retries: int = 5                # a chunk failing its checksum is resent at most this often
+    transfer_timeout: float | None = None  # whole transfer, from open to verified end
+    # receiver side
+    max_chunk_bytes: int = 16 << 20
+    max_transfer_bytes: int = 64 << 30
+    receive_budget_bytes: int = 64 << 30  # all transfers held by a receiver at once
+    accept_backlog: int = 1024            # begun transfers not yet taken by the application
+    idle_timeout: float = 60.0            # a receiving transfer with no data this long is dropped
+    handshake_timeout: float = 5.0
+    use_uvloop: bool = True
+
+    def __post_init__(self) -> None:
+        if self.connections < 1 or self.connections > 256:
+            raise ConfigError(f"connections must be in 1..256, got {self.connections}")
+        if not 4096 <= self.chunk_bytes <= self.max_chunk_bytes:
+            raise ConfigError(f"chunk_bytes must be in 4096..max_chunk_bytes, got {self.chunk_bytes}")
+        if self.window_bytes < self.chunk_bytes:
+            raise ConfigError("window_bytes must hold at least one chunk")
+        for name in ("rate_cap", "initial_rate"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        for name in ("connect_timeout", "progress_timeout", "idle_timeout", "handshake_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.reconnect_attempts < 0 or self.chunk_retries < 0:
+            raise ConfigError("retry counts must be >= 0")
+
+    @staticmethod
+    def secret_from_env() -> bytes | None:
+        """The shared secret from ``KVLINK_SECRET`` (None when unset or empty)."""
+        value = os.environ.get("KVLINK_SECRET", "")
+        return value.encode() if value else None

@@ -16,7 +16,14 @@ Every error kvlink raises on purpose derives from :class:`KvlinkError`::
     ├── CodecError                  a codec failed to encode or decode
     ├── StagingExhausted            the staging area has no room for this payload
     ├── BackendUnavailable          a requested kernel backend cannot run here
-    ├── TransportError              network transfer failures (transport issue)
+    ├── TransportError              network transfer failures
+    │   ├── HandshakeError          the peer speaks another protocol or layout
+    │   │   └── AuthenticationError  shared-secret (HMAC) check failed
+    │   ├── PeerUnreachable         cannot (re)connect within the retry budget
+    │   ├── TransferRejected        the receiver refused the transfer (unknown, too large, bad range)
+    │   ├── TransferTimeout         no progress within the configured timeout
+    │   ├── TransferCancelled       cancelled by either side
+    │   └── TransferFailed          retries exhausted (e.g. a chunk kept failing its checksum)
     └── PoolError                   prefix cache pool failures (pool issue)
 
 Decoders raise before writing anything, so a caught error means the destination is untouched.
@@ -94,6 +101,34 @@ class BackendUnavailable(KvlinkError):
 
 class TransportError(KvlinkError):
     """A network transfer failed."""
+
+
+class HandshakeError(TransportError):
+    """The peer's handshake was malformed, or it speaks another version or layout."""
+
+
+class AuthenticationError(HandshakeError):
+    """The shared-secret challenge failed (wrong or missing secret)."""
+
+
+class PeerUnreachable(TransportError):
+    """The peer could not be (re)connected within the retry budget."""
+
+
+class TransferRejected(TransportError):
+    """The receiver refused the transfer or one of its frames (unknown id, too large, out of range)."""
+
+
+class TransferTimeout(TransportError):
+    """A transfer made no progress within its timeout."""
+
+
+class TransferCancelled(TransportError):
+    """The transfer was cancelled by this side or the peer."""
+
+
+class TransferFailed(TransportError):
+    """The transfer gave up after bounded retries."""
 
 
 class PoolError(KvlinkError):

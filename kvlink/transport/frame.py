@@ -34,7 +34,14 @@ class FrameType(IntEnum):
     NACK = 8        # receiver: resend from ``offset`` of ``stream`` (bad checksum)
     END = 9         # sender: transfer complete
     CANCEL = 10     # either side: abandon the transfer
-    ERROR = 11      # either side: typed error, UTF-8 message body
+    ERROR = 11      # either side: typed error, JSON body {"code", "message"}
+    PART = 12       # sender: part ``stream`` of a transfer exists, JSON body {"length"}
+
+
+FLAG_UNCHECKED = 1  # DATA: body_checksum is not set; the payload carries end-to-end checksums
+
+# ACK and NACK bodies: one or more entries (transfer_id, stream, length, offset), one per chunk.
+ACK_ENTRY = struct.Struct("<QIIQ")
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,22 @@ def make_frame(type: FrameType, transfer_id: int = 0, stream: int = 0, offset: i
     view = memoryview(body).cast("B")
     header = FrameHeader(type, transfer_id, stream, offset, view.nbytes, checksum(view), flags)
     return header.encode(), view
+
+
+def pack_acks(entries) -> bytes:
+    """ACK/NACK body for ``(transfer_id, stream, length, offset)`` entries."""
+    out = bytearray(ACK_ENTRY.size * len(entries))
+    for i, entry in enumerate(entries):
+        ACK_ENTRY.pack_into(out, i * ACK_ENTRY.size, *entry)
+    return bytes(out)
+
+
+def unpack_acks(body) -> list[tuple[int, int, int, int]]:
+    """Entries of an ACK/NACK body; raises :class:`LengthError` for a ragged body."""
+    view = memoryview(body).cast("B")
+    if view.nbytes % ACK_ENTRY.size:
+        raise LengthError(f"ack body of {view.nbytes} bytes is not a multiple of {ACK_ENTRY.size}")
+    return [ACK_ENTRY.unpack_from(view, off) for off in range(0, view.nbytes, ACK_ENTRY.size)]
 
 
 def parse_header(buf, max_data: int) -> FrameHeader:

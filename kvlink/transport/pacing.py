@@ -54,3 +54,9 @@ class TokenBucket:
         delay = self.reserve(nbytes)
         if delay > 0:
             await asyncio.sleep(delay)
+
+    def wait_time(self, nbytes: int) -> float:
+        """How long until ``nbytes`` could be taken without debt (0 if now); reserves nothing."""
+        self._refill()
+        short = nbytes - self._tokens
+        return 0.0 if short <= 0 else short / self.rate

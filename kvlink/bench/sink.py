@@ -1,0 +1,116 @@
+"""``kvlink transfer serve``: a receiver for transfer benchmarks and link tests.
+
+It receives transfers into a preallocated arena, verifies every part that is a kvlink payload
+(segment checksums, after the transfer, so verification does not slow the link) and prints one
+JSON line per event. With ``raw_port`` it also runs the physical baseline's sink: plain blocking
+sockets doing ``recv_into`` into a preallocated buffer, one thread per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+import sys
+import threading
+import time
+
+from kvlink.config import TransportConfig
+from kvlink.errors import KvlinkError
+from kvlink.presets import PRESETS, get_preset
+from kvlink.serde.payload import Payload
+from kvlink.serde.staging import StagingArena
+from kvlink.transport.incoming import arena_allocator
+from kvlink.transport.receiver import TransferServer
+
+RAW_HEADER = struct.Struct("<QQ")  # offset, length within the sink buffer
+
+
+def emit(event: dict, out=None) -> None:
+    out = out or sys.stdout
+    out.write(json.dumps(event) + "\n")
+    out.flush()
+
+
+class RawSink:
+    """Baseline receiver: each connection sends (offset, length) then that many bytes; we reply b"k"."""
+
+    def __init__(self, host: str, port: int, buffer: memoryview):
+        self.buffer = buffer
+        self.sock = socket.create_server((host, port), backlog=64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            while True:
+                head = bytearray(RAW_HEADER.size)
+                if not _recv_exact(conn, memoryview(head)):
+                    return
+                offset, length = RAW_HEADER.unpack(head)
+                if offset + length > len(self.buffer):
+                    return
+                if not _recv_exact(conn, self.buffer[offset: offset + length]):
+                    return
+                conn.sendall(b"k")
+
+
+def _recv_exact(conn: socket.socket, view: memoryview) -> bool:
+    got = 0
+    while got < len(view):
+        n = conn.recv_into(view[got:])
+        if n == 0:
+            return False
+        got += n
+    return True
+
+
+async def serve(host: str, port: int, raw_port: int | None, arena_bytes: int, config: TransportConfig,
+                secret: bytes | None, max_transfers: int | None = None, verify: bool = True) -> None:
+    arena = StagingArena(arena_bytes, pin=False)
+    fingerprints = [get_preset(name).fingerprint for name in PRESETS]
+    server = TransferServer(config, fingerprints, secret=secret, allocator=arena_allocator(arena))
+    bound = await server.start(host, port)
+    sink = None
+    if raw_port is not None:
+        sink = RawSink(host, raw_port, memoryview(StagingArena(arena_bytes, pin=False).buffer.numpy()))
+    emit({"event": "listening", "host": bound[0], "port": bound[1], "raw_port": sink.port if sink else None})
+    served = 0
+    try:
+        while max_transfers is None or served < max_transfers:
+            incoming = await server.accept()
+            asyncio.create_task(_finish(incoming, verify))
+            served += 1
+        while server._transfers:
+            await asyncio.sleep(0.05)
+    finally:
+        await server.close()
+
+
+async def _finish(incoming, verify: bool) -> None:
+    event = {"event": "transfer", "id": f"{incoming.transfer_id:#x}", "parts": incoming.num_parts,
+             "meta": incoming.meta}
+    try:
+        parts = await incoming.done()
+        seconds = incoming.finished - incoming.started
+        nbytes = sum(len(p) for p in parts)
+        event.update(bytes=nbytes, seconds=round(seconds, 6), gbps=round(nbytes * 8 / max(seconds, 1e-9) / 1e9, 4))
+        if verify and incoming.meta.get("payload"):
+            t0 = time.perf_counter()
+            for part in parts:
+                Payload.from_buffer(part).verify()
+            event.update(verified=True, verify_seconds=round(time.perf_counter() - t0, 4))
+    except KvlinkError as exc:
+        event.update(error=type(exc).__name__, message=str(exc))
+    finally:
+        incoming.release()
+    emit(event)

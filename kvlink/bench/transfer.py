@@ -1,0 +1,205 @@
+"""``kvlink bench transfer``: model-shaped transfers against a receiver, with a raw-socket baseline.
+
+The payload is a real request cache: a preset's layers filled with KV-like values, packed one
+payload per layer (a transfer part each). The baseline in the same run sends the same bytes
+with plain ``socket.sendall`` over the same number of connections to the receiver's raw sink
+(``recv_into`` into a preallocated buffer), so ``ratio`` is kvlink's goodput over the physical one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import sys
+import threading
+import time
+
+from kvlink.bench.serde import realistic_kv, realistic_state
+from kvlink.bench.sink import RAW_HEADER
+from kvlink.config import TransportConfig
+from kvlink.presets import get_preset
+from kvlink.serde.pack import Packer
+from kvlink.serde.paged import CacheRef, PagedCache
+from kvlink.transport.sender import TransferClient
+
+
+def model_payloads(model: str, tokens: int, block_size: int = 16) -> tuple[bytes, list]:
+    """(fingerprint, one packed Payload per layer) for ``tokens`` tokens of ``model``."""
+    spec = get_preset(model)
+    need = -(-tokens // block_size)
+    cache = PagedCache.allocate(spec, need, block_size, 1, fill="empty")
+    for layer in spec.layer_indices("mla", "full", "sliding"):
+        for _, rows in cache.planes(layer):
+            rows.copy_(realistic_kv(rows.shape[0], rows.shape[1], seed=layer))
+    for layer in spec.layer_indices("linear"):
+        for _, pool in cache.states(layer):
+            pool.copy_(realistic_state(pool.numel(), seed=layer).view(pool.shape).to(pool.dtype))
+    ref = CacheRef(random.Random(0).sample(range(need), need), tokens, 0)
+    packer = Packer(cache)
+    return spec.fingerprint, [packer.pack_layer(ref, layer) for layer in range(spec.num_layers)]
+
+
+def raw_baseline(host: str, port: int, buffers: list[memoryview], streams: int) -> float:
+    """Seconds to push ``buffers`` with plain sendall over ``streams`` connections (striped)."""
+    total = sum(b.nbytes for b in buffers)
+    stripe = -(-total // streams)
+    flat = [(sum(x.nbytes for x in buffers[:i]), b) for i, b in enumerate(buffers)]
+
+    def pieces(lo: int, hi: int):
+        for start, buf in flat:
+            a, b = max(lo, start), min(hi, start + buf.nbytes)
+            if a < b:
+                yield buf[a - start: b - start]
+
+    socks = [socket.create_connection((host, port)) for _ in range(streams)]
+    for s in socks:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def push(s: socket.socket, lo: int, hi: int) -> None:
+        s.sendall(RAW_HEADER.pack(lo, hi - lo))
+        for piece in pieces(lo, hi):
+            s.sendall(piece)
+        if s.recv(1) != b"k":
+            raise ConnectionError("raw sink did not confirm")
+
+    threads = [threading.Thread(target=push, args=(s, i * stripe, min(total, (i + 1) * stripe)))
+               for i, s in enumerate(socks)]
+    t0 = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    seconds = time.perf_counter() - t0
+    for s in socks:
+        s.close()
+    return seconds
+
+
+class Progress:
+    """A one-line progress bar on stderr (only when it is a terminal, or when forced)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.t0 = total, enabled, time.monotonic()
+
+    def show(self, done: int, snap) -> None:
+        if not self.enabled:
+            return
+        frac = done / self.total if self.total else 1.0
+        bar = "#" * int(frac * 30)
+        rate = done * 8 / max(time.monotonic() - self.t0, 1e-9) / 1e9
+        est = "-" if snap.available_bps is None else f"{snap.available_bps / 1e9:.2f}"
+        rtt = "-" if snap.rtt_ms is None else f"{snap.rtt_ms:.2f}"
+        sys.stderr.write(f"\r[{bar:<30}] {frac * 100:5.1f}% {done / 2**30:6.2f} GiB  {rate:6.2f} Gbit/s  "
+                         f"est {est} Gbit/s  rtt {rtt} ms  {snap.phase:<7}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+async def run_transfers(host: str, port: int, fingerprint: bytes, payloads: list, config: TransportConfig,
+                        weights: list[float], secret: bytes | None, progress: bool, repeat: int = 1) -> dict:
+    """``repeat`` rounds of ``len(weights)`` concurrent copies of the payload set over one client;
+    returns the median round's figures (and its timeline)."""
+    async with TransferClient(host, port, fingerprint, config, secret=secret) as client:
+        rounds = [await _round(client, payloads, weights, progress) for _ in range(repeat)]
+    rounds.sort(key=lambda r: r["seconds"])
+    median = rounds[len(rounds) // 2]
+    median["round_seconds"] = [r["seconds"] for r in rounds]
+    return median
+
+
+async def _round(client: TransferClient, payloads: list, weights: list[float], progress: bool) -> dict:
+    parts = [p.buffers() for p in payloads]
+    total = sum(p.nbytes for p in payloads)
+    if True:
+        bar = Progress(total * len(weights), progress)
+        t0 = time.monotonic()
+        t0_monotonic = t0
+        transfers = [client.open(len(parts), weight=w, meta={"payload": True, "weight": w}) for w in weights]
+        # Parts are fed one at a time, as a prefill engine produces layers.
+        for i, part in enumerate(parts):
+            for t in transfers:
+                t.add_part(i, part)
+        waiters = [asyncio.ensure_future(t.done()) for t in transfers]
+        first_done: dict | None = None
+        timeline = []
+        while not all(w.done() for w in waiters):
+            await asyncio.wait(waiters, timeout=0.1, return_when=asyncio.FIRST_EXCEPTION)
+            snap = client.snapshot()
+            now = time.monotonic() - t0
+            timeline.append({"t": round(now, 3), "acked": sum(t.bytes_acked for t in transfers),
+                             "available_bps": snap.available_bps, "pacing_bps": snap.pacing_bps,
+                             "delivery_bps": snap.delivery_bps, "rtt_ms": snap.rtt_ms, "phase": snap.phase})
+            bar.show(sum(t.bytes_acked for t in transfers), snap)
+            if first_done is None and any(w.done() for w in waiters):
+                first_done = {"t": round(now, 3), "acked": [t.bytes_acked for t in transfers]}
+        bar.close()
+        for w in waiters:
+            w.result()  # raise the first transfer error, typed
+        seconds = time.monotonic() - t0
+        snap = client.snapshot()
+        return {
+            "t0_monotonic": t0_monotonic, "bytes": total * len(weights), "seconds": round(seconds, 4),
+            "goodput_gbps": round(total * len(weights) * 8 / seconds / 1e9, 4),
+            "per_transfer": [{"weight": t.weight, "seconds": round(t.finished - t.opened, 4),
+                              "bytes_resent": t.bytes_resent} for t in transfers],
+            "shares_at_first_completion": first_done,
+            "bytes_resent": sum(t.bytes_resent for t in transfers),
+            "reconnects": client.stats["reconnects"], "chunks_nacked": client.stats["chunks_nacked"],
+            "live_connections": client.live_connections,
+            "snapshot": snap.to_dict(), "timeline": timeline,
+        }
+
+
+def run(host: str, port: int, raw_port: int | None, model: str, tokens: int, config: TransportConfig,
+        weights: list[float], secret: bytes | None, progress: bool, announce: bool = False, repeat: int = 1) -> dict:
+    """The whole benchmark: pack, kvlink transfer(s), then the raw baseline on the same bytes."""
+    from kvlink.transport.loop import run as run_loop
+
+    t0 = time.perf_counter()
+    fingerprint, payloads = model_payloads(model, tokens)
+    pack_s = time.perf_counter() - t0
+    result = {"model": model, "tokens": tokens, "connections": config.connections, "chunk_bytes": config.chunk_bytes,
+              "rate_cap_bps": config.rate_cap, "adaptive": config.adaptive, "weights": weights,
+              "payload_bytes": sum(p.nbytes for p in payloads), "pack_seconds": round(pack_s, 3)}
+    if announce:
+        sys.stderr.write(f"KVLINK-START {time.monotonic()}\n")
+        sys.stderr.flush()
+    result["kvlink"] = run_loop(run_transfers(host, port, fingerprint, payloads, config, weights, secret, progress,
+                                              repeat), config.use_uvloop)
+    if raw_port is not None:
+        buffers = [b for p in payloads for b in p.buffers()] * len(weights)
+        rounds = sorted(raw_baseline(host, raw_port, buffers, config.connections) for _ in range(repeat))
+        seconds = rounds[len(rounds) // 2]
+        raw_gbps = result["payload_bytes"] * len(weights) * 8 / seconds / 1e9
+        result["raw_baseline"] = {"seconds": round(seconds, 4), "goodput_gbps": round(raw_gbps, 4),
+                                  "round_seconds": [round(r, 4) for r in rounds]}
+        result["ratio_vs_raw"] = round(result["kvlink"]["goodput_gbps"] / raw_gbps, 3)
+    return result
+
+
+def render(result: dict) -> str:
+    k = result["kvlink"]
+    lines = [f"{result['model']} {result['tokens']} tokens: {result['payload_bytes'] / 2**20:.1f} MiB x "
+             f"{len(result['weights'])} transfer(s), {result['connections']} connections, "
+             f"chunk {result['chunk_bytes'] >> 10} KiB, cap {result['rate_cap_bps'] or 'none'}, "
+             f"adaptive {result['adaptive']}",
+             f"  median of {len(k['round_seconds'])} round(s)",
+             f"  {'':22}{'seconds':>10}{'Gbit/s':>10}",
+             f"  {'kvlink':22}{k['seconds']:>10.3f}{k['goodput_gbps']:>10.3f}"]
+    if "raw_baseline" in result:
+        r = result["raw_baseline"]
+        lines.append(f"  {'raw sendall/recv_into':22}{r['seconds']:>10.3f}{r['goodput_gbps']:>10.3f}")
+        lines.append(f"  ratio kvlink / raw: {result['ratio_vs_raw']:.3f}")
+    snap = k["snapshot"]
+    est = snap["available_bps"]
+    lines.append(f"  estimate {'-' if est is None else f'{est / 1e9:.3f} Gbit/s'}, rtt {snap['rtt_ms']} ms, "
+                 f"resent {k['bytes_resent']} B, reconnects {k['reconnects']}, nacked {k['chunks_nacked']}")
+    if len(result["weights"]) > 1 and k["shares_at_first_completion"]:
+        acked = k["shares_at_first_completion"]["acked"]
+        lines.append("  shares when the first finished: " +
+                     ", ".join(f"w{w:g}={a / sum(acked):.3f}" for w, a in zip(result["weights"], acked)))
+    return "\n".join(lines)

@@ -1,0 +1,205 @@
+"""Congestion-aware rate control for one peer link, in the spirit of BBR.
+
+Inputs: bytes acknowledged by the receiver (delivery rate), chunk round trips, and the kernel's
+``TCP_INFO`` (smoothed and minimum RTT, retransmissions). Every ``SAMPLE`` seconds :meth:`tick`
+turns them into a delivery-rate sample; the bottleneck estimate is the maximum sample of the
+last ``BW_WINDOW`` seconds. The pacing rate is that estimate times a gain:
+
+- ``startup``: the cap, or ``initial`` (None: no pacing, TCP's slow start finds the rate), then
+  2.5x the estimate, until delivery stops growing by 25% per sample or congestion shows;
+  a paced link returns to startup once it has been clear of queueing and loss for
+  ``CLEAR_AFTER`` seconds while the pacer was the limit (the bottleneck moved or went away);
+- ``probe`` 1.25x for one sample in eight, to find bandwidth that was freed;
+- ``drain`` 0.85x after a probe, or whenever queueing delay (RTT above 1.5x its minimum + 10 ms) or
+  retransmissions appear, so queues the probe built are emptied;
+- ``cruise`` 1.0x otherwise.
+
+When delivery stays well under the estimate while queues grow (the link got slower), the
+estimate is reset to recent samples at once instead of waiting for the window to expire. The
+pacing rate never exceeds the configured cap. With ``adaptive=False`` the rate is the cap.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+SAMPLE = 0.1
+BW_WINDOW = 1.0
+RTT_WINDOW = 10.0
+STARTUP_GAIN, PROBE_GAIN, DRAIN_GAIN = 2.5, 1.25, 0.85
+QUEUE_SLACK = 0.010  # seconds of RTT above 1.5x its minimum that count as a standing queue
+CLEAR_AFTER = 2.0  # seconds without queueing or loss before pacing is lifted again
+MIN_RATE = 1e6  # bytes/s: never pace slower than 8 Mbit/s, whatever the samples say
+CYCLE = (PROBE_GAIN, DRAIN_GAIN, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class LinkSnapshot:
+    """What the controller knows about the path; rates in bits per second, times in ms.
+
+    ``available_bps`` is the bottleneck estimate (None before the first sample),
+    ``utilisation`` the latest delivery rate over that estimate, ``loss`` the fraction of TCP
+    segments retransmitted over the last sample.
+    """
+
+    time: float
+    available_bps: float | None
+    pacing_bps: float | None
+    cap_bps: float | None
+    delivery_bps: float
+    utilisation: float
+    rtt_ms: float | None
+    min_rtt_ms: float | None
+    loss: float
+    retransmits: int
+    inflight_bytes: int
+    phase: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RateController:
+    """Pacing rate for one peer link. Rates given and returned in bytes per second."""
+
+    def __init__(self, cap: float | None, adaptive: bool = True, initial: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.cap = cap
+        self.adaptive = adaptive
+        self.clock = clock
+        self._initial = min(initial, cap) if (cap and initial) else (initial or cap)
+        self._acked = 0
+        self._last_tick = clock()
+        self._acked_at_tick = 0
+        self._samples: collections.deque[tuple[float, float]] = collections.deque()
+        self._bw: float | None = None
+        self._delivery = 0.0
+        self._rtts: collections.deque[tuple[float, float]] = collections.deque()
+        self._srtt: float | None = None
+        self._kernel_rtt: float | None = None
+        self._kernel_min_rtt: float | None = None
+        self._loss = 0.0
+        self._retrans_total = 0
+        self._nacks = 0
+        self._phase = "startup" if adaptive else "fixed"
+        self._cycle = 0
+        self._startup_best = 0.0
+        self._startup_flat = 0
+        self._last_congested = -1e9
+        self._inflight = 0
+        self._pacing = self._initial if adaptive else cap
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def on_ack(self, nbytes: int, rtt: float | None) -> None:
+        self._acked += nbytes
+        if rtt is not None and rtt > 0:
+            now = self.clock()
+            self._rtts.append((now, rtt))
+            self._srtt = rtt if self._srtt is None else 0.875 * self._srtt + 0.125 * rtt
+
+    def on_nack(self) -> None:
+        self._nacks += 1
+
+    def on_tcp_info(self, rtt_s: float | None, min_rtt_s: float | None, retrans_delta: int, segs_delta: int) -> None:
+        """Kernel view, summed or averaged by the caller over the peer's connections."""
+        if rtt_s:
+            self._kernel_rtt = rtt_s
+        if min_rtt_s:
+            self._kernel_min_rtt = min_rtt_s
+        self._retrans_total += max(0, retrans_delta)
+        self._loss = retrans_delta / segs_delta if segs_delta > 0 else 0.0
+
+    # -- estimates ------------------------------------------------------------------------------
+    @property
+    def min_rtt(self) -> float | None:
+        if self._kernel_min_rtt:
+            return self._kernel_min_rtt
+        return min((r for _, r in self._rtts), default=None)
+
+    @property
+    def rtt(self) -> float | None:
+        return self._kernel_rtt or self._srtt
+
+    @property
+    def bottleneck(self) -> float | None:
+        return self._bw
+
+    def pacing_rate(self) -> float | None:
+        """Bytes per second to pace at now, or None for no pacing at all."""
+        return self._pacing
+
+    def _queueing(self) -> bool:
+        rtt, floor = self.rtt, self.min_rtt
+        return rtt is not None and floor is not None and rtt > 1.5 * floor + QUEUE_SLACK
+
+    def tick(self, inflight: int = 0) -> float | None:
+        """Fold in the last interval's acknowledgements; returns the new pacing rate (bytes/s)."""
+        now = self.clock()
+        dt = now - self._last_tick
+        if dt < SAMPLE * 0.5:
+            return self._pacing
+        self._inflight = inflight
+        self._delivery = (self._acked - self._acked_at_tick) / dt
+        self._last_tick, self._acked_at_tick = now, self._acked
+        while self._rtts and now - self._rtts[0][0] > RTT_WINDOW:
+            self._rtts.popleft()
+        if self._delivery > 0 or inflight > 0:
+            self._samples.append((now, self._delivery))
+        while self._samples and now - self._samples[0][0] > BW_WINDOW:
+            self._samples.popleft()
+        if not self._samples:
+            return self._pacing
+        self._bw = max(s for _, s in self._samples)
+        congested = self._queueing() or self._loss > 0.005 or self._nacks > 0
+        self._nacks = 0
+        recent = [s for _, s in list(self._samples)[-3:]]
+        if congested and len(recent) == 3 and max(recent) < 0.8 * self._bw:
+            # The path got slower: trust the last samples now rather than in BW_WINDOW seconds.
+            self._bw = max(recent)
+            self._samples = collections.deque(list(self._samples)[-3:])
+        if self.adaptive:
+            self._pacing = self._next_rate(congested)
+        return self._pacing
+
+    def _next_rate(self, congested: bool) -> float | None:
+        now = self.clock()
+        bw = max(self._bw or 0.0, 1.0)
+        if congested:
+            self._last_congested = now
+        if self._phase == "startup":
+            if not congested:
+                if self._initial is None:
+                    return self.cap  # unpaced (or capped): TCP's own slow start probes
+                if bw > 1.25 * self._startup_best:
+                    self._startup_best, self._startup_flat = bw, 0
+                else:
+                    self._startup_flat += 1
+                if self._startup_flat < 3:
+                    rate = max(self._initial, STARTUP_GAIN * bw)
+                    return min(rate, self.cap) if self.cap else rate
+            self._phase, self._cycle = "drain", 0
+        elif (now - self._last_congested > CLEAR_AFTER and self._pacing
+              and self._delivery >= 0.9 * self._pacing):
+            # Pacing binds but the path has shown no queue or loss for a while: the bottleneck is
+            # elsewhere (or it moved up); let TCP find the new rate as in startup.
+            self._phase, self._startup_best, self._startup_flat = "startup", bw, 0
+            return self.cap if self._initial is None else min(STARTUP_GAIN * bw, self.cap or float("inf"))
+        self._cycle = (self._cycle + 1) % len(CYCLE)
+        gain = CYCLE[self._cycle]
+        if congested and gain >= 1.0:
+            gain = DRAIN_GAIN
+        self._phase = {PROBE_GAIN: "probe", DRAIN_GAIN: "drain"}.get(gain, "cruise")
+        rate = max(gain * bw, MIN_RATE)
+        return min(rate, self.cap) if self.cap else rate
+
+    def snapshot(self) -> LinkSnapshot:
+        bits = (lambda v: None if v is None else v * 8)
+        avail = self._bw if self._bw is None or not self.cap else min(self._bw, self.cap)
+        util = self._delivery / self._bw if self._bw else 0.0
+        ms = (lambda v: None if v is None else v * 1e3)
+        return LinkSnapshot(self.clock(), bits(avail), bits(self._pacing), bits(self.cap), self._delivery * 8,
+                            min(util, 1.0), ms(self.rtt), ms(self.min_rtt), self._loss, self._retrans_total,
+                            self._inflight, self._phase)

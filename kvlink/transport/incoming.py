@@ -1,0 +1,183 @@
+"""The receiver's view of one transfer: parts announced, chunks verified, per-part completion."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable
+
+import numpy as np
+
+from kvlink.errors import KvlinkError, StagingExhausted, TransferRejected
+
+# allocator(nbytes) -> (writable buffer of exactly nbytes, release callback or None)
+Allocator = Callable[[int], tuple[memoryview, Callable[[], None] | None]]
+
+
+def default_allocator(nbytes: int) -> tuple[memoryview, None]:
+    """A fresh, uninitialised host buffer (no memset: the received bytes are its first writes)."""
+    return memoryview(np.empty(nbytes, dtype=np.uint8)), None
+
+
+def arena_allocator(arena) -> Allocator:
+    """Parts land in leases of a preallocated (pinned when CUDA exists) :class:`StagingArena`,
+    so receiving costs no page faults and decode-side unpacking copies from registered memory."""
+
+    def allocate(nbytes: int):
+        try:
+            lease = arena.lease(nbytes)
+        except StagingExhausted as exc:
+            raise TransferRejected(f"receive arena full: {exc}") from None
+        return memoryview(lease.tensor.numpy()), lease.release
+
+    return allocate
+
+
+class _Part:
+    __slots__ = ("length", "buf", "done", "chunks", "left", "future")
+
+    def __init__(self, length: int, buf: memoryview, nchunks: int, future: asyncio.Future):
+        self.length, self.buf, self.future = length, buf, future
+        self.done = bytearray(nchunks)  # 1 per verified chunk
+        self.left = nchunks
+
+
+class IncomingTransfer:
+    """A transfer being received. Parts complete one by one: ``await part(i)`` as each lands.
+
+    The buffers returned stay valid until :meth:`release`, which gives their bytes back to the
+    receiver's budget. Awaiting methods raise the transfer's typed error if it failed
+    (:class:`~kvlink.errors.TransferCancelled`, :class:`~kvlink.errors.TransferTimeout`,
+    :class:`~kvlink.errors.TransferRejected`).
+    """
+
+    def __init__(self, transfer_id: int, owner: bytes, parts: int, chunk: int, meta: dict,
+                 release_bytes: Callable[[int], None]):
+        loop = asyncio.get_running_loop()
+        self.transfer_id = transfer_id
+        self.owner = owner
+        self.num_parts = parts
+        self.chunk = chunk
+        self.meta = meta
+        self.started = time.monotonic()
+        self.finished: float | None = None
+        self.last_progress = self.started
+        self.bytes_received = 0
+        self.reserved = 0
+        self._release_bytes = release_bytes
+        self._parts: list[_Part | None] = [None] * parts
+        self._announced: list[asyncio.Future] = [loop.create_future() for _ in range(parts)]
+        self._left = parts
+        self._done = loop.create_future()
+        self.error: KvlinkError | None = None
+        self.canceller: Callable[[], None] | None = None
+        self._releases: list[Callable[[], None]] = []
+
+    # -- called by the receiver ------------------------------------------------------------
+    def announce(self, index: int, length: int, allocator: Allocator) -> None:
+        """Part ``index`` has ``length`` bytes (idempotent; a different length is rejected)."""
+        if not 0 <= index < self.num_parts:
+            raise TransferRejected(f"part {index} outside 0..{self.num_parts - 1}")
+        part = self._parts[index]
+        if part is not None:
+            if part.length != length:
+                raise TransferRejected(f"part {index} re-announced with {length} bytes, was {part.length}")
+            return
+        buf, release = allocator(length)
+        buf = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+        if len(buf) != length:
+            raise TransferRejected(f"allocator returned {len(buf)} bytes for a {length}-byte part")
+        if release is not None:
+            self._releases.append(release)
+        self.reserved += length
+        nchunks = max(1, -(-length // self.chunk))
+        future = self._announced[index]
+        self._parts[index] = _Part(length, buf, nchunks, future)
+        if length == 0:
+            part = self._parts[index]
+            part.done[0], part.left = 1, 0
+            self._complete_part(part, index)
+
+    def target(self, index: int, offset: int, length: int) -> tuple[memoryview | None, bool]:
+        """Where a chunk's bytes go, and whether it was already verified (then: read and drop)."""
+        if not 0 <= index < self.num_parts or self._parts[index] is None:
+            raise TransferRejected(f"data for part {index} before it was announced")
+        part = self._parts[index]
+        expected = min(self.chunk, part.length - offset)
+        if offset % self.chunk or offset > part.length or length != expected:
+            raise TransferRejected(f"chunk [{offset}, +{length}) of part {index} is off the {self.chunk}-byte grid "
+                                   f"of a {part.length}-byte part")
+        if part.done[offset // self.chunk] or self.error is not None:
+            return None, True
+        return part.buf[offset: offset + length], False
+
+    def chunk_verified(self, index: int, offset: int, length: int) -> bool:
+        """Record a verified chunk; True when this completed the whole transfer."""
+        part = self._parts[index]
+        slot = offset // self.chunk
+        if part.done[slot]:
+            return False
+        part.done[slot] = 1
+        part.left -= 1
+        self.bytes_received += length
+        self.last_progress = time.monotonic()
+        if part.left == 0:
+            self._complete_part(part, index)
+        return self.complete
+
+    def _complete_part(self, part: _Part, index: int) -> None:
+        self._left -= 1
+        if not part.future.done():
+            part.future.set_result(part.buf)
+        if self._left == 0 and not self._done.done():
+            self.finished = time.monotonic()
+            self._done.set_result([p.buf for p in self._parts])
+
+    def fail(self, error: KvlinkError) -> None:
+        if self.error is not None or self._done.done():
+            return
+        self.error = error
+        for future in [*self._announced, self._done]:
+            if not future.done():
+                future.set_exception(error)
+                future.exception()  # retrieved here, so an unawaited failure logs nothing
+        self.release()
+
+    # -- application API ---------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return self._done.done() and self.error is None
+
+    @property
+    def total_bytes(self) -> int | None:
+        """Sum of the part lengths once every part is announced."""
+        if any(p is None for p in self._parts):
+            return None
+        return sum(p.length for p in self._parts)
+
+    async def part(self, index: int) -> memoryview:
+        """Wait for part ``index`` to arrive whole and verified; returns its bytes."""
+        if not 0 <= index < self.num_parts:
+            raise IndexError(f"part {index} outside 0..{self.num_parts - 1}")
+        return await asyncio.shield(self._announced[index])
+
+    async def done(self) -> list[memoryview]:
+        """Wait for every part; returns their buffers in part order."""
+        return await asyncio.shield(self._done)
+
+    def cancel(self) -> None:
+        """Abandon the transfer here and tell the sender (its ``done()`` raises TransferCancelled)."""
+        from kvlink.errors import TransferCancelled
+
+        if self.canceller is not None and not self._done.done():
+            self.canceller()
+        self.fail(TransferCancelled(f"transfer {self.transfer_id:#x} cancelled by the receiver"))
+
+    def release(self) -> None:
+        """Hand the part buffers' bytes back to the receiver budget; buffers must not be used after."""
+        if self.reserved:
+            self._release_bytes(self.reserved)
+            self.reserved = 0
+        releases, self._releases = self._releases, []
+        for release in releases:
+            release()

@@ -1,0 +1,181 @@
+"""The sender's view of one transfer: parts fed as they are produced, chunks queued and acked."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import os
+import time
+from typing import TYPE_CHECKING, Callable
+
+from kvlink.errors import ConfigError, KvlinkError, TransferCancelled
+from kvlink.transport.pacing import TokenBucket
+
+if TYPE_CHECKING:
+    from kvlink.transport.sender import TransferClient
+
+Chunk = tuple[int, int, int]  # (part, offset, length)
+
+
+class _Part:
+    __slots__ = ("views", "starts", "length", "acked", "left")
+
+    def __init__(self, views: list[memoryview], nchunks: int):
+        self.views = views
+        self.starts, total = [], 0
+        for v in views:
+            self.starts.append(total)
+            total += v.nbytes
+        self.length = total
+        self.acked = bytearray(nchunks)
+        self.left = nchunks
+
+    def pieces(self, offset: int, length: int) -> list[memoryview]:
+        """The bytes [offset, offset + length) as views, split where the caller's buffers meet."""
+        out, i = [], max(0, bisect.bisect_right(self.starts, offset) - 1)
+        while length > 0:
+            view, start = self.views[i], self.starts[i]
+            lo = offset - start
+            take = min(length, view.nbytes - lo)
+            if take > 0:
+                out.append(view[lo: lo + take])
+                offset += take
+                length -= take
+            i += 1
+        return out
+
+
+class OutgoingTransfer:
+    """A transfer being sent. Feed parts with :meth:`add_part` (in any order, as they are produced);
+    :meth:`done` returns once the receiver has verified every byte.
+
+    The buffers given to :meth:`add_part` are sent without copying and must stay unchanged until
+    :meth:`done` returns or raises. :meth:`done` raises :class:`~kvlink.errors.TransferCancelled`,
+    :class:`~kvlink.errors.TransferRejected`, :class:`~kvlink.errors.TransferTimeout`,
+    :class:`~kvlink.errors.TransferFailed` or :class:`~kvlink.errors.PeerUnreachable`.
+    """
+
+    def __init__(self, client: "TransferClient", transfer_id: int | None, parts: int, chunk: int, weight: float,
+                 deadline: float | None, rate: float | None, meta: dict, on_ready: Callable[["OutgoingTransfer"], None]):
+        if parts < 1:
+            raise ConfigError("a transfer needs at least one part")
+        if weight <= 0:
+            raise ConfigError(f"weight must be positive, got {weight}")
+        self.client = client
+        self.transfer_id = transfer_id if transfer_id is not None else int.from_bytes(os.urandom(8), "little") or 1
+        self.num_parts = parts
+        self.chunk = chunk
+        self.weight = float(weight)
+        self.deadline = None if deadline is None else time.monotonic() + deadline
+        self.bucket = None if rate is None else TokenBucket(rate / 8, max(2 * chunk, int(rate / 8 * 0.002)))
+        self.meta = meta
+        self.opened = time.monotonic()
+        self.finished: float | None = None
+        self._parts: list[_Part | None] = [None] * parts
+        self.pending: collections.deque[Chunk] = collections.deque()
+        self.resend: collections.deque[Chunk] = collections.deque()
+        self.retries: collections.Counter[tuple[int, int]] = collections.Counter()
+        self.vfinish = 0.0  # fair-queueing tag
+        self.bytes_total = 0
+        self.bytes_sent = 0
+        self.bytes_acked = 0
+        self.bytes_resent = 0
+        self._on_ready = on_ready
+        self._done = asyncio.get_running_loop().create_future()
+        self.error: KvlinkError | None = None
+
+    # -- producer API ---------------------------------------------------------------------------
+    def add_part(self, index: int, buffers) -> None:
+        """Queue part ``index``: one bytes-like object or a list of them (e.g. ``Payload.buffers()``)."""
+        if self.error is not None:
+            raise self.error
+        if not 0 <= index < self.num_parts:
+            raise ConfigError(f"part {index} outside 0..{self.num_parts - 1}")
+        if self._parts[index] is not None:
+            raise ConfigError(f"part {index} was already added")
+        if not isinstance(buffers, (list, tuple)):
+            buffers = [buffers]
+        views = [memoryview(b).cast("B") for b in buffers]
+        length = sum(v.nbytes for v in views)
+        nchunks = max(1, -(-length // self.chunk))
+        self._parts[index] = _Part(views, nchunks)
+        self.bytes_total += length
+        self.pending.extend((index, i * self.chunk, min(self.chunk, length - i * self.chunk)) for i in range(nchunks))
+        self._on_ready(self)
+
+    @property
+    def parts_added(self) -> int:
+        return sum(p is not None for p in self._parts)
+
+    def part_length(self, index: int) -> int:
+        return self._parts[index].length
+
+    def pieces(self, chunk: Chunk) -> list[memoryview]:
+        part, offset, length = chunk
+        return self._parts[part].pieces(offset, length)
+
+    # -- transport bookkeeping ----------------------------------------------------------------
+    @property
+    def has_work(self) -> bool:
+        return self.error is None and bool(self.pending or self.resend)
+
+    def take(self) -> Chunk:
+        return self.resend.popleft() if self.resend else self.pending.popleft()
+
+    def acked(self, part: int, offset: int, length: int) -> bool:
+        """Record an acknowledged chunk; False if it was already acknowledged or is unknown."""
+        p = self._parts[part] if 0 <= part < self.num_parts else None
+        if p is None or offset % self.chunk or offset // self.chunk >= len(p.acked):
+            return False
+        slot = offset // self.chunk
+        if p.acked[slot]:
+            return False
+        p.acked[slot] = 1
+        p.left -= 1
+        self.bytes_acked += length
+        return True
+
+    def requeue(self, chunk: Chunk) -> None:
+        """Send ``chunk`` again, ahead of new data (after a lost connection or a bad checksum)."""
+        part, offset, length = chunk
+        p = self._parts[part]
+        if not self._done.done() and p is not None and not p.acked[offset // self.chunk]:
+            self.resend.append(chunk)
+            self.bytes_resent += length
+
+    def finish(self) -> None:
+        """The receiver verified everything (its END may overtake acks still on other connections)."""
+        if not self._done.done():
+            self.bytes_acked = self.bytes_total
+            self.finished = time.monotonic()
+            self._done.set_result(None)
+
+    def fail(self, error: KvlinkError) -> None:
+        if self._done.done():
+            return
+        self.error = error
+        self.pending.clear()
+        self.resend.clear()
+        self._done.set_exception(error)
+        self._done.exception()  # marked retrieved: an unawaited failure is not logged twice
+
+    # -- application API ---------------------------------------------------------------------
+    async def done(self) -> None:
+        """Wait until the receiver has verified every part (raises the transfer's error)."""
+        await asyncio.shield(self._done)
+
+    @property
+    def is_done(self) -> bool:
+        return self._done.done()
+
+    def cancel(self) -> None:
+        """Abandon the transfer on both sides; :meth:`done` raises TransferCancelled."""
+        if not self._done.done():
+            self.client._cancel(self)
+            self.fail(TransferCancelled(f"transfer {self.transfer_id:#x} cancelled by the sender"))
+
+    @property
+    def goodput_bps(self) -> float:
+        end = self.finished or time.monotonic()
+        return self.bytes_acked * 8 / max(end - self.opened, 1e-9)

@@ -1,0 +1,504 @@
+"""The sending end: N connections to one receiver, chunks striped over them, paced and resumed.
+
+One dispatcher task picks the next chunk (:mod:`~kvlink.transport.scheduler`), waits for the link
+pacer, and writes it to the connection with the least unacknowledged data that has window left.
+Every chunk stays referenced (never copied) until the receiver acknowledges it; a lost
+connection puts its unacknowledged chunks back in front of the queue and is re-opened with
+backoff, a NACKed chunk is resent, and a ticker feeds the rate controller and enforces timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import ssl as _ssl
+import time
+
+import xxhash
+
+from kvlink.config import TransportConfig
+from kvlink.errors import (ConfigError, FingerprintMismatch, HandshakeError, KvlinkError, PeerUnreachable,
+                           TransferFailed, TransferTimeout, TransportError)
+from kvlink.transport import handshake as hs
+from kvlink.transport.congestion import SAMPLE, LinkSnapshot, RateController
+from kvlink.transport.connection import FrameConnection, tcp_info
+from kvlink.transport.frame import FLAG_UNCHECKED, FrameHeader, FrameType, unpack_acks
+from kvlink.transport.outgoing import Chunk, OutgoingTransfer
+from kvlink.transport.pacing import TokenBucket
+from kvlink.transport.scheduler import ChunkScheduler
+
+
+class _ClientConn:
+    """Frame handler for one connection to the receiver."""
+
+    def __init__(self, client: "TransferClient", slot: int):
+        self.client = client
+        self.slot = slot
+        self.conn: FrameConnection | None = None
+        self.ready = asyncio.get_running_loop().create_future()
+        self.nonce = hs.new_nonce()
+        self.server_nonce = b""
+        self.registered = False
+        self.inflight: dict[tuple[int, int, int], tuple[float, int, OutgoingTransfer]] = {}
+        self.inflight_bytes = 0
+        self.announced: set = set()
+        self.last_ack = time.monotonic()
+        self.tcp_prev: dict | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.registered and self.conn is not None and self.conn.can_write
+
+    def on_open(self, conn: FrameConnection) -> None:
+        self.conn = conn
+        c = self.client
+        conn.send(FrameType.HELLO, body=hs.encode({"v": hs.PROTOCOL, "session": c.session.hex(), "conn": self.slot,
+                                                   "fingerprint": c.fingerprint.hex(), "nonce": self.nonce.hex()}))
+
+    def on_writable(self, conn) -> None:
+        self.client._wake.set()
+
+    def on_closed(self, conn, exc) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(HandshakeError(f"connection closed during the handshake ({exc})"))
+            self.ready.exception()
+        if self.registered:
+            self.client._on_conn_lost(self)
+
+    def data_target(self, conn, header):
+        conn.abort(TransportError("receiver sent DATA"))
+        return None
+
+    def on_data(self, conn, header, target) -> None:
+        pass
+
+    def on_control(self, conn, header: FrameHeader, body: bytes) -> None:
+        if not self.ready.done():
+            try:
+                self._handshake(header, body)
+            except KvlinkError as exc:
+                self.ready.set_exception(exc)
+                conn.abort()
+            return
+        client = self.client
+        if header.type in (FrameType.ACK, FrameType.NACK):
+            try:
+                entries = unpack_acks(body)
+            except KvlinkError as exc:
+                conn.abort(exc)
+                return
+            client._on_acks(self, entries, header.type is FrameType.NACK)
+        elif header.type is FrameType.END:
+            client._on_end(header.transfer_id)
+        elif header.type is FrameType.ERROR:
+            client._on_error(self, header.transfer_id, hs.error_from_body(body))
+        elif header.type is FrameType.CANCEL:
+            client._on_peer_cancel(header.transfer_id)
+        else:
+            conn.abort(TransportError(f"unexpected {header.type.name} from the receiver"))
+
+    def _handshake(self, header: FrameHeader, body: bytes) -> None:
+        c = self.client
+        if header.type is FrameType.ERROR:
+            raise hs.error_from_body(body)
+        if header.type is FrameType.CHALLENGE:
+            if c.secret is None:
+                raise hs.AuthenticationError("the receiver requires a shared secret and none is configured")
+            self.server_nonce = hs.hex_bytes(hs.decode(body, {"nonce": str}), "nonce", hs.NONCE_BYTES)
+            mac = hs.mac(c.secret, "client", self.nonce, self.server_nonce, c.session, c.fingerprint)
+            self.conn.send(FrameType.AUTH, body=hs.encode({"mac": mac}))
+            return
+        if header.type is FrameType.ACCEPT:
+            accept = hs.decode(body, {"max_chunk": int})
+            if c.secret is not None:
+                if not self.server_nonce:
+                    raise hs.AuthenticationError("the receiver did not ask for the shared secret")
+                hs.check_mac(hs.mac(c.secret, "server", self.nonce, self.server_nonce, c.session, c.fingerprint),
+                             accept.get("mac"))
+            if accept["max_chunk"] < c.config.chunk_bytes:
+                raise HandshakeError(f"receiver takes chunks up to {accept['max_chunk']} bytes, "
+                                     f"this sender uses {c.config.chunk_bytes}")
+            self.ready.set_result(None)
+            return
+        raise HandshakeError(f"unexpected {header.type.name} during the handshake")
+
+
+class TransferClient:
+    """Sends transfers to one receiver over ``config.connections`` TCP connections.
+
+    ``fingerprint`` is the layout fingerprint presented at the handshake (``CacheSpec.fingerprint``).
+    Use as ``async with TransferClient(...) as client:``. :meth:`connect` raises
+    :class:`~kvlink.errors.PeerUnreachable`, :class:`~kvlink.errors.HandshakeError`,
+    :class:`~kvlink.errors.AuthenticationError` or :class:`~kvlink.errors.FingerprintMismatch`.
+    """
+
+    def __init__(self, host: str, port: int, fingerprint: bytes, config: TransportConfig | None = None,
+                 secret: bytes | None = None, ssl: _ssl.SSLContext | None = None, server_hostname: str | None = None):
+        if len(fingerprint) != 16:
+            raise ConfigError("fingerprint must be 16 bytes (CacheSpec.fingerprint)")
+        self.host, self.port = host, port
+        self.fingerprint = bytes(fingerprint)
+        self.config = config or TransportConfig()
+        self.secret = secret
+        self.ssl = ssl
+        self.server_hostname = server_hostname
+        self.session = os.urandom(16)
+        cfg = self.config
+        self.controller = RateController(None if cfg.rate_cap is None else cfg.rate_cap / 8, cfg.adaptive,
+                                         None if cfg.initial_rate is None else cfg.initial_rate / 8)
+        self._bucket: TokenBucket | None = None
+        self._conns: list[_ClientConn | None] = [None] * cfg.connections
+        self._reconnecting: dict[int, asyncio.Task] = {}
+        self._transfers: dict[int, OutgoingTransfer] = {}
+        self._sched = ChunkScheduler()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._closing = False
+        self._rr = 0
+        self.history: collections.deque[LinkSnapshot] = collections.deque(maxlen=3000)
+        self.stats = collections.Counter()
+
+    async def __aenter__(self) -> "TransferClient":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # -- connections ----------------------------------------------------------------------------
+    async def connect(self) -> None:
+        """Open every connection (concurrently) and start sending; fails only if none can be opened."""
+        results = await asyncio.gather(*(self._open(i) for i in range(len(self._conns))), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if len(errors) == len(results):
+            raise errors[0]
+        for i, r in enumerate(results):
+            if isinstance(r, BaseException):
+                if isinstance(r, (HandshakeError, FingerprintMismatch)):
+                    await self.close()
+                    raise r
+                self._reconnecting[i] = asyncio.create_task(self._reconnect(i))
+        self._set_pacing(self.controller.pacing_rate())
+        self._tasks = [asyncio.create_task(self._dispatch()), asyncio.create_task(self._tick())]
+
+    async def _open(self, slot: int) -> _ClientConn:
+        loop = asyncio.get_running_loop()
+        cc = _ClientConn(self, slot)
+        try:
+            await asyncio.wait_for(loop.create_connection(
+                lambda: FrameConnection(cc, 64 << 10), self.host, self.port, ssl=self.ssl,
+                server_hostname=self.server_hostname if self.ssl else None), self.config.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise PeerUnreachable(f"cannot connect to {self.host}:{self.port}: {exc or 'timed out'}") from None
+        try:
+            await asyncio.wait_for(asyncio.shield(cc.ready), self.config.handshake_timeout)
+        except asyncio.TimeoutError:
+            cc.conn.abort()
+            raise HandshakeError("handshake timed out") from None
+        except BaseException:
+            cc.conn.abort()
+            raise
+        cc.registered = True
+        cc.last_ack = time.monotonic()
+        self._conns[slot] = cc
+        self._wake.set()
+        return cc
+
+    async def _reconnect(self, slot: int) -> None:
+        delay = 0.05
+        try:
+            for _ in range(self.config.reconnect_attempts):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                try:
+                    await self._open(slot)
+                    self.stats["reconnects"] += 1
+                    return
+                except (HandshakeError, FingerprintMismatch) as exc:
+                    self._fail_all(exc)
+                    return
+                except PeerUnreachable:
+                    continue
+            if not any(c is not None for c in self._conns) and len(self._reconnecting) <= 1:
+                self._fail_all(PeerUnreachable(f"{self.host}:{self.port} unreachable after "
+                                               f"{self.config.reconnect_attempts} reconnection attempts"))
+        finally:
+            self._reconnecting.pop(slot, None)
+
+    def _on_conn_lost(self, cc: _ClientConn) -> None:
+        cc.registered = False
+        if self._conns[cc.slot] is cc:
+            self._conns[cc.slot] = None
+        for (tid, part, offset), (_, length, t) in cc.inflight.items():
+            t.requeue((part, offset, length))
+            self._sched.add(t)
+            self.stats["bytes_requeued"] += length
+        cc.inflight.clear()
+        cc.inflight_bytes = 0
+        if not self._closing and cc.slot not in self._reconnecting:
+            self._reconnecting[cc.slot] = asyncio.create_task(self._reconnect(cc.slot))
+        self._wake.set()
+
+    async def close(self) -> None:
+        """Stop sending; unfinished transfers fail with :class:`~kvlink.errors.TransportError`."""
+        self._closing = True
+        for task in [*self._tasks, *self._reconnecting.values()]:
+            task.cancel()
+        for cc in self._conns:
+            if cc is not None and cc.conn is not None:
+                cc.registered = False
+                cc.conn.transport.close()
+        self._fail_all(TransportError("sender closed"))
+        await asyncio.gather(*self._tasks, *self._reconnecting.values(), return_exceptions=True)
+
+    # -- transfers ------------------------------------------------------------------------------
+    def open(self, parts: int, *, weight: float = 1.0, deadline: float | None = None, rate: float | None = None,
+             meta: dict | None = None, transfer_id: int | None = None) -> OutgoingTransfer:
+        """Begin a transfer of ``parts`` parts (e.g. one per layer), fed later with ``add_part``.
+
+        ``weight`` sets its share among concurrent transfers; ``deadline`` (seconds from now) puts
+        it ahead of all transfers without one, earliest deadline first; ``rate`` caps it (bits/s);
+        ``meta`` (JSON-serialisable, < 60 KiB) reaches the receiver as ``IncomingTransfer.meta``.
+        """
+        if self._closing:
+            raise TransportError("sender closed")
+        meta = dict(meta or {})
+        if len(hs.encode(meta)) > 60 << 10:
+            raise ConfigError("transfer meta must encode to less than 60 KiB of JSON")
+        if transfer_id is not None and (transfer_id in self._transfers or not 0 < transfer_id < 1 << 64):
+            raise ConfigError(f"transfer id {transfer_id} is in use or out of range")
+        t = OutgoingTransfer(self, transfer_id, parts, self._chunk_size(rate), weight, deadline, rate, meta,
+                             self._on_ready)
+        self._transfers[t.transfer_id] = t
+        self.stats["transfers"] += 1
+        return t
+
+    def _chunk_size(self, rate: float | None) -> int:
+        # ~4 ms of data at the tightest known rate, so a paced chunk is never a long burst.
+        rates = [r / 8 for r in (rate, self.config.rate_cap) if r]
+        if not rates:
+            return self.config.chunk_bytes
+        size = max(256 << 10, int(min(rates) * 0.004))
+        return min(self.config.chunk_bytes, 1 << (size.bit_length() - 1))
+
+    async def send(self, parts: list, **kwargs) -> OutgoingTransfer:
+        """Open a transfer, add every part, wait for the receiver to verify it; returns it (stats)."""
+        t = self.open(len(parts), **kwargs)
+        for i, part in enumerate(parts):
+            t.add_part(i, part)
+        await t.done()
+        return t
+
+    def _on_ready(self, t: OutgoingTransfer) -> None:
+        self._sched.add(t)
+        self._wake.set()
+
+    def _drop(self, t: OutgoingTransfer) -> None:
+        self._transfers.pop(t.transfer_id, None)
+        self._sched.remove(t)
+        for cc in self._conns:
+            if cc is None:
+                continue
+            for key in [k for k in cc.inflight if k[0] == t.transfer_id]:
+                cc.inflight_bytes -= cc.inflight.pop(key)[1]
+        self._wake.set()
+
+    def _fail(self, t: OutgoingTransfer, error: KvlinkError, tell_peer: bool = True) -> None:
+        if tell_peer:
+            self._cancel(t)
+        self._drop(t)
+        t.fail(error)
+
+    def _fail_all(self, error: KvlinkError) -> None:
+        for t in list(self._transfers.values()):
+            self._fail(t, error, tell_peer=False)
+
+    def _cancel(self, t: OutgoingTransfer) -> None:
+        for cc in self._conns:
+            if cc is not None and cc.registered and t.transfer_id in cc.announced:
+                cc.conn.send(FrameType.CANCEL, transfer_id=t.transfer_id)
+                break
+        self._drop(t)
+
+    # -- events from connections ----------------------------------------------------------------
+    def _on_acks(self, cc: _ClientConn, entries, nack: bool) -> None:
+        now = time.monotonic()
+        cc.last_ack = now
+        for tid, part, length, offset in entries:
+            record = cc.inflight.pop((tid, part, offset), None)
+            if record is not None:
+                cc.inflight_bytes -= record[1]
+            t = self._transfers.get(tid)
+            if t is None:
+                continue
+            if nack:
+                self.stats["chunks_nacked"] += 1
+                self.controller.on_nack()
+                t.retries[(part, offset)] += 1
+                if t.retries[(part, offset)] > self.config.chunk_retries:
+                    self._fail(t, TransferFailed(f"transfer {tid:#x}: chunk {offset} of part {part} failed its "
+                                                 f"checksum {t.retries[(part, offset)]} times"))
+                    continue
+                t.requeue((part, offset, length))
+                self._sched.add(t)
+            elif t.acked(part, offset, length):
+                self.controller.on_ack(length, now - record[0] if record is not None else None)
+        self._wake.set()
+
+    def _on_end(self, tid: int) -> None:
+        t = self._transfers.get(tid)
+        if t is not None:
+            self._drop(t)
+            t.finish()
+            self.stats["transfers_done"] += 1
+
+    def _on_error(self, cc: _ClientConn, tid: int, error: KvlinkError) -> None:
+        t = self._transfers.get(tid)
+        if t is not None:
+            self._fail(t, error, tell_peer=False)
+        elif tid == 0:
+            cc.conn.abort(error)
+
+    def _on_peer_cancel(self, tid: int) -> None:
+        from kvlink.errors import TransferCancelled
+
+        t = self._transfers.get(tid)
+        if t is not None:
+            self._fail(t, TransferCancelled(f"transfer {tid:#x} cancelled by the receiver"), tell_peer=False)
+
+    # -- sending --------------------------------------------------------------------------------
+    def _free_conn(self) -> _ClientConn | None:
+        window, chunk = self.config.window_bytes, self.config.chunk_bytes
+        best = None
+        n = len(self._conns)
+        for k in range(n):
+            cc = self._conns[(self._rr + k) % n]
+            if cc is not None and cc.usable and cc.inflight_bytes + chunk <= window:
+                if best is None or cc.inflight_bytes < best.inflight_bytes:
+                    best = cc
+        self._rr = (self._rr + 1) % n
+        return best
+
+    async def _dispatch(self) -> None:
+        while True:
+            cc = self._free_conn()
+            if cc is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            t, chunk, wait = self._sched.pick()
+            if t is None:
+                self._wake.clear()
+                if wait > 0:
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), wait)
+                    except asyncio.TimeoutError:
+                        pass
+                else:
+                    await self._wake.wait()
+                continue
+            if self._bucket is not None:
+                self._bucket.reserve(chunk[2])
+                # Wait out the debt in short slices: a rate raised meanwhile shortens the wait.
+                while self._bucket is not None and (delay := self._bucket.wait_time(0)) > 0:
+                    await asyncio.sleep(min(delay, SAMPLE / 2))
+                if not cc.usable or t.error is not None or t.is_done:
+                    if t.error is None and not t.is_done:
+                        t.resend.appendleft(chunk)
+                        self._sched.add(t)
+                    continue
+            self._send_chunk(cc, t, chunk)
+
+    def _send_chunk(self, cc: _ClientConn, t: OutgoingTransfer, chunk: Chunk) -> None:
+        part, offset, length = chunk
+        tid = t.transfer_id
+        conn = cc.conn
+        if tid not in cc.announced:
+            conn.send(FrameType.BEGIN, tid, body=hs.encode({"parts": t.num_parts, "chunk": t.chunk,
+                                                            "weight": t.weight, "meta": t.meta}))
+            cc.announced.add(tid)
+        if (tid, part) not in cc.announced:
+            conn.send(FrameType.PART, tid, stream=part, body=hs.encode({"length": t.part_length(part)}))
+            cc.announced.add((tid, part))
+        pieces = t.pieces(chunk)
+        flags = digest = 0
+        if not self.config.chunk_checksums:
+            flags = FLAG_UNCHECKED
+        elif len(pieces) == 1:
+            digest = xxhash.xxh3_64_intdigest(pieces[0])
+        else:
+            h = xxhash.xxh3_64()
+            for piece in pieces:
+                h.update(piece)
+            digest = h.intdigest()
+        head = FrameHeader(FrameType.DATA, tid, part, offset, length, digest, flags).encode()
+        now = time.monotonic()
+        if not cc.inflight:
+            cc.last_ack = now  # the progress clock runs only while something is unacknowledged
+        cc.inflight[(tid, part, offset)] = (now, length, t)
+        cc.inflight_bytes += length
+        t.bytes_sent += length
+        self.stats["bytes_sent"] += length
+        conn.send_raw(head, pieces)
+
+    # -- control loop ---------------------------------------------------------------------------
+    async def _tick(self) -> None:
+        cfg = self.config
+        while True:
+            await asyncio.sleep(SAMPLE)
+            now = time.monotonic()
+            self._poll_tcp()
+            rate = self.controller.tick(sum(c.inflight_bytes for c in self._conns if c is not None))
+            self._set_pacing(rate)
+            self.history.append(self.controller.snapshot())
+            for cc in self._conns:
+                if cc is not None and cc.inflight and now - cc.last_ack > cfg.progress_timeout:
+                    self.stats["stalled_connections"] += 1
+                    cc.conn.abort(TransportError("no acknowledgement within progress_timeout"))
+            if cfg.transfer_timeout is not None:
+                for t in list(self._transfers.values()):
+                    if now - t.opened > cfg.transfer_timeout:
+                        self._fail(t, TransferTimeout(f"transfer {t.transfer_id:#x} not done after "
+                                                      f"{cfg.transfer_timeout} s"))
+            for slot, cc in enumerate(self._conns):
+                if cc is None and slot not in self._reconnecting and self._transfers and not self._closing:
+                    self._reconnecting[slot] = asyncio.create_task(self._reconnect(slot))
+
+    def _set_pacing(self, rate: float | None) -> None:
+        if rate is None:
+            self._bucket = None
+            return
+        chunk = self._chunk_size(self.config.rate_cap)
+        burst = self.config.burst_bytes or max(chunk, int(rate * 0.002))
+        if self._bucket is None:
+            self._bucket = TokenBucket(rate, burst)
+        elif self._bucket.rate != rate or self._bucket.burst != burst:
+            self._bucket.set_rate(rate, burst)
+
+    def _poll_tcp(self) -> None:
+        rtts, mins, retrans, segs = [], [], 0, 0
+        for cc in self._conns:
+            if cc is None or cc.conn is None:
+                continue
+            info = tcp_info(cc.conn.sock)
+            if not info:
+                continue
+            prev, cc.tcp_prev = cc.tcp_prev, info
+            if info.get("rtt_us"):
+                rtts.append(info["rtt_us"] / 1e6)
+            if info.get("min_rtt_us"):
+                mins.append(info["min_rtt_us"] / 1e6)
+            if prev is not None:
+                retrans += info.get("total_retrans", 0) - prev.get("total_retrans", 0)
+                segs += info.get("segs_out", 0) - prev.get("segs_out", 0)
+        if rtts:
+            self.controller.on_tcp_info(sum(rtts) / len(rtts), min(mins) if mins else None, retrans, segs)
+
+    def snapshot(self) -> LinkSnapshot:
+        """The rate controller's current view of the link (what a scheduler reads)."""
+        return self.controller.snapshot()
+
+    @property
+    def live_connections(self) -> int:
+        return sum(c is not None and c.registered for c in self._conns)

@@ -1,0 +1,315 @@
+"""Sender and receiver over real loopback sockets: delivery, streaming, sharing, faults, security."""
+
+import asyncio
+import os
+import socket
+import time
+
+import pytest
+
+from kvlink.config import TransportConfig
+from kvlink.errors import (AuthenticationError, FingerprintMismatch, PeerUnreachable, TransferCancelled,
+                           TransferRejected)
+from kvlink.transport import TransferClient, TransferServer
+from kvlink.transport.frame import HEADER_SIZE, FrameType, make_frame, parse_header
+
+from tests.integration.netfaults import FaultProxy
+
+FP = bytes(range(16))
+SMALL = TransportConfig(connections=3, chunk_bytes=64 << 10, window_bytes=512 << 10)
+
+
+def blobs(sizes, seed=0):
+    rng = __import__("random").Random(seed)
+    return [rng.randbytes(n) for n in sizes]
+
+
+async def start_server(config=SMALL, **kwargs):
+    server = TransferServer(config, [FP], **kwargs)
+    host, port = await server.start()
+    return server, port
+
+
+async def test_bit_exact_streaming_parts_in_any_order():
+    server, port = await start_server()
+    data = blobs([3 << 20, 0, 5, (1 << 20) + 17, 2 << 20])
+    async with TransferClient("127.0.0.1", port, FP, SMALL) as client:
+        t = client.open(len(data), meta={"request": "r1"})
+        # Parts arrive out of order and later than the transfer begins, as layers do from prefill;
+        # the last one is given as several buffers (header + segments).
+        t.add_part(3, data[3])
+        incoming = await server.accept()
+        assert incoming.meta == {"request": "r1"}
+        got3 = await incoming.part(3)
+        assert bytes(got3) == data[3]
+        assert not incoming.complete
+        t.add_part(1, data[1])
+        t.add_part(0, data[0])
+        t.add_part(4, [memoryview(data[4])[:100], memoryview(data[4])[100:70000], memoryview(data[4])[70000:]])
+        t.add_part(2, data[2])
+        parts = await incoming.done()
+        await t.done()
+    assert [bytes(p) for p in parts] == data
+    assert t.bytes_acked == sum(map(len, data))
+    await server.close()
+
+
+async def test_multi_gigabyte_payload_bit_exact():
+    config = TransportConfig(connections=4)
+    server, port = await start_server(config)
+    # 2 GiB of distinct bytes without holding 2 GiB twice: one 256 MiB block sent as 8 parts.
+    block = memoryview(os.urandom(1 << 20) * 256)
+    async with TransferClient("127.0.0.1", port, FP, config) as client:
+        t = client.open(8)
+        for i in range(8):
+            t.add_part(i, block)
+        incoming = await server.accept()
+        for i in range(8):
+            part = await incoming.part(i)
+            assert part == block, f"part {i} differs"
+        await t.done()
+    assert t.bytes_acked == 8 * len(block)
+    await server.close()
+
+
+async def test_paced_transfer_meets_its_rate():
+    server, port = await start_server()
+    rate = 160e6  # bits/s
+    data = blobs([8 << 20])
+    async with TransferClient("127.0.0.1", port, FP, SMALL) as client:
+        t0 = time.monotonic()
+        t = await client.send(data, rate=rate)
+        seconds = time.monotonic() - t0
+    goodput = len(data[0]) * 8 / seconds
+    # The bucket starts full (one burst), so allow a little above; never much below.
+    assert 0.9 * rate <= goodput <= 1.1 * rate, goodput / rate
+    assert t.goodput_bps > 0
+    await server.close()
+
+
+async def test_weighted_shares_follow_weights():
+    server, port = await start_server()
+    weights = [1, 1, 2, 4]
+    data = blobs([6 << 20])[0]
+    config = TransportConfig(connections=2, chunk_bytes=64 << 10, window_bytes=256 << 10, rate_cap=400e6,
+                             adaptive=False)
+    async with TransferClient("127.0.0.1", port, FP, config) as client:
+        transfers = [client.open(1, weight=w) for w in weights]
+        for t in transfers:
+            t.add_part(0, data)
+        await transfers[3].done()  # the heaviest finishes first
+        acked = [t.bytes_acked for t in transfers]
+        for t in transfers[:3]:
+            await t.done()
+    shares = [a / sum(acked) for a in acked]
+    for share, w in zip(shares, weights):
+        assert abs(share - w / sum(weights)) <= 0.1 * w / sum(weights) + 0.01, shares
+    await server.close()
+
+
+async def test_deadline_transfer_goes_first():
+    server, port = await start_server()
+    config = TransportConfig(connections=2, chunk_bytes=64 << 10, window_bytes=256 << 10, rate_cap=400e6,
+                             adaptive=False)
+    async with TransferClient("127.0.0.1", port, FP, config) as client:
+        background = client.open(1, weight=8)
+        background.add_part(0, blobs([8 << 20])[0])
+        urgent = client.open(1, deadline=0.5)
+        urgent.add_part(0, blobs([1 << 20], seed=1)[0])
+        await urgent.done()
+        assert not background.is_done
+        assert background.bytes_acked < 4 << 20
+        await background.done()
+    await server.close()
+
+
+async def test_connection_killed_mid_transfer_resumes():
+    server, port = await start_server()
+    data = blobs([12 << 20, 4 << 20])
+    proxy = FaultProxy(port, kill_after=6 << 20)
+    proxy_port = await proxy.start()
+    async with TransferClient("127.0.0.1", proxy_port, FP, SMALL) as client:
+        t = client.open(2)
+        t.add_part(0, data[0])
+        t.add_part(1, data[1])
+        incoming = await server.accept()
+        parts = await incoming.done()
+        await t.done()
+        assert client.stats["reconnects"] >= 1
+    assert proxy.killed == 1
+    assert [bytes(p) for p in parts] == data
+    assert t.bytes_resent < 0.1 * sum(map(len, data)), t.bytes_resent
+    await proxy.close()
+    await server.close()
+
+
+async def test_corrupt_chunk_is_detected_and_resent():
+    server, port = await start_server()
+    data = blobs([4 << 20])
+    proxy = FaultProxy(port, corrupt_data_frame=5)
+    proxy_port = await proxy.start()
+    async with TransferClient("127.0.0.1", proxy_port, FP, SMALL) as client:
+        t = client.open(1)
+        t.add_part(0, data[0])
+        incoming = await server.accept()
+        parts = await incoming.done()
+        await t.done()
+        assert client.stats["chunks_nacked"] == 1
+    assert proxy.corrupted == 1 and server.stats["chunks_corrupt"] == 1
+    assert bytes(parts[0]) == data[0]
+    await proxy.close()
+    await server.close()
+
+
+async def test_cancel_reaches_the_receiver():
+    server, port = await start_server()
+    config = TransportConfig(connections=1, chunk_bytes=64 << 10, window_bytes=128 << 10, rate_cap=50e6)
+    async with TransferClient("127.0.0.1", port, FP, config) as client:
+        t = client.open(2)
+        t.add_part(0, blobs([256 << 10])[0])
+        incoming = await server.accept()
+        await incoming.part(0)
+        t.cancel()
+        with pytest.raises(TransferCancelled):
+            await incoming.part(1)
+        with pytest.raises(TransferCancelled):
+            await t.done()
+    assert server.reserved_bytes == 0
+    await server.close()
+
+
+async def test_receiver_cancel_reaches_the_sender():
+    server, port = await start_server()
+    config = TransportConfig(connections=1, chunk_bytes=64 << 10, window_bytes=128 << 10, rate_cap=50e6)
+    async with TransferClient("127.0.0.1", port, FP, config) as client:
+        t = client.open(1)
+        t.add_part(0, blobs([4 << 20])[0])
+        incoming = await server.accept()
+        incoming.cancel()
+        with pytest.raises(TransferCancelled):
+            await t.done()
+    await server.close()
+
+
+@pytest.mark.parametrize("client_secret, error", [(b"s3cret", None), (b"wrong", AuthenticationError),
+                                                  (None, AuthenticationError)])
+async def test_shared_secret_handshake(client_secret, error):
+    server, port = await start_server(secret=b"s3cret")
+    client = TransferClient("127.0.0.1", port, FP, SMALL, secret=client_secret)
+    if error is None:
+        await client.connect()
+        await client.send(blobs([100_000]))
+        await client.close()
+    else:
+        with pytest.raises(error):
+            await client.connect()
+    await server.close()
+
+
+async def test_client_with_secret_refuses_an_open_server():
+    server, port = await start_server()
+    with pytest.raises(AuthenticationError):
+        await TransferClient("127.0.0.1", port, FP, SMALL, secret=b"x").connect()
+    await server.close()
+
+
+async def test_fingerprint_mismatch_is_refused():
+    server, port = await start_server()
+    with pytest.raises(FingerprintMismatch):
+        await TransferClient("127.0.0.1", port, bytes(16), SMALL).connect()
+    await server.close()
+
+
+async def test_unreachable_peer_is_typed():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        with pytest.raises(PeerUnreachable):
+            await TransferClient("127.0.0.1", port, FP, SMALL).connect()
+
+
+def _raw_connect(port):
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.settimeout(5)
+    return sock
+
+
+def _send_frame(sock, ftype, tid=0, stream=0, offset=0, body=b""):
+    head, view = make_frame(ftype, tid, stream, offset, body)
+    sock.sendall(head + bytes(view))
+
+
+def _read_frame(sock):
+    head = b""
+    while len(head) < HEADER_SIZE:
+        try:
+            chunk = sock.recv(HEADER_SIZE - len(head))
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            return None, b""
+        head += chunk
+    header = parse_header(head, 1 << 30)
+    body = b""
+    while len(body) < header.length:
+        body += sock.recv(header.length - len(body))
+    return header, body
+
+
+def _hello(sock):
+    from kvlink.transport import handshake as hs
+    _send_frame(sock, FrameType.HELLO, body=hs.encode({"v": 1, "session": os.urandom(16).hex(), "conn": 0,
+                                                       "fingerprint": FP.hex(), "nonce": os.urandom(16).hex()}))
+    header, _ = _read_frame(sock)
+    assert header.type is FrameType.ACCEPT
+
+
+async def test_bad_frames_are_refused_without_disturbing_other_transfers():
+    server, port = await start_server()
+    data = blobs([6 << 20])
+    config = TransportConfig(connections=2, chunk_bytes=64 << 10, window_bytes=256 << 10, rate_cap=200e6)
+    async with TransferClient("127.0.0.1", port, FP, config) as client:
+        t = client.open(1)
+        t.add_part(0, data[0])
+        victim = await server.accept()
+
+        def attack():
+            # 1. an authenticated peer writing into someone else's transfer: refused, body dropped
+            sock = _raw_connect(port)
+            _hello(sock)
+            _send_frame(sock, FrameType.DATA, tid=victim.transfer_id, body=b"x" * 1000)
+            header, body = _read_frame(sock)
+            assert header.type is FrameType.ERROR and b"unknown transfer" in body
+            # 2. its own transfer with an out-of-range offset: refused, that transfer only
+            from kvlink.transport import handshake as hs
+            _send_frame(sock, FrameType.BEGIN, tid=77, body=hs.encode({"parts": 1, "chunk": 65536, "meta": {}}))
+            _send_frame(sock, FrameType.PART, tid=77, body=hs.encode({"length": 1000}))
+            _send_frame(sock, FrameType.DATA, tid=77, offset=4096, body=b"y" * 10)
+            header, body = _read_frame(sock)
+            assert header.type is FrameType.ERROR and header.transfer_id == 77
+            # 3. garbage where a header belongs: that connection is closed
+            sock.sendall(b"GARBAGE!" * 6)
+            assert _read_frame(sock)[0] is None
+            sock.close()
+            # 4. no handshake at all: data is never read into any buffer
+            sock = _raw_connect(port)
+            _send_frame(sock, FrameType.DATA, tid=victim.transfer_id, body=b"z" * 100)
+            assert _read_frame(sock)[0] is None
+            sock.close()
+
+        await asyncio.to_thread(attack)
+        parts = await victim.done()
+        await t.done()
+    assert bytes(parts[0]) == data[0]
+    assert server.stats["rejected"] >= 2
+    await server.close()
+
+
+async def test_oversized_part_is_rejected():
+    config = TransportConfig(connections=1, chunk_bytes=64 << 10, window_bytes=256 << 10, max_transfer_bytes=1 << 20)
+    server, port = await start_server(config)
+    async with TransferClient("127.0.0.1", port, FP, config) as client:
+        with pytest.raises(TransferRejected):
+            await client.send(blobs([2 << 20]))
+        await client.send(blobs([512 << 10]))  # the next transfer is fine
+    await server.close()
