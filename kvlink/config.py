@@ -109,7 +109,7 @@ class TransportConfig:
     connections: int = 4
     chunk_bytes: int = 4 << 20            # the largest chunk; smaller under low rate caps
     chunk_checksums: bool = True
-    window_bytes: int = 16 << 20          # unacknowledged bytes per connection
+    window_bytes: int = 64 << 20          # unacknowledged bytes per connection
     rate_cap: float | None = None         # link share this sender may use (bits/s); None: no cap
     adaptive: bool = True                 # congestion-aware rate control under the cap
     initial_rate: float | None = None     # adaptive start: pace at this (bits/s); None: TCP's slow start

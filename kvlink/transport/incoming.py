@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Callable
 
@@ -72,6 +73,12 @@ class IncomingTransfer:
         self.error: KvlinkError | None = None
         self.canceller: Callable[[], None] | None = None
         self._releases: list[Callable[[], None]] = []
+        # Reader threads look targets up and write into part buffers while the event loop
+        # announces, completes, fails and releases: this lock orders the two, and buffers are
+        # handed back only once no chunk write into them is in progress.
+        self._lock = threading.Lock()
+        self._writes = 0
+        self._release_pending = False
 
     # -- called by the receiver ------------------------------------------------------------
     def announce(self, index: int, length: int, allocator: Allocator) -> None:
@@ -99,26 +106,48 @@ class IncomingTransfer:
             self._complete_part(part, index)
 
     def target(self, index: int, offset: int, length: int) -> tuple[memoryview | None, bool]:
-        """Where a chunk's bytes go, and whether it was already verified (then: read and drop)."""
-        if not 0 <= index < self.num_parts or self._parts[index] is None:
-            raise TransferRejected(f"data for part {index} before it was announced")
-        part = self._parts[index]
-        expected = min(self.chunk, part.length - offset)
-        if offset % self.chunk or offset > part.length or length != expected:
-            raise TransferRejected(f"chunk [{offset}, +{length}) of part {index} is off the {self.chunk}-byte grid "
-                                   f"of a {part.length}-byte part")
-        if part.done[offset // self.chunk] or self.error is not None:
-            return None, True
-        return part.buf[offset: offset + length], False
+        """Where a chunk's bytes go, and whether it was already verified (then: read and drop).
 
-    def chunk_verified(self, index: int, offset: int, length: int) -> bool:
-        """Record a verified chunk; True when this completed the whole transfer."""
-        part = self._parts[index]
-        slot = offset // self.chunk
-        if part.done[slot]:
+        A returned view is reserved for this write: call :meth:`write_done` when its bytes are in
+        (whether they verified or not). Safe to call from a reader thread.
+        """
+        with self._lock:
+            if not 0 <= index < self.num_parts or self._parts[index] is None:
+                raise TransferRejected(f"data for part {index} before it was announced")
+            part = self._parts[index]
+            expected = min(self.chunk, part.length - offset)
+            if offset % self.chunk or offset > part.length or length != expected:
+                raise TransferRejected(f"chunk [{offset}, +{length}) of part {index} is off the {self.chunk}-byte "
+                                       f"grid of a {part.length}-byte part")
+            if self.error is not None or self._release_pending:
+                return None, False
+            slot = offset // self.chunk
+            if part.done[slot] == 1:
+                return None, True
+            if part.done[slot] == 2:
+                return None, False  # the same chunk is being written right now (a resend): drop this copy
+            part.done[slot] = 2
+            self._writes += 1
+            return part.buf[offset: offset + length], False
+
+    def write_done(self, index: int, offset: int, length: int, ok: bool) -> bool:
+        """A reserved chunk write finished; ``ok``: it verified. True when this completed the transfer."""
+        with self._lock:
+            self._writes -= 1
+            part = self._parts[index]
+            slot = offset // self.chunk
+            release_now = self._release_pending and self._writes == 0
+            if not ok or self.error is not None or release_now or self._release_pending:
+                part.done[slot] = 0 if part.done[slot] == 2 else part.done[slot]
+                verified = False
+            else:
+                part.done[slot] = 1
+                part.left -= 1
+                verified = True
+        if release_now:
+            self._free()
+        if not verified:
             return False
-        part.done[slot] = 1
-        part.left -= 1
         self.bytes_received += length
         self.last_progress = time.monotonic()
         if part.left == 0:
@@ -136,7 +165,8 @@ class IncomingTransfer:
     def fail(self, error: KvlinkError) -> None:
         if self.error is not None or self._done.done():
             return
-        self.error = error
+        with self._lock:
+            self.error = error
         for future in [*self._announced, self._done]:
             if not future.done():
                 future.set_exception(error)
@@ -175,9 +205,18 @@ class IncomingTransfer:
 
     def release(self) -> None:
         """Hand the part buffers' bytes back to the receiver budget; buffers must not be used after."""
-        if self.reserved:
-            self._release_bytes(self.reserved)
-            self.reserved = 0
-        releases, self._releases = self._releases, []
+        with self._lock:
+            if self._writes:
+                self._release_pending = True  # the last write in progress frees the buffers
+                return
+        self._free()
+
+    def _free(self) -> None:
+        with self._lock:
+            self._release_pending = True
+            reserved, self.reserved = self.reserved, 0
+            releases, self._releases = self._releases, []
+        if reserved:
+            self._release_bytes(reserved)
         for release in releases:
             release()

@@ -23,6 +23,7 @@ from kvlink.transport import handshake as hs
 from kvlink.transport.connection import FrameConnection
 from kvlink.transport.frame import FLAG_UNCHECKED, FrameHeader, FrameType, pack_acks
 from kvlink.transport.incoming import Allocator, IncomingTransfer, default_allocator
+from kvlink.transport.reader import ThreadReader
 
 _RECENT = 4096  # completed transfer ids remembered, to re-confirm END after a lost one
 
@@ -42,6 +43,8 @@ class _ServerConn:
         self._nacks: list = []
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
+        self.reader: ThreadReader | None = None
+        self._pending: IncomingTransfer | None = None
 
     # -- FrameHandler ---------------------------------------------------------------------------
     def on_open(self, conn: FrameConnection) -> None:
@@ -52,6 +55,8 @@ class _ServerConn:
 
     def on_closed(self, conn, exc) -> None:
         self.server._conns.discard(self)
+        if self.reader is not None:
+            self.reader.close()
         if self._timer is not None:
             self._timer.cancel()
 
@@ -109,6 +114,10 @@ class _ServerConn:
         if server_mac is not None:
             reply["mac"] = server_mac
         self.conn.send(FrameType.ACCEPT, body=hs.encode(reply))
+        if self.server.ssl is None and self.conn.sock is not None and self.server.reader_threads:
+            # The sender sends nothing until it has our ACCEPT, so no byte is half-parsed here.
+            self.conn.transport.pause_reading()
+            self.reader = ThreadReader(self.conn, asyncio.get_running_loop())
 
     def _control(self, header: FrameHeader, body: bytes) -> None:
         tid = header.transfer_id
@@ -126,42 +135,58 @@ class _ServerConn:
         except (TransferRejected, HandshakeError) as exc:
             self.server._reject(self, tid, exc)
 
-    def data_target(self, conn, header: FrameHeader) -> memoryview | None:
-        if not self.authed:
-            conn.abort(HandshakeError("data before the handshake"))
-            return None
-        tid = header.transfer_id
-        if tid in self.server._recent:
-            self._ack(header)  # a resend after a lost END: confirm again
-            conn.send(FrameType.END, transfer_id=tid)
-            return None
-        transfer = self.server._transfers.get(tid)
+    def lookup(self, header: FrameHeader, later) -> tuple[IncomingTransfer | None, memoryview | None]:
+        """Where a DATA body goes: (transfer, reserved view), or (None, None) to read and drop it.
+
+        Runs in the reader thread (``later`` = ``loop.call_soon_threadsafe``) or on the loop
+        (``later`` calls at once); every write to a connection happens through ``later``.
+        """
+        server, tid = self.server, header.transfer_id
+        if tid in server._recent:
+            later(self._reconfirm, header)  # a resend after a lost END: confirm again
+            return None, None
+        transfer = server._transfers.get(tid)
         try:
             if transfer is None or transfer.owner != self.session:
                 raise TransferRejected(f"unknown transfer {tid:#x}")
             target, seen = transfer.target(header.stream, header.offset, header.length)
         except TransferRejected as exc:
-            self.server._reject(self, tid, exc)
-            return None
+            later(server._reject, self, tid, exc)
+            return None, None
         if seen:
-            self._ack(header)
+            later(self._ack, header)
+        return (transfer, target) if target is not None else (None, None)
+
+    def _reconfirm(self, header: FrameHeader) -> None:
+        self._ack(header)
+        self.conn.send(FrameType.END, transfer_id=header.transfer_id)
+
+    def data_target(self, conn, header: FrameHeader) -> memoryview | None:
+        if not self.authed:
+            conn.abort(HandshakeError("data before the handshake"))
+            return None
+        self._pending, target = self.lookup(header, lambda fn, *args: fn(*args))
         return target
 
-    def on_data(self, conn, header: FrameHeader, target: memoryview | None) -> None:
+    def on_data(self, conn, header: FrameHeader, target: memoryview | None, ok: bool | None = None,
+                transfer: IncomingTransfer | None = None) -> None:
+        """A body is in ``target``; ``ok`` is the reader thread's checksum verdict (None: check here)."""
         if target is None:
             return
-        transfer = self.server._transfers.get(header.transfer_id)
         if transfer is None:
-            return  # failed or cancelled while the body was arriving
-        if not header.flags & FLAG_UNCHECKED and checksum(target) != header.body_checksum:
+            transfer, self._pending = self._pending, None
+        if ok is None:
+            ok = bool(header.flags & FLAG_UNCHECKED) or checksum(target) == header.body_checksum
+        if not ok:
             self.server.stats["chunks_corrupt"] += 1
             self._nacks.append((header.transfer_id, header.stream, header.length, header.offset))
             self._schedule_flush()
-            return
-        self._ack(header)
-        if transfer.chunk_verified(header.stream, header.offset, header.length):
-            self._flush()
-            self.server._finish(self, transfer)
+        completed = transfer.write_done(header.stream, header.offset, header.length, ok)
+        if ok and self.server._transfers.get(header.transfer_id) is transfer:
+            self._ack(header)
+            if completed:
+                self._flush()
+                self.server._finish(self, transfer)
 
     # -- acknowledgements ---------------------------------------------------------------------
     def _ack(self, header: FrameHeader) -> None:
@@ -209,6 +234,7 @@ class TransferServer:
         self._reaper: asyncio.Task | None = None
         self.stats = collections.Counter()
         self.address: tuple[str, int] | None = None
+        self.reader_threads = True  # one reader thread per plain-TCP connection (see reader.py)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Bind and listen (loopback unless told otherwise); returns the bound (host, port)."""

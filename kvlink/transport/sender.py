@@ -23,10 +23,11 @@ from kvlink.errors import (ConfigError, FingerprintMismatch, HandshakeError, Kvl
 from kvlink.transport import handshake as hs
 from kvlink.transport.congestion import SAMPLE, LinkSnapshot, RateController
 from kvlink.transport.connection import FrameConnection, tcp_info
-from kvlink.transport.frame import FLAG_UNCHECKED, FrameHeader, FrameType, unpack_acks
+from kvlink.transport.frame import FLAG_UNCHECKED, FrameHeader, FrameType, make_frame, unpack_acks
 from kvlink.transport.outgoing import Chunk, OutgoingTransfer
 from kvlink.transport.pacing import TokenBucket
 from kvlink.transport.scheduler import ChunkScheduler
+from kvlink.transport.writer import ThreadWriter
 
 
 class _ClientConn:
@@ -45,6 +46,43 @@ class _ClientConn:
         self.announced: set = set()
         self.last_ack = time.monotonic()
         self.tcp_prev: dict | None = None
+        self.writer: ThreadWriter | None = None
+
+    def start_writer(self, timeout: float) -> None:
+        """After the handshake, frames go out through a writer thread (plain TCP only: TLS
+        records must be produced by the event loop's transport)."""
+        loop = asyncio.get_running_loop()
+        self.writer = ThreadWriter(self.conn.sock, lambda exc: loop.call_soon_threadsafe(self._writer_failed, exc),
+                                   timeout)
+
+    def _writer_failed(self, exc: BaseException) -> None:
+        if self.conn is not None:
+            self.conn.abort(exc)
+
+    def send(self, ftype: FrameType, transfer_id: int = 0, stream: int = 0, body: bytes = b"") -> None:
+        if self.writer is None:
+            self.conn.send(ftype, transfer_id, stream, body=body)
+        else:
+            head, view = make_frame(ftype, transfer_id, stream, 0, body)
+            self.writer.frame(head, view)
+
+    def send_data(self, t: OutgoingTransfer, part: int, offset: int, pieces: list[memoryview], checked: bool) -> None:
+        if self.writer is not None:
+            self.writer.data(t.transfer_id, part, offset, pieces, checked)
+            return
+        flags = digest = 0
+        if not checked:
+            flags = FLAG_UNCHECKED
+        elif len(pieces) == 1:
+            digest = xxhash.xxh3_64_intdigest(pieces[0])
+        else:
+            h = xxhash.xxh3_64()
+            for piece in pieces:
+                h.update(piece)
+            digest = h.intdigest()
+        length = sum(p.nbytes for p in pieces)
+        self.conn.send_raw(FrameHeader(FrameType.DATA, t.transfer_id, part, offset, length, digest, flags).encode(),
+                           pieces)
 
     @property
     def usable(self) -> bool:
@@ -60,6 +98,8 @@ class _ClientConn:
         self.client._wake.set()
 
     def on_closed(self, conn, exc) -> None:
+        if self.writer is not None:
+            self.writer.close()
         if not self.ready.done():
             self.ready.set_exception(HandshakeError(f"connection closed during the handshake ({exc})"))
             self.ready.exception()
@@ -199,6 +239,8 @@ class TransferClient:
         except BaseException:
             cc.conn.abort()
             raise
+        if self.ssl is None and cc.conn.sock is not None:
+            cc.start_writer(self.config.progress_timeout)
         cc.registered = True
         cc.last_ack = time.monotonic()
         self._conns[slot] = cc
@@ -248,6 +290,8 @@ class TransferClient:
         for cc in self._conns:
             if cc is not None and cc.conn is not None:
                 cc.registered = False
+                if cc.writer is not None:
+                    cc.writer.close()
                 cc.conn.transport.close()
         self._fail_all(TransportError("sender closed"))
         await asyncio.gather(*self._tasks, *self._reconnecting.values(), return_exceptions=True)
@@ -317,7 +361,7 @@ class TransferClient:
     def _cancel(self, t: OutgoingTransfer) -> None:
         for cc in self._conns:
             if cc is not None and cc.registered and t.transfer_id in cc.announced:
-                cc.conn.send(FrameType.CANCEL, transfer_id=t.transfer_id)
+                cc.send(FrameType.CANCEL, transfer_id=t.transfer_id)
                 break
         self._drop(t)
 
@@ -413,26 +457,13 @@ class TransferClient:
     def _send_chunk(self, cc: _ClientConn, t: OutgoingTransfer, chunk: Chunk) -> None:
         part, offset, length = chunk
         tid = t.transfer_id
-        conn = cc.conn
         if tid not in cc.announced:
-            conn.send(FrameType.BEGIN, tid, body=hs.encode({"parts": t.num_parts, "chunk": t.chunk,
-                                                            "weight": t.weight, "meta": t.meta}))
+            cc.send(FrameType.BEGIN, tid, body=hs.encode({"parts": t.num_parts, "chunk": t.chunk,
+                                                          "weight": t.weight, "meta": t.meta}))
             cc.announced.add(tid)
         if (tid, part) not in cc.announced:
-            conn.send(FrameType.PART, tid, stream=part, body=hs.encode({"length": t.part_length(part)}))
+            cc.send(FrameType.PART, tid, stream=part, body=hs.encode({"length": t.part_length(part)}))
             cc.announced.add((tid, part))
-        pieces = t.pieces(chunk)
-        flags = digest = 0
-        if not self.config.chunk_checksums:
-            flags = FLAG_UNCHECKED
-        elif len(pieces) == 1:
-            digest = xxhash.xxh3_64_intdigest(pieces[0])
-        else:
-            h = xxhash.xxh3_64()
-            for piece in pieces:
-                h.update(piece)
-            digest = h.intdigest()
-        head = FrameHeader(FrameType.DATA, tid, part, offset, length, digest, flags).encode()
         now = time.monotonic()
         if not cc.inflight:
             cc.last_ack = now  # the progress clock runs only while something is unacknowledged
@@ -440,7 +471,7 @@ class TransferClient:
         cc.inflight_bytes += length
         t.bytes_sent += length
         self.stats["bytes_sent"] += length
-        conn.send_raw(head, pieces)
+        cc.send_data(t, part, offset, t.pieces(chunk), self.config.chunk_checksums)
 
     # -- control loop ---------------------------------------------------------------------------
     async def _tick(self) -> None:

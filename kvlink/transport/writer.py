@@ -1,0 +1,99 @@
+"""A connection's writer thread: hashes chunks and ``sendmsg``s frames off the event loop.
+
+Python's event loop writes every connection from one thread; at multi-GB/s the kernel copy and
+the xxh3 of each chunk then queue up on one core. Each connection gets its own thread instead,
+so both run in parallel across connections (both release the GIL). The thread writes through
+its own descriptor of the same socket (a ``dup``), waiting with ``poll`` when the socket is full;
+the event loop keeps reading (acknowledgements) from the original. Frames leave in the order
+they were queued, so announcements (BEGIN, PART) always precede their data.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+from typing import Callable
+
+import xxhash
+
+from kvlink.transport.frame import FLAG_UNCHECKED, FrameHeader, FrameType
+
+_STOP = object()
+
+
+def _digest(pieces: list[memoryview]) -> int:
+    if len(pieces) == 1:
+        return xxhash.xxh3_64_intdigest(pieces[0])
+    h = xxhash.xxh3_64()
+    for piece in pieces:
+        h.update(piece)
+    return h.intdigest()
+
+
+class ThreadWriter:
+    """Owns the write side of one connected socket. ``on_error(exc)`` runs in the writer thread."""
+
+    def __init__(self, sock: socket.socket, on_error: Callable[[BaseException], None], timeout: float):
+        self.sock = socket.socket(fileno=os.dup(sock.fileno()))
+        self.sock.settimeout(timeout)  # blocking semantics with a deadline; the descriptor stays non-blocking
+        self.on_error = on_error
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="kvlink-writer", daemon=True)
+        self._thread.start()
+
+    def frame(self, head: bytes, body: memoryview | bytes = b"") -> None:
+        """Queue a prepared control frame."""
+        self._queue.put((head, [memoryview(body)] if len(body) else []))
+
+    def data(self, transfer_id: int, part: int, offset: int, pieces: list[memoryview], checked: bool) -> None:
+        """Queue a DATA chunk; its checksum is computed in the writer thread."""
+        self._queue.put((transfer_id, part, offset, pieces, checked))
+
+    def close(self) -> None:
+        """Stop the thread; the socket is shut down so a blocked send returns at once."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _STOP or self._closed:
+                    break
+                if len(item) == 2:
+                    head, pieces = item
+                else:
+                    tid, part, offset, pieces, checked = item
+                    length = sum(p.nbytes for p in pieces)
+                    digest = _digest(pieces) if checked else 0
+                    head = FrameHeader(FrameType.DATA, tid, part, offset, length, digest,
+                                       0 if checked else FLAG_UNCHECKED).encode()
+                self._send([memoryview(head), *pieces])
+        except (OSError, ValueError) as exc:
+            if not self._closed:
+                self.on_error(exc)
+        finally:
+            self.sock.close()
+
+    def _send(self, buffers: list[memoryview]) -> None:
+        while buffers:
+            sent = self.sock.sendmsg(buffers[:64])
+            while sent:
+                first = buffers[0]
+                if sent >= first.nbytes:
+                    sent -= first.nbytes
+                    buffers.pop(0)
+                else:
+                    buffers[0] = first[sent:]
+                    sent = 0
+            while buffers and not buffers[0].nbytes:
+                buffers.pop(0)
