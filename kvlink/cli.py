@@ -98,15 +98,20 @@ def cmd_bench_transfer(args) -> int:
         if args.lab_change:
             rate_text, _, after = args.lab_change.partition("@")
             change = (float(after or 2.0), parse_rate(rate_text))
-        rc, out, events = harness.run_lab(forward, str(args.arena), parse_rate(args.lab_rate), change)
+        changed: list[float] = []
+        rc, out, events = harness.run_lab(forward, str(args.arena), parse_rate(args.lab_rate), change, changed.append,
+                                          not args.no_baseline)
     else:
-        rc, out, events = harness.run_local(forward, str(args.arena))
+        rc, out, events = harness.run_local(forward, str(args.arena), not args.no_baseline)
     if rc != 0:
         return rc
     result = json.loads(out)
     result["receiver_events"] = events
     if args.lab:
         result["lab"] = {"rate_bps": parse_rate(args.lab_rate), "change": args.lab_change}
+        if changed:
+            # Seconds from the start of the (median) kvlink round's clock to the rate change.
+            result["lab"]["changed_at_t"] = round(changed[0] - result["kvlink"]["t0_monotonic"], 3)
     print(json.dumps(result, indent=2) if args.json else transfer.render(result))
     return 0
 
@@ -151,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--weights", default=None, help="per-transfer weights, e.g. 1,1,2,4")
     bt.add_argument("--connect", default=None, help="HOST:PORT of a 'kvlink transfer serve' (default: spawn one)")
     bt.add_argument("--raw-port", type=int, default=None, help="the receiver's raw sink port (baseline)")
+    bt.add_argument("--no-baseline", action="store_true", help="skip the raw-socket baseline")
     bt.add_argument("--lab", action="store_true", help="run both ends over the link lab (root)")
     bt.add_argument("--lab-rate", default="1gbit")
     bt.add_argument("--lab-change", default=None, help="change the lab rate mid-run: RATE@SECONDS")

@@ -98,16 +98,17 @@ class TransportConfig:
     """Sender and receiver settings. Rates are bits per second; sizes are bytes.
 
     The defaults were chosen by measurement (``kvlink bench transfer``, benchmarks/transfer.py):
-    4 connections and chunks of up to 4 MiB (per-chunk cost in Python is what limits loopback
-    speed below that); a transfer under a rate cap uses chunks of ~4 ms at that rate (at least
-    256 KiB) so pacing stays smooth. ``chunk_checksums=False`` sends chunks without their xxh3
+    4 connections; parts are cut into 256 KiB grid chunks (the unit of acknowledgement and
+    retransmission) and sent in frames of consecutive chunks sized to ~4 ms at the current rate,
+    up to 4 MiB (per-frame cost in Python is what limits loopback speed below that). ``chunk_checksums=False`` sends chunks without their xxh3
     (flagged) for payloads that carry end-to-end checksums of their own (kvlink payloads do):
     that halves the hashing, at the price of detecting corruption only when the payload is
     verified, not per chunk.
     """
 
     connections: int = 4
-    chunk_bytes: int = 4 << 20            # the largest chunk; smaller under low rate caps
+    chunk_bytes: int = 4 << 20            # the largest DATA frame (a run of grid chunks)
+    grid_bytes: int = 256 << 10           # acknowledgement/retransmission unit
     chunk_checksums: bool = True
     window_bytes: int = 64 << 20          # unacknowledged bytes per connection
     rate_cap: float | None = None         # link share this sender may use (bits/s); None: no cap
@@ -131,8 +132,9 @@ class TransportConfig:
     def __post_init__(self) -> None:
         if self.connections < 1 or self.connections > 256:
             raise ConfigError(f"connections must be in 1..256, got {self.connections}")
-        if not 4096 <= self.chunk_bytes <= self.max_chunk_bytes:
-            raise ConfigError(f"chunk_bytes must be in 4096..max_chunk_bytes, got {self.chunk_bytes}")
+        if not 4096 <= self.grid_bytes <= self.chunk_bytes <= self.max_chunk_bytes:
+            raise ConfigError(f"need 4096 <= grid_bytes <= chunk_bytes <= max_chunk_bytes, got {self.grid_bytes}, "
+                              f"{self.chunk_bytes}, {self.max_chunk_bytes}")
         if self.window_bytes < self.chunk_bytes:
             raise ConfigError("window_bytes must hold at least one chunk")
         for name in ("rate_cap", "initial_rate"):

@@ -52,12 +52,16 @@ def serve_argv(host: str, arena: str, secret_env: bool = False) -> list[str]:
     return [*_python_cli(), "transfer", "serve", "--host", host, "--port", "0", "--raw-port", "0", "--arena", arena]
 
 
-def run_local(sender_argv: list[str], arena: str) -> tuple[int, str, list[dict]]:
+def _target(host: str, listening: dict, baseline: bool) -> list[str]:
+    argv = ["--connect", f"{host}:{listening['port']}"]
+    return argv + ["--raw-port", str(listening["raw_port"])] if baseline else argv
+
+
+def run_local(sender_argv: list[str], arena: str, baseline: bool = True) -> tuple[int, str, list[dict]]:
     """Receiver subprocess on loopback, then the sender (this same CLI) against it."""
     sink = SinkProcess(serve_argv("127.0.0.1", arena))
     try:
-        port, raw = sink.listening["port"], sink.listening["raw_port"]
-        argv = [*sender_argv, "--connect", f"127.0.0.1:{port}", "--raw-port", str(raw)]
+        argv = [*sender_argv, *_target("127.0.0.1", sink.listening, baseline)]
         proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
         return proc.returncode, proc.stdout, sink.events
     finally:
@@ -65,15 +69,14 @@ def run_local(sender_argv: list[str], arena: str) -> tuple[int, str, list[dict]]
 
 
 def run_lab(sender_argv: list[str], arena: str, rate: float, change: tuple[float, float] | None,
-            on_change: Callable[[float], None] | None = None) -> tuple[int, str, list[dict]]:
+            on_change: Callable[[float], None] | None = None, baseline: bool = True) -> tuple[int, str, list[dict]]:
     """Both ends in the link lab; optionally change the link rate ``change=(after_s, new_rate)``."""
     from kvlink.transport.lab import LinkLab
 
     with LinkLab(rate) as lab:
         sink = SinkProcess(lab.command("b", serve_argv(lab.addr_b, arena)))
         try:
-            port, raw = sink.listening["port"], sink.listening["raw_port"]
-            argv = lab.command("a", [*sender_argv, "--connect", f"{lab.addr_b}:{port}", "--raw-port", str(raw)])
+            argv = lab.command("a", [*sender_argv, *_target(lab.addr_b, sink.listening, baseline)])
             proc = subprocess.Popen([*argv, "--announce-start"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True)
             # The sender says on stderr when its transfer starts (after packing): the rate change is

@@ -137,6 +137,7 @@ async def _round(client: TransferClient, payloads: list, weights: list[float], p
             snap = client.snapshot()
             now = time.monotonic() - t0
             timeline.append({"t": round(now, 3), "acked": sum(t.bytes_acked for t in transfers),
+                             "acked_each": [t.bytes_acked for t in transfers],
                              "available_bps": snap.available_bps, "pacing_bps": snap.pacing_bps,
                              "delivery_bps": snap.delivery_bps, "rtt_ms": snap.rtt_ms, "phase": snap.phase})
             bar.show(sum(t.bytes_acked for t in transfers), snap)

@@ -1,8 +1,9 @@
 """Congestion-aware rate control for one peer link, in the spirit of BBR.
 
-Inputs: bytes acknowledged by the receiver (delivery rate), chunk round trips, and the kernel's
-``TCP_INFO`` (smoothed and minimum RTT, retransmissions). Every ``SAMPLE`` seconds :meth:`tick`
-turns them into a delivery-rate sample; the bottleneck estimate is the maximum sample of the
+Inputs: bytes acknowledged (the kernel's ``TCP_INFO`` bytes_acked where available, else the
+receiver's chunk acknowledgements), chunk round trips, and ``TCP_INFO`` smoothed and minimum RTT
+and retransmissions. Every ``SAMPLE`` seconds :meth:`tick`
+turns them into a delivery-rate sample (bytes acknowledged over the last ``RATE_SPAN`` s); the bottleneck estimate is the maximum sample of the
 last ``BW_WINDOW`` seconds. The pacing rate is that estimate times a gain:
 
 - ``startup``: the cap, or ``initial`` (None: no pacing, TCP's slow start finds the rate), then
@@ -27,6 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 SAMPLE = 0.1
+RATE_SPAN = 0.3
 BW_WINDOW = 1.0
 RTT_WINDOW = 10.0
 STARTUP_GAIN, PROBE_GAIN, DRAIN_GAIN = 2.5, 1.25, 0.85
@@ -72,8 +74,10 @@ class RateController:
         self.clock = clock
         self._initial = min(initial, cap) if (cap and initial) else (initial or cap)
         self._acked = 0
+        self._wire_acked = 0
+        self._wire = False
         self._last_tick = clock()
-        self._acked_at_tick = 0
+        self._ticks: collections.deque[tuple[float, int]] = collections.deque([(self._last_tick, 0)])
         self._samples: collections.deque[tuple[float, float]] = collections.deque()
         self._bw: float | None = None
         self._delivery = 0.0
@@ -99,6 +103,14 @@ class RateController:
             now = self.clock()
             self._rtts.append((now, rtt))
             self._srtt = rtt if self._srtt is None else 0.875 * self._srtt + 0.125 * rtt
+
+    def on_wire_acked(self, nbytes: int) -> None:
+        """Bytes the kernel saw acknowledged (``TCP_INFO`` bytes_acked deltas, all connections).
+
+        Finer-grained than chunk acknowledgements, so once reported it is what delivery-rate
+        samples are computed from."""
+        self._wire_acked += max(0, nbytes)
+        self._wire = True
 
     def on_nack(self) -> None:
         self._nacks += 1
@@ -142,8 +154,15 @@ class RateController:
         if dt < SAMPLE * 0.5:
             return self._pacing
         self._inflight = inflight
-        self._delivery = (self._acked - self._acked_at_tick) / dt
-        self._last_tick, self._acked_at_tick = now, self._acked
+        # Delivery rate over the last RATE_SPAN seconds: acknowledgements arrive in bursts, and a
+        # single 100 ms interval overstates the path by 10-20%.
+        counter = self._wire_acked if self._wire else self._acked
+        self._ticks.append((now, counter))
+        while len(self._ticks) > 2 and now - self._ticks[1][0] >= RATE_SPAN:
+            self._ticks.popleft()
+        t_old, acked_old = self._ticks[0]
+        self._delivery = max(0, counter - acked_old) / max(now - t_old, 1e-6)
+        self._last_tick = now
         while self._rtts and now - self._rtts[0][0] > RTT_WINDOW:
             self._rtts.popleft()
         if self._delivery > 0 or inflight > 0:

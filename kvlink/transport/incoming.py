@@ -105,48 +105,53 @@ class IncomingTransfer:
             part.done[0], part.left = 1, 0
             self._complete_part(part, index)
 
-    def target(self, index: int, offset: int, length: int) -> tuple[memoryview | None, bool]:
-        """Where a chunk's bytes go, and whether it was already verified (then: read and drop).
+    def _slots(self, part: _Part, offset: int, length: int) -> slice:
+        end = offset + length
+        if offset % self.chunk or length < 0 or end > part.length or (end % self.chunk and end != part.length) \
+                or (length == 0 and part.length != 0):
+            raise TransferRejected(f"run [{offset}, +{length}) is off the {self.chunk}-byte grid of a "
+                                   f"{part.length}-byte part")
+        return slice(offset // self.chunk, max(offset // self.chunk + 1, -(-end // self.chunk)))
 
-        A returned view is reserved for this write: call :meth:`write_done` when its bytes are in
-        (whether they verified or not). Safe to call from a reader thread.
+    def target(self, index: int, offset: int, length: int) -> tuple[memoryview | None, bool]:
+        """Where a run of grid chunks goes, and whether it was already verified (then: read and
+        drop it). A returned view is reserved for this write: call :meth:`write_done` when its
+        bytes are in, whether they verified or not. Safe to call from a reader thread.
         """
         with self._lock:
             if not 0 <= index < self.num_parts or self._parts[index] is None:
                 raise TransferRejected(f"data for part {index} before it was announced")
             part = self._parts[index]
-            expected = min(self.chunk, part.length - offset)
-            if offset % self.chunk or offset > part.length or length != expected:
-                raise TransferRejected(f"chunk [{offset}, +{length}) of part {index} is off the {self.chunk}-byte "
-                                       f"grid of a {part.length}-byte part")
+            slots = self._slots(part, offset, length)
             if self.error is not None or self._release_pending:
                 return None, False
-            slot = offset // self.chunk
-            if part.done[slot] == 1:
+            states = part.done[slots]
+            if states.count(1) == len(states):
                 return None, True
-            if part.done[slot] == 2:
-                return None, False  # the same chunk is being written right now (a resend): drop this copy
-            part.done[slot] = 2
+            if 2 in states:
+                return None, False  # the same run is being written right now (a resend): drop this copy
+            part.done[slots] = bytes(2 if v == 0 else v for v in states)
             self._writes += 1
             return part.buf[offset: offset + length], False
 
     def write_done(self, index: int, offset: int, length: int, ok: bool) -> bool:
-        """A reserved chunk write finished; ``ok``: it verified. True when this completed the transfer."""
+        """A reserved run's write finished; ``ok``: it verified. True when this completed the transfer."""
         with self._lock:
             self._writes -= 1
             part = self._parts[index]
-            slot = offset // self.chunk
+            slots = self._slots(part, offset, length)
             release_now = self._release_pending and self._writes == 0
-            if not ok or self.error is not None or release_now or self._release_pending:
-                part.done[slot] = 0 if part.done[slot] == 2 else part.done[slot]
-                verified = False
+            states = part.done[slots]
+            if not ok or self.error is not None or self._release_pending:
+                part.done[slots] = bytes(0 if v == 2 else v for v in states)
+                fresh = 0
             else:
-                part.done[slot] = 1
-                part.left -= 1
-                verified = True
+                fresh = states.count(2)
+                part.done[slots] = b"\x01" * len(states)
+                part.left -= fresh
         if release_now:
             self._free()
-        if not verified:
+        if not fresh:
             return False
         self.bytes_received += length
         self.last_progress = time.monotonic()

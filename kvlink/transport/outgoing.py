@@ -68,7 +68,7 @@ class OutgoingTransfer:
         self.chunk = chunk
         self.weight = float(weight)
         self.deadline = None if deadline is None else time.monotonic() + deadline
-        self.bucket = None if rate is None else TokenBucket(rate / 8, max(2 * chunk, int(rate / 8 * 0.002)))
+        self.bucket = None if rate is None else TokenBucket(rate / 8, max(4 * chunk, int(rate / 8 * 0.002)))
         self.meta = meta
         self.opened = time.monotonic()
         self.finished: float | None = None
@@ -120,19 +120,31 @@ class OutgoingTransfer:
     def has_work(self) -> bool:
         return self.error is None and bool(self.pending or self.resend)
 
-    def take(self) -> Chunk:
-        return self.resend.popleft() if self.resend else self.pending.popleft()
+    def take(self, max_bytes: int) -> Chunk:
+        """The next frame's bytes: a resend as it was, or up to ``max_bytes`` of consecutive
+        grid chunks of one part (at least one), so frames grow with the rate."""
+        if self.resend:
+            return self.resend.popleft()
+        part, offset, length = self.pending.popleft()
+        while self.pending and length + self.chunk <= max_bytes:
+            p2, o2, l2 = self.pending[0]
+            if p2 != part or o2 != offset + length:
+                break
+            self.pending.popleft()
+            length += l2
+        return part, offset, length
 
     def acked(self, part: int, offset: int, length: int) -> bool:
-        """Record an acknowledged chunk; False if it was already acknowledged or is unknown."""
+        """Record an acknowledged run; False if it was already acknowledged or is unknown."""
         p = self._parts[part] if 0 <= part < self.num_parts else None
-        if p is None or offset % self.chunk or offset // self.chunk >= len(p.acked):
+        if p is None or offset % self.chunk or offset + length > p.length:
             return False
-        slot = offset // self.chunk
-        if p.acked[slot]:
+        first, last = offset // self.chunk, max(offset // self.chunk, -(-(offset + length) // self.chunk) - 1)
+        fresh = p.acked[first: last + 1].count(0)
+        if not fresh:
             return False
-        p.acked[slot] = 1
-        p.left -= 1
+        p.acked[first: last + 1] = b"\x01" * (last + 1 - first)
+        p.left -= fresh
         self.bytes_acked += length
         return True
 
@@ -140,7 +152,8 @@ class OutgoingTransfer:
         """Send ``chunk`` again, ahead of new data (after a lost connection or a bad checksum)."""
         part, offset, length = chunk
         p = self._parts[part]
-        if not self._done.done() and p is not None and not p.acked[offset // self.chunk]:
+        if not self._done.done() and p is not None and not all(p.acked[offset // self.chunk:
+                                                                      -(-(offset + length) // self.chunk) or 1]):
             self.resend.append(chunk)
             self.bytes_resent += length
 

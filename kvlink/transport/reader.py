@@ -50,6 +50,9 @@ class ThreadReader:
             except OSError:
                 pass
 
+    def join(self, timeout: float = 5.0) -> None:
+        self._thread.join(timeout)
+
     # -- thread side ------------------------------------------------------------------------------
     def _call(self, fn, *args):
         """Run ``fn(*args)`` on the event loop and wait for its result."""

@@ -252,11 +252,17 @@ class TransferServer:
             self._reaper.cancel()
         if self._server is not None:
             self._server.close()
-        for c in list(self._conns):
+        conns = list(self._conns)
+        for c in conns:
             c.conn.abort()
         for t in list(self._transfers.values()):
             t.fail(TransportError("receiver closed"))
         self._transfers.clear()
+        readers = [c.reader for c in conns if c.reader is not None]
+        for reader in readers:
+            reader.close()
+        if readers:
+            await asyncio.to_thread(lambda: [r.join() for r in readers])
         if self._server is not None:
             await self._server.wait_closed()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import socket
 import ssl as _ssl
 import time
 
@@ -28,6 +29,9 @@ from kvlink.transport.outgoing import Chunk, OutgoingTransfer
 from kvlink.transport.pacing import TokenBucket
 from kvlink.transport.scheduler import ChunkScheduler
 from kvlink.transport.writer import ThreadWriter
+
+
+NOTSENT_LOWAT = 1 << 20
 
 
 class _ClientConn:
@@ -52,8 +56,17 @@ class _ClientConn:
         """After the handshake, frames go out through a writer thread (plain TCP only: TLS
         records must be produced by the event loop's transport)."""
         loop = asyncio.get_running_loop()
+        wake = self.client._wake
         self.writer = ThreadWriter(self.conn.sock, lambda exc: loop.call_soon_threadsafe(self._writer_failed, exc),
-                                   timeout)
+                                   timeout, lambda: loop.call_soon_threadsafe(wake.set))
+
+    @property
+    def backlog(self) -> int:
+        """Bytes handed to this connection and not yet in the kernel: kept to about one chunk, so
+        the scheduler decides late, when the socket can take data, and weights and deadlines hold."""
+        if self.writer is not None:
+            return self.writer.backlog
+        return self.conn.transport.get_write_buffer_size()
 
     def _writer_failed(self, exc: BaseException) -> None:
         if self.conn is not None:
@@ -239,7 +252,12 @@ class TransferClient:
         except BaseException:
             cc.conn.abort()
             raise
-        if self.ssl is None and cc.conn.sock is not None:
+        sock = cc.conn.sock
+        if sock is not None and hasattr(socket, "TCP_NOTSENT_LOWAT"):
+            # Keep little unsent data in the kernel, so what goes next is decided late (weights,
+            # deadlines, pacing) and not hidden in a deep socket buffer.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+        if self.ssl is None and sock is not None:
             cc.start_writer(self.config.progress_timeout)
         cc.registered = True
         cc.last_ack = time.monotonic()
@@ -295,6 +313,9 @@ class TransferClient:
                 cc.conn.transport.close()
         self._fail_all(TransportError("sender closed"))
         await asyncio.gather(*self._tasks, *self._reconnecting.values(), return_exceptions=True)
+        for cc in self._conns:
+            if cc is not None and cc.writer is not None:
+                cc.writer.join()
 
     # -- transfers ------------------------------------------------------------------------------
     def open(self, parts: int, *, weight: float = 1.0, deadline: float | None = None, rate: float | None = None,
@@ -312,19 +333,21 @@ class TransferClient:
             raise ConfigError("transfer meta must encode to less than 60 KiB of JSON")
         if transfer_id is not None and (transfer_id in self._transfers or not 0 < transfer_id < 1 << 64):
             raise ConfigError(f"transfer id {transfer_id} is in use or out of range")
-        t = OutgoingTransfer(self, transfer_id, parts, self._chunk_size(rate), weight, deadline, rate, meta,
+        t = OutgoingTransfer(self, transfer_id, parts, self.config.grid_bytes, weight, deadline, rate, meta,
                              self._on_ready)
         self._transfers[t.transfer_id] = t
         self.stats["transfers"] += 1
         return t
 
-    def _chunk_size(self, rate: float | None) -> int:
-        # ~4 ms of data at the tightest known rate, so a paced chunk is never a long burst.
-        rates = [r / 8 for r in (rate, self.config.rate_cap) if r]
-        if not rates:
-            return self.config.chunk_bytes
-        size = max(256 << 10, int(min(rates) * 0.004))
-        return min(self.config.chunk_bytes, 1 << (size.bit_length() - 1))
+    def _run_bytes(self) -> int:
+        """Largest frame now: ~4 ms of data at the pacing rate (or the bottleneck estimate), between
+        one grid chunk and ``chunk_bytes``. Small frames at low rates keep bursts short and let
+        weights act at a fine grain; large ones at high rates keep per-frame costs low."""
+        cfg = self.config
+        rate = self._bucket.rate if self._bucket is not None else self.controller.bottleneck
+        if not rate:
+            return cfg.chunk_bytes
+        return max(cfg.grid_bytes, min(cfg.chunk_bytes, int(rate * 0.004) // cfg.grid_bytes * cfg.grid_bytes))
 
     async def send(self, parts: list, **kwargs) -> OutgoingTransfer:
         """Open a transfer, add every part, wait for the receiver to verify it; returns it (stats)."""
@@ -418,7 +441,7 @@ class TransferClient:
         n = len(self._conns)
         for k in range(n):
             cc = self._conns[(self._rr + k) % n]
-            if cc is not None and cc.usable and cc.inflight_bytes + chunk <= window:
+            if cc is not None and cc.usable and cc.inflight_bytes + chunk <= window and cc.backlog < chunk:
                 if best is None or cc.inflight_bytes < best.inflight_bytes:
                     best = cc
         self._rr = (self._rr + 1) % n
@@ -431,7 +454,7 @@ class TransferClient:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            t, chunk, wait = self._sched.pick()
+            t, chunk, wait = self._sched.pick(self._run_bytes())
             if t is None:
                 self._wake.clear()
                 if wait > 0:
@@ -500,8 +523,7 @@ class TransferClient:
         if rate is None:
             self._bucket = None
             return
-        chunk = self._chunk_size(self.config.rate_cap)
-        burst = self.config.burst_bytes or max(chunk, int(rate * 0.002))
+        burst = self.config.burst_bytes or max(self.config.grid_bytes, int(rate * 0.004))
         if self._bucket is None:
             self._bucket = TokenBucket(rate, burst)
         elif self._bucket.rate != rate or self._bucket.burst != burst:
@@ -523,6 +545,8 @@ class TransferClient:
             if prev is not None:
                 retrans += info.get("total_retrans", 0) - prev.get("total_retrans", 0)
                 segs += info.get("segs_out", 0) - prev.get("segs_out", 0)
+                if "bytes_acked" in info:
+                    self.controller.on_wire_acked(info["bytes_acked"] - prev.get("bytes_acked", 0))
         if rtts:
             self.controller.on_tcp_info(sum(rtts) / len(rtts), min(mins) if mins else None, retrans, segs)
 

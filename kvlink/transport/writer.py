@@ -35,10 +35,16 @@ def _digest(pieces: list[memoryview]) -> int:
 class ThreadWriter:
     """Owns the write side of one connected socket. ``on_error(exc)`` runs in the writer thread."""
 
-    def __init__(self, sock: socket.socket, on_error: Callable[[BaseException], None], timeout: float):
+    def __init__(self, sock: socket.socket, on_error: Callable[[BaseException], None], timeout: float,
+                 on_sent: Callable[[], None] | None = None):
         self.sock = socket.socket(fileno=os.dup(sock.fileno()))
         self.sock.settimeout(timeout)  # blocking semantics with a deadline; the descriptor stays non-blocking
         self.on_error = on_error
+        self.on_sent = on_sent
+        # Bytes of DATA queued here and not yet handed to the kernel. Two counters, each written
+        # by one thread only, so no lock is needed.
+        self._queued = 0
+        self._sent = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="kvlink-writer", daemon=True)
@@ -50,7 +56,13 @@ class ThreadWriter:
 
     def data(self, transfer_id: int, part: int, offset: int, pieces: list[memoryview], checked: bool) -> None:
         """Queue a DATA chunk; its checksum is computed in the writer thread."""
+        self._queued += sum(p.nbytes for p in pieces)
         self._queue.put((transfer_id, part, offset, pieces, checked))
+
+    @property
+    def backlog(self) -> int:
+        """DATA bytes queued and not yet written to the socket."""
+        return self._queued - self._sent
 
     def close(self) -> None:
         """Stop the thread; the socket is shut down so a blocked send returns at once."""
@@ -62,6 +74,10 @@ class ThreadWriter:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def join(self, timeout: float = 5.0) -> None:
+        """Wait for the thread to end (after :meth:`close`), so none outlives its client."""
+        self._thread.join(timeout)
 
     def _run(self) -> None:
         try:
@@ -78,6 +94,10 @@ class ThreadWriter:
                     head = FrameHeader(FrameType.DATA, tid, part, offset, length, digest,
                                        0 if checked else FLAG_UNCHECKED).encode()
                 self._send([memoryview(head), *pieces])
+                if len(item) != 2:
+                    self._sent += length
+                    if self.on_sent is not None:
+                        self.on_sent()
         except (OSError, ValueError) as exc:
             if not self._closed:
                 self.on_error(exc)

@@ -16,7 +16,7 @@ from kvlink.transport.frame import HEADER_SIZE, FrameType, make_frame, parse_hea
 from tests.integration.netfaults import FaultProxy
 
 FP = bytes(range(16))
-SMALL = TransportConfig(connections=3, chunk_bytes=64 << 10, window_bytes=512 << 10)
+SMALL = TransportConfig(connections=3, grid_bytes=16 << 10, chunk_bytes=64 << 10, window_bytes=512 << 10)
 
 
 def blobs(sizes, seed=0):
@@ -91,7 +91,7 @@ async def test_weighted_shares_follow_weights():
     server, port = await start_server()
     weights = [1, 1, 2, 4]
     data = blobs([6 << 20])[0]
-    config = TransportConfig(connections=2, chunk_bytes=64 << 10, window_bytes=256 << 10, rate_cap=400e6,
+    config = TransportConfig(connections=2, grid_bytes=16 << 10, chunk_bytes=64 << 10, window_bytes=256 << 10, rate_cap=400e6,
                              adaptive=False)
     async with TransferClient("127.0.0.1", port, FP, config) as client:
         transfers = [client.open(1, weight=w) for w in weights]
@@ -109,7 +109,7 @@ async def test_weighted_shares_follow_weights():
 
 async def test_deadline_transfer_goes_first():
     server, port = await start_server()
-    config = TransportConfig(connections=2, chunk_bytes=64 << 10, window_bytes=256 << 10, rate_cap=400e6,
+    config = TransportConfig(connections=2, grid_bytes=16 << 10, chunk_bytes=64 << 10, window_bytes=256 << 10, rate_cap=400e6,
                              adaptive=False)
     async with TransferClient("127.0.0.1", port, FP, config) as client:
         background = client.open(1, weight=8)
@@ -163,7 +163,7 @@ async def test_corrupt_chunk_is_detected_and_resent():
 
 async def test_cancel_reaches_the_receiver():
     server, port = await start_server()
-    config = TransportConfig(connections=1, chunk_bytes=64 << 10, window_bytes=128 << 10, rate_cap=50e6)
+    config = TransportConfig(connections=1, grid_bytes=16 << 10, chunk_bytes=64 << 10, window_bytes=128 << 10, rate_cap=50e6)
     async with TransferClient("127.0.0.1", port, FP, config) as client:
         t = client.open(2)
         t.add_part(0, blobs([256 << 10])[0])
@@ -180,7 +180,7 @@ async def test_cancel_reaches_the_receiver():
 
 async def test_receiver_cancel_reaches_the_sender():
     server, port = await start_server()
-    config = TransportConfig(connections=1, chunk_bytes=64 << 10, window_bytes=128 << 10, rate_cap=50e6)
+    config = TransportConfig(connections=1, grid_bytes=16 << 10, chunk_bytes=64 << 10, window_bytes=128 << 10, rate_cap=50e6)
     async with TransferClient("127.0.0.1", port, FP, config) as client:
         t = client.open(1)
         t.add_part(0, blobs([4 << 20])[0])
@@ -267,7 +267,7 @@ def _hello(sock):
 async def test_bad_frames_are_refused_without_disturbing_other_transfers():
     server, port = await start_server()
     data = blobs([6 << 20])
-    config = TransportConfig(connections=2, chunk_bytes=64 << 10, window_bytes=256 << 10, rate_cap=200e6)
+    config = TransportConfig(connections=2, grid_bytes=16 << 10, chunk_bytes=64 << 10, window_bytes=256 << 10, rate_cap=200e6)
     async with TransferClient("127.0.0.1", port, FP, config) as client:
         t = client.open(1)
         t.add_part(0, data[0])
@@ -282,7 +282,7 @@ async def test_bad_frames_are_refused_without_disturbing_other_transfers():
             assert header.type is FrameType.ERROR and b"unknown transfer" in body
             # 2. its own transfer with an out-of-range offset: refused, that transfer only
             from kvlink.transport import handshake as hs
-            _send_frame(sock, FrameType.BEGIN, tid=77, body=hs.encode({"parts": 1, "chunk": 65536, "meta": {}}))
+            _send_frame(sock, FrameType.BEGIN, tid=77, body=hs.encode({"parts": 1, "chunk": 16384, "meta": {}}))
             _send_frame(sock, FrameType.PART, tid=77, body=hs.encode({"length": 1000}))
             _send_frame(sock, FrameType.DATA, tid=77, offset=4096, body=b"y" * 10)
             header, body = _read_frame(sock)
@@ -306,7 +306,7 @@ async def test_bad_frames_are_refused_without_disturbing_other_transfers():
 
 
 async def test_oversized_part_is_rejected():
-    config = TransportConfig(connections=1, chunk_bytes=64 << 10, window_bytes=256 << 10, max_transfer_bytes=1 << 20)
+    config = TransportConfig(connections=1, grid_bytes=16 << 10, chunk_bytes=64 << 10, window_bytes=256 << 10, max_transfer_bytes=1 << 20)
     server, port = await start_server(config)
     async with TransferClient("127.0.0.1", port, FP, config) as client:
         with pytest.raises(TransferRejected):
