@@ -82,13 +82,13 @@ def cmd_bench_transfer(args) -> int:
         host, port = harness.parse_connect(args.connect)
         result = transfer.run(host, port, args.raw_port, args.model, args.tokens, config, weights,
                               TransportConfig.secret_from_env(), sys.stderr.isatty() or args.progress,
-                              announce=args.announce_start, repeat=args.repeat)
+                              announce=args.announce_start, repeat=args.repeat, codec=args.codec)
         print(json.dumps(result, indent=2) if args.json else transfer.render(result))
         return 0
     # Run the receiver ourselves: a loopback subprocess, or inside the link lab.
     forward = [sys.executable, "-m", "kvlink.cli", "bench", "transfer", "--model", args.model,
                "--tokens", str(args.tokens), "--streams", str(args.streams), "--chunk", str(args.chunk),
-               "--rate", args.rate or "0", "--weights", ",".join(str(w) for w in weights), "--repeat", str(args.repeat), "--json"]
+               "--rate", args.rate or "0", "--weights", ",".join(str(w) for w in weights), "--repeat", str(args.repeat), "--codec", args.codec, "--json"]
     if args.no_adaptive:
         forward.append("--no-adaptive")
     if args.unchecked:
@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--tokens", type=int, default=32768)
     bt.add_argument("--streams", type=int, default=4, help="TCP connections")
     bt.add_argument("--chunk", type=int, default=4096, help="largest chunk in KiB")
+    bt.add_argument("--codec", default="none",
+                    help="segment codec (none, shuffle-lz4, shuffle-zstd, ...) or 'adaptive' (chosen for --rate)")
     bt.add_argument("--unchecked", action="store_true",
                     help="no per-chunk xxh3 (payloads are verified end to end by the receiver)")
     bt.add_argument("--rate", default=None, help="rate cap, e.g. 10gbit (default: none)")

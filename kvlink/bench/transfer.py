@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import Counter
 import socket
 import sys
 import threading
@@ -17,15 +18,21 @@ import time
 
 from kvlink.bench.serde import realistic_kv, realistic_state
 from kvlink.bench.sink import RAW_HEADER
-from kvlink.config import TransportConfig
+from kvlink.config import CodecConfig, TransportConfig
+from kvlink.serde.layout import layer_segments
+from kvlink.transport.adaptive import CodecAdvisor
 from kvlink.presets import get_preset
 from kvlink.serde.pack import Packer
 from kvlink.serde.paged import CacheRef, PagedCache
 from kvlink.transport.sender import TransferClient
 
 
-def model_payloads(model: str, tokens: int, block_size: int = 16) -> tuple[bytes, list]:
-    """(fingerprint, one packed Payload per layer) for ``tokens`` tokens of ``model``."""
+def model_payloads(model: str, tokens: int, block_size: int = 16, codec: str = "none",
+                   rate: float | None = None) -> tuple[bytes, list]:
+    """(fingerprint, one packed Payload per layer) for ``tokens`` tokens of ``model``.
+
+    ``codec``: a codec name for every segment, or ``adaptive``: per segment the codec that
+    delivers soonest at ``rate`` bits/s (measured on this cache's data; raw when rate is None)."""
     spec = get_preset(model)
     need = -(-tokens // block_size)
     cache = PagedCache.allocate(spec, need, block_size, 1, fill="empty")
@@ -36,7 +43,14 @@ def model_payloads(model: str, tokens: int, block_size: int = 16) -> tuple[bytes
         for _, pool in cache.states(layer):
             pool.copy_(realistic_state(pool.numel(), seed=layer).view(pool.shape).to(pool.dtype))
     ref = CacheRef(random.Random(0).sample(range(need), need), tokens, 0)
-    packer = Packer(cache)
+    if codec == "adaptive":
+        advisor = CodecAdvisor()
+        advisor.calibrate_cache(cache, ref)
+        packer = Packer(cache)
+        return spec.fingerprint, [
+            packer.pack(ref, [layer], advisor.codecs(layer_segments(spec, layer, 0, tokens), rate))
+            for layer in range(spec.num_layers)]
+    packer = Packer(cache, CodecConfig(kv_codec=codec, state_codec=codec))
     return spec.fingerprint, [packer.pack_layer(ref, layer) for layer in range(spec.num_layers)]
 
 
@@ -162,16 +176,20 @@ async def _round(client: TransferClient, payloads: list, weights: list[float], p
 
 
 def run(host: str, port: int, raw_port: int | None, model: str, tokens: int, config: TransportConfig,
-        weights: list[float], secret: bytes | None, progress: bool, announce: bool = False, repeat: int = 1) -> dict:
+        weights: list[float], secret: bytes | None, progress: bool, announce: bool = False, repeat: int = 1,
+        codec: str = "none") -> dict:
     """The whole benchmark: pack, kvlink transfer(s), then the raw baseline on the same bytes."""
     from kvlink.transport.loop import run as run_loop
 
     t0 = time.perf_counter()
-    fingerprint, payloads = model_payloads(model, tokens)
+    fingerprint, payloads = model_payloads(model, tokens, codec=codec, rate=config.rate_cap)
     pack_s = time.perf_counter() - t0
+    raw_bytes = get_preset(model).bytes_at(tokens)
     result = {"model": model, "tokens": tokens, "connections": config.connections, "chunk_bytes": config.chunk_bytes,
               "rate_cap_bps": config.rate_cap, "adaptive": config.adaptive, "weights": weights,
-              "payload_bytes": sum(p.nbytes for p in payloads), "pack_seconds": round(pack_s, 3)}
+              "payload_bytes": sum(p.nbytes for p in payloads), "pack_seconds": round(pack_s, 3), "codec": codec,
+              "cache_bytes": raw_bytes,
+              "codecs_used": dict(Counter(s.codec.label for p in payloads for s in p.segments))}
     if announce:
         sys.stderr.write(f"KVLINK-START {time.monotonic()}\n")
         sys.stderr.flush()
@@ -193,6 +211,8 @@ def run(host: str, port: int, raw_port: int | None, model: str, tokens: int, con
         result["raw_baseline"] = {"seconds": round(seconds, 4), "goodput_gbps": round(raw_gbps, 4),
                                   "round_seconds": [round(r, 4) for r in rounds]}
         result["ratio_vs_raw"] = round(result["kvlink"]["goodput_gbps"] / raw_gbps, 3)
+    # Goodput in cache bytes: what a codec buys on a slow link.
+    result["kvlink"]["cache_goodput_gbps"] = round(raw_bytes * len(weights) * 8 / result["kvlink"]["seconds"] / 1e9, 4)
     return result
 
 
@@ -205,6 +225,9 @@ def render(result: dict) -> str:
              f"  median of {len(k['round_seconds'])} round(s)",
              f"  {'':22}{'seconds':>10}{'Gbit/s':>10}",
              f"  {'kvlink':22}{k['seconds']:>10.3f}{k['goodput_gbps']:>10.3f}"]
+    if result.get("codec", "none") != "none":
+        lines.append(f"  codec {result['codec']}: {result['codecs_used']}; payload {result['payload_bytes'] / 2**20:.1f} MiB "
+                     f"for {result['cache_bytes'] / 2**20:.1f} MiB of cache: {k['cache_goodput_gbps']:.3f} Gbit/s of cache")
     if "raw_baseline" in result:
         r = result["raw_baseline"]
         lines.append(f"  {'raw sendall/recv_into':22}{r['seconds']:>10.3f}{r['goodput_gbps']:>10.3f}")

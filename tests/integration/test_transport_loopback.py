@@ -313,3 +313,66 @@ async def test_oversized_part_is_rejected():
             await client.send(blobs([2 << 20]))
         await client.send(blobs([512 << 10]))  # the next transfer is fine
     await server.close()
+
+
+@pytest.fixture(scope="module")
+def tls_pair(tmp_path_factory):
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "key.pem"),
+                    "-out", str(d / "cert.pem"), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(d / "cert.pem", d / "key.pem")
+    client = ssl.create_default_context(cafile=str(d / "cert.pem"))
+    return server, client
+
+
+async def test_tls_transfer_is_bit_exact(tls_pair):
+    server_ctx, client_ctx = tls_pair
+    server, port = await start_server(secret=b"k", ssl=server_ctx)
+    data = blobs([2 << 20, 12345])
+    async with TransferClient("127.0.0.1", port, FP, SMALL, secret=b"k", ssl=client_ctx,
+                              server_hostname="localhost") as client:
+        t = client.open(len(data))
+        for i, d in enumerate(data):
+            t.add_part(i, d)
+        incoming = await server.accept()
+        parts = await incoming.done()
+        await t.done()
+    assert [bytes(p) for p in parts] == data
+    await server.close()
+
+
+async def test_receiver_killed_fails_the_transfer_in_bounded_time(tmp_path):
+    import subprocess
+    import sys
+
+    from kvlink.presets import get_preset
+
+    proc = subprocess.Popen([sys.executable, "-m", "kvlink.cli", "transfer", "serve", "--port", "0", "--arena", "64"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        import json
+        port = json.loads(proc.stdout.readline())["port"]
+        fp = get_preset("kimi-linear-48b-a3b").fingerprint
+        config = TransportConfig(connections=2, grid_bytes=16 << 10, chunk_bytes=64 << 10, window_bytes=256 << 10,
+                                 rate_cap=20e6, adaptive=False, reconnect_attempts=3)
+        async with TransferClient("127.0.0.1", port, fp, config) as client:
+            t = client.open(1)
+            t.add_part(0, blobs([32 << 20])[0])
+            while t.bytes_acked == 0:
+                await asyncio.sleep(0.01)  # poll: progress is what we wait for, not time
+            proc.kill()  # for real: SIGKILL, sockets reset by the kernel
+            proc.wait()
+            t0 = time.monotonic()
+            with pytest.raises(PeerUnreachable):
+                await t.done()
+            assert time.monotonic() - t0 < 10
+    finally:
+        proc.kill()

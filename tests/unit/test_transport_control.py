@@ -1,0 +1,162 @@
+"""Rate controller, scheduler, ack bodies, handshake errors and rate parsing: pure logic, own clocks."""
+
+
+import pytest
+
+from kvlink.config import TransportConfig, parse_rate
+from kvlink.errors import AuthenticationError, ConfigError, FingerprintMismatch, LengthError, TransferRejected
+from kvlink.transport import handshake as hs
+from kvlink.transport.congestion import RateController
+from kvlink.transport.frame import pack_acks, unpack_acks
+from kvlink.transport.outgoing import OutgoingTransfer
+from kvlink.transport.scheduler import ChunkScheduler
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def drive(ctl, clock, rate_Bps, seconds, rtt=0.001, min_rtt=0.001, retrans=0):
+    """Feed acknowledgements at ``rate_Bps`` for ``seconds``; returns the estimates per tick."""
+    out = []
+    for _ in range(int(seconds / 0.1)):
+        clock.now += 0.1
+        ctl.on_ack(int(rate_Bps * 0.1), rtt)
+        ctl.on_tcp_info(rtt, min_rtt, retrans, 1000)
+        ctl.tick(inflight=1)
+        out.append((clock.now, ctl.bottleneck, ctl.pacing_rate()))
+    return out
+
+
+def test_estimate_tracks_the_delivery_rate():
+    clock = Clock()
+    ctl = RateController(cap=None, clock=clock)
+    drive(ctl, clock, 125e6, 2.0)
+    assert ctl.bottleneck == pytest.approx(125e6, rel=0.01)
+    snap = ctl.snapshot()
+    assert snap.available_bps == pytest.approx(1e9, rel=0.01) and snap.phase == "startup"
+    assert snap.pacing_bps is None  # a clear path is left to TCP
+
+
+def test_rate_drop_is_followed_within_two_seconds_and_pacing_backs_off():
+    clock = Clock()
+    ctl = RateController(cap=None, clock=clock)
+    drive(ctl, clock, 250e6, 2.0)
+    t_change = clock.now
+    # The link drops to a quarter: delivery falls, queueing delay grows (RTT 30 ms over a 1 ms floor).
+    after = drive(ctl, clock, 62.5e6, 3.0, rtt=0.030)
+    followed = [t for t, bw, _ in after if bw <= 62.5e6 * 1.1]
+    assert followed and followed[0] - t_change <= 2.0
+    assert ctl.snapshot().phase in ("drain", "cruise", "probe")
+    assert ctl.pacing_rate() <= 62.5e6 * 1.25
+
+
+def test_cap_is_never_exceeded():
+    clock = Clock()
+    ctl = RateController(cap=50e6, clock=clock)
+    for t, bw, pacing in drive(ctl, clock, 125e6, 3.0, rtt=0.02, retrans=5):
+        assert pacing is not None and pacing <= 50e6
+    assert ctl.snapshot().available_bps <= 50e6 * 8
+
+
+def test_fixed_rate_without_adaptation():
+    clock = Clock()
+    ctl = RateController(cap=10e6, adaptive=False, clock=clock)
+    drive(ctl, clock, 5e6, 1.0, rtt=0.5, retrans=50)
+    assert ctl.pacing_rate() == 10e6 and ctl.snapshot().phase == "fixed"
+
+
+def test_paced_link_probes_back_up_when_the_path_clears():
+    clock = Clock()
+    ctl = RateController(cap=None, clock=clock)
+    drive(ctl, clock, 100e6, 1.0, rtt=0.03)  # congested: paced
+    assert ctl.pacing_rate() is not None
+    drive(ctl, clock, 100e6, 3.0)             # clear for longer than CLEAR_AFTER, pacing binding
+    assert ctl.snapshot().phase == "startup" and ctl.pacing_rate() is None
+
+
+class _Client:
+    def _cancel(self, t):
+        pass
+
+
+async def _transfer(weight=1.0, deadline=None, rate=None, nbytes=64 << 10, grid=4096):
+    t = OutgoingTransfer(_Client(), None, 1, grid, weight, deadline, rate, {}, lambda t: None)
+    t.add_part(0, bytes(nbytes))
+    return t
+
+
+async def test_weighted_fair_shares():
+    sched = ChunkScheduler()
+    ts = [await _transfer(w, nbytes=1 << 20) for w in (1, 1, 2, 4)]
+    for t in ts:
+        sched.add(t)
+    sent = {t.transfer_id: 0 for t in ts}
+    for _ in range(128):
+        t, (_, _, length), _ = sched.pick(4096)
+        sent[t.transfer_id] += length
+    total = sum(sent.values())
+    for t in ts:
+        assert sent[t.transfer_id] / total == pytest.approx(t.weight / 8, abs=0.01)
+
+
+async def test_deadlines_go_first_earliest_first():
+    sched = ChunkScheduler()
+    bulk = await _transfer(100.0)
+    late = await _transfer(deadline=5.0)
+    soon = await _transfer(deadline=1.0)
+    for t in (bulk, late, soon):
+        sched.add(t)
+    order = [sched.pick(1 << 20)[0] for _ in range(3)]
+    assert order == [soon, late, bulk]
+
+
+async def test_runs_merge_grid_chunks_up_to_the_limit():
+    t = await _transfer(nbytes=10 * 4096 + 100)
+    assert t.take(3 * 4096) == (0, 0, 3 * 4096)
+    assert t.take(1 << 20) == (0, 3 * 4096, 7 * 4096 + 100)
+    assert t.acked(0, 0, 3 * 4096) and not t.acked(0, 0, 3 * 4096)
+    t.requeue((0, 0, 3 * 4096))  # already acknowledged: not resent
+    assert not t.resend
+
+
+async def test_rate_limited_transfer_waits_its_turn():
+    sched = ChunkScheduler()
+    slow = await _transfer(rate=8e6, nbytes=1 << 20)  # 1 MB/s
+    sched.add(slow)
+    first = sched.pick(1 << 20)
+    assert first[0] is slow
+    drained = 0
+    while (pick := sched.pick(1 << 20))[0] is slow:
+        drained += 1
+    assert pick[0] is None and pick[2] > 0  # in debt: tells how long to wait
+
+
+def test_ack_bodies_roundtrip_and_reject_ragged():
+    entries = [(1, 2, 3, 4), (2**64 - 1, 0, 2**32 - 1, 2**63)]
+    assert unpack_acks(pack_acks(entries)) == entries
+    with pytest.raises(LengthError):
+        unpack_acks(b"x" * 25)
+
+
+def test_error_bodies_become_typed_errors():
+    assert isinstance(hs.error_from_body(hs.error_body("auth", "no")), AuthenticationError)
+    assert isinstance(hs.error_from_body(hs.error_body("fingerprint", "no")), FingerprintMismatch)
+    assert isinstance(hs.error_from_body(hs.error_body("range", "no")), TransferRejected)
+    assert "malformed" in str(hs.error_from_body(b"\xff"))
+
+
+def test_parse_rate_and_config_checks():
+    assert parse_rate("10gbit") == 10e9 and parse_rate("500mbit") == 500e6 and parse_rate("1.2GBps") == 9.6e9
+    assert parse_rate(None) is None and parse_rate("unlimited") is None
+    for bad in ("fast", "-1gbit", "10 parsecs"):
+        with pytest.raises(ConfigError):
+            parse_rate(bad)
+    with pytest.raises(ConfigError):
+        TransportConfig(grid_bytes=1 << 20, chunk_bytes=256 << 10)
+    with pytest.raises(ConfigError):
+        TransportConfig(connections=0)
