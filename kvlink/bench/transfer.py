@@ -115,12 +115,17 @@ class Progress:
 
 async def run_transfers(host: str, port: int, fingerprint: bytes, payloads: list, config: TransportConfig,
                         weights: list[float], secret: bytes | None, progress: bool, repeat: int = 1,
-                        verify: bool = True) -> dict:
-    """``repeat`` rounds of ``len(weights)`` concurrent copies of the payload set over one client;
-    returns the median round's figures (and its timeline)."""
+                        verify: bool = True, between=None) -> dict:
+    """``repeat`` rounds of ``len(weights)`` concurrent copies of the payload set over one client
+    (connections stay open, as between a decode cluster and its prefill peers); ``between()``,
+    when given, runs in a thread after each round (the baseline's turn). Returns the median
+    round's figures (and its timeline)."""
     async with TransferClient(host, port, fingerprint, config, secret=secret) as client:
-        rounds = [await _round(client, payloads, weights, progress, verify=verify and i == repeat - 1)
-                  for i in range(repeat)]
+        rounds = []
+        for i in range(repeat):
+            rounds.append(await _round(client, payloads, weights, progress, verify=verify and i == repeat - 1))
+            if between is not None:
+                await asyncio.to_thread(between)
     rounds.sort(key=lambda r: r["seconds"])
     median = rounds[len(rounds) // 2]
     median["round_seconds"] = [r["seconds"] for r in rounds]
@@ -195,15 +200,13 @@ def run(host: str, port: int, raw_port: int | None, model: str, tokens: int, con
         sys.stderr.flush()
     # Rounds alternate kvlink / baseline so drift on a shared machine hits both alike.
     buffers = [b for p in payloads for b in p.buffers()] * len(weights)
-    kv_rounds, raw_rounds = [], []
-    for i in range(repeat):
-        kv_rounds.append(run_loop(run_transfers(host, port, fingerprint, payloads, config, weights, secret, progress,
-                                                1, verify=i == repeat - 1), config.use_uvloop))
-        if raw_port is not None:
+    raw_rounds: list[float] = []
+    between = None
+    if raw_port is not None:
+        def between():
             raw_rounds.append(raw_baseline(host, raw_port, buffers, config.connections))
-    kv_rounds.sort(key=lambda r: r["seconds"])
-    result["kvlink"] = kv_rounds[len(kv_rounds) // 2]
-    result["kvlink"]["round_seconds"] = [r["seconds"] for r in kv_rounds]
+    result["kvlink"] = run_loop(run_transfers(host, port, fingerprint, payloads, config, weights, secret, progress,
+                                              repeat, between=between), config.use_uvloop)
     if raw_port is not None:
         rounds = sorted(raw_rounds)
         seconds = rounds[len(rounds) // 2]

@@ -62,7 +62,7 @@ class _ClientConn:
 
     @property
     def backlog(self) -> int:
-        """Bytes handed to this connection and not yet in the kernel: kept to about one chunk, so
+        """Bytes handed to this connection and not yet in the kernel: kept to a few frames, so
         the scheduler decides late, when the socket can take data, and weights and deadlines hold."""
         if self.writer is not None:
             return self.writer.backlog
@@ -437,11 +437,14 @@ class TransferClient:
     # -- sending --------------------------------------------------------------------------------
     def _free_conn(self) -> _ClientConn | None:
         window, chunk = self.config.window_bytes, self.config.chunk_bytes
+        # A connection may hold ~3 frames not yet in the kernel: enough that its writer never
+        # waits for the loop at tens of Gbit/s, little enough (~12 ms) that weights still act.
+        backlog = 3 * self._run_bytes()
         best = None
         n = len(self._conns)
         for k in range(n):
             cc = self._conns[(self._rr + k) % n]
-            if cc is not None and cc.usable and cc.inflight_bytes + chunk <= window and cc.backlog < chunk:
+            if cc is not None and cc.usable and cc.inflight_bytes + chunk <= window and cc.backlog < backlog:
                 if best is None or cc.inflight_bytes < best.inflight_bytes:
                     best = cc
         self._rr = (self._rr + 1) % n

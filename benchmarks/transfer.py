@@ -1,0 +1,70 @@
+"""Transfer benchmark: a ~1 GiB model-shaped transfer over loopback vs raw sendall/recv_into.
+
+    python benchmarks/transfer.py [--tokens 131072] [--streams 4] [--repeat 7] [--json]
+
+One receiver process (``kvlink transfer serve``) serves both kvlink and the raw-socket sink;
+rounds alternate kvlink / raw with the same connection count, so the ratio compares like with
+like in the same run. Measured twice: with per-chunk xxh3 (the default) and without it
+(``chunk_checksums=False``: kvlink payloads carry their own end-to-end checksums). iperf3 is
+reported too when installed.
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+
+from kvlink.bench import harness, transfer
+from kvlink.config import TransportConfig
+
+
+def iperf3(streams: int) -> dict:
+    if shutil.which("iperf3") is None:
+        return {"skipped": "iperf3 is not installed"}
+    server = subprocess.Popen(["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", "5299"], stdout=subprocess.DEVNULL)
+    try:
+        out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", "5299", "-P", str(streams), "-t", "3", "-J"],
+                             capture_output=True, text=True, timeout=30)
+        bps = json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]
+        return {"goodput_gbps": round(bps / 1e9, 3)}
+    finally:
+        server.kill()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="kimi-linear-48b-a3b")
+    parser.add_argument("--tokens", type=int, default=131072)
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    sink = harness.SinkProcess(harness.serve_argv("127.0.0.1", "1400"))
+    results = {}
+    try:
+        port, raw = sink.listening["port"], sink.listening["raw_port"]
+        for name, checked in (("checked", True), ("unchecked", False)):
+            config = TransportConfig(connections=args.streams, chunk_checksums=checked)
+            results[name] = transfer.run("127.0.0.1", port, raw, args.model, args.tokens, config, [1.0], None,
+                                         False, repeat=args.repeat)
+            results[name]["kvlink"].pop("timeline")
+    finally:
+        sink.stop()
+    results["iperf3"] = iperf3(args.streams)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for name in ("checked", "unchecked"):
+            print(f"== per-chunk checksums: {name}")
+            print(transfer.render(results[name]))
+        print("iperf3:", results["iperf3"])
+        print(json.dumps({name: {"ratio_vs_raw": results[name]["ratio_vs_raw"],
+                                 "kvlink_gbps": results[name]["kvlink"]["goodput_gbps"],
+                                 "raw_gbps": results[name]["raw_baseline"]["goodput_gbps"]}
+                          for name in ("checked", "unchecked")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
