@@ -48,8 +48,9 @@ class SinkProcess:
                 self.proc.wait()
 
 
-def serve_argv(host: str, arena: str, secret_env: bool = False) -> list[str]:
-    return [*_python_cli(), "transfer", "serve", "--host", host, "--port", "0", "--raw-port", "0", "--arena", arena]
+def serve_argv(host: str, arena: str, raw_sink: bool = True) -> list[str]:
+    argv = [*_python_cli(), "transfer", "serve", "--host", host, "--port", "0", "--arena", arena]
+    return argv + ["--raw-port", "0"] if raw_sink else argv
 
 
 def _target(host: str, listening: dict, baseline: bool) -> list[str]:
@@ -59,7 +60,7 @@ def _target(host: str, listening: dict, baseline: bool) -> list[str]:
 
 def run_local(sender_argv: list[str], arena: str, baseline: bool = True) -> tuple[int, str, list[dict]]:
     """Receiver subprocess on loopback, then the sender (this same CLI) against it."""
-    sink = SinkProcess(serve_argv("127.0.0.1", arena))
+    sink = SinkProcess(serve_argv("127.0.0.1", arena, baseline))
     try:
         argv = [*sender_argv, *_target("127.0.0.1", sink.listening, baseline)]
         proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
@@ -74,7 +75,7 @@ def run_lab(sender_argv: list[str], arena: str, rate: float, change: tuple[float
     from kvlink.transport.lab import LinkLab
 
     with LinkLab(rate) as lab:
-        sink = SinkProcess(lab.command("b", serve_argv(lab.addr_b, arena)))
+        sink = SinkProcess(lab.command("b", serve_argv(lab.addr_b, arena, baseline)))
         try:
             argv = lab.command("a", [*sender_argv, *_target(lab.addr_b, sink.listening, baseline)])
             proc = subprocess.Popen([*argv, "--announce-start"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

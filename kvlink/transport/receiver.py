@@ -229,7 +229,7 @@ class TransferServer:
         self._transfers: dict[int, IncomingTransfer] = {}
         self._recent: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._accept_q: asyncio.Queue[IncomingTransfer] = asyncio.Queue(self.config.accept_backlog)
-        self._waiters: dict[int, asyncio.Future] = {}
+        self._waiters: dict[int, list] = {}  # transfer id -> [future, number of waiters]
         self._reserved = 0
         self._reaper: asyncio.Task | None = None
         self.stats = collections.Counter()
@@ -274,8 +274,16 @@ class TransferServer:
         """Wait for the transfer with this id to begin (the decode side knows ids from routing)."""
         if transfer_id in self._transfers:
             return self._transfers[transfer_id]
-        fut = self._waiters.setdefault(transfer_id, asyncio.get_running_loop().create_future())
-        return await fut
+        entry = self._waiters.get(transfer_id)
+        if entry is None:
+            entry = self._waiters[transfer_id] = [asyncio.get_running_loop().create_future(), 0]
+        entry[1] += 1
+        try:
+            return await asyncio.shield(entry[0])
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0 and self._waiters.get(transfer_id) is entry:
+                del self._waiters[transfer_id]  # nobody waits any more (done, cancelled or timed out)
 
     @property
     def reserved_bytes(self) -> int:
@@ -303,8 +311,8 @@ class TransferServer:
         self._transfers[tid] = t
         self.stats["transfers"] += 1
         self._accept_q.put_nowait(t)
-        if (fut := self._waiters.pop(tid, None)) is not None and not fut.done():
-            fut.set_result(t)
+        if (entry := self._waiters.pop(tid, None)) is not None and not entry[0].done():
+            entry[0].set_result(t)
 
     def _part(self, sc: _ServerConn, tid: int, index: int, body: bytes) -> None:
         if tid in self._recent:

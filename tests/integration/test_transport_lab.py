@@ -65,6 +65,14 @@ def test_estimate_follows_a_rate_drop_and_the_transfer_completes():
     assert result["kvlink"]["bytes"] == result["payload_bytes"]
 
 
+def test_multi_gigabyte_transfer_over_the_lab_link_is_verified():
+    # Two concurrent 1.05 GB model-shaped transfers (2.2 GB) over a 10 Gbit/s shaped link.
+    result = lab_bench("--lab-rate", "10gbit", "--tokens", "131072", "--transfers", "2", arena=2300, timeout=400)
+    events = [e for e in result["receiver_events"] if e["event"] == "transfer"]
+    assert len(events) == 2 and all(e["verified"] for e in events)
+    assert sum(e["bytes"] for e in events) > 2e9
+
+
 def test_lab_cleans_up():
     from kvlink.transport.lab import LinkLab
 

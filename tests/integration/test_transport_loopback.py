@@ -376,3 +376,18 @@ async def test_receiver_killed_fails_the_transfer_in_bounded_time(tmp_path):
             assert time.monotonic() - t0 < 10
     finally:
         proc.kill()
+
+
+async def test_receiver_waits_for_a_transfer_by_id():
+    server, port = await start_server()
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(server.transfer(42), 0.05)
+    assert not server._waiters  # a waiter that gave up leaves nothing behind
+    waiter = asyncio.ensure_future(server.transfer(42))
+    async with TransferClient("127.0.0.1", port, FP, SMALL) as client:
+        t = client.open(1, transfer_id=42)
+        t.add_part(0, b"hello")
+        incoming = await waiter
+        assert bytes((await incoming.done())[0]) == b"hello"
+        await t.done()
+    await server.close()
