@@ -50,17 +50,23 @@ def copy_request(cache: PagedCache, ref: CacheRef, buf: torch.Tensor, to_packed:
             copy_tokens(rows, ids, ids_host, t0, t0 + seg.shape[0], cache.block_size, part, to_packed)
 
 
+def realistic_cache(spec, num_blocks: int, block_size: int, num_slots: int) -> PagedCache:
+    """A CPU cache for ``spec`` filled with KV-like values and state-like state (benchmarks, demos)."""
+    cache = PagedCache.allocate(spec, num_blocks, block_size, num_slots, fill="empty")
+    for layer in spec.layer_indices("mla", "full", "sliding"):
+        for _, rows in cache.planes(layer):
+            rows.copy_(realistic_kv(rows.shape[0], rows.shape[1], seed=layer))
+    for layer in spec.layer_indices("linear"):
+        for _, pool in cache.states(layer):
+            pool.copy_(realistic_state(pool.numel(), seed=layer).view(pool.shape).to(pool.dtype))
+    return cache
+
+
 def bench_pack(model: str, tokens: int, block_size: int, repeat: int) -> dict:
     spec = get_preset(model)
     need = -(-tokens // block_size)
     num_blocks = need + 64
-    src = PagedCache.allocate(spec, num_blocks, block_size, 2, fill="empty")
-    for layer in spec.layer_indices("mla", "full", "sliding"):
-        for _, rows in src.planes(layer):
-            rows.copy_(realistic_kv(rows.shape[0], rows.shape[1], seed=layer))
-    for layer in spec.layer_indices("linear"):
-        for _, pool in src.states(layer):
-            pool.copy_(realistic_state(pool.numel()).view(pool.shape).to(pool.dtype))
+    src = realistic_cache(spec, num_blocks, block_size, 2)
     dst = PagedCache.allocate(spec, num_blocks, block_size, 2, fill="zeros")
     rng = random.Random(0)
     src_ref = CacheRef(rng.sample(range(num_blocks), need), tokens, 0)

@@ -16,14 +16,14 @@ import sys
 import threading
 import time
 
-from kvlink.bench.serde import realistic_kv, realistic_state
+from kvlink.bench.serde import realistic_cache
 from kvlink.bench.sink import RAW_HEADER
 from kvlink.config import CodecConfig, TransportConfig
 from kvlink.serde.layout import layer_segments
 from kvlink.transport.adaptive import CodecAdvisor
 from kvlink.presets import get_preset
 from kvlink.serde.pack import Packer
-from kvlink.serde.paged import CacheRef, PagedCache
+from kvlink.serde.paged import CacheRef
 from kvlink.transport.sender import TransferClient
 
 
@@ -35,13 +35,7 @@ def model_payloads(model: str, tokens: int, block_size: int = 16, codec: str = "
     delivers soonest at ``rate`` bits/s (measured on this cache's data; raw when rate is None)."""
     spec = get_preset(model)
     need = -(-tokens // block_size)
-    cache = PagedCache.allocate(spec, need, block_size, 1, fill="empty")
-    for layer in spec.layer_indices("mla", "full", "sliding"):
-        for _, rows in cache.planes(layer):
-            rows.copy_(realistic_kv(rows.shape[0], rows.shape[1], seed=layer))
-    for layer in spec.layer_indices("linear"):
-        for _, pool in cache.states(layer):
-            pool.copy_(realistic_state(pool.numel(), seed=layer).view(pool.shape).to(pool.dtype))
+    cache = realistic_cache(spec, need, block_size, 1)
     ref = CacheRef(random.Random(0).sample(range(need), need), tokens, 0)
     if codec == "adaptive":
         advisor = CodecAdvisor()
@@ -201,10 +195,10 @@ def run(host: str, port: int, raw_port: int | None, model: str, tokens: int, con
     # Rounds alternate kvlink / baseline so drift on a shared machine hits both alike.
     buffers = [b for p in payloads for b in p.buffers()] * len(weights)
     raw_rounds: list[float] = []
-    between = None
-    if raw_port is not None:
-        def between():
-            raw_rounds.append(raw_baseline(host, raw_port, buffers, config.connections))
+    def baseline_round() -> None:
+        raw_rounds.append(raw_baseline(host, raw_port, buffers, config.connections))
+
+    between = baseline_round if raw_port is not None else None
     result["kvlink"] = run_loop(run_transfers(host, port, fingerprint, payloads, config, weights, secret, progress,
                                               repeat, between=between), config.use_uvloop)
     if raw_port is not None:

@@ -180,6 +180,14 @@ class FrameConnection(asyncio.BufferedProtocol):
             self.transport.abort()
 
 
+def shutdown_quietly(sock: socket.socket) -> None:
+    """Shut both directions down (wakes a thread blocked on the socket); ignores a dead socket."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 # struct tcp_info (linux/tcp.h): the fields the rate controller reads, at their fixed offsets.
 _TCP_INFO_LEN = 232
 _TCP_INFO_FIELDS = {"rtt_us": (68, "I"), "rttvar_us": (72, "I"), "snd_cwnd": (80, "I"),

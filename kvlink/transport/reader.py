@@ -20,6 +20,7 @@ import threading
 
 from kvlink.codec.checksum import checksum
 from kvlink.errors import KvlinkError
+from kvlink.transport.connection import shutdown_quietly
 from kvlink.transport.frame import FLAG_UNCHECKED, HEADER_SIZE, FrameType, parse_header
 
 _SCRATCH = 1 << 20
@@ -45,10 +46,7 @@ class ThreadReader:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            shutdown_quietly(self.sock)
 
     def join(self, timeout: float = 5.0) -> None:
         self._thread.join(timeout)

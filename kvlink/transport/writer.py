@@ -18,6 +18,7 @@ from typing import Callable
 
 import xxhash
 
+from kvlink.transport.connection import shutdown_quietly
 from kvlink.transport.frame import FLAG_UNCHECKED, FrameHeader, FrameType
 
 _STOP = object()
@@ -70,10 +71,7 @@ class ThreadWriter:
             return
         self._closed = True
         self._queue.put(_STOP)
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        shutdown_quietly(self.sock)
 
     def join(self, timeout: float = 5.0) -> None:
         """Wait for the thread to end (after :meth:`close`), so none outlives its client."""

@@ -3,7 +3,6 @@
 import random
 
 import pytest
-import torch
 
 from kvlink.bench.serde import realistic_kv, realistic_state
 from kvlink.codec import Codec
