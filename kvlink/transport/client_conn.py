@@ -1,0 +1,165 @@
+"""The sender's side of one connection: handshake, frame writing (through a writer thread on
+plain TCP), and the events it reports to its :class:`~kvlink.transport.sender.TransferClient`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+import xxhash
+
+from kvlink.errors import HandshakeError, KvlinkError, TransportError
+from kvlink.transport import handshake as hs
+from kvlink.transport.connection import FrameConnection
+from kvlink.transport.frame import FLAG_UNCHECKED, FrameHeader, FrameType, make_frame, unpack_acks
+from kvlink.transport.outgoing import OutgoingTransfer
+from kvlink.transport.writer import ThreadWriter
+
+if TYPE_CHECKING:
+    from kvlink.transport.sender import TransferClient
+
+NOTSENT_LOWAT = 1 << 20
+
+
+class ClientConn:
+    """Frame handler for one connection to the receiver."""
+
+    def __init__(self, client: "TransferClient", slot: int):
+        self.client = client
+        self.slot = slot
+        self.conn: FrameConnection | None = None
+        self.ready = asyncio.get_running_loop().create_future()
+        self.nonce = hs.new_nonce()
+        self.server_nonce = b""
+        self.registered = False
+        self.inflight: dict[tuple[int, int, int], tuple[float, int, OutgoingTransfer]] = {}
+        self.inflight_bytes = 0
+        self.announced: set = set()
+        self.last_ack = time.monotonic()
+        self.tcp_prev: dict | None = None
+        self.writer: ThreadWriter | None = None
+
+    def start_writer(self, timeout: float) -> None:
+        """After the handshake, frames go out through a writer thread (plain TCP only: TLS
+        records must be produced by the event loop's transport)."""
+        loop = asyncio.get_running_loop()
+        wake = self.client._wake
+        self.writer = ThreadWriter(self.conn.sock, lambda exc: loop.call_soon_threadsafe(self._writer_failed, exc),
+                                   timeout, lambda: loop.call_soon_threadsafe(wake.set))
+
+    @property
+    def backlog(self) -> int:
+        """Bytes handed to this connection and not yet in the kernel: kept to a few frames, so
+        the scheduler decides late, when the socket can take data, and weights and deadlines hold."""
+        if self.writer is not None:
+            return self.writer.backlog
+        return self.conn.transport.get_write_buffer_size()
+
+    def _writer_failed(self, exc: BaseException) -> None:
+        if self.conn is not None:
+            self.conn.abort(exc)
+
+    def send(self, ftype: FrameType, transfer_id: int = 0, stream: int = 0, body: bytes = b"") -> None:
+        if self.writer is None:
+            self.conn.send(ftype, transfer_id, stream, body=body)
+        else:
+            head, view = make_frame(ftype, transfer_id, stream, 0, body)
+            self.writer.frame(head, view)
+
+    def send_data(self, t: OutgoingTransfer, part: int, offset: int, pieces: list[memoryview], checked: bool) -> None:
+        if self.writer is not None:
+            self.writer.data(t.transfer_id, part, offset, pieces, checked)
+            return
+        flags = digest = 0
+        if not checked:
+            flags = FLAG_UNCHECKED
+        elif len(pieces) == 1:
+            digest = xxhash.xxh3_64_intdigest(pieces[0])
+        else:
+            h = xxhash.xxh3_64()
+            for piece in pieces:
+                h.update(piece)
+            digest = h.intdigest()
+        length = sum(p.nbytes for p in pieces)
+        self.conn.send_raw(FrameHeader(FrameType.DATA, t.transfer_id, part, offset, length, digest, flags).encode(),
+                           pieces)
+
+    @property
+    def usable(self) -> bool:
+        return self.registered and self.conn is not None and self.conn.can_write
+
+    def on_open(self, conn: FrameConnection) -> None:
+        self.conn = conn
+        c = self.client
+        conn.send(FrameType.HELLO, body=hs.encode({"v": hs.PROTOCOL, "session": c.session.hex(), "conn": self.slot,
+                                                   "fingerprint": c.fingerprint.hex(), "nonce": self.nonce.hex()}))
+
+    def on_writable(self, conn) -> None:
+        self.client._wake.set()
+
+    def on_closed(self, conn, exc) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if not self.ready.done():
+            self.ready.set_exception(HandshakeError(f"connection closed during the handshake ({exc})"))
+            self.ready.exception()
+        if self.registered:
+            self.client._on_conn_lost(self)
+
+    def data_target(self, conn, header):
+        conn.abort(TransportError("receiver sent DATA"))
+        return None
+
+    def on_data(self, conn, header, target) -> None:
+        pass
+
+    def on_control(self, conn, header: FrameHeader, body: bytes) -> None:
+        if not self.ready.done():
+            try:
+                self._handshake(header, body)
+            except KvlinkError as exc:
+                self.ready.set_exception(exc)
+                conn.abort()
+            return
+        client = self.client
+        if header.type in (FrameType.ACK, FrameType.NACK):
+            try:
+                entries = unpack_acks(body)
+            except KvlinkError as exc:
+                conn.abort(exc)
+                return
+            client._on_acks(self, entries, header.type is FrameType.NACK)
+        elif header.type is FrameType.END:
+            client._on_end(header.transfer_id)
+        elif header.type is FrameType.ERROR:
+            client._on_error(self, header.transfer_id, hs.error_from_body(body))
+        elif header.type is FrameType.CANCEL:
+            client._on_peer_cancel(header.transfer_id)
+        else:
+            conn.abort(TransportError(f"unexpected {header.type.name} from the receiver"))
+
+    def _handshake(self, header: FrameHeader, body: bytes) -> None:
+        c = self.client
+        if header.type is FrameType.ERROR:
+            raise hs.error_from_body(body)
+        if header.type is FrameType.CHALLENGE:
+            if c.secret is None:
+                raise hs.AuthenticationError("the receiver requires a shared secret and none is configured")
+            self.server_nonce = hs.hex_bytes(hs.decode(body, {"nonce": str}), "nonce", hs.NONCE_BYTES)
+            mac = hs.mac(c.secret, "client", self.nonce, self.server_nonce, c.session, c.fingerprint)
+            self.conn.send(FrameType.AUTH, body=hs.encode({"mac": mac}))
+            return
+        if header.type is FrameType.ACCEPT:
+            accept = hs.decode(body, {"max_chunk": int})
+            if c.secret is not None:
+                if not self.server_nonce:
+                    raise hs.AuthenticationError("the receiver did not ask for the shared secret")
+                hs.check_mac(hs.mac(c.secret, "server", self.nonce, self.server_nonce, c.session, c.fingerprint),
+                             accept.get("mac"))
+            if accept["max_chunk"] < c.config.chunk_bytes:
+                raise HandshakeError(f"receiver takes chunks up to {accept['max_chunk']} bytes, "
+                                     f"this sender uses {c.config.chunk_bytes}")
+            self.ready.set_result(None)
+            return
+        raise HandshakeError(f"unexpected {header.type.name} during the handshake")
