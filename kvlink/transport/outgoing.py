@@ -71,6 +71,7 @@ class OutgoingTransfer:
         self.bucket = None if rate is None else TokenBucket(rate / 8, max(4 * chunk, int(rate / 8 * 0.002)))
         self.meta = meta
         self.opened = time.monotonic()
+        self.last_progress = self.opened  # last time the receiver acknowledged new bytes
         self.finished: float | None = None
         self._parts: list[_Part | None] = [None] * parts
         self.pending: collections.deque[Chunk] = collections.deque()
@@ -146,6 +147,7 @@ class OutgoingTransfer:
         p.acked[first: last + 1] = b"\x01" * (last + 1 - first)
         p.left -= fresh
         self.bytes_acked += length
+        self.last_progress = time.monotonic()
         return True
 
     def requeue(self, chunk: Chunk) -> None:

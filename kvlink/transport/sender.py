@@ -365,11 +365,16 @@ class TransferClient:
                 if cc is not None and cc.inflight and now - cc.last_ack > cfg.progress_timeout:
                     self.stats["stalled_connections"] += 1
                     cc.conn.abort(TransportError("no acknowledgement within progress_timeout"))
-            if cfg.transfer_timeout is not None:
-                for t in list(self._transfers.values()):
-                    if now - t.opened > cfg.transfer_timeout:
-                        self._fail(t, TransferTimeout(f"transfer {t.transfer_id:#x} not done after "
-                                                      f"{cfg.transfer_timeout} s"))
+            # A peer that accepts connections but stops acknowledging would otherwise be retried
+            # for ever: a transfer with bytes out and no progress through every reconnection fails.
+            stall_limit = cfg.progress_timeout * (cfg.reconnect_attempts + 1)
+            for t in list(self._transfers.values()):
+                if cfg.transfer_timeout is not None and now - t.opened > cfg.transfer_timeout:
+                    self._fail(t, TransferTimeout(f"transfer {t.transfer_id:#x} not done after "
+                                                  f"{cfg.transfer_timeout} s"))
+                elif t.bytes_sent > t.bytes_acked and now - t.last_progress > stall_limit:
+                    self._fail(t, TransferTimeout(f"transfer {t.transfer_id:#x}: no acknowledgement for "
+                                                  f"{now - t.last_progress:.1f} s across reconnections"))
             for slot, cc in enumerate(self._conns):
                 if cc is None and slot not in self._reconnecting and self._transfers and not self._closing:
                     self._reconnecting[slot] = asyncio.create_task(self._reconnect(slot))

@@ -9,7 +9,7 @@ import pytest
 
 from kvlink.config import TransportConfig
 from kvlink.errors import (AuthenticationError, FingerprintMismatch, PeerUnreachable, TransferCancelled,
-                           TransferRejected)
+                           TransferRejected, TransferTimeout)
 from kvlink.transport import TransferClient, TransferServer
 from kvlink.transport.frame import HEADER_SIZE, FrameType, make_frame, parse_header
 
@@ -391,3 +391,38 @@ async def test_receiver_waits_for_a_transfer_by_id():
         assert bytes((await incoming.done())[0]) == b"hello"
         await t.done()
     await server.close()
+
+
+async def test_stalled_receiver_bounds_sender_buffering_and_fails_in_time():
+    # A peer that completes the handshake and then never reads again.
+    from kvlink.transport import handshake as hs
+
+    stalled = []
+
+    async def handle(reader, writer):
+        head = await reader.readexactly(HEADER_SIZE)
+        await reader.readexactly(parse_header(head, 1 << 20).length)
+        h, body = make_frame(FrameType.ACCEPT, body=hs.encode({"max_chunk": 1 << 24}))
+        writer.write(h + bytes(body))
+        await writer.drain()
+        stalled.append(writer)  # keep it open, read nothing more
+
+    peer = await asyncio.start_server(handle, "127.0.0.1", 0, limit=1 << 16)
+    port = peer.sockets[0].getsockname()[1]
+    config = TransportConfig(connections=2, grid_bytes=16 << 10, chunk_bytes=64 << 10, window_bytes=1 << 20,
+                             progress_timeout=0.5, reconnect_attempts=1)
+    async with TransferClient("127.0.0.1", port, FP, config) as client:
+        t = client.open(1)
+        t.add_part(0, blobs([64 << 20])[0])
+        peak = 0
+        waiter = asyncio.ensure_future(t.done())
+        while not waiter.done():
+            peak = max(peak, sum(c.inflight_bytes for c in client._conns if c is not None))
+            await asyncio.wait([waiter], timeout=0.02)
+        with pytest.raises(TransferTimeout):
+            waiter.result()
+    assert 0 < peak <= 2 * config.window_bytes  # bounded by the windows, whatever is queued behind
+    assert t.bytes_sent <= 8 * config.window_bytes  # at most a few windows before giving up
+    for w in stalled:
+        w.transport.abort()
+    peer.close()
