@@ -143,8 +143,10 @@ async def test_connection_killed_mid_transfer_resumes():
     await server.close()
 
 
-async def test_corrupt_chunk_is_detected_and_resent():
+@pytest.mark.parametrize("reader_threads", [True, False], ids=["reader-threads", "event-loop-reader"])
+async def test_corrupt_chunk_is_detected_and_resent(reader_threads):
     server, port = await start_server()
+    server.reader_threads = reader_threads
     data = blobs([4 << 20])
     proxy = FaultProxy(port, corrupt_data_frame=5)
     proxy_port = await proxy.start()
