@@ -1,0 +1,154 @@
+"""A memory tier: fixed-size pages carved out of one preallocated buffer.
+
+The host tier is a slab of DRAM (pinned when CUDA exists, so promotion to the GPU and transfers
+start without staging); the GPU tier is the same code with ``device="cuda"`` (tests run it on
+``device="cpu"``). An entry takes ``ceil(size / page_bytes)`` pages, not necessarily adjacent,
+and carries the xxh3 of its bytes: :meth:`get` verifies it and drops an entry that fails,
+rather than ever returning damaged bytes. Nothing is allocated after construction.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass
+
+import torch
+import xxhash
+
+from kvlink.codec.checksum import checksum
+from kvlink.errors import ChecksumMismatch, ConfigError, LengthError, PoolError
+
+
+@dataclass(frozen=True)
+class SlabEntry:
+    pages: tuple[int, ...]
+    nbytes: int
+    digest: int
+
+
+class SlabTier:
+    """``capacity`` bytes in pages of ``page_bytes``; thread-safe."""
+
+    def __init__(self, capacity: int, page_bytes: int = 2 << 20, device: str | torch.device = "cpu",
+                 pin: bool | None = None):
+        if page_bytes <= 0 or capacity < page_bytes:
+            raise ConfigError(f"need 0 < page_bytes <= capacity, got {page_bytes} and {capacity}")
+        self.device = torch.device(device)
+        if pin is None:
+            pin = self.device.type == "cpu" and torch.cuda.is_available()
+        self.page_bytes = page_bytes
+        self.num_pages = capacity // page_bytes
+        self.buffer = torch.empty(self.num_pages * page_bytes, dtype=torch.uint8, device=self.device,
+                                  pin_memory=bool(pin))
+        if self.device.type == "cpu" and not pin:
+            self.buffer.zero_()  # fault the pages in now, not on the first put
+        self._free: collections.deque[int] = collections.deque(range(self.num_pages))
+        self._entries: dict[bytes, SlabEntry] = {}
+        self._lock = threading.Lock()
+        self.stats = collections.Counter()
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self.num_pages * self.page_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return (self.num_pages - len(self._free)) * self.page_bytes
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _page(self, index: int) -> torch.Tensor:
+        return self.buffer[index * self.page_bytes: (index + 1) * self.page_bytes]
+
+    # -- data -------------------------------------------------------------------------------------
+    def put(self, key: bytes, data, digest: int | None = None) -> bool:
+        """Copy ``data`` (bytes-like, CPU or device tensor) in; False when there is no room (the
+        caller evicts and retries). An existing entry under ``key`` is replaced. ``digest``: the
+        xxh3 of the bytes when the caller already has it (payload checksums), else computed."""
+        src = _as_bytes_tensor(data)
+        nbytes = src.numel()
+        need = max(1, -(-nbytes // self.page_bytes))
+        with self._lock:
+            if need > len(self._free) + len(self._entries.get(key, SlabEntry((), 0, 0)).pages):
+                self.stats["put_full"] += 1
+                return False
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._free.extend(old.pages)
+            pages = tuple(self._free.popleft() for _ in range(need))
+        # Hash each page right after copying it, while it is still in cache (host tiers).
+        hasher = xxhash.xxh3_64() if digest is None and self.device.type == "cpu" else None
+        for i, page in enumerate(pages):
+            lo = i * self.page_bytes
+            chunk = src[lo: lo + self.page_bytes]
+            dst = self._page(page)[: chunk.numel()]
+            dst.copy_(chunk, non_blocking=self.device.type == "cuda")
+            if hasher is not None and chunk.numel():
+                hasher.update(memoryview(dst.numpy()))
+        if hasher is not None:
+            digest = hasher.intdigest()
+        elif digest is None:
+            digest = checksum(_host_view(src))
+        with self._lock:
+            self._entries[key] = SlabEntry(pages, nbytes, digest)
+            self.stats["puts"] += 1
+        return True
+
+    def get(self, key: bytes, out=None, verify: bool = True):
+        """The entry's bytes, copied into ``out`` (a writable bytes-like or tensor of the right
+        size) or a new CPU tensor. Raises :class:`PoolError` for a missing key; an entry failing
+        its checksum is dropped and :class:`ChecksumMismatch` raised."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.stats["misses"] += 1
+                raise PoolError(f"no entry {key.hex()[:16]} in this tier")
+        dst = torch.empty(entry.nbytes, dtype=torch.uint8) if out is None else _as_bytes_tensor(out)
+        if dst.numel() != entry.nbytes:
+            raise LengthError(f"output holds {dst.numel()} bytes, entry has {entry.nbytes}")
+        for i, page in enumerate(entry.pages):
+            lo = i * self.page_bytes
+            n = min(self.page_bytes, entry.nbytes - lo)
+            dst[lo: lo + n].copy_(self._page(page)[:n])
+        if verify and checksum(_host_view(dst)) != entry.digest:
+            self.delete(key)
+            self.stats["corrupt"] += 1
+            raise ChecksumMismatch(f"slab entry {key.hex()[:16]}", entry.digest, checksum(_host_view(dst)))
+        self.stats["hits"] += 1
+        return dst
+
+    def delete(self, key: bytes) -> bool:
+        with self._lock:
+            entry = self._entries.pop(key, None)
+            if entry is None:
+                return False
+            self._free.extend(entry.pages)
+            return True
+
+    def entry(self, key: bytes) -> SlabEntry | None:
+        return self._entries.get(key)
+
+
+def _as_bytes_tensor(data) -> torch.Tensor:
+    if isinstance(data, torch.Tensor):
+        if not data.is_contiguous():
+            raise ConfigError("tier data must be contiguous")
+        return data.reshape(-1).view(torch.uint8)
+    view = memoryview(data).cast("B")
+    if view.nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(view, dtype=torch.uint8)
+
+
+def _host_view(t: torch.Tensor):
+    """A host buffer over ``t`` for hashing (device tensors are copied to the host first)."""
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return memoryview(t.numpy()) if t.numel() else b""

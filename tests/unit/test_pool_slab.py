@@ -1,0 +1,65 @@
+"""The slab memory tier: pages in one preallocated buffer, verified reads."""
+
+import os
+
+import pytest
+import torch
+
+from kvlink.errors import ChecksumMismatch, ConfigError, LengthError, PoolError
+from kvlink.pool.slab import SlabTier
+
+
+def test_roundtrip_across_pages_and_replace():
+    tier = SlabTier(64 << 10, page_bytes=4096)
+    data = os.urandom(10_000)  # 3 pages
+    assert tier.put(b"a", data)
+    assert len(tier.entry(b"a").pages) == 3 and tier.used_bytes == 3 * 4096
+    assert bytes(tier.get(b"a").numpy()) == data
+    out = bytearray(10_000)
+    tier.get(b"a", out=out)
+    assert bytes(out) == data
+    assert tier.put(b"a", b"short")  # replaces, frees the old pages
+    assert bytes(tier.get(b"a").numpy()) == b"short" and tier.used_bytes == 4096
+    assert tier.put(b"empty", b"") and tier.get(b"empty").numel() == 0
+
+
+def test_full_tier_refuses_then_accepts_after_delete():
+    tier = SlabTier(16 << 10, page_bytes=4096)
+    assert tier.put(b"x", bytes(12_000))
+    assert not tier.put(b"y", bytes(8192))  # needs 2 pages, 1 left
+    assert tier.stats["put_full"] == 1
+    assert tier.delete(b"x") and not tier.delete(b"x")
+    assert tier.put(b"y", bytes(8192))
+
+
+def test_corrupt_entry_is_dropped_never_returned():
+    tier = SlabTier(64 << 10, page_bytes=4096)
+    tier.put(b"k", os.urandom(5000))
+    page = tier.entry(b"k").pages[1]
+    tier.buffer[page * 4096 + 10] ^= 0xFF  # a bit flip in the stored bytes
+    with pytest.raises(ChecksumMismatch):
+        tier.get(b"k")
+    assert b"k" not in tier and tier.stats["corrupt"] == 1
+    with pytest.raises(PoolError):
+        tier.get(b"k")
+
+
+def test_device_tier_takes_tensors_and_checks_sizes():
+    tier = SlabTier(1 << 20, page_bytes=64 << 10, device="cpu")  # the GPU tier's code path, on CPU
+    kv = torch.randn(300, 128, dtype=torch.bfloat16)
+    assert tier.put(b"kv", kv)
+    back = tier.get(b"kv").view(torch.bfloat16).view(300, 128)
+    assert torch.equal(back, kv)
+    with pytest.raises(LengthError):
+        tier.get(b"kv", out=bytearray(10))
+    with pytest.raises(ConfigError):
+        SlabTier(100, page_bytes=4096)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_tier_roundtrip():
+    tier = SlabTier(8 << 20, page_bytes=1 << 20, device="cuda")
+    data = torch.randint(0, 255, (3 << 20,), dtype=torch.uint8, device="cuda")
+    assert tier.put(b"g", data)
+    assert torch.equal(tier.get(b"g").cuda(), data)
