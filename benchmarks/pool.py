@@ -1,12 +1,17 @@
 """Pool benchmark (groundwork): host slab tier put/get of 2 MiB entries vs a same-run memcpy,
-and prefix-index lookup of a 128K-token prompt.
+SSD tier put/get of 4 MiB entries vs plain sequential file I/O of the same bytes (page cache
+dropped for the files before reads, both writes synced), and prefix-index lookup of a
+128K-token prompt.
 
-    python benchmarks/pool.py [--json]
+    python benchmarks/pool.py [--json] [--dir DIR]   (DIR: where the SSD tier writes; default a temp dir)
 """
 
 import json
+import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -14,6 +19,53 @@ from kvlink.bench.timing import best_of
 from kvlink.pool.index import PrefixIndex, STATE
 from kvlink.pool.slab import SlabTier
 from kvlink.presets import get_preset
+
+
+def _drop_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def bench_ssd(where: Path | None, entry: int = 4 << 20, count: int = 64) -> dict:
+    from kvlink.pool.ssd import SsdTier
+
+    blobs = [os.urandom(entry) for _ in range(count)]
+    with tempfile.TemporaryDirectory(dir=where) as d:
+        base = Path(d) / "plain.bin"
+        t0 = time.perf_counter()
+        with open(base, "wb", buffering=0) as f:
+            for b in blobs:
+                f.write(b)
+            os.fsync(f.fileno())
+        plain_w = time.perf_counter() - t0
+        _drop_cache(base)
+        buf = bytearray(entry)
+        t0 = time.perf_counter()
+        with open(base, "rb", buffering=0) as f:
+            for _ in blobs:
+                f.readinto(buf)
+        plain_r = time.perf_counter() - t0
+        with SsdTier(Path(d) / "tier", entry * count * 2) as tier:
+            keys = [i.to_bytes(16, "little") for i in range(count)]
+            t0 = time.perf_counter()
+            for k, b in zip(keys, blobs):
+                tier.put(k, b)
+            os.sync()
+            tier_w = time.perf_counter() - t0
+            for k in keys:
+                _drop_cache(Path(d) / "tier" / "data" / k.hex())
+            t0 = time.perf_counter()
+            for k in keys:
+                tier.get(k, out=buf)
+            tier_r = time.perf_counter() - t0
+    total = entry * count
+    return {"ssd_entry_bytes": entry, "ssd_plain_write_gbps": round(total / plain_w / 1e9, 3),
+            "ssd_put_gbps": round(total / tier_w / 1e9, 3), "ssd_put_vs_plain": round(plain_w / tier_w, 3),
+            "ssd_plain_read_gbps": round(total / plain_r / 1e9, 3),
+            "ssd_get_gbps": round(total / tier_r / 1e9, 3), "ssd_get_vs_plain": round(plain_r / tier_r, 3)}
 
 
 def main() -> int:
@@ -54,12 +106,14 @@ def main() -> int:
     t0 = time.perf_counter()
     hit = index.lookup(tokens)
     lookup_ms = (time.perf_counter() - t0) * 1e3
+    ssd = bench_ssd(Path(sys.argv[sys.argv.index("--dir") + 1]) if "--dir" in sys.argv else None)
     result = {
         "entry_bytes": entry, "entries": count,
         "memcpy_in_gbps": round(total / in_s / 1e9, 2), "memcpy_out_gbps": round(total / out_s / 1e9, 2),
         "put_gbps": round(total / put_s / 1e9, 2), "put_vs_memcpy": round(in_s / put_s, 3),
         "get_gbps": round(total / get_s / 1e9, 2), "get_vs_memcpy": round(out_s / get_s, 3),
         "lookup_128k_tokens_ms": round(lookup_ms, 3), "lookup_hit_tokens": hit.tokens,
+        **ssd,
     }
     print(json.dumps(result, indent=None if "--json" in sys.argv else 2))
     return 0
