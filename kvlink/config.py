@@ -152,3 +152,37 @@ class TransportConfig:
         """The shared secret from ``KVLINK_SECRET`` (None when unset or empty)."""
         value = os.environ.get("KVLINK_SECRET", "")
         return value.encode() if value else None
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Prefix cache pool settings (sizes in bytes).
+
+    Tiers, top down: GPU (``gpu_bytes`` > 0), host DRAM (``host_bytes``), SSD (``ssd_dir`` set).
+    ``write_mode``: ``back`` writes an entry to SSD only when it is demoted; ``through`` also
+    writes every new entry to SSD right away (in the background), so host eviction loses nothing.
+    """
+
+    block_size: int = 64
+    namespace: str = ""
+    checkpoint_every: int | None = 16
+    host_bytes: int = 1 << 30
+    page_bytes: int = 256 << 10
+    gpu_bytes: int = 0
+    gpu_device: str = "cuda"
+    ssd_dir: str | None = None
+    ssd_bytes: int = 16 << 30
+    ssd_durable: bool = False
+    policy: str = "s3fifo"
+    write_mode: str = "back"
+    io_queue: int = 256  # background SSD writes waiting at most; beyond, demotions are dropped
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.page_bytes <= 0 or self.host_bytes < self.page_bytes:
+            raise ConfigError("block_size and page_bytes must be positive, host_bytes at least one page")
+        if self.policy not in ("lru", "s3fifo"):
+            raise ConfigError(f"policy must be lru or s3fifo, got {self.policy!r}")
+        if self.write_mode not in ("back", "through"):
+            raise ConfigError(f"write_mode must be back or through, got {self.write_mode!r}")
+        if self.io_queue <= 0:
+            raise ConfigError("io_queue must be positive")

@@ -1,6 +1,15 @@
-"""Hybrid prefix cache pool (issue 4). Built so far: the hybrid-aware prefix index
-(:mod:`kvlink.pool.index`); tiers, eviction policies and the daemon are still to come."""
+"""Hybrid prefix cache pool (issue 4, in progress).
+
+Built: the hybrid-aware prefix index (:mod:`~kvlink.pool.index`), memory tiers as page slabs
+(:mod:`~kvlink.pool.slab`, host and GPU), the SSD tier (:mod:`~kvlink.pool.ssd`, files plus a
+RocksDB index), LRU and S3-FIFO eviction (:mod:`~kvlink.pool.eviction`) and the in-process
+:class:`Pool` tying them together. Still to come: the ``kvlink pool serve`` daemon and its
+clients, and engine-facing restore of hits into paged caches.
+"""
 
 from kvlink.pool.index import Lease, PrefixHit, PrefixIndex, block_hashes, prefix_root
+from kvlink.pool.pool import Pool
+from kvlink.pool.slab import SlabTier
+from kvlink.pool.ssd import SsdTier
 
-__all__ = ["Lease", "PrefixHit", "PrefixIndex", "block_hashes", "prefix_root"]
+__all__ = ["Lease", "Pool", "PrefixHit", "PrefixIndex", "SlabTier", "SsdTier", "block_hashes", "prefix_root"]

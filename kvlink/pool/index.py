@@ -210,6 +210,13 @@ class PrefixIndex:
                     added.append((kind, keys[b]))
         return added
 
+    def add(self, kind: str, key: bytes, nbytes: int, position: int = 0) -> None:
+        """Register one stored entry by key (a pool storing pieces, or one rebuilt from SSD)."""
+        self._entries.setdefault((kind, key), Entry(key, kind, position, nbytes))
+
+    def entry(self, kind: str, key: bytes) -> Entry | None:
+        return self._entries.get((kind, key))
+
     def pin(self, hit: PrefixHit) -> Lease:
         """Protect every entry of ``hit`` from eviction until the lease is released."""
         entries = [self._entries[(FULL, k)] for k in hit.full] + [self._entries[(SLIDING, k)] for k in hit.sliding]
@@ -219,10 +226,10 @@ class PrefixIndex:
             entry.pins += 1
         return Lease(self, entries)
 
-    def remove(self, kind: str, key: bytes) -> Entry | None:
-        """Forget one entry (its bytes were evicted or failed verification); pinned ones stay."""
+    def remove(self, kind: str, key: bytes, force: bool = False) -> Entry | None:
+        """Forget one entry whose bytes were evicted (pinned ones stay) or lost (``force``)."""
         entry = self._entries.get((kind, key))
-        if entry is None or entry.pins:
+        if entry is None or (entry.pins and not force):
             return None
         return self._entries.pop((kind, key))
 

@@ -1,0 +1,256 @@
+"""The in-process hybrid prefix cache pool: the prefix index over GPU / host / SSD tiers.
+
+Entries (a block's full-attention KV, a block's sliding KV, a state checkpoint) enter the top
+memory tier. When a tier is full, its eviction policy picks a victim that is not pinned; the
+victim moves down (GPU -> host -> SSD) or, with nowhere to go, leaves the pool (and the index).
+SSD writes and promotions after an SSD hit run on a background I/O thread, off the caller's
+path; until a demoted entry is on disk it is served from the write queue. ``write_mode``
+``through`` also sends every new entry to SSD at once, so evicting it from memory loses
+nothing. After a restart the index is rebuilt from what the SSD tier holds.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import threading
+from typing import Sequence
+
+from kvlink.config import PoolConfig
+from kvlink.errors import ChecksumMismatch, PoolError
+from kvlink.pool.eviction import make_policy
+from kvlink.pool.index import FULL, SLIDING, STATE, PrefixHit, PrefixIndex
+from kvlink.pool.slab import SlabTier
+from kvlink.pool.ssd import SsdTier
+from kvlink.spec import CacheSpec
+
+_CODES = {FULL: b"F", SLIDING: b"W", STATE: b"S"}
+_KINDS = {v: k for k, v in _CODES.items()}
+
+
+def tier_key(kind: str, key: bytes) -> bytes:
+    return _CODES[kind] + key
+
+
+def _nbytes(data) -> int:
+    if hasattr(data, "element_size"):
+        return data.numel() * data.element_size()
+    return memoryview(data).nbytes
+
+
+class Pool:
+    """A prefix cache pool for one layout. Thread-safe; every method returns promptly except
+    :meth:`drain` (waits for background SSD work) and :meth:`close`."""
+
+    def __init__(self, spec: CacheSpec, config: PoolConfig | None = None):
+        self.config = cfg = config or PoolConfig()
+        self.index = PrefixIndex(spec, cfg.block_size, cfg.namespace, cfg.checkpoint_every)
+        self.levels: list[tuple[str, SlabTier]] = []
+        if cfg.gpu_bytes:
+            self.levels.append(("gpu", SlabTier(cfg.gpu_bytes, cfg.page_bytes, device=cfg.gpu_device)))
+        self.levels.append(("host", SlabTier(cfg.host_bytes, cfg.page_bytes)))
+        self.policies = [make_policy(cfg.policy, tier.capacity) for _, tier in self.levels]
+        self.ssd = SsdTier(cfg.ssd_dir, cfg.ssd_bytes, cfg.ssd_durable) if cfg.ssd_dir else None
+        self._lock = threading.RLock()
+        self._pending: dict[bytes, object] = {}  # tier key -> bytes on their way to SSD
+        self._futures: set[concurrent.futures.Future] = set()
+        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvlink-pool-io")
+        self.stats = collections.Counter()
+        if self.ssd is not None:
+            for tkey in self.ssd.keys():
+                if tkey[:1] in _KINDS and len(tkey) == 17:
+                    self.index.add(_KINDS[tkey[:1]], tkey[1:], self.ssd._sizes[tkey])
+
+    # -- queries ----------------------------------------------------------------------------------
+    def lookup(self, tokens: Sequence[int]) -> PrefixHit:
+        """The longest restorable prefix (see :class:`~kvlink.pool.index.PrefixIndex`)."""
+        with self._lock:
+            return self.index.lookup(tokens)
+
+    def where(self, kind: str, key: bytes) -> list[str]:
+        """Tiers holding an entry (for stats and tests)."""
+        tkey = tier_key(kind, key)
+        with self._lock:
+            out = [name for name, tier in self.levels if tkey in tier]
+            if tkey in self._pending or (self.ssd is not None and tkey in self.ssd):
+                out.append("ssd")
+            return out
+
+    # -- storing ----------------------------------------------------------------------------------
+    def store(self, tokens: Sequence[int], pieces: dict[tuple[str, int], object]) -> int:
+        """Store ``{(kind, block index): bytes}`` of a prompt; returns how many were new and fit."""
+        keys = self.index.hashes(tokens)
+        stored = 0
+        for (kind, block), data in pieces.items():
+            if not 0 <= block < len(keys):
+                raise PoolError(f"block {block} outside the prompt's {len(keys)} full blocks")
+            key, nbytes = keys[block], _nbytes(data)
+            with self._lock:
+                if self.index.has(kind, key):
+                    continue
+                if not self._put_level(0, tier_key(kind, key), data):
+                    self.stats["store_refused"] += 1
+                    continue
+                self.index.add(kind, key, nbytes, block)
+                stored += 1
+                if self.config.write_mode == "through" and self.ssd is not None:
+                    self._to_ssd(tier_key(kind, key), bytes(memoryview(data)))
+        return stored
+
+    def _pinned(self, tkey: bytes) -> bool:
+        entry = self.index.entry(_KINDS[tkey[:1]], tkey[1:])
+        return entry is not None and entry.pins > 0
+
+    def _put_level(self, level: int, tkey: bytes, data) -> bool:
+        """Put into memory level ``level``, moving victims down until it fits (caller holds the lock)."""
+        name, tier = self.levels[level]
+        policy = self.policies[level]
+        while not tier.put(tkey, data):
+            victim = policy.victim(self._pinned)
+            if victim is None or victim == tkey:
+                return False
+            self._demote(level, victim)
+        policy.admit(tkey, _nbytes(data))
+        return True
+
+    def _demote(self, level: int, tkey: bytes) -> None:
+        name, tier = self.levels[level]
+        try:
+            data = tier.get(tkey)
+        except (ChecksumMismatch, PoolError):
+            data = None
+        tier.delete(tkey)
+        self.policies[level].remove(tkey)
+        self.stats[f"demoted_from_{name}"] += 1
+        if data is None:
+            self._forget(tkey)
+        elif level + 1 < len(self.levels):
+            if not self._put_level(level + 1, tkey, data):
+                self._forget(tkey)
+        elif self.ssd is not None:
+            if tkey not in self.ssd and tkey not in self._pending:
+                self._to_ssd(tkey, bytes(data.numpy()))
+        else:
+            self._forget(tkey)
+
+    def _forget(self, tkey: bytes) -> None:
+        """The entry is in no tier any more: drop it from the index."""
+        if not self.where(_KINDS[tkey[:1]], tkey[1:]):
+            self.index.remove(_KINDS[tkey[:1]], tkey[1:], force=True)
+            self.stats["dropped"] += 1
+
+    def _to_ssd(self, tkey: bytes, data: bytes) -> None:
+        if len(self._futures) >= self.config.io_queue:
+            self.stats["ssd_queue_full"] += 1
+            self._forget(tkey)
+            return
+        self._pending[tkey] = data
+        fut = self._io.submit(self._write_ssd, tkey, data)
+        self._futures.add(fut)
+        fut.add_done_callback(self._futures.discard)
+
+    def _write_ssd(self, tkey: bytes, data: bytes) -> None:
+        ok = self.ssd.put(tkey, data)
+        with self._lock:
+            self._pending.pop(tkey, None)
+            if not ok:
+                self.stats["ssd_refused"] += 1
+                self._forget(tkey)
+
+    # -- fetching ---------------------------------------------------------------------------------
+    def fetch(self, hit: PrefixHit) -> dict[tuple[str, bytes], memoryview]:
+        """The bytes of every entry of ``hit``, keyed by (kind, key), each verified. Entries found
+        only on SSD are promoted to memory in the background. Raises :class:`PoolError` when an
+        entry was lost meanwhile (look up again)."""
+        wanted = [(FULL, k) for k in hit.full] + [(SLIDING, k) for k in hit.sliding]
+        if hit.state is not None:
+            wanted.append((STATE, hit.state))
+        with self._lock:
+            lease = self.index.pin(hit)
+        try:
+            return {(kind, key): self._read(tier_key(kind, key)) for kind, key in wanted}
+        finally:
+            with self._lock:
+                lease.release()
+
+    def _read(self, tkey: bytes) -> memoryview:
+        with self._lock:
+            for level, (name, tier) in enumerate(self.levels):
+                if tkey in tier:
+                    try:
+                        data = tier.get(tkey)
+                    except ChecksumMismatch:
+                        self.policies[level].remove(tkey)
+                        self.stats["corrupt"] += 1
+                        continue
+                    self.policies[level].touch(tkey)
+                    self.stats[f"hit_{name}"] += 1
+                    return memoryview(data.numpy())
+            pending = self._pending.get(tkey)
+            if pending is not None:
+                self.stats["hit_queue"] += 1
+                return memoryview(pending)
+        if self.ssd is None or tkey not in self.ssd:
+            with self._lock:
+                self._forget(tkey)
+            raise PoolError(f"entry {tkey.hex()[:18]} is no longer in the pool")
+        try:
+            data = self.ssd.get(tkey)
+        except (ChecksumMismatch, PoolError) as exc:
+            with self._lock:
+                self.stats["corrupt"] += 1
+                self._forget(tkey)
+            raise PoolError(f"entry {tkey.hex()[:18]} failed verification and was dropped: {exc}") from exc
+        self.stats["hit_ssd"] += 1
+        fut = self._io.submit(self._promote, tkey, bytes(data))
+        self._futures.add(fut)
+        fut.add_done_callback(self._futures.discard)
+        return data
+
+    def _promote(self, tkey: bytes, data: bytes) -> None:
+        with self._lock:
+            host = len(self.levels) - 1
+            if tkey not in self.levels[host][1] and self._put_level(host, tkey, data):
+                self.stats["promoted"] += 1
+
+    # -- maintenance ------------------------------------------------------------------------------
+    def evict(self, nbytes: int) -> int:
+        """Free at least ``nbytes`` from the top memory tier (victims move down); returns bytes freed."""
+        freed = 0
+        with self._lock:
+            name, tier = self.levels[0]
+            while freed < nbytes:
+                victim = self.policies[0].victim(self._pinned)
+                if victim is None:
+                    break
+                entry = tier.entry(victim)
+                self._demote(0, victim)
+                freed += len(entry.pages) * tier.page_bytes if entry else 0
+        return freed
+
+    def drain(self) -> None:
+        """Wait for queued SSD writes and promotions."""
+        while self._futures:
+            concurrent.futures.wait(list(self._futures))
+
+    def summary(self) -> dict:
+        with self._lock:
+            out = {"index": self.index.stats(), "counters": dict(self.stats),
+                   "tiers": {name: {"used": tier.used_bytes, "capacity": tier.capacity, "entries": len(tier)}
+                             for name, tier in self.levels}}
+            if self.ssd is not None:
+                out["tiers"]["ssd"] = {"used": self.ssd.used_bytes, "capacity": self.ssd.capacity,
+                                       "entries": len(self.ssd), "queued": len(self._pending)}
+            return out
+
+    def close(self) -> None:
+        self.drain()
+        self._io.shutdown(wait=True)
+        if self.ssd is not None:
+            self.ssd.close()
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

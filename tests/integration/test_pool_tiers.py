@@ -1,0 +1,141 @@
+"""The in-process pool over host and SSD tiers: hybrid hits, demotion, promotion, restart, pins."""
+
+import os
+
+import pytest
+
+from kvlink.config import PoolConfig
+from kvlink.errors import ConfigError
+from kvlink.pool.index import FULL, STATE
+from kvlink.pool.pool import Pool
+from kvlink.presets import get_preset
+
+HYBRID = get_preset("kimi-linear-48b-a3b")
+BS = 16
+
+
+def prompt(n, seed=0):
+    return [(seed * 7919 + i * 31) % 50000 for i in range(n)]
+
+
+def pieces(tokens, state_after, seed=0):
+    """Random bytes for each block's KV and each state checkpoint (what an engine would pack)."""
+    n = len(tokens) // BS
+    out = {(FULL, b): os.urandom(3000 + b) for b in range(n)}
+    out.update({(STATE, b): os.urandom(5000) for b in state_after})
+    return out
+
+
+def cfg(tmp_path, **kw):
+    base = dict(block_size=BS, host_bytes=64 << 10, page_bytes=4096, ssd_dir=str(tmp_path / "ssd"),
+                ssd_bytes=64 << 20, policy="lru")
+    base.update(kw)
+    return PoolConfig(**base)
+
+
+def check_fetch(pool, tokens, stored):
+    hit = pool.lookup(tokens)
+    got = pool.fetch(hit)
+    keys = pool.index.hashes(tokens)
+    for (kind, block), data in stored.items():
+        if (kind, keys[block]) in got:
+            assert bytes(got[(kind, keys[block])]) == data
+    return hit, got
+
+
+def test_store_lookup_fetch_exact_and_hybrid_rule(tmp_path):
+    tokens = prompt(256)
+    stored = pieces(tokens, [7])
+    with Pool(HYBRID, cfg(tmp_path)) as pool:
+        assert pool.store(tokens, stored) == len(stored)
+        hit, got = check_fetch(pool, tokens, stored)
+        assert hit.tokens == 128 and hit.kv_tokens == 256  # state only at block 7
+        assert len(got) == 8 + 1
+        assert pool.store(tokens, stored) == 0  # already there
+
+
+@pytest.mark.parametrize("policy", ["lru", "s3fifo"])
+def test_memory_pressure_demotes_to_ssd_and_hits_promote_back(tmp_path, policy):
+    with Pool(HYBRID, cfg(tmp_path, policy=policy)) as pool:
+        prompts = [prompt(256, seed=s) for s in range(6)]
+        stored = [pieces(p, [15], seed=s) for s, p in enumerate(prompts)]
+        for p, s in zip(prompts, stored):
+            pool.store(p, s)
+        pool.drain()
+        first = pool.index.hashes(prompts[0])
+        assert pool.where(FULL, first[0]) == ["ssd"]  # pushed out of 64 KiB of host memory
+        hit, _ = check_fetch(pool, prompts[0], stored[0])
+        assert hit.tokens == 256 and pool.stats["hit_ssd"] > 0
+        pool.drain()
+        assert "host" in pool.where(FULL, first[-1]) and pool.stats["promoted"] > 0
+
+
+def test_restart_rebuilds_the_index_from_ssd(tmp_path):
+    tokens = prompt(128)
+    stored = pieces(tokens, [7])
+    with Pool(HYBRID, cfg(tmp_path, write_mode="through")) as pool:
+        pool.store(tokens, stored)
+        pool.drain()
+    with Pool(HYBRID, cfg(tmp_path)) as pool:
+        hit, got = check_fetch(pool, tokens, stored)
+        assert hit.tokens == 128 and len(got) == 9
+
+
+def test_write_through_keeps_everything_when_memory_evicts(tmp_path):
+    tokens = prompt(256)
+    stored = pieces(tokens, [15])
+    with Pool(HYBRID, cfg(tmp_path, write_mode="through")) as pool:
+        pool.store(tokens, stored)
+        pool.drain()
+        assert pool.evict(1 << 30) > 0
+        assert pool.summary()["tiers"]["host"]["entries"] == 0
+        hit, _ = check_fetch(pool, tokens, stored)
+        assert hit.tokens == 256
+
+
+def test_without_ssd_evicted_entries_leave_the_index(tmp_path):
+    with Pool(HYBRID, cfg(tmp_path, ssd_dir=None, host_bytes=128 << 10)) as pool:  # 32 pages; a prompt takes 18
+        old, new = prompt(256, 1), prompt(256, 2)
+        pool.store(old, pieces(old, [15]))
+        pool.store(new, pieces(new, [15]))
+        assert pool.lookup(old).tokens == 0  # partly evicted: its state or blocks are gone
+        assert pool.lookup(new).tokens == 256
+        assert pool.stats["dropped"] > 0
+
+
+def test_pinned_hit_survives_pressure_while_fetched(tmp_path):
+    with Pool(HYBRID, cfg(tmp_path, ssd_dir=None)) as pool:
+        hot = prompt(128, 3)
+        pool.store(hot, pieces(hot, [7]))
+        hit = pool.lookup(hot)
+        lease = pool.index.pin(hit)
+        for s in range(4, 10):  # far more than fits
+            other = prompt(128, s)
+            pool.store(other, pieces(other, [7]))
+        assert pool.lookup(hot).tokens == 128
+        lease.release()
+
+
+def test_corrupt_ssd_entry_is_dropped_not_returned(tmp_path):
+    tokens = prompt(64)
+    stored = pieces(tokens, [3])
+    with Pool(HYBRID, cfg(tmp_path, write_mode="through")) as pool:
+        pool.store(tokens, stored)
+        pool.drain()
+        pool.evict(1 << 30)
+        key = pool.index.hashes(tokens)[0]
+        path = tmp_path / "ssd" / "data" / (b"F" + key).hex()
+        raw = bytearray(path.read_bytes())
+        raw[10] ^= 1
+        path.write_bytes(raw)
+        from kvlink.errors import PoolError
+        with pytest.raises(PoolError, match="verification"):
+            pool.fetch(pool.lookup(tokens))
+        assert pool.lookup(tokens).tokens == 0  # the hit now stops before the lost block
+
+
+def test_config_checks():
+    with pytest.raises(ConfigError):
+        PoolConfig(policy="mru")
+    with pytest.raises(ConfigError):
+        PoolConfig(write_mode="sometimes")
