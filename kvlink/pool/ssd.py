@@ -29,6 +29,7 @@ from kvlink.errors import ChecksumMismatch, ConfigError, LengthError, PoolError
 
 RECORD = struct.Struct("<4sBQQd")  # magic, version, nbytes, xxh3, stored-at (unix seconds)
 RECORD_MAGIC, RECORD_VERSION = b"KVLS", 1
+READ_PIECE = 1 << 20
 
 
 class SsdTier:
@@ -164,18 +165,22 @@ class SsdTier:
         buf = memoryview(bytearray(nbytes)) if out is None else memoryview(out).cast("B")
         if buf.nbytes != nbytes:
             raise LengthError(f"output holds {buf.nbytes} bytes, entry has {nbytes}")
+        h = xxhash.xxh3_64()
         try:
             with open(self._path(key), "rb", buffering=0) as f:
                 got = 0
                 while got < nbytes:
-                    n = f.readinto(buf[got:])
+                    # Read a cache-sized piece and hash it while it is still in cache.
+                    n = f.readinto(buf[got: got + READ_PIECE])
                     if not n:
                         break
+                    if verify:
+                        h.update(buf[got: got + n])
                     got += n
         except OSError as exc:
             self.delete(key)
             raise PoolError(f"SSD entry {key.hex()[:16]} unreadable: {exc}") from exc
-        if got != nbytes or (verify and xxhash.xxh3_64_intdigest(buf) != digest):
+        if got != nbytes or (verify and h.intdigest() != digest):
             self.delete(key)
             self.stats["corrupt"] += 1
             raise ChecksumMismatch(f"SSD entry {key.hex()[:16]}", digest, xxhash.xxh3_64_intdigest(buf[:got]))
