@@ -94,6 +94,7 @@ class Pool:
                 self.index.add(kind, key, nbytes, block)
                 stored += 1
                 if self.config.write_mode == "through" and self.ssd is not None:
+                    # The caller may reuse its buffer once store() returns: the queue keeps a copy.
                     self._to_ssd(tier_key(kind, key), bytes(memoryview(data)))
         return stored
 
@@ -129,7 +130,7 @@ class Pool:
                 self._forget(tkey)
         elif self.ssd is not None:
             if tkey not in self.ssd and tkey not in self._pending:
-                self._to_ssd(tkey, bytes(data.numpy()))
+                self._to_ssd(tkey, memoryview(data.numpy()))  # `data` is already our own copy
         else:
             self._forget(tkey)
 
@@ -139,7 +140,7 @@ class Pool:
             self.index.remove(_KINDS[tkey[:1]], tkey[1:], force=True)
             self.stats["dropped"] += 1
 
-    def _to_ssd(self, tkey: bytes, data: bytes) -> None:
+    def _to_ssd(self, tkey: bytes, data) -> None:
         if len(self._futures) >= self.config.io_queue:
             self.stats["ssd_queue_full"] += 1
             self._forget(tkey)
@@ -149,7 +150,7 @@ class Pool:
         self._futures.add(fut)
         fut.add_done_callback(self._futures.discard)
 
-    def _write_ssd(self, tkey: bytes, data: bytes) -> None:
+    def _write_ssd(self, tkey: bytes, data) -> None:
         ok = self.ssd.put(tkey, data)
         with self._lock:
             self._pending.pop(tkey, None)
@@ -202,12 +203,12 @@ class Pool:
                 self._forget(tkey)
             raise PoolError(f"entry {tkey.hex()[:18]} failed verification and was dropped: {exc}") from exc
         self.stats["hit_ssd"] += 1
-        fut = self._io.submit(self._promote, tkey, bytes(data))
+        fut = self._io.submit(self._promote, tkey, data)  # a fresh buffer: no copy needed
         self._futures.add(fut)
         fut.add_done_callback(self._futures.discard)
         return data
 
-    def _promote(self, tkey: bytes, data: bytes) -> None:
+    def _promote(self, tkey: bytes, data) -> None:
         with self._lock:
             host = len(self.levels) - 1
             if tkey not in self.levels[host][1] and self._put_level(host, tkey, data):
