@@ -116,6 +116,21 @@ def cmd_bench_transfer(args) -> int:
     return 0
 
 
+def cmd_pool_serve(args) -> int:
+    from kvlink.config import DaemonConfig, TransportConfig
+    from kvlink.daemon.server import serve_forever
+    from kvlink.transport.loop import run
+
+    overrides = {"host": args.host, "http_port": args.http_port, "data_port": args.data_port, "root": args.root,
+                 "models": tuple(args.model) if args.model else None}
+    if args.config:
+        config = DaemonConfig.from_toml(args.config, **overrides)
+    else:
+        config = DaemonConfig(**{k: v for k, v in overrides.items() if v is not None})
+    run(serve_forever(config, TransportConfig.secret_from_env()))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from kvlink import demo
 
@@ -178,6 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-transfers", type=int, default=None)
     serve.add_argument("--no-verify", action="store_true", help="skip payload checksum verification")
     serve.set_defaults(func=cmd_transfer_serve)
+
+    pool = sub.add_parser("pool", help="the prefix cache pool daemon")
+    pool_sub = pool.add_subparsers(dest="pool", required=True)
+    ps = pool_sub.add_parser("serve", help="run the pool as a process (HTTP control API + kvlink data path)")
+    ps.add_argument("--config", default=None, help="TOML file with [daemon] and [pool] tables")
+    ps.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
+    ps.add_argument("--http-port", type=int, default=None, help="control API port (default 7480)")
+    ps.add_argument("--data-port", type=int, default=None, help="transport port (default 7481)")
+    ps.add_argument("--root", default=None, help="directory for the SSD tiers (default: memory only)")
+    ps.add_argument("--model", action="append", default=None, help="preset to serve (repeatable)")
+    ps.set_defaults(func=cmd_pool_serve)
 
     demo = sub.add_parser("demo", help="run the main job end to end")
     demo.add_argument("--model", default="kimi-linear-48b-a3b")

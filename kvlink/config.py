@@ -186,3 +186,43 @@ class PoolConfig:
             raise ConfigError(f"write_mode must be back or through, got {self.write_mode!r}")
         if self.io_queue <= 0:
             raise ConfigError("io_queue must be positive")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """``kvlink pool serve``: where it listens, which models it serves, where SSD tiers live.
+
+    Each (model, namespace) gets its own :class:`PoolConfig`-sized pool; its SSD tier, when
+    ``root`` is set, lives in ``root/<model>/<namespace>``.
+    """
+
+    host: str = "127.0.0.1"
+    http_port: int = 7480
+    data_port: int = 7481
+    models: tuple[str, ...] = ("kimi-linear-48b-a3b",)
+    root: str | None = None
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    max_pools: int = 64
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides) -> "DaemonConfig":
+        """Read ``[daemon]`` and ``[pool]`` tables; keyword overrides (CLI flags) win."""
+        import tomllib
+
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from None
+        daemon, pool = dict(doc.get("daemon", {})), dict(doc.get("pool", {}))
+        unknown = set(daemon) - {f for f in cls.__dataclass_fields__ if f != "pool"}
+        unknown |= {f"pool.{k}" for k in set(pool) - set(PoolConfig.__dataclass_fields__)}
+        if unknown:
+            raise ConfigError(f"unknown settings in {path}: {sorted(unknown)}")
+        if "models" in daemon:
+            daemon["models"] = tuple(daemon["models"])
+        daemon.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(pool=PoolConfig(**pool), **daemon)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None

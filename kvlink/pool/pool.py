@@ -3,10 +3,10 @@
 Entries (a block's full-attention KV, a block's sliding KV, a state checkpoint) enter the top
 memory tier. When a tier is full, its eviction policy picks a victim that is not pinned; the
 victim moves down (GPU -> host -> SSD) or, with nowhere to go, leaves the pool (and the index).
-SSD writes and promotions after an SSD hit run on a background I/O thread, off the caller's
-path; until a demoted entry is on disk it is served from the write queue. ``write_mode``
-``through`` also sends every new entry to SSD at once, so evicting it from memory loses
-nothing. After a restart the index is rebuilt from what the SSD tier holds.
+Demotions to SSD and promotions after an SSD hit run on a background I/O thread, off the
+caller's path; until a demoted entry is on disk it is served from the write queue. With
+``write_mode="through"``, :meth:`store` also writes every new entry to SSD before it returns,
+so evicting it from memory loses nothing and a crash loses nothing stored. After a restart the index is rebuilt from what the SSD tier holds.
 """
 
 from __future__ import annotations
@@ -80,10 +80,11 @@ class Pool:
     def store(self, tokens: Sequence[int], pieces: dict[tuple[str, int], object]) -> int:
         """Store ``{(kind, block index): bytes}`` of a prompt; returns how many were new and fit."""
         keys = self.index.hashes(tokens)
+        for kind, block in pieces:  # all checked before anything is stored
+            if kind not in _CODES or not 0 <= block < len(keys):
+                raise PoolError(f"piece ({kind!r}, {block}) does not fit a prompt of {len(keys)} full blocks")
         stored = 0
         for (kind, block), data in pieces.items():
-            if not 0 <= block < len(keys):
-                raise PoolError(f"block {block} outside the prompt's {len(keys)} full blocks")
             key, nbytes = keys[block], _nbytes(data)
             with self._lock:
                 if self.index.has(kind, key):
@@ -93,9 +94,11 @@ class Pool:
                     continue
                 self.index.add(kind, key, nbytes, block)
                 stored += 1
-                if self.config.write_mode == "through" and self.ssd is not None:
-                    # The caller may reuse its buffer once store() returns: the queue keeps a copy.
-                    self._to_ssd(tier_key(kind, key), bytes(memoryview(data)))
+            if self.config.write_mode == "through" and self.ssd is not None:
+                # Write-through is synchronous: once store() returns the entry is on SSD too
+                # (outside the lock, so readers are not held up by the disk).
+                if not self.ssd.put(tier_key(kind, key), data):
+                    self.stats["ssd_refused"] += 1
         return stored
 
     def _pinned(self, tkey: bytes) -> bool:
@@ -173,6 +176,16 @@ class Pool:
         finally:
             with self._lock:
                 lease.release()
+
+    def fetch_keys(self, keys: list[tuple[str, bytes]]) -> list[memoryview | None]:
+        """Bytes of entries by (kind, key); None for one the pool does not have (any more)."""
+        out = []
+        for kind, key in keys:
+            try:
+                out.append(self._read(tier_key(kind, key)) if self.index.has(kind, key) else None)
+            except PoolError:
+                out.append(None)
+        return out
 
     def _read(self, tkey: bytes) -> memoryview:
         with self._lock:

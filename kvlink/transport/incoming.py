@@ -60,6 +60,7 @@ class IncomingTransfer:
         self.num_parts = parts
         self.chunk = chunk
         self.meta = meta
+        self.peer: tuple | None = None  # (host, port) of the connection that began it
         self.started = time.monotonic()
         self.finished: float | None = None
         self.last_progress = self.started

@@ -308,6 +308,7 @@ class TransferServer:
             raise TransferRejected("receiver backlog is full")
         t = IncomingTransfer(tid, sc.session, begin["parts"], begin["chunk"], begin["meta"], self._give_back)
         t.canceller = lambda: self._cancel_to_peer(t)
+        t.peer = sc.conn.transport.get_extra_info("peername")
         self._transfers[tid] = t
         self.stats["transfers"] += 1
         self._accept_q.put_nowait(t)
