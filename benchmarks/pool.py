@@ -68,6 +68,63 @@ def bench_ssd(where: Path | None, entry: int = 4 << 20, count: int = 64) -> dict
             "ssd_get_gbps": round(total / tier_r / 1e9, 3), "ssd_get_vs_plain": round(plain_r / tier_r, 3)}
 
 
+def bench_daemon(entry: int = 2 << 20, count: int = 64) -> dict:
+    """put/get of ``count`` entries through `kvlink pool serve` vs raw sockets, same bytes."""
+    import asyncio
+    import subprocess
+
+    from kvlink.bench import harness
+    from kvlink.bench.transfer import raw_baseline
+    from kvlink.daemon import PoolClient
+    from kvlink.pool.index import FULL, PrefixHit
+
+    model, bs = "kimi-linear-48b-a3b", 16
+    tokens = [(i * 31) % 50000 for i in range(bs * count)]
+    pieces = {(FULL, b): os.urandom(entry) for b in range(count)}
+    with tempfile.TemporaryDirectory() as d:
+        cfg = Path(d) / "pool.toml"
+        cfg.write_text(f'[daemon]\nmodels = ["{model}"]\n[pool]\nblock_size = {bs}\n'
+                       f'host_bytes = {entry * count * 8}\npage_bytes = {entry}\n')
+        proc = subprocess.Popen([sys.executable, "-m", "kvlink.cli", "pool", "serve", "--config", str(cfg),
+                                 "--http-port", "0", "--data-port", "0"], stdout=subprocess.PIPE, text=True)
+        ports = json.loads(proc.stdout.readline())
+        try:
+            async def run():
+                async with PoolClient(model, http_port=ports["http_port"], data_port=ports["data_port"]) as c:
+                    # Warm-up: creates the pool (its slab is allocated on first use) and the
+                    # daemon's reply connection, so the figures are steady-state.
+                    warm = [(i * 17) % 50000 for i in range(bs)]
+                    await c.put(warm, {(FULL, 0): b"w"})
+                    (await c.get(PrefixHit(bs, tuple(PrefixIndex(get_preset(model), bs).hashes(warm)), (), None, bs,
+                                           ""))).release()
+                    puts, gets = [], []
+                    for r in range(5):  # each round a new prompt (new entries), then its get
+                        prompt = [(t + r * 7) % 50000 for t in tokens]
+                        t0 = time.perf_counter()
+                        await c.put(prompt, pieces)
+                        puts.append(time.perf_counter() - t0)
+                        keys = tuple(PrefixIndex(get_preset(model), bs).hashes(prompt))
+                        t0 = time.perf_counter()
+                        with await c.get(PrefixHit(len(prompt), keys, (), None, len(prompt), "")) as got:
+                            gets.append(time.perf_counter() - t0)
+                            assert len(got) == count
+                    return sorted(puts)[2], sorted(gets)[2]
+            put_s, get_s = asyncio.run(run())
+        finally:
+            proc.kill()
+            proc.wait()
+    sink = harness.SinkProcess(harness.serve_argv("127.0.0.1", str(2 * entry * count >> 20)))
+    try:
+        raw_s = min(raw_baseline("127.0.0.1", sink.listening["raw_port"], [memoryview(b) for b in pieces.values()], 4)
+                    for _ in range(3))
+    finally:
+        sink.stop()
+    total = entry * count
+    return {"daemon_put_gbps": round(total * 8 / put_s / 1e9, 3), "daemon_get_gbps": round(total * 8 / get_s / 1e9, 3),
+            "raw_socket_gbps": round(total * 8 / raw_s / 1e9, 3),
+            "daemon_put_vs_raw": round(raw_s / put_s, 3), "daemon_get_vs_raw": round(raw_s / get_s, 3)}
+
+
 def main() -> int:
     entry, count = 2 << 20, 128
     data = [torch.empty(entry, dtype=torch.uint8).random_() for _ in range(count)]
@@ -91,13 +148,17 @@ def main() -> int:
         for key, src in zip(keys, data):
             tier.put(key, src)
 
-    def get():
+    def get():  # as the pool reads memory tiers
+        for key in keys:
+            tier.get(key, out=dst, verify=False)
+
+    def get_verified():
         for key in keys:
             tier.get(key, out=dst)
 
     total = entry * count
     in_s, out_s = best_of(memcpy_in, 5), best_of(memcpy_out, 5)
-    put_s, get_s = best_of(put, 5), best_of(get, 5)
+    put_s, get_s, getv_s = best_of(put, 5), best_of(get, 5), best_of(get_verified, 5)
     spec = get_preset("kimi-linear-48b-a3b")
     index = PrefixIndex(spec, 64, checkpoint_every=16)
     tokens = [(i * 31) % 50000 for i in range(131072)]
@@ -106,14 +167,16 @@ def main() -> int:
     t0 = time.perf_counter()
     hit = index.lookup(tokens)
     lookup_ms = (time.perf_counter() - t0) * 1e3
+    daemon = bench_daemon()
     ssd = bench_ssd(Path(sys.argv[sys.argv.index("--dir") + 1]) if "--dir" in sys.argv else None)
     result = {
         "entry_bytes": entry, "entries": count,
         "memcpy_in_gbps": round(total / in_s / 1e9, 2), "memcpy_out_gbps": round(total / out_s / 1e9, 2),
         "put_gbps": round(total / put_s / 1e9, 2), "put_vs_memcpy": round(in_s / put_s, 3),
         "get_gbps": round(total / get_s / 1e9, 2), "get_vs_memcpy": round(out_s / get_s, 3),
+        "get_verified_gbps": round(total / getv_s / 1e9, 2), "get_verified_vs_memcpy": round(out_s / getv_s, 3),
         "lookup_128k_tokens_ms": round(lookup_ms, 3), "lookup_hit_tokens": hit.tokens,
-        **ssd,
+        **ssd, **daemon,
     }
     print(json.dumps(result, indent=None if "--json" in sys.argv else 2))
     return 0

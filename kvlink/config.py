@@ -176,6 +176,7 @@ class PoolConfig:
     policy: str = "s3fifo"
     write_mode: str = "back"
     io_queue: int = 256  # background SSD writes waiting at most; beyond, demotions are dropped
+    verify_memory: bool = False  # also verify xxh3 on GPU/host reads (SSD reads always are)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.page_bytes <= 0 or self.host_bytes < self.page_bytes:
@@ -203,6 +204,7 @@ class DaemonConfig:
     root: str | None = None
     pool: PoolConfig = field(default_factory=PoolConfig)
     max_pools: int = 64
+    receive_arena: int = 512 << 20  # preallocated landing area for puts (bounds one put's size)
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "DaemonConfig":

@@ -19,6 +19,8 @@ from kvlink.daemon import protocol as proto
 from kvlink.errors import PoolError
 from kvlink.pool.index import PrefixHit
 from kvlink.presets import get_preset
+from kvlink.serde.staging import StagingArena
+from kvlink.transport.incoming import arena_allocator
 from kvlink.transport.receiver import TransferServer
 from kvlink.transport.sender import TransferClient
 
@@ -32,13 +34,14 @@ class PoolClient:
 
     def __init__(self, model: str, namespace: str = "", host: str = "127.0.0.1", http_port: int = 7480,
                  data_port: int = 7481, secret: bytes | None = None, transport: TransportConfig | None = None,
-                 reply_host: str = "127.0.0.1", timeout: float = 60.0):
+                 reply_host: str = "127.0.0.1", timeout: float = 60.0, reply_arena: int = 256 << 20):
         self.model, self.namespace = model, namespace
         self.host, self.http_port, self.data_port = host, http_port, data_port
         self.secret = secret
         self.transport = transport or TransportConfig()
         self.reply_host = reply_host
         self.timeout = timeout
+        self.reply_arena = reply_arena
         self.fingerprint = get_preset(model).fingerprint
         self._ids = itertools.count(int.from_bytes(os.urandom(6), "little") << 16 | 1)
         self._http: aiohttp.ClientSession | None = None
@@ -49,7 +52,9 @@ class PoolClient:
     async def connect(self) -> "PoolClient":
         self._http = aiohttp.ClientSession(base_url=f"http://{self.host}:{self.http_port}",
                                            timeout=aiohttp.ClientTimeout(total=self.timeout))
-        self._replies = TransferServer(self.transport, [self.fingerprint], secret=self.secret)
+        # Replies land in a preallocated arena (bounds one get's size), copied out per part.
+        self._replies = TransferServer(self.transport, [self.fingerprint], secret=self.secret,
+                                       allocator=arena_allocator(StagingArena(self.reply_arena)))
         _, self.reply_port = await self._replies.start(self.reply_host, 0)
         self._sender = TransferClient(self.host, self.data_port, self.fingerprint, self.transport, secret=self.secret)
         await self._sender.connect()
@@ -94,7 +99,8 @@ class PoolClient:
             return await resp.json()
 
     # -- data -------------------------------------------------------------------------------------
-    async def _call(self, meta: dict, parts: list) -> tuple[dict, list[memoryview]]:
+    async def _call(self, meta: dict, parts: list):
+        """Send a request transfer, wait for the daemon's reply transfer; returns it (release it)."""
         reply_id = next(self._ids)
         waiter = asyncio.ensure_future(self._replies.transfer(reply_id))
         meta = {**meta, "model": self.model, "namespace": self.namespace, "reply_port": self.reply_port,
@@ -102,28 +108,49 @@ class PoolClient:
         try:
             await self._sender.send(parts or [b""], meta=meta)
             incoming = await asyncio.wait_for(waiter, self.timeout)
-            got = [bytes(p) for p in await asyncio.wait_for(incoming.done(), self.timeout)]
-            incoming.release()
+            await asyncio.wait_for(incoming.done(), self.timeout)
         finally:
             waiter.cancel()
         if "error" in incoming.meta:
+            incoming.release()
             raise PoolError(f"daemon: {incoming.meta['message']}")
-        return incoming.meta, got
+        return incoming
 
     async def put(self, tokens: list[int], pieces: dict[tuple[str, int], object]) -> int:
         """Store ``{(kind, block): bytes}`` of a prompt; returns how many entries were new."""
         names = [[kind, block] for kind, block in pieces]
-        meta, _ = await self._call({"op": "put", "tokens": list(tokens), "pieces": names}, list(pieces.values()))
-        return meta["stored"]
+        reply = await self._call({"op": "put", "tokens": list(tokens), "pieces": names}, list(pieces.values()))
+        reply.release()
+        return reply.meta["stored"]
 
-    async def get(self, hit: PrefixHit) -> dict[tuple[str, bytes], bytes]:
-        """Bytes of every entry of ``hit`` (verified by the daemon's tiers and by the transport).
-        Raises :class:`PoolError` when some entry is gone (look up again)."""
+    async def get(self, hit: PrefixHit) -> "Fetched":
+        """Every entry of ``hit``, ``{(kind, key): memoryview}``, verified by the transport. The
+        views point into the client's landing arena: ``release()`` the result (or use it as a
+        context manager) once unpacked. Raises :class:`PoolError` when some entry is gone."""
         keys = proto.hit_keys(hit)
-        meta, parts = await self._call({"op": "get", "keys": [[k, key.hex()] for k, key in keys]}, [])
-        if meta["missing"]:
-            raise PoolError(f"{len(meta['missing'])} of {len(keys)} entries are no longer in the pool")
-        return dict(zip(keys, parts))
+        reply = await self._call({"op": "get", "keys": [[k, key.hex()] for k, key in keys]}, [])
+        if reply.meta["missing"]:
+            reply.release()
+            raise PoolError(f"{len(reply.meta['missing'])} of {len(keys)} entries are no longer in the pool")
+        return Fetched(zip(keys, reply.buffers()), reply.release)
+
+
+class Fetched(dict):
+    """Entries fetched from the daemon, viewing its reply's landing buffers until released."""
+
+    def __init__(self, items, release):
+        super().__init__(items)
+        self._release = release
+
+    def release(self) -> None:
+        self.clear()
+        self._release()
+
+    def __enter__(self) -> "Fetched":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class SyncPoolClient:

@@ -177,6 +177,42 @@ class Pool:
             with self._lock:
                 lease.release()
 
+    def pin_views(self, keys: list[tuple[str, bytes]]):
+        """Entries by (kind, key) without copying: for each, a list of buffers (pages in a host
+        tier, or a fresh buffer read from GPU/SSD) or None if absent; plus ``release()``, to call
+        once the buffers are no longer used (until then the entries cannot be evicted)."""
+        out, pinned, slow = [], [], []
+        with self._lock:
+            for kind, key in keys:
+                entry, tkey = self.index.entry(kind, key), tier_key(kind, key)
+                if entry is None:
+                    out.append(None)
+                    continue
+                entry.pins += 1
+                pinned.append(entry)
+                for level, (name, tier) in enumerate(self.levels):
+                    if tkey in tier and tier.device.type == "cpu":
+                        out.append(tier.views(tkey))
+                        self.policies[level].touch(tkey)
+                        self.stats[f"hit_{name}"] += 1
+                        break
+                else:
+                    slow.append(len(out))
+                    out.append(tkey)
+        for i in slow:  # GPU or SSD: read into a buffer of its own
+            try:
+                out[i] = [self._read(out[i])]
+            except PoolError:
+                out[i] = None
+
+        def release() -> None:
+            with self._lock:
+                for entry in pinned:
+                    entry.pins -= 1
+                pinned.clear()
+
+        return out, release
+
     def fetch_keys(self, keys: list[tuple[str, bytes]]) -> list[memoryview | None]:
         """Bytes of entries by (kind, key); None for one the pool does not have (any more)."""
         out = []
@@ -192,7 +228,8 @@ class Pool:
             for level, (name, tier) in enumerate(self.levels):
                 if tkey in tier:
                     try:
-                        data = tier.get(tkey)
+                        # Memory is trusted (ECC); checksums guard what crosses a disk or a wire.
+                        data = tier.get(tkey, verify=self.config.verify_memory)
                     except ChecksumMismatch:
                         self.policies[level].remove(tkey)
                         self.stats["corrupt"] += 1

@@ -128,6 +128,20 @@ class SlabTier:
         self.stats["hits"] += 1
         return dst
 
+    def views(self, key: bytes) -> list[memoryview]:
+        """The entry's bytes in place, page by page (host tiers; no copy). Valid only while the
+        entry stays: callers pin it first (see :meth:`Pool.pin_views`)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            raise PoolError(f"no entry {key.hex()[:16]} in this tier")
+        if self.device.type != "cpu":
+            raise ConfigError("views are for host tiers")
+        out = []
+        for i, page in enumerate(entry.pages):
+            n = min(self.page_bytes, entry.nbytes - i * self.page_bytes)
+            out.append(memoryview(self._page(page)[:n].numpy()))
+        return out
+
     def delete(self, key: bytes) -> bool:
         with self._lock:
             entry = self._entries.pop(key, None)

@@ -197,6 +197,11 @@ class IncomingTransfer:
             raise IndexError(f"part {index} outside 0..{self.num_parts - 1}")
         return await asyncio.shield(self._announced[index])
 
+    def buffers(self) -> list[memoryview]:
+        """The parts of a completed transfer (raises its error; ``asyncio.InvalidStateError``
+        if it is not complete yet: await :meth:`done` first)."""
+        return self._done.result()
+
     async def done(self) -> list[memoryview]:
         """Wait for every part; returns their buffers in part order."""
         return await asyncio.shield(self._done)
