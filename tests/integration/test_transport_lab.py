@@ -66,6 +66,9 @@ def test_estimate_follows_a_rate_drop_and_the_transfer_completes():
 
 
 def test_multi_gigabyte_transfer_over_the_lab_link_is_verified():
+    from tests.conftest import require_free_memory
+
+    require_free_memory(6)
     # Two concurrent 1.05 GB model-shaped transfers (2.2 GB) over a 10 Gbit/s shaped link.
     result = lab_bench("--lab-rate", "10gbit", "--tokens", "131072", "--transfers", "2", arena=2300, timeout=400)
     events = [e for e in result["receiver_events"] if e["event"] == "transfer"]

@@ -13,6 +13,7 @@ from kvlink.errors import (AuthenticationError, FingerprintMismatch, PeerUnreach
 from kvlink.transport import TransferClient, TransferServer
 from kvlink.transport.frame import HEADER_SIZE, FrameType, make_frame, parse_header
 
+from tests.conftest import require_free_memory
 from tests.integration.netfaults import FaultProxy
 
 FP = bytes(range(16))
@@ -55,6 +56,7 @@ async def test_bit_exact_streaming_parts_in_any_order():
 
 
 async def test_multi_gigabyte_payload_bit_exact():
+    require_free_memory(3.5)
     config = TransportConfig(connections=4)
     server, port = await start_server(config)
     # 2 GiB of distinct bytes without holding 2 GiB twice: one 256 MiB block sent as 8 parts.
