@@ -109,7 +109,8 @@ class Pool:
         """Put into memory level ``level``, moving victims down until it fits (caller holds the lock)."""
         name, tier = self.levels[level]
         policy = self.policies[level]
-        while not tier.put(tkey, data):
+        # Digests are only worth computing when memory reads verify them.
+        while not tier.put(tkey, data, hashed=self.config.verify_memory):
             victim = policy.victim(self._pinned)
             if victim is None or victim == tkey:
                 return False
@@ -120,7 +121,7 @@ class Pool:
     def _demote(self, level: int, tkey: bytes) -> None:
         name, tier = self.levels[level]
         try:
-            data = tier.get(tkey)
+            data = tier.get(tkey, verify=self.config.verify_memory)
         except (ChecksumMismatch, PoolError):
             data = None
         tier.delete(tkey)

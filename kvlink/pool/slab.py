@@ -24,7 +24,7 @@ from kvlink.errors import ChecksumMismatch, ConfigError, LengthError, PoolError
 class SlabEntry:
     pages: tuple[int, ...]
     nbytes: int
-    digest: int
+    digest: int | None  # None: stored without one, reads cannot verify it
 
 
 class SlabTier:
@@ -68,10 +68,11 @@ class SlabTier:
         return self.buffer[index * self.page_bytes: (index + 1) * self.page_bytes]
 
     # -- data -------------------------------------------------------------------------------------
-    def put(self, key: bytes, data, digest: int | None = None) -> bool:
+    def put(self, key: bytes, data, digest: int | None = None, hashed: bool = True) -> bool:
         """Copy ``data`` (bytes-like, CPU or device tensor) in; False when there is no room (the
         caller evicts and retries). An existing entry under ``key`` is replaced. ``digest``: the
-        xxh3 of the bytes when the caller already has it (payload checksums), else computed."""
+        xxh3 of the bytes when the caller already has it, else computed unless ``hashed`` is
+        False (then the entry cannot be verified on reads)."""
         src = _as_bytes_tensor(data)
         nbytes = src.numel()
         need = max(1, -(-nbytes // self.page_bytes))
@@ -84,7 +85,7 @@ class SlabTier:
                 self._free.extend(old.pages)
             pages = tuple(self._free.popleft() for _ in range(need))
         # Hash each page right after copying it, while it is still in cache (host tiers).
-        hasher = xxhash.xxh3_64() if digest is None and self.device.type == "cpu" else None
+        hasher = xxhash.xxh3_64() if hashed and digest is None and self.device.type == "cpu" else None
         for i, page in enumerate(pages):
             lo = i * self.page_bytes
             chunk = src[lo: lo + self.page_bytes]
@@ -94,7 +95,7 @@ class SlabTier:
                 hasher.update(memoryview(dst.numpy()))
         if hasher is not None:
             digest = hasher.intdigest()
-        elif digest is None:
+        elif digest is None and hashed:
             digest = checksum(_host_view(src))
         with self._lock:
             self._entries[key] = SlabEntry(pages, nbytes, digest)
@@ -113,6 +114,7 @@ class SlabTier:
         dst = torch.empty(entry.nbytes, dtype=torch.uint8) if out is None else _as_bytes_tensor(out)
         if dst.numel() != entry.nbytes:
             raise LengthError(f"output holds {dst.numel()} bytes, entry has {entry.nbytes}")
+        verify = verify and entry.digest is not None
         hasher = xxhash.xxh3_64() if verify and dst.device.type == "cpu" else None
         for i, page in enumerate(entry.pages):
             lo = i * self.page_bytes

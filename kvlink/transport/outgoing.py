@@ -105,6 +105,9 @@ class OutgoingTransfer:
         self.pending.extend((index, i * self.chunk, min(self.chunk, length - i * self.chunk)) for i in range(nchunks))
         self._on_ready(self)
 
+    def added_parts(self) -> list[int]:
+        return [i for i, p in enumerate(self._parts) if p is not None]
+
     @property
     def parts_added(self) -> int:
         return sum(p is not None for p in self._parts)

@@ -321,21 +321,31 @@ class TransferServer:
         t = self._transfers.get(tid)
         if t is None or t.owner != sc.session:
             raise TransferRejected(f"unknown transfer {tid:#x}")
-        length = hs.decode(body, {"length": int})["length"]
+        obj = hs.decode(body, {})
+        if "parts" in obj:  # several parts announced at once: [[index, length], ...]
+            pairs = obj["parts"]
+            if not isinstance(pairs, list) or len(pairs) > t.num_parts or not all(
+                    isinstance(p, list) and len(p) == 2 and all(type(v) is int for v in p) for p in pairs):
+                raise TransferRejected("PART body 'parts' must be [index, length] pairs")
+        else:
+            pairs = [[index, hs.decode(body, {"length": int})["length"]]]
+        for index, length in pairs:
+            self._announce(t, index, length)
+        if t.complete:
+            self._finish(sc, t)
+
+    def _announce(self, t: IncomingTransfer, index: int, length: int) -> None:
         if length < 0:
             raise TransferRejected("negative part length")
         if 0 <= index < t.num_parts and t._parts[index] is not None:
             t.announce(index, length, self.allocator)  # idempotent re-announcement after a reconnect
             return
-        total = t.reserved + length
-        if total > self.config.max_transfer_bytes:
+        if t.reserved + length > self.config.max_transfer_bytes:
             raise TransferRejected(f"transfer would exceed {self.config.max_transfer_bytes} bytes")
         if self._reserved + length > self.config.receive_budget_bytes:
             raise TransferRejected("receiver memory budget exhausted; retry later")
         t.announce(index, length, self.allocator)
         self._reserved += length
-        if t.complete:
-            self._finish(sc, t)
 
     def _finish(self, sc: _ServerConn, t: IncomingTransfer) -> None:
         self._transfers.pop(t.transfer_id, None)

@@ -340,8 +340,11 @@ class TransferClient:
                                                           "weight": t.weight, "meta": t.meta}))
             cc.announced.add(tid)
         if (tid, part) not in cc.announced:
-            cc.send(FrameType.PART, tid, stream=part, body=hs.encode({"length": t.part_length(part)}))
-            cc.announced.add((tid, part))
+            # Announce every part added so far in one frame: the receiver handles each PART
+            # frame with a hop to its event loop, so one per part per connection adds up.
+            pairs = [[i, t.part_length(i)] for i in t.added_parts() if (tid, i) not in cc.announced]
+            cc.send(FrameType.PART, tid, stream=part, body=hs.encode({"parts": pairs}))
+            cc.announced.update((tid, i) for i, _ in pairs)
         now = time.monotonic()
         if not cc.inflight:
             cc.last_ack = now  # the progress clock runs only while something is unacknowledged

@@ -139,3 +139,16 @@ def test_config_checks():
         PoolConfig(policy="mru")
     with pytest.raises(ConfigError):
         PoolConfig(write_mode="sometimes")
+
+
+def test_verified_memory_falls_back_to_ssd_on_a_damaged_page(tmp_path):
+    tokens = prompt(64)
+    stored = pieces(tokens, [3])
+    with Pool(HYBRID, cfg(tmp_path, write_mode="through", verify_memory=True)) as pool:
+        pool.store(tokens, stored)
+        host = pool.levels[-1][1]
+        key = pool.index.hashes(tokens)[1]
+        page = host.entry(b"F" + key).pages[0]
+        host.buffer[page * host.page_bytes + 7] ^= 0x40  # a bit flip in DRAM
+        hit, got = check_fetch(pool, tokens, stored)  # the SSD copy is served, intact
+        assert hit.tokens == 64 and pool.stats["corrupt"] == 1 and pool.stats["hit_ssd"] >= 1

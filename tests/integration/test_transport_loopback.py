@@ -291,6 +291,11 @@ async def test_bad_frames_are_refused_without_disturbing_other_transfers():
             _send_frame(sock, FrameType.DATA, tid=77, offset=4096, body=b"y" * 10)
             header, body = _read_frame(sock)
             assert header.type is FrameType.ERROR and header.transfer_id == 77
+            # 2b. a malformed batch announcement: refused, that transfer only
+            _send_frame(sock, FrameType.BEGIN, tid=78, body=hs.encode({"parts": 2, "chunk": 16384, "meta": {}}))
+            _send_frame(sock, FrameType.PART, tid=78, body=hs.encode({"parts": [[0], [1, "x"]]}))
+            header, body = _read_frame(sock)
+            assert header.type is FrameType.ERROR and header.transfer_id == 78
             # 3. garbage where a header belongs: that connection is closed
             sock.sendall(b"GARBAGE!" * 6)
             assert _read_frame(sock)[0] is None
