@@ -84,14 +84,15 @@ async def serve(host: str, port: int, raw_port: int | None, arena_bytes: int, co
     if raw_port is not None:
         sink = RawSink(host, raw_port, memoryview(StagingArena(arena_bytes, pin=False).buffer.numpy()))
     emit({"event": "listening", "host": bound[0], "port": bound[1], "raw_port": sink.port if sink else None})
-    served = 0
+    served, finishing = 0, set()
     try:
         while max_transfers is None or served < max_transfers:
             incoming = await server.accept()
-            asyncio.create_task(_finish(incoming, verify))
+            task = asyncio.create_task(_finish(incoming, verify))
+            finishing.add(task)
+            task.add_done_callback(finishing.discard)
             served += 1
-        while server._transfers:
-            await asyncio.sleep(0.05)
+        await asyncio.gather(*finishing)
     finally:
         await server.close()
 

@@ -130,48 +130,46 @@ async def _round(client: TransferClient, payloads: list, weights: list[float], p
                  verify: bool = True) -> dict:
     parts = [p.buffers() for p in payloads]
     total = sum(p.nbytes for p in payloads)
-    if True:
-        bar = Progress(total * len(weights), progress)
-        t0 = time.monotonic()
-        t0_monotonic = t0
-        # The receiver verifies payload checksums after a transfer; only the last round asks, so
-        # verification never competes with a measured round (or with the baseline) for CPU.
-        transfers = [client.open(len(parts), weight=w, meta={"payload": True, "verify": verify, "weight": w})
-                     for w in weights]
-        # Parts are fed one at a time, as a prefill engine produces layers.
-        for i, part in enumerate(parts):
-            for t in transfers:
-                t.add_part(i, part)
-        waiters = [asyncio.ensure_future(t.done()) for t in transfers]
-        first_done: dict | None = None
-        timeline = []
-        while not all(w.done() for w in waiters):
-            await asyncio.wait(waiters, timeout=0.1, return_when=asyncio.FIRST_EXCEPTION)
-            snap = client.snapshot()
-            now = time.monotonic() - t0
-            timeline.append({"t": round(now, 3), "acked": sum(t.bytes_acked for t in transfers),
-                             "acked_each": [t.bytes_acked for t in transfers],
-                             "available_bps": snap.available_bps, "pacing_bps": snap.pacing_bps,
-                             "delivery_bps": snap.delivery_bps, "rtt_ms": snap.rtt_ms, "phase": snap.phase})
-            bar.show(sum(t.bytes_acked for t in transfers), snap)
-            if first_done is None and any(w.done() for w in waiters):
-                first_done = {"t": round(now, 3), "acked": [t.bytes_acked for t in transfers]}
-        bar.close()
-        for w in waiters:
-            w.result()  # raise the first transfer error, typed
-        seconds = time.monotonic() - t0
+    bar = Progress(total * len(weights), progress)
+    t0 = time.monotonic()
+    # The receiver verifies payload checksums after a transfer; only the last round asks, so
+    # verification never competes with a measured round (or with the baseline) for CPU.
+    transfers = [client.open(len(parts), weight=w, meta={"payload": True, "verify": verify, "weight": w})
+                 for w in weights]
+    # Parts are fed one at a time, as a prefill engine produces layers.
+    for i, part in enumerate(parts):
+        for t in transfers:
+            t.add_part(i, part)
+    waiters = [asyncio.ensure_future(t.done()) for t in transfers]
+    first_done: dict | None = None
+    timeline = []
+    while not all(w.done() for w in waiters):
+        await asyncio.wait(waiters, timeout=0.1, return_when=asyncio.FIRST_EXCEPTION)
         snap = client.snapshot()
-        return {
-            "t0_monotonic": t0_monotonic, "bytes": total * len(weights), "seconds": round(seconds, 4),
-            "goodput_gbps": round(total * len(weights) * 8 / seconds / 1e9, 4),
-            "per_transfer": [{"weight": t.weight, "seconds": round(t.finished - t.opened, 4),
-                              "bytes_resent": t.bytes_resent} for t in transfers],
-            "shares_at_first_completion": first_done,
-            "bytes_resent": sum(t.bytes_resent for t in transfers),
-            "reconnects": client.stats["reconnects"], "chunks_nacked": client.stats["chunks_nacked"],
-            "live_connections": client.live_connections,
-            "snapshot": snap.to_dict(), "timeline": timeline,
-        }
+        now = time.monotonic() - t0
+        timeline.append({"t": round(now, 3), "acked": sum(t.bytes_acked for t in transfers),
+                         "acked_each": [t.bytes_acked for t in transfers],
+                         "available_bps": snap.available_bps, "pacing_bps": snap.pacing_bps,
+                         "delivery_bps": snap.delivery_bps, "rtt_ms": snap.rtt_ms, "phase": snap.phase})
+        bar.show(sum(t.bytes_acked for t in transfers), snap)
+        if first_done is None and any(w.done() for w in waiters):
+            first_done = {"t": round(now, 3), "acked": [t.bytes_acked for t in transfers]}
+    bar.close()
+    for w in waiters:
+        w.result()  # raise the first transfer error, typed
+    seconds = time.monotonic() - t0
+    snap = client.snapshot()
+    return {
+        "t0_monotonic": t0, "bytes": total * len(weights), "seconds": round(seconds, 4),
+        "goodput_gbps": round(total * len(weights) * 8 / seconds / 1e9, 4),
+        "per_transfer": [{"weight": t.weight, "seconds": round(t.finished - t.opened, 4),
+                          "bytes_resent": t.bytes_resent} for t in transfers],
+        "shares_at_first_completion": first_done,
+        "bytes_resent": sum(t.bytes_resent for t in transfers),
+        "reconnects": client.stats["reconnects"], "chunks_nacked": client.stats["chunks_nacked"],
+        "live_connections": client.live_connections,
+        "snapshot": snap.to_dict(), "timeline": timeline,
+    }
 
 
 def run(host: str, port: int, raw_port: int | None, model: str, tokens: int, config: TransportConfig,

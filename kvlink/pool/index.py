@@ -96,8 +96,8 @@ class PrefixHit:
 class Lease:
     """Entries pinned against eviction while a restore reads them; release when done (idempotent)."""
 
-    def __init__(self, index: "PrefixIndex", entries: list[Entry]):
-        self._index, self._entries = index, entries
+    def __init__(self, entries: list[Entry]):
+        self._entries = entries
 
     def release(self) -> None:
         for entry in self._entries:
@@ -224,7 +224,7 @@ class PrefixIndex:
             entries.append(self._entries[(STATE, hit.state)])
         for entry in entries:
             entry.pins += 1
-        return Lease(self, entries)
+        return Lease(entries)
 
     def remove(self, kind: str, key: bytes, force: bool = False) -> Entry | None:
         """Forget one entry whose bytes were evicted (pinned ones stay) or lost (``force``)."""

@@ -214,16 +214,6 @@ class Pool:
 
         return out, release
 
-    def fetch_keys(self, keys: list[tuple[str, bytes]]) -> list[memoryview | None]:
-        """Bytes of entries by (kind, key); None for one the pool does not have (any more)."""
-        out = []
-        for kind, key in keys:
-            try:
-                out.append(self._read(tier_key(kind, key)) if self.index.has(kind, key) else None)
-            except PoolError:
-                out.append(None)
-        return out
-
     def _read(self, tkey: bytes) -> memoryview:
         with self._lock:
             for level, (name, tier) in enumerate(self.levels):

@@ -176,7 +176,6 @@ class FrameConnection(asyncio.BufferedProtocol):
 
     def abort(self, exc: BaseException | None = None) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self._abort_reason = exc
             self.transport.abort()
 
 

@@ -114,6 +114,9 @@ class IncomingTransfer:
                                    f"{part.length}-byte part")
         return slice(offset // self.chunk, max(offset // self.chunk + 1, -(-end // self.chunk)))
 
+    def announced(self, index: int) -> bool:
+        return 0 <= index < self.num_parts and self._parts[index] is not None
+
     def target(self, index: int, offset: int, length: int) -> tuple[memoryview | None, bool]:
         """Where a run of grid chunks goes, and whether it was already verified (then: read and
         drop it). A returned view is reserved for this write: call :meth:`write_done` when its

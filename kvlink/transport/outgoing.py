@@ -108,10 +108,6 @@ class OutgoingTransfer:
     def added_parts(self) -> list[int]:
         return [i for i, p in enumerate(self._parts) if p is not None]
 
-    @property
-    def parts_added(self) -> int:
-        return sum(p is not None for p in self._parts)
-
     def part_length(self, index: int) -> int:
         return self._parts[index].length
 

@@ -337,7 +337,7 @@ class TransferServer:
     def _announce(self, t: IncomingTransfer, index: int, length: int) -> None:
         if length < 0:
             raise TransferRejected("negative part length")
-        if 0 <= index < t.num_parts and t._parts[index] is not None:
+        if t.announced(index):
             t.announce(index, length, self.allocator)  # idempotent re-announcement after a reconnect
             return
         if t.reserved + length > self.config.max_transfer_bytes:

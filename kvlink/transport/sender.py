@@ -61,7 +61,6 @@ class TransferClient:
         self._tasks: list[asyncio.Task] = []
         self._closing = False
         self._rr = 0
-        self.history: collections.deque[LinkSnapshot] = collections.deque(maxlen=3000)
         self.stats = collections.Counter()
 
     async def __aenter__(self) -> "TransferClient":
@@ -363,7 +362,6 @@ class TransferClient:
             self._poll_tcp()
             rate = self.controller.tick(sum(c.inflight_bytes for c in self._conns if c is not None))
             self._set_pacing(rate)
-            self.history.append(self.controller.snapshot())
             for cc in self._conns:
                 if cc is not None and cc.inflight and now - cc.last_ack > cfg.progress_timeout:
                     self.stats["stalled_connections"] += 1
