@@ -24,7 +24,9 @@ Every error kvlink raises on purpose derives from :class:`KvlinkError`::
     │   ├── TransferTimeout         no progress within the configured timeout
     │   ├── TransferCancelled       cancelled by either side
     │   └── TransferFailed          retries exhausted (e.g. a chunk kept failing its checksum)
-    └── PoolError                   prefix cache pool failures (pool issue)
+    ├── PoolError                   prefix cache pool failures (pool issue)
+    └── EngineError                 engine API misuse (unknown request, wrong order)
+        └── LoadFailed              a load did not complete: names the invalid layers and blocks
 
 Decoders raise before writing anything, so a caught error means the destination is untouched.
 """
@@ -133,3 +135,23 @@ class TransferFailed(TransportError):
 
 class PoolError(KvlinkError):
     """The prefix cache pool failed an operation."""
+
+
+class EngineError(KvlinkError):
+    """The engine API was used out of order (unknown or duplicate request id)."""
+
+
+class LoadFailed(EngineError):
+    """A request's load did not complete. Recompute ``invalid_blocks`` (every block holding
+    tokens the load was to write); ``invalid_layers`` names the layers that did not land,
+    ``causes`` the typed error behind each (layer -> error; -1 for the whole transfer)."""
+
+    def __init__(self, request_id: str, invalid_layers: list[int], invalid_blocks: list[int],
+                 causes: dict[int, KvlinkError]):
+        first = next(iter(causes.values()), None)
+        super().__init__(f"request {request_id}: layers {invalid_layers} did not load "
+                         f"({len(invalid_blocks)} blocks to recompute): {first!r}")
+        self.request_id = request_id
+        self.invalid_layers = invalid_layers
+        self.invalid_blocks = invalid_blocks
+        self.causes = causes

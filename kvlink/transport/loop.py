@@ -16,3 +16,15 @@ def run(main: Coroutine[Any, Any, Any], use_uvloop: bool = True) -> Any:
         else:
             return uvloop.run(main)
     return asyncio.run(main)
+
+
+def new_event_loop(use_uvloop: bool = True) -> asyncio.AbstractEventLoop:
+    """A new event loop (uvloop's when installed and wanted), for a loop run in its own thread."""
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()

@@ -1,0 +1,224 @@
+"""Decode side: find what is cached, load the rest as it streams in, layer by layer.
+
+Per request: :meth:`DecodeSide.lookup` (how many prompt tokens the pool can restore),
+:meth:`~DecodeSide.load_from_pool` (restore them), :meth:`~DecodeSide.start_load` (receive the
+increment into a block table and state slot), :meth:`~DecodeSide.wait_layer` /
+:meth:`~DecodeSide.wait_all`, :meth:`~DecodeSide.release`; :meth:`~DecodeSide.store` keeps a
+finished prompt's cache in the pool for later requests.
+
+vLLM ``KVConnectorBase_V1``: scheduler side ``get_num_new_matched_tokens`` -> :meth:`lookup`
+(``hit.tokens`` minus what the engine holds, and ``True`` for an async load when a transfer is
+expected), ``update_state_after_alloc`` -> :meth:`start_load` with the allocated blocks;
+worker side ``start_load_kv`` -> :meth:`load_from_pool` + :meth:`start_load`,
+``wait_for_layer_load`` -> :meth:`wait_layer`, ``get_finished`` -> :meth:`wait_all`,
+``get_block_ids_with_load_errors`` -> :attr:`LoadFailed.invalid_blocks`. SGLang HiCache:
+``batch_exists`` -> :meth:`lookup`, ``batch_get`` -> :meth:`load_from_pool`, ``batch_set`` ->
+:meth:`store` (KV and the separate state pool together). See docs/engine.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from kvlink.config import TransportConfig
+from kvlink.engine.pieces import pack_pieces, restore_pieces
+from kvlink.engine.prefill import transfer_id_for
+from kvlink.errors import ConfigError, EngineError, KvlinkError, LoadFailed, TransferTimeout
+from kvlink.pool.index import PrefixHit
+from kvlink.serde import CacheRef, PagedCache, Payload, Unpacker
+from kvlink.transport import IncomingTransfer, TransferServer
+
+
+@dataclass
+class LoadReport:
+    """What one load did (times are ``time.monotonic()``)."""
+
+    request_id: str
+    bytes: int = 0
+    began: float = 0.0
+    transfer_started: float | None = None
+    layer_done: dict[int, float] = field(default_factory=dict)
+    finished: float = 0.0
+
+
+class _Load:
+    def __init__(self, request_id: str, ref: CacheRef, layers: list[int]):
+        loop = asyncio.get_running_loop()
+        self.request_id = request_id
+        self.ref = ref
+        self.layers = {layer: loop.create_future() for layer in layers}
+        self.report = LoadReport(request_id, began=time.monotonic())
+        self.incoming: IncomingTransfer | None = None
+        self.task: asyncio.Task | None = None
+        self.error: LoadFailed | None = None
+
+
+class DecodeSide:
+    """Receives requests' caches into one :class:`PagedCache`; optional prefix pool (a local
+    :class:`~kvlink.pool.Pool` or a daemon :class:`~kvlink.daemon.client.PoolClient`)."""
+
+    def __init__(self, cache: PagedCache, transport: TransportConfig | None = None, secret: bytes | None = None,
+                 pool=None, pool_block_size: int | None = None, begin_timeout: float = 30.0):
+        self.cache = cache
+        self.unpacker = Unpacker(cache)
+        self.server = TransferServer(transport, [cache.spec.fingerprint], secret)
+        self.pool = pool
+        self.pool_block_size = pool_block_size or (pool.config.block_size if hasattr(pool, "config") else None)
+        if pool is not None and self.pool_block_size is None:
+            raise ConfigError("give pool_block_size for a daemon pool (its [pool] block_size)")
+        self.begin_timeout = begin_timeout
+        self._loads: dict[str, _Load] = {}
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """Listen for prefill peers (loopback unless told otherwise); returns the bound address."""
+        return await self.server.start(host, port)
+
+    # -- pool -----------------------------------------------------------------------------------
+    async def lookup(self, tokens: Sequence[int]) -> PrefixHit:
+        """The longest prefix of ``tokens`` the pool can restore (``hit.tokens``; 0 without a pool)."""
+        if self.pool is None:
+            return PrefixHit(0, (), (), None, 0, "no pool")
+        result = self.pool.lookup(tokens)
+        return await result if asyncio.iscoroutine(result) else result
+
+    async def load_from_pool(self, hit: PrefixHit, ref: CacheRef) -> int:
+        """Restore ``hit`` into ``ref``'s blocks and slot; returns the tokens restored. Raises
+        :class:`~kvlink.errors.PoolError` if entries were evicted meanwhile (look up again) and
+        the entries' typed errors if one fails verification (nothing of it is written)."""
+        if not hit.tokens:
+            return 0
+        if hasattr(self.pool, "fetch"):
+            entries = await asyncio.to_thread(self.pool.fetch, hit)
+            return await asyncio.to_thread(restore_pieces, self.cache, hit, entries, ref, self.pool_block_size)
+        fetched = await self.pool.get(hit)
+        with fetched:
+            return await asyncio.to_thread(restore_pieces, self.cache, hit, fetched, ref, self.pool_block_size)
+
+    async def store(self, tokens: Sequence[int], ref: CacheRef, first_block: int = 0) -> int:
+        """Keep the cache of ``tokens`` (held at ``ref``) in the pool: its full pool blocks from
+        ``first_block`` on, and the state when the prompt ends on a block boundary. Returns the
+        number of entries that were new."""
+        if self.pool is None:
+            return 0
+        pieces = await asyncio.to_thread(pack_pieces, self.cache, ref, self.pool_block_size, first_block)
+        if not pieces:
+            return 0
+        if hasattr(self.pool, "fetch"):
+            return await asyncio.to_thread(self.pool.store, tokens, pieces)
+        return await self.pool.put(list(tokens), pieces)
+
+    # -- loads ----------------------------------------------------------------------------------
+    def start_load(self, request_id: str, ref: CacheRef, layers: list[int] | None = None,
+                   timeout: float | None = None) -> None:
+        """Receive the request's transfer into ``ref`` (blocks and slot; tokens before
+        ``ref.token_start`` are already there). Returns at once; wait with :meth:`wait_layer` /
+        :meth:`wait_all`. ``timeout`` bounds the whole load. Raises :class:`EngineError` for a
+        request id already loading."""
+        if request_id in self._loads:
+            raise EngineError(f"request {request_id} is already loading")
+        ref.block_ids_checked(self.cache)
+        layers = list(range(self.cache.spec.num_layers) if layers is None else layers)
+        load = _Load(request_id, ref, layers)
+        self._loads[request_id] = load
+        load.task = asyncio.create_task(self._run(load, timeout))
+
+    async def wait_layer(self, request_id: str, layer: int) -> None:
+        """Return once ``layer`` is written into the cache; raises :class:`LoadFailed` if it
+        cannot be (the exception names every invalid layer and block known so far)."""
+        load = self._load(request_id)
+        try:
+            await asyncio.shield(load.layers[layer])
+        except KeyError:
+            raise EngineError(f"request {request_id} does not load layer {layer}") from None
+        except KvlinkError:
+            await asyncio.shield(load.task)
+            raise load.error from None
+
+    async def wait_all(self, request_id: str) -> LoadReport:
+        """Return the report once every layer is written; raises :class:`LoadFailed` naming the
+        invalid layers and blocks (the valid ones are written and usable)."""
+        load = self._load(request_id)
+        await asyncio.shield(load.task)
+        if load.error is not None:
+            raise load.error
+        return load.report
+
+    def release(self, request_id: str) -> None:
+        """Forget the request (cancels its transfer if still running)."""
+        load = self._loads.pop(request_id, None)
+        if load is None:
+            return
+        if load.task is not None and not load.task.done():
+            load.task.cancel()
+        if load.incoming is not None:
+            if not load.incoming.complete:
+                load.incoming.cancel()
+            load.incoming.release()
+
+    async def close(self) -> None:
+        for request_id in list(self._loads):
+            self.release(request_id)
+        await self.server.close()
+
+    def _load(self, request_id: str) -> _Load:
+        load = self._loads.get(request_id)
+        if load is None:
+            raise EngineError(f"unknown request {request_id}")
+        return load
+
+    async def _run(self, load: _Load, timeout: float | None) -> None:
+        causes: dict[int, KvlinkError] = {}
+        try:
+            await asyncio.wait_for(self._receive(load, causes), timeout)
+        except asyncio.TimeoutError:
+            causes[-1] = TransferTimeout(f"request {load.request_id}: load not complete within {timeout} s")
+        except KvlinkError as exc:
+            causes[-1] = exc
+        load.report.finished = time.monotonic()
+        bad = sorted(layer for layer, fut in load.layers.items() if not fut.done() or fut.exception() is not None)
+        if bad:
+            ids, _ = load.ref.block_ids_checked(self.cache)
+            bs = self.cache.block_size
+            blocks = ids.tolist()[load.ref.token_start // bs: -(-load.ref.num_tokens // bs)]
+            load.error = LoadFailed(load.request_id, bad, blocks, causes)
+            for layer in bad:
+                fut = load.layers[layer]
+                if not fut.done():
+                    fut.set_exception(load.error)
+                    fut.exception()  # retrieved: nobody need wait for it
+
+    async def _receive(self, load: _Load, causes: dict) -> None:
+        try:
+            incoming = await asyncio.wait_for(self.server.transfer(transfer_id_for(load.request_id)),
+                                              self.begin_timeout)
+        except asyncio.TimeoutError:
+            raise TransferTimeout(f"request {load.request_id}: no transfer began within {self.begin_timeout} s") from None
+        load.incoming = incoming
+        load.report.transfer_started = time.monotonic()
+        meta = incoming.meta
+        if meta.get("request") != load.request_id or meta.get("layers") != list(load.layers):
+            incoming.cancel()
+            raise EngineError(f"request {load.request_id}: transfer carries {meta.get('request')!r} "
+                              f"layers {meta.get('layers')}, expected layers {list(load.layers)}")
+        await asyncio.gather(*(self._land(load, i, layer, causes) for i, layer in enumerate(load.layers)))
+
+    async def _land(self, load: _Load, index: int, layer: int, causes: dict) -> None:
+        fut = load.layers[layer]
+        try:
+            data = await load.incoming.part(index)
+            payload = Payload.from_buffer(data)
+            got = {s.layer for s in payload.segments}
+            if got != {layer}:
+                raise EngineError(f"part {index} carries layers {sorted(got)}, expected {layer}")
+            await asyncio.to_thread(self.unpacker.unpack, payload, load.ref)
+        except KvlinkError as exc:
+            causes[layer] = exc
+            fut.set_exception(exc)
+            fut.exception()
+            return
+        load.report.bytes += len(data)
+        load.report.layer_done[layer] = time.monotonic()
+        fut.set_result(None)

@@ -1,0 +1,66 @@
+"""Pool entries of a request, packed out of and restored into a paged cache.
+
+A pool block of ``P`` tokens (a multiple of the cache's block size) is stored as self-describing
+payloads: its full-attention/MLA KV (one ``full`` entry), its sliding-window KV (a ``sliding``
+entry) and, when a state checkpoint lies at its end, the linear layers' state (a ``state`` entry).
+Every entry carries its own checksums and the spec fingerprint, so a restore from any tier (or
+from the daemon) is verified before a byte lands in the cache.
+"""
+
+from __future__ import annotations
+
+from kvlink.errors import ConfigError
+from kvlink.pool.index import FULL, SLIDING, STATE, PrefixHit
+from kvlink.serde import CacheRef, Packer, PagedCache, Unpacker
+
+
+def _groups(cache: PagedCache) -> dict[str, list[int]]:
+    spec = cache.spec
+    return {FULL: spec.layer_indices("full", "mla"), SLIDING: spec.layer_indices("sliding"),
+            STATE: spec.layer_indices("linear")}
+
+
+def check_block_size(cache: PagedCache, pool_block: int) -> None:
+    if pool_block % cache.block_size:
+        raise ConfigError(f"pool block size {pool_block} must be a multiple of the cache's {cache.block_size}")
+
+
+def pack_pieces(cache: PagedCache, ref: CacheRef, pool_block: int, first_block: int = 0) -> dict:
+    """``{(kind, block): bytes}`` for every full pool block of ``ref`` from ``first_block`` on.
+
+    The state entry goes with the last block only when the request ends exactly on a pool
+    block boundary: the slot holds the state at ``ref.num_tokens`` and nowhere else.
+    """
+    check_block_size(cache, pool_block)
+    packer = Packer(cache)
+    groups = _groups(cache)
+    nblocks = ref.num_tokens // pool_block
+    pieces = {}
+    for b in range(first_block, nblocks):
+        span = CacheRef(ref.block_ids, (b + 1) * pool_block, ref.state_slot, b * pool_block)
+        for kind in (FULL, SLIDING):
+            if groups[kind]:
+                pieces[(kind, b)] = packer.pack(span, groups[kind]).tobytes()
+    if groups[STATE] and nblocks and nblocks * pool_block == ref.num_tokens:
+        end = CacheRef(ref.block_ids, ref.num_tokens, ref.state_slot, ref.num_tokens)
+        pieces[(STATE, nblocks - 1)] = packer.pack(end, groups[STATE]).tobytes()
+    return pieces
+
+
+def restore_pieces(cache: PagedCache, hit: PrefixHit, entries: dict, ref: CacheRef, pool_block: int) -> int:
+    """Write the entries of ``hit`` (``{(kind, key): bytes}``, from ``Pool.fetch`` or the daemon)
+    into ``ref``'s blocks and slot; returns the tokens restored (``hit.tokens``).
+
+    Every entry is verified before it is written; a corrupt or mismatched one raises its typed
+    error (:class:`~kvlink.errors.ChecksumMismatch`, :class:`~kvlink.errors.FingerprintMismatch`).
+    """
+    check_block_size(cache, pool_block)
+    unpacker = Unpacker(cache)
+    start = hit.tokens // pool_block - len(hit.sliding)
+    for kind, keys, first in ((FULL, hit.full, 0), (SLIDING, hit.sliding, start)):
+        for i, key in enumerate(keys):
+            b = first + i
+            unpacker.unpack(entries[(kind, key)], CacheRef(ref.block_ids, (b + 1) * pool_block, ref.state_slot))
+    if hit.state is not None:
+        unpacker.unpack(entries[(STATE, hit.state)], CacheRef(ref.block_ids, hit.tokens, ref.state_slot))
+    return hit.tokens
