@@ -134,7 +134,8 @@ def cmd_pool_serve(args) -> int:
 def cmd_demo(args) -> int:
     from kvlink import demo
 
-    return 0 if demo.run(args.model, args.tokens, args.block_size) else 1
+    lab = {"auto": None, "on": True, "off": False}[args.lab]
+    return 0 if demo.run(args.family, args.tokens, args.extra, args.steps, args.rate, args.link, lab) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,10 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--model", action="append", default=None, help="preset to serve (repeatable)")
     ps.set_defaults(func=cmd_pool_serve)
 
-    demo = sub.add_parser("demo", help="run the main job end to end")
-    demo.add_argument("--model", default="kimi-linear-48b-a3b")
-    demo.add_argument("--tokens", type=int, default=32768)
-    demo.add_argument("--block-size", type=int, default=16)
+    demo = sub.add_parser("demo", help="run the main job end to end: prefill -> transfer -> decode, two processes")
+    demo.add_argument("--family", default="kimi_linear", choices=["kimi_linear", "qwen3_next", "llama"])
+    demo.add_argument("--tokens", type=int, default=2048, help="first prompt (a multiple of 64)")
+    demo.add_argument("--extra", type=int, default=256, help="tokens the follow-up request adds")
+    demo.add_argument("--steps", type=int, default=16, help="greedy decode steps per request")
+    demo.add_argument("--rate", default="800mbit", help="pacing cap of the prefill side")
+    demo.add_argument("--link", default="1gbit", help="lab link rate (as root)")
+    demo.add_argument("--lab", choices=["auto", "on", "off"], default="auto",
+                      help="run over the link lab (auto: when root)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

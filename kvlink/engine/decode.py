@@ -41,6 +41,7 @@ class LoadReport:
     began: float = 0.0
     transfer_started: float | None = None
     layer_done: dict[int, float] = field(default_factory=dict)
+    layer_bytes: dict[int, int] = field(default_factory=dict)
     finished: float = 0.0
 
 
@@ -220,5 +221,6 @@ class DecodeSide:
             fut.exception()
             return
         load.report.bytes += len(data)
+        load.report.layer_bytes[layer] = len(data)
         load.report.layer_done[layer] = time.monotonic()
         fut.set_result(None)

@@ -1,6 +1,8 @@
 """The command line, run as a real subprocess."""
 
 import json
+
+import pytest
 import subprocess
 import sys
 
@@ -23,10 +25,14 @@ def test_spec_text_and_unknown_preset():
     assert proc.returncode == 2 and "unknown preset" in proc.stderr
 
 
-def test_demo_runs_bit_exact():
-    proc = kvlink("demo", "--tokens", "4100")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("bit-exact: yes") == 2
+def test_demo_two_processes_prefix_hit_and_bit_exact():
+    pytest.importorskip("transformers")
+    proc = kvlink("demo", "--tokens", "512", "--extra", "64", "--steps", "4", "--lab", "off")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert out.count("tokens and logits identical to the uninterrupted run") == 3  # two requests + result
+    assert "decode pool holds 0, so prefill computes and sends 512" in out
+    assert "decode pool holds 512, so prefill computes and sends 64" in out and "reused 512 tokens" in out
 
 
 def test_bench_serde_json():

@@ -1,0 +1,137 @@
+"""Engine API faults surface per request, as LoadFailed naming the invalid layers and blocks,
+while other requests complete: a prefill process killed mid-load, a corrupt chunk, a peer or
+payload built for another layout."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvlink.config import TransportConfig
+from kvlink.engine import DecodeSide, PrefillSide
+from kvlink.errors import ChecksumMismatch, FingerprintMismatch, IncompatibleLayoutError, LoadFailed, WireFormatError
+from kvlink.serde import CacheRef, PagedCache
+from kvlink.spec import MLA, CacheSpec, LinearAttention
+from tests.integration.netfaults import FaultProxy
+
+SPEC = CacheSpec("engine-faults", (LinearAttention((4, 32, 32), conv_shape=(64, 4)), MLA(64, 16),
+                                   LinearAttention((4, 32, 32), conv_shape=(64, 4)), MLA(64, 16)))
+BS, TOKENS = 16, 16 * 40
+SRC_BLOCKS = list(range(40, 80))
+DST_BLOCKS = list(range(39, -1, -1))
+
+
+def make_cache(seed: int = 0, spec: CacheSpec = SPEC) -> PagedCache:
+    torch.manual_seed(seed)
+    return PagedCache.allocate(spec, 96, BS, num_slots=2, fill="randn")
+
+
+def src_ref(tokens: int = TOKENS) -> CacheRef:
+    return CacheRef(SRC_BLOCKS, tokens, 1)
+
+
+async def send(side: PrefillSide, request_id: str, dest, ref: CacheRef | None = None):
+    await side.begin(request_id, ref or src_ref(), dest)
+    for layer in range(SPEC.num_layers):
+        side.save_layer(request_id, layer)
+    return await side.finish(request_id, timeout=30)
+
+
+def same_layers(a: PagedCache, a_ref: CacheRef, b: PagedCache, b_ref: CacheRef, layers) -> bool:
+    from kvlink.serde import Packer
+    return all(Packer(a).pack(a_ref, [l]).tobytes() == Packer(b).pack(b_ref, [l]).tobytes() for l in layers)
+
+
+@pytest.fixture
+async def decode():
+    side = DecodeSide(make_cache(seed=9), TransportConfig(idle_timeout=1.0), begin_timeout=2.0)
+    await side.start()
+    yield side
+    await side.close()
+
+
+async def test_prefill_process_killed_mid_load_fails_only_its_request(decode):
+    proc = subprocess.Popen([sys.executable, "-m", "tests.integration.engine_worker", str(decode.server.address[1])],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=Path(__file__).parents[2])
+    dst = CacheRef(DST_BLOCKS, TOKENS, 0)
+    try:
+        decode.start_load("worker", dst)
+        decode.start_load("healthy", CacheRef(list(range(40, 80)), TOKENS, 1))
+        await asyncio.wait_for(decode.wait_layer("worker", 0), 30)  # layer 0 landed: now kill the sender
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        healthy = PrefillSide(make_cache(seed=3))
+        await send(healthy, "healthy", decode.server.address)
+        await healthy.close()
+        await decode.wait_all("healthy")
+        with pytest.raises(LoadFailed) as info:
+            await asyncio.wait_for(decode.wait_all("worker"), 30)
+    finally:
+        proc.kill()
+        proc.wait()
+    err = info.value
+    assert err.request_id == "worker" and err.invalid_layers == [1, 2, 3]
+    assert err.invalid_blocks == DST_BLOCKS
+    with pytest.raises(LoadFailed):
+        await decode.wait_layer("worker", 2)
+    await decode.wait_layer("worker", 0)  # the layer that landed stays valid
+    assert same_layers(make_cache(seed=2), src_ref(), decode.cache, dst, [0])
+    assert same_layers(make_cache(seed=3), src_ref(), decode.cache, CacheRef(list(range(40, 80)), TOKENS, 1),
+                       range(SPEC.num_layers))
+
+
+async def test_corrupt_chunk_names_its_layer_and_blocks(decode):
+    proxy = FaultProxy(decode.server.address[1], corrupt_data_frame=3)
+    await proxy.start()
+    # Unchecked chunks: the corruption passes the transport and must be caught by the payload.
+    side = PrefillSide(make_cache(seed=4), transport=TransportConfig(chunk_checksums=False, connections=1))
+    dst = CacheRef(DST_BLOCKS, TOKENS, 0)
+    decode.start_load("corrupt", dst)
+    decode.start_load("other", CacheRef(list(range(40, 80)), TOKENS, 1))
+    try:
+        await send(side, "corrupt", ("127.0.0.1", proxy.port))
+        await send(side, "other", ("127.0.0.1", proxy.port))
+        with pytest.raises(LoadFailed) as info:
+            await decode.wait_all("corrupt")
+        await decode.wait_all("other")
+    finally:
+        await side.close()
+        await proxy.close()
+    err = info.value
+    assert proxy.corrupted == 1 and len(err.invalid_layers) == 1
+    assert err.invalid_blocks == DST_BLOCKS
+    bad = err.invalid_layers[0]
+    assert isinstance(err.causes[bad], (ChecksumMismatch, WireFormatError))
+    good = [l for l in range(SPEC.num_layers) if l != bad]
+    assert same_layers(make_cache(seed=4), src_ref(), decode.cache, dst, good)
+
+
+async def test_incompatible_spec_refused_at_handshake_and_load_fails(decode):
+    other = CacheSpec("engine-faults", (*SPEC.layers[:3], MLA(32, 16)))
+    side = PrefillSide(make_cache(seed=5, spec=other))
+    decode.start_load("alien", CacheRef(DST_BLOCKS, TOKENS, 0))
+    with pytest.raises(FingerprintMismatch):
+        await side.begin("alien", src_ref(), decode.server.address)
+    await side.close()
+    with pytest.raises(LoadFailed) as info:
+        await decode.wait_all("alien")
+    assert info.value.invalid_layers == [0, 1, 2, 3] and info.value.invalid_blocks == DST_BLOCKS
+
+
+async def test_payload_for_other_tokens_fails_every_layer_and_writes_nothing(decode):
+    before = make_cache(seed=9)
+    side = PrefillSide(make_cache(seed=6))
+    decode.start_load("short", CacheRef(DST_BLOCKS, TOKENS, 0))
+    await send(side, "short", decode.server.address, src_ref(TOKENS - BS))  # one block short
+    await side.close()
+    with pytest.raises(LoadFailed) as info:
+        await decode.wait_all("short")
+    assert info.value.invalid_layers == [0, 1, 2, 3]
+    assert all(isinstance(c, IncompatibleLayoutError) for c in info.value.causes.values())
+    assert same_layers(before, CacheRef(DST_BLOCKS, TOKENS, 0), decode.cache, CacheRef(DST_BLOCKS, TOKENS, 0),
+                       range(SPEC.num_layers))
