@@ -138,6 +138,23 @@ def cmd_demo(args) -> int:
     return 0 if demo.run(args.family, args.tokens, args.extra, args.steps, args.rate, args.link, lab) else 1
 
 
+def cmd_sim(args) -> int:
+    from pathlib import Path
+
+    from kvlink.route import report
+
+    result = report.run_case(args.duration, args.load, args.seed)
+    if args.plots:
+        try:
+            for path in report.write_plots(result, Path(args.plots)):
+                print(f"wrote {path}", file=sys.stderr)
+        except ImportError:
+            print("plots need matplotlib (pip install 'kvlink[sim]')", file=sys.stderr)
+            return 2
+    print(report.to_json(result) if args.json else report.render(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvlink", description="Move and store LLM KV caches over Ethernet.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -205,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--root", default=None, help="directory for the SSD tiers (default: memory only)")
     ps.add_argument("--model", action="append", default=None, help="preset to serve (repeatable)")
     ps.set_defaults(func=cmd_pool_serve)
+
+    sim = sub.add_parser("sim", help="throughput model and discrete-event simulation of a PD deployment")
+    sim.add_argument("--case", default="prfaas-1t", choices=["prfaas-1t"], help="published case to reproduce")
+    sim.add_argument("--duration", type=float, default=3000.0, help="simulated seconds of arrivals")
+    sim.add_argument("--load", type=float, default=0.5, help="TTFT runs at this share of each Lambda_max")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--plots", default=None, help="directory for PNG plots (needs matplotlib)")
+    sim.add_argument("--json", action="store_true")
+    sim.set_defaults(func=cmd_sim)
 
     demo = sub.add_parser("demo", help="run the main job end to end: prefill -> transfer -> decode, two processes")
     demo.add_argument("--family", default="kimi_linear", choices=["kimi_linear", "qwen3_next", "llama"])
