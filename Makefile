@@ -14,7 +14,7 @@ $(VENV)/.kvlink-installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,fast,hf]"
+	$(PY) -m pip install -q -e ".[dev,fast,hf,sim]"
 	touch $@
 
 demo: setup

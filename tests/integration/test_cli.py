@@ -43,3 +43,16 @@ def test_bench_serde_json():
     assert data["pack"]["memcpy_gbps"] > 0
     codecs = {(r["data"], r["codec"]): r for r in data["codecs"]}
     assert all(r["lossless"] for (d, c), r in codecs.items() if c not in ("fp8-e4m3", "xxh3 checksum"))
+
+
+def test_sim_prfaas_case_prints_the_papers_figures(tmp_path):
+    proc = kvlink("sim", "--case", "prfaas-1t", "--duration", "600", "--plots", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "threshold t (tokens)" in out and "19400" in out
+    for line in ("PrfaaS-PD", "homogeneous PD", "naive heterogeneous"):
+        assert line in out
+    assert (tmp_path / "threshold_search.png").stat().st_size > 1000
+    assert (tmp_path / "ttft_cdf.png").stat().st_size > 1000
+    data = json.loads(kvlink("sim", "--duration", "300", "--json").stdout)
+    assert abs(data["systems"]["prfaas"]["model"]["lambda_max"] - 3.24) / 3.24 < 0.05

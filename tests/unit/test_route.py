@@ -1,0 +1,118 @@
+"""Routing decisions, the threshold solver against the paper's case study, the scheduler, and
+the simulator's conservation laws."""
+
+import numpy as np
+import pytest
+
+from kvlink.errors import ConfigError
+from kvlink.route import (Deployment, Empirical, LengthDist, PrefillProfile, Router, Scheduler, SchedulerConfig,
+                          evaluate, simulate, solve_threshold)
+from kvlink.route import cases
+from kvlink.route.model import best_split
+from kvlink.transport.congestion import LinkSnapshot
+
+
+def test_scarce_bandwidth_judges_by_the_local_cache_only():
+    router = Router(threshold=10_000)
+    # the remote pool holds a long prefix, but with scarce bandwidth it does not count
+    d = router.route(30_000, {"local": 25_000, "remote": 29_000}, bandwidth_abundant=False)
+    assert d.cluster == "local" and d.incremental == 5_000 and d.transfer is None
+    d = router.route(30_000, {"local": 0, "remote": 29_000}, bandwidth_abundant=False)
+    assert d.cluster == "remote" and d.prefix == 29_000 and d.incremental == 1_000 and d.transfer is None
+
+
+def test_abundant_bandwidth_uses_the_longest_prefix_and_orders_a_cache_transfer():
+    router = Router(threshold=10_000)
+    d = router.route(30_000, {"local": 4_000, "remote": 28_000}, bandwidth_abundant=True)
+    assert d.cluster == "local" and d.incremental == 2_000 and d.prefix == 28_000
+    assert d.transfer is not None and (d.transfer.source, d.transfer.dest) == ("remote", "local")
+    assert (d.transfer.start, d.transfer.end) == (4_000, 28_000)
+    d = router.route(60_000, {"local": 20_000, "remote": 0}, bandwidth_abundant=True)
+    assert d.cluster == "remote" and d.incremental == 40_000
+    assert d.transfer is not None and (d.transfer.source, d.transfer.dest) == ("local", "remote")
+    d = router.route(60_000, {"local": 0, "remote": 20_000}, bandwidth_abundant=True)
+    assert d.cluster == "remote" and d.transfer is None  # the holder is the chosen cluster
+
+
+def test_router_rejects_impossible_inputs():
+    with pytest.raises(ConfigError):
+        Router(1000).route(100, {"local": 200}, True)
+    with pytest.raises(ConfigError):
+        Router(1000).route(100, {"elsewhere": 10}, True)
+
+
+def test_model_reproduces_the_case_study_within_5_percent():
+    paper = cases.PAPER
+    got = {}
+    for key, (dep, local) in cases.deployments().items():
+        result = best_split(cases.DIST, dep, local)[1] if local else solve_threshold(cases.DIST, dep)
+        got[key] = result
+        assert result.lambda_max == pytest.approx(paper[key]["lambda"], rel=0.05)
+    assert got["prfaas"].threshold == pytest.approx(paper["threshold"], rel=0.05)
+    assert got["prfaas"].p == pytest.approx(paper["offloaded"], rel=0.05)
+    assert got["prfaas"].theta_prfaas == pytest.approx(paper["prfaas"]["theta_prfaas"], rel=0.05)
+
+
+def test_solver_finds_the_best_threshold_and_respects_the_link_limit():
+    dep = cases.deployments()["prfaas"][0]
+    best = solve_threshold(cases.DIST, dep)
+    for t in np.geomspace(512, 131072, 40):
+        assert evaluate(cases.DIST, dep, float(t)).lambda_max <= best.lambda_max * (1 + 1e-9)
+    # a thin link: the solver keeps egress under it by offloading fewer, longer requests
+    thin = solve_threshold(cases.DIST, Deployment(**{**dep.__dict__, "link_bps": 5e9}))
+    assert thin.egress_bps <= 5e9 and thin.threshold > best.threshold and thin.lambda_max < best.lambda_max
+
+
+def test_split_search_finds_the_papers_splits():
+    deps = cases.deployments()
+    assert best_split(cases.DIST, deps["prfaas"][0], 8)[0].local_prefill == 3
+    assert best_split(cases.DIST, deps["homogeneous"][0], 12)[0].local_prefill == 9
+
+
+def test_scheduler_resolves_on_congestion_and_keeps_a_bounded_window():
+    dep = cases.deployments()["prfaas"][0]
+    router = Router(threshold=50_000)
+    sched = Scheduler(dep, 8, router, SchedulerConfig(window=500, min_samples=50, resolve_every=1e9,
+                                                      rebalance_every=1e9))
+    rng = np.random.default_rng(0)
+    for length in cases.DIST.sample(rng, 2000):
+        sched.observe(length)
+    assert len(sched.lengths) == 500
+    sched.last_rebalance = sched.last_solve = 0.0  # as if both had just run
+    assert sched.tick(1.0, None, {"local": 0}) == []  # nothing due, nothing wrong
+    snap = LinkSnapshot(1.0, 100e9, None, None, 90e9, 0.9, 1.0, 0.5, 0.0, 0, 0, "paced")
+    actions = sched.tick(2.0, snap, {"local": 0})
+    assert actions and "link near its limit" in actions[0]
+    assert router.threshold == pytest.approx(cases.PAPER["threshold"], rel=0.15)
+    # a smaller available bandwidth raises the threshold (fewer, longer offloads)
+    thin = LinkSnapshot(3.0, 4e9, None, None, 3.9e9, 0.97, 1.0, 0.5, 0.0, 0, 0, "paced")
+    before = router.threshold
+    sched.tick(3.0, thin, {})
+    assert router.threshold > before and sched.last.egress_bps <= 0.8 * 4e9
+
+
+def test_simulator_conservation_and_link_capacity():
+    dep = cases.deployments()["prfaas"][0]
+    result = simulate("prfaas", dep, cases.DIST, 19_400, 3.0, duration_s=400, seed=3)
+    assert result.finished == result.arrived > 0  # every request finishes, once
+    assert result.link_peak_bps <= dep.link_bps * (1 + 1e-9)
+    assert 0 < result.link_utilisation <= 1
+    assert 0.4 < result.offloaded < 0.6
+
+
+def test_simulator_saturates_at_lambda_max():
+    dep = cases.deployments()["naive"][0]
+    lam = solve_threshold(cases.DIST, dep).lambda_max
+    result = simulate("naive", dep, cases.DIST, float("inf"), 1.3 * lam, duration_s=1500, seed=1)
+    assert result.throughput_rps == pytest.approx(lam, rel=0.08)
+
+
+def test_profiles_fit_and_sample():
+    prof = PrefillProfile.fit("x", [1, 2, 3, 4], [1, 4, 9, 16])
+    assert prof(5) == pytest.approx(25)
+    dist = LengthDist(9.9, 1.0, 128, 131072)
+    s = dist.sample(np.random.default_rng(0), 5000)
+    assert s.min() >= 128 and s.max() <= 131072
+    assert np.median(s) == pytest.approx(np.exp(9.9), rel=0.1)
+    with pytest.raises(ConfigError):
+        Empirical([])
