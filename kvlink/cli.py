@@ -141,8 +141,14 @@ def cmd_demo(args) -> int:
 def cmd_sim(args) -> int:
     from pathlib import Path
 
-    from kvlink.route import report
+    from kvlink.route import plan, report
 
+    if args.config:
+        result = plan.run_plan(args.config, args.duration, args.load, args.seed)
+        if args.plots:
+            print("--plots is for --case runs", file=sys.stderr)
+        print(report.to_json(result) if args.json else plan.render_plan(result))
+        return 0
     result = report.run_case(args.duration, args.load, args.seed)
     if args.plots:
         try:
@@ -225,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("sim", help="throughput model and discrete-event simulation of a PD deployment")
     sim.add_argument("--case", default="prfaas-1t", choices=["prfaas-1t"], help="published case to reproduce")
+    sim.add_argument("--config", default=None, help="a plan TOML with profile tables (see examples/plan-prfaas.toml)")
     sim.add_argument("--duration", type=float, default=3000.0, help="simulated seconds of arrivals")
     sim.add_argument("--load", type=float, default=0.5, help="TTFT runs at this share of each Lambda_max")
     sim.add_argument("--seed", type=int, default=0)

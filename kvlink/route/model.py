@@ -64,7 +64,8 @@ class Throughput:
     egress_bps: float        # link load at lambda_max
 
     def as_dict(self) -> dict:
-        return {k: round(float(v), 4) for k, v in self.__dict__.items()}
+        """Rounded figures; infinities (no threshold, an unused path) become None (JSON null)."""
+        return {k: round(float(v), 4) if np.isfinite(v) else None for k, v in self.__dict__.items()}
 
 
 def _cond_mean(values, weights, mask) -> float:

@@ -77,7 +77,7 @@ class SimResult:
 
     def as_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k != "ttfts"}
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+        return {k: (round(v, 4) if np.isfinite(v) else None) if isinstance(v, float) else v for k, v in out.items()}
 
 
 def simulate(name: str, dep: Deployment, dist, threshold: float, rate_rps: float, duration_s: float = 3000.0,

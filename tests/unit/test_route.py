@@ -116,3 +116,21 @@ def test_profiles_fit_and_sample():
     assert np.median(s) == pytest.approx(np.exp(9.9), rel=0.1)
     with pytest.raises(ConfigError):
         Empirical([])
+
+
+def test_plan_toml_reproduces_the_case_and_rejects_malformed_plans(tmp_path):
+    from pathlib import Path
+
+    from kvlink.route.plan import load_plan, run_plan
+
+    example = Path(__file__).parents[2] / "examples" / "plan-prfaas.toml"
+    dist, plans = load_plan(example)
+    assert set(plans) == {"prfaas-pd", "homogeneous-pd", "naive-hetero"}
+    result = run_plan(example, duration=200)
+    lam = {k: v["model"]["lambda_max"] for k, v in result["systems"].items()}
+    assert lam["prfaas-pd"] == pytest.approx(3.24, rel=0.02) and lam["homogeneous-pd"] == pytest.approx(2.11, rel=0.02)
+    assert result["systems"]["homogeneous-pd"]["model"]["threshold"] is None
+    bad = tmp_path / "bad.toml"
+    bad.write_text(example.read_text().replace("[decode]", "[decoder]"))
+    with pytest.raises(ConfigError, match="malformed plan"):
+        load_plan(bad)
