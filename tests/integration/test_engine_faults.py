@@ -14,7 +14,8 @@ import torch
 
 from kvlink.config import TransportConfig
 from kvlink.engine import DecodeSide, PrefillSide
-from kvlink.errors import ChecksumMismatch, FingerprintMismatch, IncompatibleLayoutError, LoadFailed, WireFormatError
+from kvlink.errors import (ChecksumMismatch, FingerprintMismatch, IncompatibleLayoutError, LoadFailed, TransportError,
+                           WireFormatError)
 from kvlink.serde import CacheRef, PagedCache
 from kvlink.spec import MLA, CacheSpec, LinearAttention
 from tests.integration.netfaults import FaultProxy
@@ -135,3 +136,27 @@ async def test_payload_for_other_tokens_fails_every_layer_and_writes_nothing(dec
     assert all(isinstance(c, IncompatibleLayoutError) for c in info.value.causes.values())
     assert same_layers(before, CacheRef(DST_BLOCKS, TOKENS, 0), decode.cache, CacheRef(DST_BLOCKS, TOKENS, 0),
                        range(SPEC.num_layers))
+
+
+async def test_receiver_killed_mid_load_fails_that_send_only(decode):
+    proc = subprocess.Popen([sys.executable, "-m", "tests.integration.engine_worker", "decode"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+    side = PrefillSide(make_cache(seed=7), transport=TransportConfig(reconnect_attempts=2, progress_timeout=2.0))
+    try:
+        port = int((await asyncio.to_thread(proc.stdout.readline)).split()[1])
+        await side.begin("victim", src_ref(), ("127.0.0.1", port))
+        side.save_layer("victim", 0)
+        assert (await asyncio.to_thread(proc.stdout.readline)).strip() == "landed 0"
+        os.kill(proc.pid, signal.SIGKILL)  # the decode process dies with layer 0 in, the rest not sent
+        proc.wait()
+        for layer in range(1, SPEC.num_layers):
+            side.save_layer("victim", layer)
+        decode.start_load("alive", CacheRef(DST_BLOCKS, TOKENS, 0))
+        await send(side, "alive", decode.server.address)  # the same prefill side, another receiver
+        with pytest.raises(TransportError):
+            await side.finish("victim", timeout=30)
+        await decode.wait_all("alive")
+    finally:
+        proc.kill()
+        proc.wait()
+        await side.close()
