@@ -59,7 +59,7 @@ def _transport_config(args):
     from kvlink.config import TransportConfig, parse_rate
 
     return TransportConfig(connections=args.streams, chunk_bytes=args.chunk << 10, rate_cap=parse_rate(args.rate),
-                           adaptive=not args.no_adaptive, chunk_checksums=not args.unchecked)
+                           adaptive=not args.no_adaptive, chunk_checksums=True if args.chunk_checksums else None)
 
 
 def cmd_transfer_serve(args) -> int:
@@ -91,8 +91,8 @@ def cmd_bench_transfer(args) -> int:
                "--rate", args.rate or "0", "--weights", ",".join(str(w) for w in weights), "--repeat", str(args.repeat), "--codec", args.codec, "--json"]
     if args.no_adaptive:
         forward.append("--no-adaptive")
-    if args.unchecked:
-        forward.append("--unchecked")
+    if args.chunk_checksums:
+        forward.append("--chunk-checksums")
     if args.lab:
         change = None
         if args.lab_change:
@@ -188,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--chunk", type=int, default=4096, help="largest chunk in KiB")
     bt.add_argument("--codec", default="none",
                     help="segment codec (none, shuffle-lz4, shuffle-zstd, ...) or 'adaptive' (chosen for --rate)")
-    bt.add_argument("--unchecked", action="store_true",
-                    help="no per-chunk xxh3 (payloads are verified end to end by the receiver)")
+    bt.add_argument("--chunk-checksums", action="store_true",
+                    help="hash every chunk (xxh3) even though the receiver verifies whole payload parts")
     bt.add_argument("--rate", default=None, help="rate cap, e.g. 10gbit (default: none)")
     bt.add_argument("--no-adaptive", action="store_true", help="pace at the cap only, no congestion control")
     bt.add_argument("--repeat", type=int, default=3, help="rounds of each (median reported)")

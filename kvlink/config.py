@@ -100,16 +100,19 @@ class TransportConfig:
     The defaults were chosen by measurement (``kvlink bench transfer``, benchmarks/transfer.py):
     4 connections; parts are cut into 256 KiB grid chunks (the unit of acknowledgement and
     retransmission) and sent in frames of consecutive chunks sized to ~4 ms at the current rate,
-    up to 4 MiB (per-frame cost in Python is what limits loopback speed below that). ``chunk_checksums=False`` sends chunks without their xxh3
-    (flagged) for payloads that carry end-to-end checksums of their own (kvlink payloads do):
-    that halves the hashing, at the price of detecting corruption only when the payload is
-    verified, not per chunk.
+    up to 4 MiB (per-frame cost in Python is what limits loopback speed below that).
+
+    Integrity: with ``chunk_checksums=None`` (the default) a sender hashes every chunk (xxh3)
+    unless the receiver announces at the handshake that it verifies whole parts itself (a
+    receiver given a ``part_verifier``, e.g. the decode side checking kvlink payloads against
+    their own checksums); then chunks go unhashed and a part that fails verification is resent
+    whole. ``True`` always hashes chunks, ``False`` never does (the application verifies).
     """
 
     connections: int = 4
     chunk_bytes: int = 4 << 20            # the largest DATA frame (a run of grid chunks)
     grid_bytes: int = 256 << 10           # acknowledgement/retransmission unit
-    chunk_checksums: bool = True
+    chunk_checksums: bool | None = None
     window_bytes: int = 64 << 20          # unacknowledged bytes per connection
     rate_cap: float | None = None         # link share this sender may use (bits/s); None: no cap
     adaptive: bool = True                 # congestion-aware rate control under the cap

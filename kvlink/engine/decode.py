@@ -29,6 +29,7 @@ from kvlink.engine.prefill import transfer_id_for
 from kvlink.errors import ConfigError, EngineError, KvlinkError, LoadFailed, TransferTimeout
 from kvlink.pool.index import PrefixHit
 from kvlink.serde import CacheRef, PagedCache, Payload, Unpacker
+from kvlink.serde.payload import payload_intact
 from kvlink.transport import IncomingTransfer, TransferServer
 
 
@@ -65,7 +66,9 @@ class DecodeSide:
                  pool=None, pool_block_size: int | None = None, begin_timeout: float = 30.0):
         self.cache = cache
         self.unpacker = Unpacker(cache)
-        self.server = TransferServer(transport, [cache.spec.fingerprint], secret)
+        # Parts are kvlink payloads with their own checksums: the receiver verifies each layer
+        # once (a layer that fails is resent whole) and senders skip per-chunk hashing.
+        self.server = TransferServer(transport, [cache.spec.fingerprint], secret, part_verifier=payload_intact)
         self.pool = pool
         self.pool_block_size = pool_block_size or (pool.config.block_size if hasattr(pool, "config") else None)
         if pool is not None and self.pool_block_size is None:

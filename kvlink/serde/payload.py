@@ -65,3 +65,15 @@ class Payload:
             raise LengthError(f"payload of {len(view)} bytes, header says {header.header_len + header.body_len}")
         base = header.header_len
         return cls(header, [view[base + s.offset : base + s.offset + s.length] for s in header.segments])
+
+
+def payload_intact(buf) -> bool:
+    """Whether ``buf`` is a well-formed payload whose every segment matches its checksum: the
+    receiver's part verifier for transfers of kvlink payloads (one hash pass, no chunk hashes)."""
+    from kvlink.errors import WireFormatError
+
+    try:
+        Payload.from_buffer(buf).verify()
+    except WireFormatError:
+        return False
+    return True

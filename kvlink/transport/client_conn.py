@@ -32,6 +32,7 @@ class ClientConn:
         self.ready = asyncio.get_running_loop().create_future()
         self.nonce = hs.new_nonce()
         self.server_nonce = b""
+        self.peer_verifies_parts = False
         self.registered = False
         self.inflight: dict[tuple[int, int, int], tuple[float, int, OutgoingTransfer]] = {}
         self.inflight_bytes = 0
@@ -160,6 +161,13 @@ class ClientConn:
             if accept["max_chunk"] < c.config.chunk_bytes:
                 raise HandshakeError(f"receiver takes chunks up to {accept['max_chunk']} bytes, "
                                      f"this sender uses {c.config.chunk_bytes}")
+            self.peer_verifies_parts = bool(accept.get("verifies_parts", False))
             self.ready.set_result(None)
             return
         raise HandshakeError(f"unexpected {header.type.name} during the handshake")
+
+    @property
+    def checked(self) -> bool:
+        """Whether this connection's chunks carry xxh3 (see TransportConfig.chunk_checksums)."""
+        setting = self.client.config.chunk_checksums
+        return not self.peer_verifies_parts if setting is None else setting

@@ -35,12 +35,16 @@ def arena_allocator(arena) -> Allocator:
 
 
 class _Part:
-    __slots__ = ("length", "buf", "done", "chunks", "left", "future")
+    __slots__ = ("length", "buf", "done", "chunks", "left", "future", "unchecked")
 
     def __init__(self, length: int, buf: memoryview, nchunks: int, future: asyncio.Future):
         self.length, self.buf, self.future = length, buf, future
-        self.done = bytearray(nchunks)  # 1 per verified chunk
+        self.done = bytearray(nchunks)  # 1 per written chunk (verified, unless unchecked)
         self.left = nchunks
+        self.unchecked = False  # some chunk arrived without its checksum: verify the whole part
+
+
+VERIFY_PART = 2  # write_done: the part is whole but unchecked; verify it, then accept_part/reset_part
 
 
 class IncomingTransfer:
@@ -138,8 +142,11 @@ class IncomingTransfer:
             self._writes += 1
             return part.buf[offset: offset + length], False
 
-    def write_done(self, index: int, offset: int, length: int, ok: bool) -> bool:
-        """A reserved run's write finished; ``ok``: it verified. True when this completed the transfer."""
+    def write_done(self, index: int, offset: int, length: int, ok: bool, unchecked: bool = False,
+                   verify_parts: bool = False) -> bool | int:
+        """A reserved run's write finished; ``ok``: it verified (``unchecked``: it carried no
+        checksum). True when this completed the transfer; :data:`VERIFY_PART` when it completed
+        a part some of whose chunks were unchecked and a part verifier is to judge it."""
         with self._lock:
             self._writes -= 1
             part = self._parts[index]
@@ -153,6 +160,7 @@ class IncomingTransfer:
                 fresh = states.count(2)
                 part.done[slots] = b"\x01" * len(states)
                 part.left -= fresh
+                part.unchecked |= unchecked and fresh > 0
         if release_now:
             self._free()
         if not fresh:
@@ -160,8 +168,34 @@ class IncomingTransfer:
         self.bytes_received += length
         self.last_progress = time.monotonic()
         if part.left == 0:
+            if part.unchecked and verify_parts:
+                return VERIFY_PART
             self._complete_part(part, index)
         return self.complete
+
+    def part_view(self, index: int) -> memoryview:
+        """The buffer of an announced part, whole or not (for the part verifier)."""
+        return self._parts[index].buf
+
+    def accept_part(self, index: int) -> bool:
+        """The part verifier passed part ``index``; True when this completed the transfer."""
+        part = self._parts[index]
+        if self.error is not None or part.left or part.future.done():
+            return False
+        part.unchecked = False
+        self._complete_part(part, index)
+        return self.complete
+
+    def reset_part(self, index: int) -> int:
+        """The part verifier failed part ``index``: forget its bytes (they will be resent);
+        returns its length."""
+        with self._lock:
+            part = self._parts[index]
+            part.done[:] = bytes(len(part.done))
+            part.left = len(part.done)
+            part.unchecked = False
+        self.bytes_received -= part.length
+        return part.length
 
     def _complete_part(self, part: _Part, index: int) -> None:
         self._left -= 1

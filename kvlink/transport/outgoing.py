@@ -149,14 +149,29 @@ class OutgoingTransfer:
         self.last_progress = time.monotonic()
         return True
 
-    def requeue(self, chunk: Chunk) -> None:
-        """Send ``chunk`` again, ahead of new data (after a lost connection or a bad checksum)."""
+    def requeue(self, chunk: Chunk, unack: bool = False, max_run: int | None = None) -> None:
+        """Send ``chunk`` again, ahead of new data (after a lost connection or a bad checksum).
+
+        ``unack``: the receiver rejected bytes it had acknowledged (a whole part failed its
+        verification): count them as unacknowledged again and resend them in runs of at most
+        ``max_run`` bytes."""
         part, offset, length = chunk
-        p = self._parts[part]
-        if not self._done.done() and p is not None and not all(p.acked[offset // self.chunk:
-                                                                      -(-(offset + length) // self.chunk) or 1]):
-            self.resend.append(chunk)
-            self.bytes_resent += length
+        p = self._parts[part] if 0 <= part < self.num_parts else None
+        if self._done.done() or p is None or offset % self.chunk or offset + length > p.length:
+            return
+        first, end = offset // self.chunk, -(-(offset + length) // self.chunk) or 1
+        if unack:
+            for i in range(first, end):
+                if p.acked[i]:
+                    p.acked[i] = 0
+                    p.left += 1
+                    self.bytes_acked -= min(self.chunk, p.length - i * self.chunk)
+        if all(p.acked[first:end]):
+            return
+        step = max_run or length or 1
+        for at in range(offset, offset + max(length, 1), step):
+            self.resend.append((part, at, min(step, offset + length - at)))
+        self.bytes_resent += length
 
     def finish(self) -> None:
         """The receiver verified everything (its END may overtake acks still on other connections)."""

@@ -13,7 +13,7 @@ import asyncio
 import collections
 import ssl as _ssl
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 from kvlink.codec.checksum import checksum
 from kvlink.config import TransportConfig
@@ -22,7 +22,7 @@ from kvlink.errors import (FingerprintMismatch, HandshakeError, KvlinkError, Tra
 from kvlink.transport import handshake as hs
 from kvlink.transport.connection import FrameConnection
 from kvlink.transport.frame import FLAG_UNCHECKED, FrameHeader, FrameType, pack_acks
-from kvlink.transport.incoming import Allocator, IncomingTransfer, default_allocator
+from kvlink.transport.incoming import VERIFY_PART, Allocator, IncomingTransfer, default_allocator
 from kvlink.transport.reader import ThreadReader
 
 _RECENT = 4096  # completed transfer ids remembered, to re-confirm END after a lost one
@@ -110,7 +110,8 @@ class _ServerConn:
         self.authed = True
         if self._timer is not None:
             self._timer.cancel()
-        reply = {"max_chunk": self.server.config.max_chunk_bytes}
+        reply = {"max_chunk": self.server.config.max_chunk_bytes,
+                 "verifies_parts": self.server.part_verifier is not None}
         if server_mac is not None:
             reply["mac"] = server_mac
         self.conn.send(FrameType.ACCEPT, body=hs.encode(reply))
@@ -181,12 +182,40 @@ class _ServerConn:
             self.server.stats["chunks_corrupt"] += 1
             self._nacks.append((header.transfer_id, header.stream, header.length, header.offset))
             self._schedule_flush()
-        completed = transfer.write_done(header.stream, header.offset, header.length, ok)
+        unchecked = bool(header.flags & FLAG_UNCHECKED)
+        completed = transfer.write_done(header.stream, header.offset, header.length, ok, unchecked,
+                                        self.server.part_verifier is not None)
         if ok and self.server._transfers.get(header.transfer_id) is transfer:
             self._ack(header)
-            if completed:
+            if completed == VERIFY_PART:
+                task = asyncio.ensure_future(self._verify_part(transfer, header.stream))
+                self.server._tasks.add(task)
+                task.add_done_callback(self.server._tasks.discard)
+            elif completed:
                 self._flush()
                 self.server._finish(self, transfer)
+
+    async def _verify_part(self, transfer: IncomingTransfer, index: int) -> None:
+        """Judge a whole part that arrived without chunk checksums; resend it whole if it fails."""
+        server = self.server
+        buf = transfer.part_view(index)
+        try:
+            ok = await asyncio.get_running_loop().run_in_executor(None, server.part_verifier, buf)
+        except Exception:  # a verifier that raises has found nothing it can vouch for
+            ok = False
+        if transfer.error is not None or server._transfers.get(transfer.transfer_id) is not transfer:
+            return
+        if ok:
+            if transfer.accept_part(index):
+                self._flush()
+                server._finish(self, transfer)
+            return
+        server.stats["parts_corrupt"] += 1
+        length = transfer.reset_part(index)
+        step = max(transfer.chunk, server.config.max_chunk_bytes // transfer.chunk * transfer.chunk)
+        for offset in range(0, max(length, 1), step):
+            self._nacks.append((transfer.transfer_id, index, min(step, length - offset), offset))
+        self._schedule_flush()
 
     # -- acknowledgements ---------------------------------------------------------------------
     def _ack(self, header: FrameHeader) -> None:
@@ -213,17 +242,21 @@ class TransferServer:
     ``fingerprints``: the layout fingerprints accepted at the handshake (None accepts any; the
     application then checks the payloads it unpacks). ``secret`` enables the HMAC handshake;
     ``ssl`` an ``ssl.SSLContext`` for TLS. ``allocator(nbytes)`` returns the writable buffer a part
-    lands in (default: host memory).
+    lands in (default: host memory). ``part_verifier(buffer) -> bool`` judges whole parts sent
+    without chunk checksums (announced at the handshake, so senders on the default setting skip
+    them); a part it fails is resent whole, within the sender's retry limit.
     """
 
     def __init__(self, config: TransportConfig | None = None, fingerprints: Iterable[bytes] | None = None,
                  secret: bytes | None = None, ssl: _ssl.SSLContext | None = None,
-                 allocator: Allocator = default_allocator):
+                 allocator: Allocator = default_allocator, part_verifier: Callable[[memoryview], bool] | None = None):
         self.config = config or TransportConfig()
         self.fingerprints = None if fingerprints is None else {bytes(f) for f in fingerprints}
         self.secret = secret
         self.ssl = ssl
         self.allocator = allocator
+        self.part_verifier = part_verifier
+        self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[_ServerConn] = set()
         self._transfers: dict[int, IncomingTransfer] = {}

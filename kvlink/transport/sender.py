@@ -258,7 +258,8 @@ class TransferClient:
                     self._fail(t, TransferFailed(f"transfer {tid:#x}: chunk {offset} of part {part} failed its "
                                                  f"checksum {t.retries[(part, offset)]} times"))
                     continue
-                t.requeue((part, offset, length))
+                # A NACK for bytes already acknowledged rejects a whole part (its verifier failed).
+                t.requeue((part, offset, length), unack=record is None, max_run=self.config.chunk_bytes)
                 self._sched.add(t)
             elif t.acked(part, offset, length):
                 self.controller.on_ack(length, now - record[0] if record is not None else None)
@@ -351,7 +352,7 @@ class TransferClient:
         cc.inflight_bytes += length
         t.bytes_sent += length
         self.stats["bytes_sent"] += length
-        cc.send_data(t, part, offset, t.pieces(chunk), self.config.chunk_checksums)
+        cc.send_data(t, part, offset, t.pieces(chunk), cc.checked)
 
     # -- control loop ---------------------------------------------------------------------------
     async def _tick(self) -> None:

@@ -14,8 +14,7 @@ import torch
 
 from kvlink.config import TransportConfig
 from kvlink.engine import DecodeSide, PrefillSide
-from kvlink.errors import (ChecksumMismatch, FingerprintMismatch, IncompatibleLayoutError, LoadFailed, TransportError,
-                           WireFormatError)
+from kvlink.errors import FingerprintMismatch, IncompatibleLayoutError, LoadFailed, TransportError
 from kvlink.serde import CacheRef, PagedCache
 from kvlink.spec import MLA, CacheSpec, LinearAttention
 from tests.integration.netfaults import FaultProxy
@@ -86,29 +85,47 @@ async def test_prefill_process_killed_mid_load_fails_only_its_request(decode):
                        range(SPEC.num_layers))
 
 
-async def test_corrupt_chunk_names_its_layer_and_blocks(decode):
+async def test_corrupt_chunk_on_the_wire_is_detected_and_its_layer_resent(decode):
     proxy = FaultProxy(decode.server.address[1], corrupt_data_frame=3)
     await proxy.start()
-    # Unchecked chunks: the corruption passes the transport and must be caught by the payload.
-    side = PrefillSide(make_cache(seed=4), transport=TransportConfig(chunk_checksums=False, connections=1))
+    side = PrefillSide(make_cache(seed=4), transport=TransportConfig(connections=1))
     dst = CacheRef(DST_BLOCKS, TOKENS, 0)
     decode.start_load("corrupt", dst)
-    decode.start_load("other", CacheRef(list(range(40, 80)), TOKENS, 1))
     try:
-        await send(side, "corrupt", ("127.0.0.1", proxy.port))
-        await send(side, "other", ("127.0.0.1", proxy.port))
-        with pytest.raises(LoadFailed) as info:
-            await decode.wait_all("corrupt")
-        await decode.wait_all("other")
+        report = await send(side, "corrupt", ("127.0.0.1", proxy.port))
+        await decode.wait_all("corrupt")
     finally:
         await side.close()
         await proxy.close()
+    # No chunk checksums on this path: the decode side verified each layer against the payload's
+    # own checksums and asked for the corrupted one again.
+    assert proxy.corrupted == 1 and decode.server.stats["parts_corrupt"] == 1
+    assert report.bytes_resent > 0
+    assert same_layers(make_cache(seed=4), src_ref(), decode.cache, dst, range(SPEC.num_layers))
+
+
+async def test_layer_corrupt_at_the_source_fails_with_its_layer_and_blocks_named(decode):
+    side = PrefillSide(make_cache(seed=4), transport=TransportConfig(chunk_retries=2))
+    dst = CacheRef(DST_BLOCKS, TOKENS, 0)
+    decode.start_load("bad", dst)
+    decode.start_load("other", CacheRef(list(range(40, 80)), TOKENS, 1))
+    await side.begin("bad", src_ref(), decode.server.address)
+    for layer in range(SPEC.num_layers):
+        side.save_layer("bad", layer)
+        if layer == 1:  # memory corruption after packing: every copy sent carries it
+            seg = side._requests["bad"].payloads[-1].datas[-1]
+            seg[len(seg) // 2] ^= 0x40
+    with pytest.raises(TransportError):
+        await side.finish("bad", timeout=30)
+    await send(side, "other", decode.server.address)
+    await side.close()
+    with pytest.raises(LoadFailed) as info:
+        await decode.wait_all("bad")
+    await decode.wait_all("other")
     err = info.value
-    assert proxy.corrupted == 1 and len(err.invalid_layers) == 1
-    assert err.invalid_blocks == DST_BLOCKS
-    bad = err.invalid_layers[0]
-    assert isinstance(err.causes[bad], (ChecksumMismatch, WireFormatError))
-    good = [l for l in range(SPEC.num_layers) if l != bad]
+    assert 1 in err.invalid_layers and err.invalid_blocks == DST_BLOCKS
+    assert decode.server.stats["parts_corrupt"] == 3  # the first try and two resends
+    good = [l for l in range(SPEC.num_layers) if l not in err.invalid_layers]
     assert same_layers(make_cache(seed=4), src_ref(), decode.cache, dst, good)
 
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from kvlink.config import TransportConfig
-from kvlink.errors import (AuthenticationError, FingerprintMismatch, PeerUnreachable, TransferCancelled,
+from kvlink.errors import (AuthenticationError, FingerprintMismatch, PeerUnreachable, TransferCancelled, TransferFailed,
                            TransferRejected, TransferTimeout)
 from kvlink.transport import TransferClient, TransferServer
 from kvlink.transport.frame import HEADER_SIZE, FrameType, make_frame, parse_header
@@ -162,6 +162,57 @@ async def test_corrupt_chunk_is_detected_and_resent(reader_threads):
     assert proxy.corrupted == 1 and server.stats["chunks_corrupt"] == 1
     assert bytes(parts[0]) == data[0]
     await proxy.close()
+    await server.close()
+
+
+def digest_verifier(expected: dict[bytes, bool]):
+    """A part verifier that knows the good parts by their sha256 (stands in for payload checksums)."""
+    import hashlib
+    return lambda buf: hashlib.sha256(buf).digest() in expected
+
+
+async def test_part_verifier_replaces_chunk_checksums_and_resends_a_corrupt_part_whole():
+    import hashlib
+    data = blobs([3 << 20, 100, 1 << 20])
+    server, port = await start_server(part_verifier=digest_verifier({hashlib.sha256(d).digest(): True for d in data}))
+    proxy = FaultProxy(port, corrupt_data_frame=7)
+    proxy_port = await proxy.start()
+    async with TransferClient("127.0.0.1", proxy_port, FP, SMALL) as client:
+        assert all(cc.peer_verifies_parts and not cc.checked for cc in client._conns)
+        t = client.open(len(data))
+        for i, d in enumerate(data):
+            t.add_part(i, d)
+        incoming = await server.accept()
+        parts = await incoming.done()
+        await t.done()
+    assert proxy.corrupted == 1 and server.stats["parts_corrupt"] == 1 and server.stats["chunks_corrupt"] == 0
+    assert [bytes(p) for p in parts] == data
+    assert t.bytes_resent >= min(len(d) for d in data if d)  # a whole part went again
+    await proxy.close()
+    await server.close()
+
+
+async def test_part_that_never_verifies_fails_the_transfer_after_bounded_retries():
+    server, port = await start_server(part_verifier=lambda buf: False)
+    config = TransportConfig(connections=1, grid_bytes=16 << 10, chunk_bytes=64 << 10, window_bytes=512 << 10,
+                             chunk_retries=2)
+    async with TransferClient("127.0.0.1", port, FP, config) as client:
+        t = client.open(1)
+        t.add_part(0, blobs([200 << 10])[0])
+        with pytest.raises(TransferFailed):
+            await asyncio.wait_for(t.done(), 30)
+    assert server.stats["parts_corrupt"] == 3
+    await server.close()
+
+
+async def test_chunk_checksums_true_keeps_hashing_even_when_the_receiver_verifies_parts():
+    server, port = await start_server(part_verifier=lambda buf: True)
+    config = TransportConfig(connections=1, grid_bytes=16 << 10, chunk_bytes=64 << 10, window_bytes=512 << 10,
+                             chunk_checksums=True)
+    async with TransferClient("127.0.0.1", port, FP, config) as client:
+        assert client._conns[0].checked
+        await client.send([blobs([100 << 10])[0]])
+    assert server.stats["parts_corrupt"] == 0
     await server.close()
 
 
