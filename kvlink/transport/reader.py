@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import select
 import socket
 import threading
 
@@ -38,7 +39,11 @@ class ThreadReader:
         self.handler = conn.handler
         self.loop = loop
         self.sock = socket.socket(fileno=os.dup(conn.sock.fileno()))
-        self.sock.settimeout(3600.0)  # waits in poll(); the shared descriptor stays non-blocking
+        # Non-blocking like the descriptor it shares with the loop: read first, poll only when
+        # nothing is there (a socket timeout would poll before every read).
+        self.sock.setblocking(False)
+        self._poll = select.poll()
+        self._poll.register(self.sock.fileno(), select.POLLIN)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="kvlink-reader", daemon=True)
         self._thread.start()
@@ -70,7 +75,11 @@ class ThreadReader:
     def _recv_exact(self, view: memoryview) -> None:
         got = 0
         while got < len(view):
-            n = self.sock.recv_into(view[got:])
+            try:
+                n = self.sock.recv_into(view[got:])
+            except BlockingIOError:
+                self._poll.poll()  # woken by data, or by close() shutting the socket down
+                continue
             if n == 0:
                 raise _Closed()
             got += n

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import queue
+import select
 import socket
 import threading
 from typing import Callable
@@ -39,7 +40,13 @@ class ThreadWriter:
     def __init__(self, sock: socket.socket, on_error: Callable[[BaseException], None], timeout: float,
                  on_sent: Callable[[], None] | None = None):
         self.sock = socket.socket(fileno=os.dup(sock.fileno()))
-        self.sock.settimeout(timeout)  # blocking semantics with a deadline; the descriptor stays non-blocking
+        # The descriptor is non-blocking (shared with the event loop). Send first and wait with
+        # poll only when the kernel's buffer is full: a socket timeout would poll before every
+        # call, a syscall and a GIL round trip more per send.
+        self.sock.setblocking(False)
+        self.timeout = timeout
+        self._poll = select.poll()
+        self._poll.register(self.sock.fileno(), select.POLLOUT)
         self.on_error = on_error
         self.on_sent = on_sent
         # Bytes of DATA queued here and not yet handed to the kernel. Two counters, each written
@@ -104,7 +111,12 @@ class ThreadWriter:
 
     def _send(self, buffers: list[memoryview]) -> None:
         while buffers:
-            sent = self.sock.sendmsg(buffers[:64])
+            try:
+                sent = self.sock.sendmsg(buffers[:64])
+            except BlockingIOError:
+                if not self._poll.poll(self.timeout * 1000):
+                    raise TimeoutError("send made no progress within the timeout") from None
+                continue
             while sent:
                 first = buffers[0]
                 if sent >= first.nbytes:
