@@ -8,7 +8,6 @@ gets a 400 (HTTP) or a failed reply transfer, and leaves every pool untouched.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import collections
 import json
 import logging
@@ -150,29 +149,21 @@ class PoolDaemon:
         reply_port, reply_id = meta.get("reply_port"), meta.get("reply_id")
         release = None
         try:
+            parts = await incoming.done()
             model = proto.field(meta, "model", str)
             pool = self.pool(model, proto.field(meta, "namespace", str, ""))
             op = meta.get("op")
             if op == "put":
                 tokens = proto.tokens_of(meta)
                 names = proto.field(meta, "pieces", list)
-                if len(names) != incoming.num_parts or not all(
+                if len(names) != len(parts) or not all(
                         isinstance(n, list) and len(n) == 2 and n[0] in proto.KINDS and isinstance(n[1], int)
                         for n in names):
                     raise KvlinkError("pieces must be [kind, block] pairs, one per part")
-                keys = pool.index.hashes(tokens)
-                if not all(0 <= block < len(keys) for _, block in names):
-                    raise KvlinkError(f"a piece's block is outside the prompt's {len(keys)} full blocks")
-                # Each piece is copied into the pool as soon as it lands, while the rest arrive.
-                results = await asyncio.gather(*(self._store_piece(pool, tokens, keys, incoming, i, tuple(name))
-                                                 for i, name in enumerate(names)), return_exceptions=True)
-                for r in results:
-                    if isinstance(r, BaseException):
-                        raise r
-                stored = sum(results)
+                pieces = {(kind, block): part for (kind, block), part in zip(names, parts)}
+                stored = await asyncio.to_thread(pool.store, tokens, pieces)
                 reply, out = {"stored": stored}, [b""]
             elif op == "get":
-                await incoming.done()
                 keys = proto.keys_of(meta)
                 # Sent straight from the tier's pages, pinned until the reply is delivered.
                 found, release = await asyncio.to_thread(pool.pin_views, keys)
@@ -183,8 +174,6 @@ class PoolDaemon:
         except KvlinkError as exc:
             reply, out = {"error": type(exc).__name__, "message": str(exc)}, [b""]
             model = meta.get("model") if meta.get("model") in self.specs else next(iter(self.specs))
-            with contextlib.suppress(KvlinkError):
-                await incoming.done()  # let the sender finish, so it waits for our reply, not for END
         finally:
             incoming.release()
         try:
@@ -193,11 +182,6 @@ class PoolDaemon:
         finally:
             if release is not None:
                 release()
-
-    @staticmethod
-    async def _store_piece(pool, tokens, keys, incoming, index: int, name: tuple) -> int:
-        part = await incoming.part(index)
-        return await asyncio.to_thread(pool.store, tokens, {name: part}, keys)
 
     async def _reply(self, host: str, port: int, tid: int, fingerprint: bytes, meta: dict, parts: list) -> None:
         key = (host, port, fingerprint)

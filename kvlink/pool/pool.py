@@ -77,12 +77,9 @@ class Pool:
             return out
 
     # -- storing ----------------------------------------------------------------------------------
-    def store(self, tokens: Sequence[int], pieces: dict[tuple[str, int], object],
-              keys: Sequence[bytes] | None = None) -> int:
-        """Store ``{(kind, block index): bytes}`` of a prompt; returns how many were new and fit.
-        ``keys``: the prompt's block hashes (``index.hashes(tokens)``) when the caller stores a
-        prompt's pieces in several calls (as they arrive)."""
-        keys = self.index.hashes(tokens) if keys is None else keys
+    def store(self, tokens: Sequence[int], pieces: dict[tuple[str, int], object]) -> int:
+        """Store ``{(kind, block index): bytes}`` of a prompt; returns how many were new and fit."""
+        keys = self.index.hashes(tokens)
         for kind, block in pieces:  # all checked before anything is stored
             if kind not in _CODES or not 0 <= block < len(keys):
                 raise PoolError(f"piece ({kind!r}, {block}) does not fit a prompt of {len(keys)} full blocks")
