@@ -227,3 +227,57 @@ class DecodeSide:
         load.report.layer_bytes[layer] = len(data)
         load.report.layer_done[layer] = time.monotonic()
         fut.set_result(None)
+
+
+class SyncDecodeSide:
+    """:class:`DecodeSide` for synchronous engines: its event loop runs in a background thread,
+    and each method blocks until the asyncio one returns (``start_load`` returns at once)."""
+
+    def __init__(self, *args, host: str = "127.0.0.1", port: int = 0, **kwargs):
+        import threading
+
+        from kvlink.transport.loop import new_event_loop
+
+        self._loop = new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="kvlink-decode", daemon=True)
+        self._thread.start()
+
+        async def make() -> DecodeSide:
+            return DecodeSide(*args, **kwargs)
+
+        self.side = self._run(make())
+        self.address = self._run(self.side.start(host, port))
+
+    def _run(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def lookup(self, tokens: Sequence[int]) -> PrefixHit:
+        return self._run(self.side.lookup(tokens))
+
+    def load_from_pool(self, hit: PrefixHit, ref: CacheRef) -> int:
+        return self._run(self.side.load_from_pool(hit, ref))
+
+    def store(self, tokens: Sequence[int], ref: CacheRef, first_block: int = 0) -> int:
+        return self._run(self.side.store(tokens, ref, first_block))
+
+    def start_load(self, request_id: str, ref: CacheRef, layers: list[int] | None = None,
+                   timeout: float | None = None) -> None:
+        async def start() -> None:
+            self.side.start_load(request_id, ref, layers, timeout)
+
+        self._run(start())
+
+    def wait_layer(self, request_id: str, layer: int, timeout: float | None = None) -> None:
+        self._run(self.side.wait_layer(request_id, layer), timeout)
+
+    def wait_all(self, request_id: str, timeout: float | None = None) -> LoadReport:
+        return self._run(self.side.wait_all(request_id), timeout)
+
+    def release(self, request_id: str) -> None:
+        self._loop.call_soon_threadsafe(self.side.release, request_id)
+
+    def close(self) -> None:
+        self._run(self.side.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()

@@ -20,6 +20,7 @@ from kvlink.route.router import Router
 @dataclass(frozen=True)
 class SchedulerConfig:
     utilisation_limit: float = 0.8     # keep the link's load under this share of what it offers
+    abundant_below: float = 0.5        # utilisation under which bandwidth counts as abundant
     queue_surge: int = 32              # a prefill queue this deep triggers a re-solve
     window: int = 4096                 # incremental lengths remembered
     min_samples: int = 64
@@ -40,7 +41,15 @@ class Scheduler:
         self.lengths: deque[int] = deque(maxlen=self.config.window)
         self.last_solve = self.last_rebalance = float("-inf")
         self.last: Throughput | None = None
+        self.snapshot = None
         self.log: deque[str] = deque(maxlen=256)
+
+    @property
+    def bandwidth_abundant(self) -> bool:
+        """What the router should assume: the link's last reported utilisation is low enough that
+        cross-cluster cache transfers fit (False until a snapshot arrived)."""
+        snap = self.snapshot
+        return snap is not None and snap.utilisation < self.config.abundant_below
 
     def observe(self, incremental_length: int) -> None:
         self.lengths.append(int(incremental_length))
@@ -48,6 +57,8 @@ class Scheduler:
     def tick(self, now: float, snapshot=None, queues: dict[str, int] | None = None) -> list[str]:
         """Re-solve/re-balance when due; returns what it did (also kept in :attr:`log`)."""
         cfg, actions = self.config, []
+        if snapshot is not None:
+            self.snapshot = snapshot
         if len(self.lengths) < cfg.min_samples:
             return actions
         dep = self.deployment

@@ -81,14 +81,19 @@ def test_scheduler_resolves_on_congestion_and_keeps_a_bounded_window():
     sched.last_rebalance = sched.last_solve = 0.0  # as if both had just run
     assert sched.tick(1.0, None, {"local": 0}) == []  # nothing due, nothing wrong
     snap = LinkSnapshot(1.0, 100e9, None, None, 90e9, 0.9, 1.0, 0.5, 0.0, 0, 0, "paced")
+    assert not sched.bandwidth_abundant  # no snapshot yet
     actions = sched.tick(2.0, snap, {"local": 0})
     assert actions and "link near its limit" in actions[0]
+    assert not sched.bandwidth_abundant  # 90% used: judge by the local cache only
     assert router.threshold == pytest.approx(cases.PAPER["threshold"], rel=0.15)
     # a smaller available bandwidth raises the threshold (fewer, longer offloads)
     thin = LinkSnapshot(3.0, 4e9, None, None, 3.9e9, 0.97, 1.0, 0.5, 0.0, 0, 0, "paced")
     before = router.threshold
     sched.tick(3.0, thin, {})
     assert router.threshold > before and sched.last.egress_bps <= 0.8 * 4e9
+    quiet = LinkSnapshot(4.0, 100e9, None, None, 10e9, 0.1, 1.0, 0.5, 0.0, 0, 0, "startup")
+    sched.tick(4.0, quiet, {})
+    assert sched.bandwidth_abundant
 
 
 def test_simulator_conservation_and_link_capacity():
