@@ -152,6 +152,10 @@ def _report(say, rid: str, pf: dict, dc: dict, want: dict, rate: float | None) -
         f"{len(dc['layer_done'])} layers over {transfer * 1e3:.0f} ms of streaming, {mbps:.0f} Mbit/s on average "
         f"(paced to {'unlimited' if rate is None else f'{rate / 1e6:.0f} Mbit/s'}; the stream waits for prefill, "
         f"not for the link)")
+    link = pf["link"]
+    pacing = "unpaced" if link["pacing_bps"] is None else f"paced at {link['pacing_bps'] / 1e6:.0f} Mbit/s"
+    say(f"{rid}: link as the sender saw it: {pacing} ({link['phase']}), RTT {link['rtt_ms'] or 0:.2f} ms, "
+        f"{link['retransmits']} retransmits")
     say(f"{rid}: time to first decode token {prefill_s + tail + restore:.3f} s = prefill {prefill_s:.3f} s "
         f"+ transfer after prefill {tail * 1e3:.1f} ms + restore {restore * 1e3:.1f} ms")
     say(f"{rid}: streaming: first layer landed {max(0.0, pf['prefill_end'] - first_done) * 1e3:.0f} ms before "

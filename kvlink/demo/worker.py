@@ -136,7 +136,8 @@ async def prefill_main(args) -> None:
         eng.free(blocks, slot)
         emit(request=rid, reused=own, computed=n - own, prefill_start=t0, prefill_end=t1, bytes=report.bytes,
              layer_saved={str(k): v for k, v in report.layer_saved.items()}, sent=report.finished,
-             first_token=int(logits[0, -1].argmax()))
+             first_token=int(logits[0, -1].argmax()),
+             link=(await side.client((host, int(port)))).snapshot().to_dict())
     await side.close()
 
 

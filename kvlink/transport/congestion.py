@@ -95,6 +95,8 @@ class RateController:
         self._last_congested = -1e9
         self._inflight = 0
         self._pacing = self._initial if adaptive else cap
+        self._app_limited = False  # idle at some point since the last tick
+        self._idle = False
 
     # -- inputs ---------------------------------------------------------------------------------
     def on_ack(self, nbytes: int, rtt: float | None) -> None:
@@ -114,6 +116,16 @@ class RateController:
 
     def on_nack(self) -> None:
         self._nacks += 1
+
+    def on_app_limited(self) -> None:
+        """The sender ran out of data to send (prefill has not produced the next layer yet): the
+        delivery rate of every interval until :meth:`on_busy` says how fast the application
+        was, not the path."""
+        self._app_limited = self._idle = True
+
+    def on_busy(self) -> None:
+        """The sender has data to send again."""
+        self._idle = False
 
     def on_tcp_info(self, rtt_s: float | None, min_rtt_s: float | None, retrans_delta: int, segs_delta: int) -> None:
         """Kernel view, summed or averaged by the caller over the peer's connections."""
@@ -165,8 +177,15 @@ class RateController:
         self._last_tick = now
         while self._rtts and now - self._rtts[0][0] > RTT_WINDOW:
             self._rtts.popleft()
+        limited = self._app_limited or self._idle
+        self._app_limited = False
         if self._delivery > 0 or inflight > 0:
-            self._samples.append((now, self._delivery))
+            # An app-limited sample may raise the estimate, never lower it (as in BBR): streaming
+            # layers while prefill computes must not talk the pacer down to the prefill's pace.
+            if not limited:
+                self._samples.append((now, self._delivery))
+            elif self._bw is None or self._delivery > self._bw:
+                self._samples.append((now, self._delivery))
         while self._samples and now - self._samples[0][0] > BW_WINDOW:
             self._samples.popleft()
         if not self._samples:
@@ -179,7 +198,9 @@ class RateController:
             # The path got slower: trust the last samples now rather than in BW_WINDOW seconds.
             self._bw = max(recent)
             self._samples = collections.deque(list(self._samples)[-3:])
-        if self.adaptive:
+        if self.adaptive and not limited:
+            # An interval the application limited says nothing about the path: the pacing rate
+            # stays as it was (bursts that queue meanwhile are TCP's to handle).
             self._pacing = self._next_rate(congested)
         return self._pacing
 

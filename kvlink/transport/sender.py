@@ -311,6 +311,8 @@ class TransferClient:
                 continue
             t, chunk, wait = self._sched.pick(self._run_bytes())
             if t is None:
+                # A connection is free and nothing can go: the application, not the path, limits.
+                self.controller.on_app_limited()
                 self._wake.clear()
                 if wait > 0:
                     try:
@@ -320,6 +322,7 @@ class TransferClient:
                 else:
                     await self._wake.wait()
                 continue
+            self.controller.on_busy()
             if self._bucket is not None:
                 self._bucket.reserve(chunk[2])
                 # Wait out the debt in short slices: a rate raised meanwhile shortens the wait.

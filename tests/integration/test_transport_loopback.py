@@ -486,3 +486,26 @@ async def test_stalled_receiver_bounds_sender_buffering_and_fails_in_time():
     for w in stalled:
         w.transport.abort()
     peer.close()
+
+
+async def test_streaming_after_idle_gaps_is_not_paced_at_the_producers_pace():
+    # Layers arrive with gaps (prefill computing): those intervals are app-limited and must not
+    # teach the rate controller that the path is slow (it once paced at ~1 MB/s after this).
+    server, port = await start_server(TransportConfig())
+    cap = 800e6
+    config = TransportConfig(connections=2, rate_cap=cap)
+    async with TransferClient("127.0.0.1", port, FP, config) as client:
+        sizes = [78040, 78040, 78040, 1310864]
+        t = client.open(len(sizes))
+        incoming = None
+        for i, (n, data) in enumerate(zip(sizes, blobs(sizes))):
+            await asyncio.sleep(0.35)  # the producer's compute time, not a synchronisation
+            t0 = time.monotonic()
+            t.add_part(i, data)
+            incoming = incoming or await server.accept()
+            assert bytes(await incoming.part(i)) == data
+            took = time.monotonic() - t0
+            assert client.controller.pacing_rate() == cap / 8  # still the cap, never the producer's pace
+        assert took < 0.25  # 1.3 MB at 800 Mbit/s is 13 ms; paced at the producer's pace it took ~400 ms
+        await t.done()
+    await server.close()

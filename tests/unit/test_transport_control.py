@@ -20,11 +20,13 @@ class Clock:
         return self.now
 
 
-def drive(ctl, clock, rate_Bps, seconds, rtt=0.001, min_rtt=0.001, retrans=0):
+def drive(ctl, clock, rate_Bps, seconds, rtt=0.001, min_rtt=0.001, retrans=0, app_limited=False):
     """Feed acknowledgements at ``rate_Bps`` for ``seconds``; returns the estimates per tick."""
     out = []
     for _ in range(int(seconds / 0.1)):
         clock.now += 0.1
+        if app_limited:
+            ctl.on_app_limited()
         ctl.on_ack(int(rate_Bps * 0.1), rtt)
         ctl.on_tcp_info(rtt, min_rtt, retrans, 1000)
         ctl.tick(inflight=1)
@@ -53,6 +55,23 @@ def test_rate_drop_is_followed_within_two_seconds_and_pacing_backs_off():
     assert followed and followed[0] - t_change <= 2.0
     assert ctl.snapshot().phase in ("drain", "cruise", "probe")
     assert ctl.pacing_rate() <= 62.5e6 * 1.25
+
+
+def test_app_limited_streaming_never_talks_the_estimate_down():
+    clock = Clock()
+    ctl = RateController(cap=None, clock=clock)
+    drive(ctl, clock, 125e6, 2.0)  # a bulk phase: the path's rate is known
+    # then layers trickle out as prefill makes them, with queueing from each burst
+    after = drive(ctl, clock, 2e6, 3.0, rtt=0.030, app_limited=True)
+    assert after[-1][1] == pytest.approx(125e6, rel=0.1)
+    assert after[-1][2] is None or after[-1][2] > 50e6  # paced, if at all, near the path's rate
+
+
+def test_no_pacing_from_app_limited_samples_alone():
+    clock = Clock()
+    ctl = RateController(cap=100e6, clock=clock)
+    out = drive(ctl, clock, 1e6, 3.0, rtt=0.030, app_limited=True)  # slow producer, queueing bursts
+    assert all(pacing == 100e6 for _, _, pacing in out)  # the cap, never the producer's pace
 
 
 def test_cap_is_never_exceeded():
