@@ -15,225 +15,15 @@ import ssl as _ssl
 import time
 from typing import Callable, Iterable
 
-from kvlink.codec.checksum import checksum
 from kvlink.config import TransportConfig
-from kvlink.errors import (FingerprintMismatch, HandshakeError, KvlinkError, TransferRejected, TransferTimeout,
-                           TransportError)
+from kvlink.errors import KvlinkError, TransferRejected, TransferTimeout, TransportError
 from kvlink.transport import handshake as hs
 from kvlink.transport.connection import FrameConnection
-from kvlink.transport.frame import FLAG_UNCHECKED, FrameHeader, FrameType, pack_acks
-from kvlink.transport.incoming import VERIFY_PART, Allocator, IncomingTransfer, default_allocator
-from kvlink.transport.reader import ThreadReader
+from kvlink.transport.frame import FrameType
+from kvlink.transport.incoming import Allocator, IncomingTransfer, default_allocator
+from kvlink.transport.server_conn import ServerConn
 
 _RECENT = 4096  # completed transfer ids remembered, to re-confirm END after a lost one
-
-
-class _ServerConn:
-    """Frame handler for one accepted connection."""
-
-    def __init__(self, server: "TransferServer"):
-        self.server = server
-        self.conn: FrameConnection | None = None
-        self.session: bytes | None = None
-        self.fingerprint: bytes = b""
-        self.client_nonce = b""
-        self.server_nonce = b""
-        self.authed = False
-        self._acks: list = []
-        self._nacks: list = []
-        self._flush_scheduled = False
-        self._timer: asyncio.TimerHandle | None = None
-        self.reader: ThreadReader | None = None
-        self._pending: IncomingTransfer | None = None
-
-    # -- FrameHandler ---------------------------------------------------------------------------
-    def on_open(self, conn: FrameConnection) -> None:
-        self.conn = conn
-        self.server._conns.add(self)
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self.server.config.handshake_timeout, self._handshake_expired)
-
-    def on_closed(self, conn, exc) -> None:
-        self.server._conns.discard(self)
-        if self.reader is not None:
-            self.reader.close()
-        if self._timer is not None:
-            self._timer.cancel()
-
-    def _handshake_expired(self) -> None:
-        if not self.authed:
-            self._refuse("handshake", "handshake timed out")
-
-    def _refuse(self, code: str, message: str) -> None:
-        self.conn.send(FrameType.ERROR, body=hs.error_body(code, message))
-        self.conn.transport.close()  # flushes the ERROR, then closes
-
-    def on_control(self, conn, header: FrameHeader, body: bytes) -> None:
-        try:
-            if not self.authed:
-                self._handshake(header, body)
-            else:
-                self._control(header, body)
-        except HandshakeError as exc:
-            code = "auth" if "secret" in str(exc) else "handshake"
-            self._refuse(code, str(exc))
-        except FingerprintMismatch as exc:
-            self._refuse("fingerprint", str(exc))
-
-    def _handshake(self, header: FrameHeader, body: bytes) -> None:
-        server = self.server
-        if header.type is FrameType.HELLO and self.session is None:
-            hello = hs.decode(body, {"v": int, "session": str, "conn": int, "fingerprint": str, "nonce": str})
-            if hello["v"] != hs.PROTOCOL:
-                raise HandshakeError(f"protocol {hello['v']}; this receiver speaks {hs.PROTOCOL}")
-            self.session = hs.hex_bytes(hello, "session", 16)
-            self.fingerprint = hs.hex_bytes(hello, "fingerprint", 16)
-            self.client_nonce = hs.hex_bytes(hello, "nonce", hs.NONCE_BYTES)
-            if server.fingerprints is not None and self.fingerprint not in server.fingerprints:
-                raise FingerprintMismatch(next(iter(server.fingerprints), b""), self.fingerprint)
-            if server.secret is None:
-                self._accept(None)
-            else:
-                self.server_nonce = hs.new_nonce()
-                self.conn.send(FrameType.CHALLENGE, body=hs.encode({"nonce": self.server_nonce.hex()}))
-            return
-        if header.type is FrameType.AUTH and self.server_nonce:
-            auth = hs.decode(body, {"mac": str})
-            hs.check_mac(hs.mac(server.secret, "client", self.client_nonce, self.server_nonce, self.session,
-                                self.fingerprint), auth["mac"])
-            self._accept(hs.mac(server.secret, "server", self.client_nonce, self.server_nonce, self.session,
-                                self.fingerprint))
-            return
-        raise HandshakeError(f"unexpected {header.type.name} frame during the handshake")
-
-    def _accept(self, server_mac: str | None) -> None:
-        self.authed = True
-        if self._timer is not None:
-            self._timer.cancel()
-        reply = {"max_chunk": self.server.config.max_chunk_bytes,
-                 "verifies_parts": self.server.part_verifier is not None}
-        if server_mac is not None:
-            reply["mac"] = server_mac
-        self.conn.send(FrameType.ACCEPT, body=hs.encode(reply))
-        if self.server.ssl is None and self.conn.sock is not None and self.server.reader_threads:
-            # The sender sends nothing until it has our ACCEPT, so no byte is half-parsed here.
-            self.conn.transport.pause_reading()
-            self.reader = ThreadReader(self.conn, asyncio.get_running_loop())
-
-    def _control(self, header: FrameHeader, body: bytes) -> None:
-        tid = header.transfer_id
-        try:
-            if header.type is FrameType.BEGIN:
-                self.server._begin(self, tid, body)
-            elif header.type is FrameType.PART:
-                self.server._part(self, tid, header.stream, body)
-            elif header.type is FrameType.CANCEL:
-                self.server._cancelled_by_peer(self, tid)
-            elif header.type is FrameType.ERROR:
-                pass  # a sender reporting its own failure; its CANCEL follows
-            else:
-                raise TransferRejected(f"{header.type.name} frames are not accepted by a receiver")
-        except (TransferRejected, HandshakeError) as exc:
-            self.server._reject(self, tid, exc)
-
-    def lookup(self, header: FrameHeader, later) -> tuple[IncomingTransfer | None, memoryview | None]:
-        """Where a DATA body goes: (transfer, reserved view), or (None, None) to read and drop it.
-
-        Runs in the reader thread (``later`` = ``loop.call_soon_threadsafe``) or on the loop
-        (``later`` calls at once); every write to a connection happens through ``later``.
-        """
-        server, tid = self.server, header.transfer_id
-        if tid in server._recent:
-            later(self._reconfirm, header)  # a resend after a lost END: confirm again
-            return None, None
-        transfer = server._transfers.get(tid)
-        try:
-            if transfer is None or transfer.owner != self.session:
-                raise TransferRejected(f"unknown transfer {tid:#x}")
-            target, seen = transfer.target(header.stream, header.offset, header.length)
-        except TransferRejected as exc:
-            later(server._reject, self, tid, exc)
-            return None, None
-        if seen:
-            later(self._ack, header)
-        return (transfer, target) if target is not None else (None, None)
-
-    def _reconfirm(self, header: FrameHeader) -> None:
-        self._ack(header)
-        self.conn.send(FrameType.END, transfer_id=header.transfer_id)
-
-    def data_target(self, conn, header: FrameHeader) -> memoryview | None:
-        if not self.authed:
-            conn.abort(HandshakeError("data before the handshake"))
-            return None
-        self._pending, target = self.lookup(header, lambda fn, *args: fn(*args))
-        return target
-
-    def on_data(self, conn, header: FrameHeader, target: memoryview | None, ok: bool | None = None,
-                transfer: IncomingTransfer | None = None) -> None:
-        """A body is in ``target``; ``ok`` is the reader thread's checksum verdict (None: check here)."""
-        if target is None:
-            return
-        if transfer is None:
-            transfer, self._pending = self._pending, None
-        if ok is None:
-            ok = bool(header.flags & FLAG_UNCHECKED) or checksum(target) == header.body_checksum
-        if not ok:
-            self.server.stats["chunks_corrupt"] += 1
-            self._nacks.append((header.transfer_id, header.stream, header.length, header.offset))
-            self._schedule_flush()
-        unchecked = bool(header.flags & FLAG_UNCHECKED)
-        completed = transfer.write_done(header.stream, header.offset, header.length, ok, unchecked,
-                                        self.server.part_verifier is not None)
-        if ok and self.server._transfers.get(header.transfer_id) is transfer:
-            self._ack(header)
-            if completed == VERIFY_PART:
-                task = asyncio.ensure_future(self._verify_part(transfer, header.stream))
-                self.server._tasks.add(task)
-                task.add_done_callback(self.server._tasks.discard)
-            elif completed:
-                self._flush()
-                self.server._finish(self, transfer)
-
-    async def _verify_part(self, transfer: IncomingTransfer, index: int) -> None:
-        """Judge a whole part that arrived without chunk checksums; resend it whole if it fails."""
-        server = self.server
-        buf = transfer.part_view(index)
-        try:
-            ok = await asyncio.get_running_loop().run_in_executor(None, server.part_verifier, buf)
-        except Exception:  # a verifier that raises has found nothing it can vouch for
-            ok = False
-        if transfer.error is not None or server._transfers.get(transfer.transfer_id) is not transfer:
-            return
-        if ok:
-            if transfer.accept_part(index):
-                self._flush()
-                server._finish(self, transfer)
-            return
-        server.stats["parts_corrupt"] += 1
-        length = transfer.reset_part(index)
-        step = max(transfer.chunk, server.config.max_chunk_bytes // transfer.chunk * transfer.chunk)
-        for offset in range(0, max(length, 1), step):
-            self._nacks.append((transfer.transfer_id, index, min(step, length - offset), offset))
-        self._schedule_flush()
-
-    # -- acknowledgements ---------------------------------------------------------------------
-    def _ack(self, header: FrameHeader) -> None:
-        self._acks.append((header.transfer_id, header.stream, header.length, header.offset))
-        self._schedule_flush()
-
-    def _schedule_flush(self) -> None:
-        # Acks for everything that arrived in one loop iteration leave in one frame.
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        for ftype, entries in ((FrameType.ACK, self._acks), (FrameType.NACK, self._nacks)):
-            while entries:
-                batch, entries[:] = entries[:2048], entries[2048:]
-                self.conn.send(ftype, body=pack_acks(batch))
 
 
 class TransferServer:
@@ -258,7 +48,7 @@ class TransferServer:
         self.part_verifier = part_verifier
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.base_events.Server | None = None
-        self._conns: set[_ServerConn] = set()
+        self._conns: set[ServerConn] = set()
         self._transfers: dict[int, IncomingTransfer] = {}
         self._recent: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._accept_q: asyncio.Queue[IncomingTransfer] = asyncio.Queue(self.config.accept_backlog)
@@ -273,7 +63,7 @@ class TransferServer:
         """Bind and listen (loopback unless told otherwise); returns the bound (host, port)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: FrameConnection(_ServerConn(self), self.config.max_chunk_bytes), host, port, ssl=self.ssl,
+            lambda: FrameConnection(ServerConn(self), self.config.max_chunk_bytes), host, port, ssl=self.ssl,
             backlog=256)
         self.address = self._server.sockets[0].getsockname()[:2]
         self._reaper = asyncio.create_task(self._reap_idle())
@@ -322,8 +112,8 @@ class TransferServer:
     def reserved_bytes(self) -> int:
         return self._reserved
 
-    # -- protocol actions (called by _ServerConn) ---------------------------------------------
-    def _begin(self, sc: _ServerConn, tid: int, body: bytes) -> None:
+    # -- protocol actions (called by ServerConn) ---------------------------------------------
+    def _begin(self, sc: ServerConn, tid: int, body: bytes) -> None:
         if tid in self._recent:
             sc.conn.send(FrameType.END, transfer_id=tid)
             return
@@ -348,7 +138,7 @@ class TransferServer:
         if (entry := self._waiters.pop(tid, None)) is not None and not entry[0].done():
             entry[0].set_result(t)
 
-    def _part(self, sc: _ServerConn, tid: int, index: int, body: bytes) -> None:
+    def _part(self, sc: ServerConn, tid: int, index: int, body: bytes) -> None:
         if tid in self._recent:
             return
         t = self._transfers.get(tid)
@@ -380,7 +170,7 @@ class TransferServer:
         t.announce(index, length, self.allocator)
         self._reserved += length
 
-    def _finish(self, sc: _ServerConn, t: IncomingTransfer) -> None:
+    def _finish(self, sc: ServerConn, t: IncomingTransfer) -> None:
         self._transfers.pop(t.transfer_id, None)
         self._remember(t.transfer_id)
         self.stats["transfers_done"] += 1
@@ -391,7 +181,7 @@ class TransferServer:
         while len(self._recent) > _RECENT:
             self._recent.popitem(last=False)
 
-    def _reject(self, sc: _ServerConn, tid: int, exc: KvlinkError) -> None:
+    def _reject(self, sc: ServerConn, tid: int, exc: KvlinkError) -> None:
         self.stats["rejected"] += 1
         t = self._transfers.get(tid)
         if t is not None and t.owner == sc.session:
@@ -400,7 +190,7 @@ class TransferServer:
         code = "unknown_transfer" if "unknown transfer" in str(exc) else "rejected"
         sc.conn.send(FrameType.ERROR, transfer_id=tid, body=hs.error_body(code, str(exc)))
 
-    def _cancelled_by_peer(self, sc: _ServerConn, tid: int) -> None:
+    def _cancelled_by_peer(self, sc: ServerConn, tid: int) -> None:
         from kvlink.errors import TransferCancelled
 
         t = self._transfers.get(tid)

@@ -165,6 +165,17 @@ async def test_corrupt_chunk_is_detected_and_resent(reader_threads):
     await server.close()
 
 
+async def send_parts(client, server, data):
+    """Send ``data`` as one transfer, one part each; returns it and the parts as received."""
+    t = client.open(len(data))
+    for i, d in enumerate(data):
+        t.add_part(i, d)
+    incoming = await server.accept()
+    parts = await incoming.done()
+    await t.done()
+    return t, parts
+
+
 def digest_verifier(expected: dict[bytes, bool]):
     """A part verifier that knows the good parts by their sha256 (stands in for payload checksums)."""
     import hashlib
@@ -179,12 +190,7 @@ async def test_part_verifier_replaces_chunk_checksums_and_resends_a_corrupt_part
     proxy_port = await proxy.start()
     async with TransferClient("127.0.0.1", proxy_port, FP, SMALL) as client:
         assert all(cc.peer_verifies_parts and not cc.checked for cc in client._conns)
-        t = client.open(len(data))
-        for i, d in enumerate(data):
-            t.add_part(i, d)
-        incoming = await server.accept()
-        parts = await incoming.done()
-        await t.done()
+        t, parts = await send_parts(client, server, data)
     assert proxy.corrupted == 1 and server.stats["parts_corrupt"] == 1 and server.stats["chunks_corrupt"] == 0
     assert [bytes(p) for p in parts] == data
     assert t.bytes_resent >= min(len(d) for d in data if d)  # a whole part went again
@@ -399,12 +405,7 @@ async def test_tls_transfer_is_bit_exact(tls_pair):
     data = blobs([2 << 20, 12345])
     async with TransferClient("127.0.0.1", port, FP, SMALL, secret=b"k", ssl=client_ctx,
                               server_hostname="localhost") as client:
-        t = client.open(len(data))
-        for i, d in enumerate(data):
-            t.add_part(i, d)
-        incoming = await server.accept()
-        parts = await incoming.done()
-        await t.done()
+        t, parts = await send_parts(client, server, data)
     assert [bytes(p) for p in parts] == data
     await server.close()
 
