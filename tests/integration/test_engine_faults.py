@@ -49,7 +49,7 @@ def same_layers(a: PagedCache, a_ref: CacheRef, b: PagedCache, b_ref: CacheRef, 
 
 @pytest.fixture
 async def decode():
-    side = DecodeSide(make_cache(seed=9), TransportConfig(idle_timeout=1.0), begin_timeout=2.0)
+    side = DecodeSide(make_cache(seed=9), TransportConfig(idle_timeout=1.0), begin_timeout=30.0)
     await side.start()
     yield side
     await side.close()
@@ -61,10 +61,10 @@ async def test_prefill_process_killed_mid_load_fails_only_its_request(decode):
     dst = CacheRef(DST_BLOCKS, TOKENS, 0)
     try:
         decode.start_load("worker", dst)
-        decode.start_load("healthy", CacheRef(list(range(40, 80)), TOKENS, 1))
         await asyncio.wait_for(decode.wait_layer("worker", 0), 30)  # layer 0 landed: now kill the sender
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+        decode.start_load("healthy", CacheRef(list(range(40, 80)), TOKENS, 1))
         healthy = PrefillSide(make_cache(seed=3))
         await send(healthy, "healthy", decode.server.address)
         await healthy.close()
@@ -132,7 +132,7 @@ async def test_layer_corrupt_at_the_source_fails_with_its_layer_and_blocks_named
 async def test_incompatible_spec_refused_at_handshake_and_load_fails(decode):
     other = CacheSpec("engine-faults", (*SPEC.layers[:3], MLA(32, 16)))
     side = PrefillSide(make_cache(seed=5, spec=other))
-    decode.start_load("alien", CacheRef(DST_BLOCKS, TOKENS, 0))
+    decode.start_load("alien", CacheRef(DST_BLOCKS, TOKENS, 0), timeout=2.0)  # nothing will come
     with pytest.raises(FingerprintMismatch):
         await side.begin("alien", src_ref(), decode.server.address)
     await side.close()
