@@ -217,7 +217,9 @@ class DecodeSide:
             got = {s.layer for s in payload.segments}
             if got != {layer}:
                 raise EngineError(f"part {index} carries layers {sorted(got)}, expected {layer}")
-            await asyncio.to_thread(self.unpacker.unpack, payload, load.ref)
+            # A part the transport verified against the payload's own checksums is not hashed again.
+            await asyncio.to_thread(self.unpacker.unpack, payload, load.ref,
+                                    not load.incoming.verified_whole(index))
         except KvlinkError as exc:
             causes[layer] = exc
             fut.set_exception(exc)

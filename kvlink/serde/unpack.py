@@ -51,7 +51,7 @@ class Unpacker:
         self.cache = cache
         self.backend = backend
 
-    def unpack(self, payload: Payload | bytes | bytearray | memoryview, ref: CacheRef) -> list[int]:
+    def unpack(self, payload: Payload | bytes | bytearray | memoryview, ref: CacheRef, verify: bool = True) -> list[int]:
         """Write ``payload`` into ``ref``'s blocks and slot; returns the layers written.
 
         ``ref.block_ids`` must cover tokens [0, payload end); only tokens from the payload's start
@@ -59,7 +59,9 @@ class Unpacker:
         malformed or corrupt payloads, :class:`~kvlink.errors.FingerprintMismatch` /
         :class:`~kvlink.errors.IncompatibleLayoutError` for the wrong layout,
         :class:`~kvlink.errors.ConfigError` for a bad block table or slot, and
-        :class:`~kvlink.errors.CodecError` when a segment does not decode.
+        :class:`~kvlink.errors.CodecError` when a segment does not decode. ``verify=False`` skips
+        the checksum pass, for bytes already verified against the same checksums (a receiver's
+        part verifier).
         """
         if not isinstance(payload, Payload):
             payload = Payload.from_buffer(payload)
@@ -68,7 +70,8 @@ class Unpacker:
         ref = CacheRef(ref.block_ids, header.token_end, ref.state_slot, header.token_start)
         ids, ids_host = ref.block_ids_checked(cache)
         slot = ref.slot(cache) if any(s.kind.is_state for s in header.segments) else -1
-        payload.verify()
+        if verify:
+            payload.verify()
         decoded = parallel_map(
             lambda job: decode(job[0].codec, job[1], TORCH_DTYPES[job[0].dtype], job[0].numel,
                                fp8_group=1 << job[0].codec_param).view(job[0].shape),

@@ -35,13 +35,14 @@ def arena_allocator(arena) -> Allocator:
 
 
 class _Part:
-    __slots__ = ("length", "buf", "done", "chunks", "left", "future", "unchecked")
+    __slots__ = ("length", "buf", "done", "chunks", "left", "future", "unchecked", "verified_whole")
 
     def __init__(self, length: int, buf: memoryview, nchunks: int, future: asyncio.Future):
         self.length, self.buf, self.future = length, buf, future
         self.done = bytearray(nchunks)  # 1 per written chunk (verified, unless unchecked)
         self.left = nchunks
         self.unchecked = False  # some chunk arrived without its checksum: verify the whole part
+        self.verified_whole = False  # the receiver's part verifier passed it
 
 
 VERIFY_PART = 2  # write_done: the part is whole but unchecked; verify it, then accept_part/reset_part
@@ -173,6 +174,12 @@ class IncomingTransfer:
             self._complete_part(part, index)
         return self.complete
 
+    def verified_whole(self, index: int) -> bool:
+        """Whether part ``index`` was judged whole by the receiver's part verifier (for kvlink
+        payloads: against their own checksums, so unpacking need not hash them again)."""
+        part = self._parts[index] if 0 <= index < self.num_parts else None
+        return part is not None and part.verified_whole
+
     def part_view(self, index: int) -> memoryview:
         """The buffer of an announced part, whole or not (for the part verifier)."""
         return self._parts[index].buf
@@ -183,6 +190,7 @@ class IncomingTransfer:
         if self.error is not None or part.left or part.future.done():
             return False
         part.unchecked = False
+        part.verified_whole = True
         self._complete_part(part, index)
         return self.complete
 

@@ -166,14 +166,14 @@ async def test_corrupt_chunk_is_detected_and_resent(reader_threads):
 
 
 async def send_parts(client, server, data):
-    """Send ``data`` as one transfer, one part each; returns it and the parts as received."""
+    """Send ``data`` as one transfer, one part each; returns it, the incoming side and its parts."""
     t = client.open(len(data))
     for i, d in enumerate(data):
         t.add_part(i, d)
     incoming = await server.accept()
     parts = await incoming.done()
     await t.done()
-    return t, parts
+    return t, incoming, parts
 
 
 def digest_verifier(expected: dict[bytes, bool]):
@@ -190,9 +190,10 @@ async def test_part_verifier_replaces_chunk_checksums_and_resends_a_corrupt_part
     proxy_port = await proxy.start()
     async with TransferClient("127.0.0.1", proxy_port, FP, SMALL) as client:
         assert all(cc.peer_verifies_parts and not cc.checked for cc in client._conns)
-        t, parts = await send_parts(client, server, data)
+        t, incoming, parts = await send_parts(client, server, data)
     assert proxy.corrupted == 1 and server.stats["parts_corrupt"] == 1 and server.stats["chunks_corrupt"] == 0
     assert [bytes(p) for p in parts] == data
+    assert all(incoming.verified_whole(i) for i in range(len(data)))
     assert t.bytes_resent >= min(len(d) for d in data if d)  # a whole part went again
     await proxy.close()
     await server.close()
@@ -217,7 +218,11 @@ async def test_chunk_checksums_true_keeps_hashing_even_when_the_receiver_verifie
                              chunk_checksums=True)
     async with TransferClient("127.0.0.1", port, FP, config) as client:
         assert client._conns[0].checked
-        await client.send([blobs([100 << 10])[0]])
+        t = client.open(1)
+        t.add_part(0, blobs([100 << 10])[0])
+        incoming = await server.accept()
+        await t.done()
+        assert not incoming.verified_whole(0)  # checked per chunk, never by the part verifier
     assert server.stats["parts_corrupt"] == 0
     await server.close()
 
@@ -405,7 +410,7 @@ async def test_tls_transfer_is_bit_exact(tls_pair):
     data = blobs([2 << 20, 12345])
     async with TransferClient("127.0.0.1", port, FP, SMALL, secret=b"k", ssl=client_ctx,
                               server_hostname="localhost") as client:
-        t, parts = await send_parts(client, server, data)
+        t, incoming, parts = await send_parts(client, server, data)
     assert [bytes(p) for p in parts] == data
     await server.close()
 
