@@ -182,6 +182,8 @@ class DecodeSide:
         except KvlinkError as exc:
             causes[-1] = exc
         load.report.finished = time.monotonic()
+        if load.incoming is not None:
+            load.incoming.release()  # every layer is unpacked (or failed): the landing bytes go back
         bad = sorted(layer for layer, fut in load.layers.items() if not fut.done() or fut.exception() is not None)
         if bad:
             ids, _ = load.ref.block_ids_checked(self.cache)

@@ -76,6 +76,7 @@ async def test_round_trip_is_bit_exact_and_negative_control_fails(family, dtype)
         decode.start_load("r1", dst_ref)
         first, report = await stream_prefill(model, config, spec, prompt, dst_ref, decode, "r1")
         loaded = await decode.wait_all("r1")
+        assert decode.server.reserved_bytes == 0  # landing buffers went back once unpacked
         decode.release("r1")
     finally:
         await decode.close()
