@@ -11,6 +11,7 @@ uninterrupted single-process run.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import subprocess
 import sys
@@ -57,23 +58,24 @@ class _Worker:
 
 
 def reference(family: str, prompts: list[list[int]], steps: int) -> list[dict]:
-    """The same requests in one process, no transfer: request 2 continues request 1's cache."""
+    """The same requests in one process, no transfer: a prompt that extends the previous one
+    continues its cache (as the workers' prefix pools make them do)."""
     from transformers import DynamicCache
 
     from kvlink.demo.worker import build, greedy, logits_digest
 
     model, config, _, _ = build(family)
-    out, cache, done = [], None, 0
+    out, cache, prev = [], None, []
     for prompt in prompts:
-        base = cache if cache is not None and prompt[:done] == prompts[0][:done] else DynamicCache(config=config)
+        if cache is None or prompt[:len(prev)] != prev:
+            cache, prev = DynamicCache(config=config), []
         with torch.no_grad():
-            logits = model(torch.tensor([prompt[done if base is cache else 0:]]), cache=base, use_cache=True).logits
+            logits = model(torch.tensor([prompt[len(prev):]]), cache=cache, use_cache=True).logits
         first = int(logits[0, -1].argmax())
-        # decode from a copy so the prompt-only cache stays for the next request
-        import copy
-        tokens, step_logits = greedy(model, copy.deepcopy(base), first, steps)
+        # decode from a copy, so the cache holds the prompt alone for the next request
+        tokens, step_logits = greedy(model, copy.deepcopy(cache), first, steps)
         out.append({"first": first, "tokens": tokens, "digest": logits_digest(step_logits)})
-        cache, done = base, len(prompt)
+        prev = prompt
     return out
 
 
