@@ -123,7 +123,7 @@ class HFCacheAdapter:
     def __init__(self, spec: CacheSpec, config):
         self.spec = spec
         self.config = config
-        text, types, _ = _layer_types(config)
+        _, types, _ = _layer_types(config)
         if len(types) != spec.num_layers:
             raise IncompatibleLayoutError(f"config has {len(types)} layers, spec {spec.num_layers}")
 
@@ -143,11 +143,11 @@ class HFCacheAdapter:
                 pool[slot].copy_(src[0])
             return
         rows = self._token_rows(hf, layer, spec_layer, ref.num_tokens)
-        start = max(ref.token_start, ref.num_tokens - rows[0].shape[0])
+        base = ref.num_tokens - rows[0].shape[0]  # the first token the layer holds (sliding: > 0)
+        start = max(ref.token_start, base)
         ids, ids_host = ref.block_ids_checked(paged)
-        base = ref.num_tokens - rows[0].shape[0]
         for (kind, plane), src in zip(paged.planes(layer), rows):
-            part = src[start - base:].contiguous()
+            part = src[start - base:].contiguous()  # rows are contiguous already: a view
             copy_tokens(plane, ids, ids_host, start, ref.num_tokens, paged.block_size, part, False)
 
     def _token_rows(self, hf, layer: int, spec_layer, num_tokens: int) -> list[torch.Tensor]:
