@@ -26,7 +26,9 @@ def check_block_size(cache: PagedCache, pool_block: int) -> None:
 
 
 def pack_pieces(cache: PagedCache, ref: CacheRef, pool_block: int, first_block: int = 0) -> dict:
-    """``{(kind, block): bytes}`` for every full pool block of ``ref`` from ``first_block`` on.
+    """``{(kind, block): buffers}`` for every full pool block of ``ref`` from ``first_block`` on
+    (each value a payload's header and segment buffers: the pool and the transport take them as
+    they are, without joining them into one copy first).
 
     The state entry goes with the last block only when the request ends exactly on a pool
     block boundary: the slot holds the state at ``ref.num_tokens`` and nowhere else.
@@ -40,10 +42,10 @@ def pack_pieces(cache: PagedCache, ref: CacheRef, pool_block: int, first_block: 
         span = CacheRef(ref.block_ids, (b + 1) * pool_block, ref.state_slot, b * pool_block)
         for kind in (FULL, SLIDING):
             if groups[kind]:
-                pieces[(kind, b)] = packer.pack(span, groups[kind]).tobytes()
+                pieces[(kind, b)] = packer.pack(span, groups[kind]).buffers()
     if groups[STATE] and nblocks and nblocks * pool_block == ref.num_tokens:
         end = CacheRef(ref.block_ids, ref.num_tokens, ref.state_slot, ref.num_tokens)
-        pieces[(STATE, nblocks - 1)] = packer.pack(end, groups[STATE]).tobytes()
+        pieces[(STATE, nblocks - 1)] = packer.pack(end, groups[STATE]).buffers()
     return pieces
 
 

@@ -33,6 +33,8 @@ def tier_key(kind: str, key: bytes) -> bytes:
 
 
 def _nbytes(data) -> int:
+    if isinstance(data, (list, tuple)):  # buffers stored back to back (e.g. Payload.buffers())
+        return sum(_nbytes(d) for d in data)
     if hasattr(data, "element_size"):
         return data.numel() * data.element_size()
     return memoryview(data).nbytes
@@ -78,7 +80,8 @@ class Pool:
 
     # -- storing ----------------------------------------------------------------------------------
     def store(self, tokens: Sequence[int], pieces: dict[tuple[str, int], object]) -> int:
-        """Store ``{(kind, block index): bytes}`` of a prompt; returns how many were new and fit."""
+        """Store ``{(kind, block index): bytes}`` of a prompt (a value may be a list of buffers,
+        stored back to back); returns how many were new and fit."""
         keys = self.index.hashes(tokens)
         for kind, block in pieces:  # all checked before anything is stored
             if kind not in _CODES or not 0 <= block < len(keys):

@@ -69,12 +69,13 @@ class SlabTier:
 
     # -- data -------------------------------------------------------------------------------------
     def put(self, key: bytes, data, digest: int | None = None, hashed: bool = True) -> bool:
-        """Copy ``data`` (bytes-like, CPU or device tensor) in; False when there is no room (the
-        caller evicts and retries). An existing entry under ``key`` is replaced. ``digest``: the
-        xxh3 of the bytes when the caller already has it, else computed unless ``hashed`` is
-        False (then the entry cannot be verified on reads)."""
-        src = _as_bytes_tensor(data)
-        nbytes = src.numel()
+        """Copy ``data`` (bytes-like, CPU or device tensor, or a list of them stored back to back,
+        e.g. ``Payload.buffers()``) in; False when there is no room (the caller evicts and
+        retries). An existing entry under ``key`` is replaced. ``digest``: the xxh3 of the bytes
+        when the caller already has it, else computed unless ``hashed`` is False (then the entry
+        cannot be verified on reads)."""
+        srcs = [_as_bytes_tensor(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
+        nbytes = sum(src.numel() for src in srcs)
         need = max(1, -(-nbytes // self.page_bytes))
         with self._lock:
             if need > len(self._free) + len(self._entries.get(key, SlabEntry((), 0, 0)).pages):
@@ -84,19 +85,27 @@ class SlabTier:
             if old is not None:
                 self._free.extend(old.pages)
             pages = tuple(self._free.popleft() for _ in range(need))
-        # Hash each page right after copying it, while it is still in cache (host tiers).
+        # Hash each span right after copying it, while it is still in cache (host tiers).
         hasher = xxhash.xxh3_64() if hashed and digest is None and self.device.type == "cpu" else None
-        for i, page in enumerate(pages):
-            lo = i * self.page_bytes
-            chunk = src[lo: lo + self.page_bytes]
-            dst = self._page(page)[: chunk.numel()]
-            dst.copy_(chunk, non_blocking=self.device.type == "cuda")
-            if hasher is not None and chunk.numel():
-                hasher.update(memoryview(dst.numpy()))
+        at = 0  # bytes of the entry written so far
+        for src in srcs:
+            off = 0
+            while off < src.numel():
+                page, in_page = pages[at // self.page_bytes], at % self.page_bytes
+                n = min(self.page_bytes - in_page, src.numel() - off)
+                dst = self._page(page)[in_page: in_page + n]
+                dst.copy_(src[off: off + n], non_blocking=self.device.type == "cuda")
+                if hasher is not None:
+                    hasher.update(memoryview(dst.numpy()))
+                off += n
+                at += n
         if hasher is not None:
             digest = hasher.intdigest()
         elif digest is None and hashed:
-            digest = checksum(_host_view(src))
+            h = xxhash.xxh3_64()
+            for src in srcs:
+                h.update(_host_view(src))
+            digest = h.intdigest()
         with self._lock:
             self._entries[key] = SlabEntry(pages, nbytes, digest)
             self.stats["puts"] += 1

@@ -23,7 +23,8 @@ def run_case(duration: float = 3000.0, load: float = 0.5, seed: int = 0) -> dict
                        "h200_profile": cases.H200.__dict__, "kv_fixed_mib": cases.KV.fixed / (1 << 20),
                        "kv_per_token_kib": cases.KV.per_token / 1024},
            "paper": cases.PAPER, "load": load, "systems": {}}
-    for key, (dep, local) in cases.deployments().items():
+    deployments = cases.deployments()
+    for key, (dep, local) in deployments.items():
         if local:
             dep, model = best_split(cases.DIST, dep, local)
         else:
@@ -36,7 +37,7 @@ def run_case(duration: float = 3000.0, load: float = 0.5, seed: int = 0) -> dict
             "model": model.as_dict(), "sim": at_load.as_dict(), "sim_saturated": saturated.as_dict(),
             "ttfts": at_load.ttfts,
         }
-    prfaas_dep = cases.deployments()["prfaas"][0]
+    prfaas_dep = deployments["prfaas"][0]
     grid = np.geomspace(1024, 131072, 60)
     out["threshold_search"] = [[float(t), evaluate(cases.DIST, prfaas_dep, float(t)).lambda_max] for t in grid]
     return out

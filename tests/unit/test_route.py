@@ -1,11 +1,13 @@
 """Routing decisions, the threshold solver against the paper's case study, the scheduler, and
 the simulator's conservation laws."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from kvlink.errors import ConfigError
-from kvlink.route import (Deployment, Empirical, LengthDist, PrefillProfile, Router, Scheduler, SchedulerConfig,
+from kvlink.route import (Empirical, LengthDist, PrefillProfile, Router, Scheduler, SchedulerConfig,
                           evaluate, simulate, solve_threshold)
 from kvlink.route import cases
 from kvlink.route.model import best_split
@@ -59,7 +61,7 @@ def test_solver_finds_the_best_threshold_and_respects_the_link_limit():
     for t in np.geomspace(512, 131072, 40):
         assert evaluate(cases.DIST, dep, float(t)).lambda_max <= best.lambda_max * (1 + 1e-9)
     # a thin link: the solver keeps egress under it by offloading fewer, longer requests
-    thin = solve_threshold(cases.DIST, Deployment(**{**dep.__dict__, "link_bps": 5e9}))
+    thin = solve_threshold(cases.DIST, replace(dep, link_bps=5e9))
     assert thin.egress_bps <= 5e9 and thin.threshold > best.threshold and thin.lambda_max < best.lambda_max
 
 
