@@ -19,6 +19,7 @@ from kvlink.config import DaemonConfig, TransportConfig
 from kvlink.daemon import protocol as proto
 from kvlink.errors import KvlinkError
 from kvlink.pool.pool import Pool
+from kvlink.pool.slab import Landing
 from kvlink.presets import get_preset
 from kvlink.serde.staging import StagingArena
 from kvlink.transport.incoming import arena_allocator
@@ -41,7 +42,8 @@ class PoolDaemon:
         # per 4 KiB on the hot path.
         self._arena = StagingArena(config.receive_arena)
         self._server = TransferServer(self.transport, [s.fingerprint for s in self.specs.values()], secret=secret,
-                                      allocator=arena_allocator(self._arena))
+                                      allocator=arena_allocator(self._arena), allocator_for=self._put_allocator)
+        self._landings: dict[int, dict[int, Landing]] = {}  # put transfer id -> {id(view): landing}
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task] = set()
         self._acceptor: asyncio.Task | None = None
@@ -64,6 +66,28 @@ class PoolDaemon:
                 cfg = type(cfg)(**{**cfg.__dict__, "namespace": namespace})
             pool = self._pools[name] = Pool(self.specs[model], cfg)
         return pool
+
+    def _put_allocator(self, incoming):
+        """A put's parts land straight in free pages of its pool's memory tier, so storing them
+        is bookkeeping, not a copy; the arena takes what does not fit (and every other transfer)."""
+        meta = incoming.meta
+        if not isinstance(meta, dict) or meta.get("op") != "put":
+            return None
+        try:
+            pool = self.pool(proto.field(meta, "model", str), proto.field(meta, "namespace", str, ""))
+        except KvlinkError:
+            return None  # reported when the put is served
+        arena = self._server.allocator
+        landings = self._landings[incoming.transfer_id] = {}
+
+        def allocate(nbytes: int):
+            landing = pool.landing(nbytes)
+            if landing is None:
+                return arena(nbytes)
+            landings[id(landing.view)] = landing
+            return landing.view, landing.release
+
+        return allocate
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> tuple[int, int]:
@@ -148,6 +172,7 @@ class PoolDaemon:
         meta = incoming.meta
         reply_port, reply_id = meta.get("reply_port"), meta.get("reply_id")
         release = None
+        landings = self._landings.pop(incoming.transfer_id, {})
         try:
             parts = await incoming.done()
             model = proto.field(meta, "model", str)
@@ -160,7 +185,7 @@ class PoolDaemon:
                         isinstance(n, list) and len(n) == 2 and n[0] in proto.KINDS and isinstance(n[1], int)
                         for n in names):
                     raise KvlinkError("pieces must be [kind, block] pairs, one per part")
-                pieces = {(kind, block): part for (kind, block), part in zip(names, parts)}
+                pieces = {(kind, block): _landed(landings, part) for (kind, block), part in zip(names, parts)}
                 stored = await asyncio.to_thread(pool.store, tokens, pieces)
                 reply, out = {"stored": stored}, [b""]
             elif op == "get":
@@ -197,6 +222,11 @@ class PoolDaemon:
         except KvlinkError as exc:
             log.warning("reply to %s:%s failed: %s", host, port, exc)
             self._repliers.pop(key, None)
+
+
+def _landed(landings: dict[int, Landing], part: memoryview):
+    landing = landings.get(id(part))
+    return landing if landing is not None and landing.view is part else part
 
 
 async def serve_forever(config: DaemonConfig, secret: bytes | None) -> None:

@@ -20,7 +20,7 @@ from kvlink.config import PoolConfig
 from kvlink.errors import ChecksumMismatch, PoolError
 from kvlink.pool.eviction import make_policy
 from kvlink.pool.index import FULL, SLIDING, STATE, PrefixHit, PrefixIndex
-from kvlink.pool.slab import SlabTier
+from kvlink.pool.slab import Landing, SlabTier
 from kvlink.pool.ssd import SsdTier
 from kvlink.spec import CacheSpec
 
@@ -33,6 +33,8 @@ def tier_key(kind: str, key: bytes) -> bytes:
 
 
 def _nbytes(data) -> int:
+    if isinstance(data, Landing):
+        return data.nbytes
     if isinstance(data, (list, tuple)):  # buffers stored back to back (e.g. Payload.buffers())
         return sum(_nbytes(d) for d in data)
     if hasattr(data, "element_size"):
@@ -79,28 +81,45 @@ class Pool:
             return out
 
     # -- storing ----------------------------------------------------------------------------------
+    def landing(self, nbytes: int) -> Landing | None:
+        """Room in the top memory tier for an entry about to arrive (None when it is not a host
+        tier or has no adjacent free pages): fill ``landing.view`` and pass the landing to
+        :meth:`store` as the piece's value; it is then kept without a copy. ``release()`` it
+        afterwards in every case (a no-op once stored)."""
+        return self.levels[0][1].reserve(nbytes)
+
     def store(self, tokens: Sequence[int], pieces: dict[tuple[str, int], object]) -> int:
         """Store ``{(kind, block index): bytes}`` of a prompt (a value may be a list of buffers,
-        stored back to back); returns how many were new and fit."""
+        stored back to back, or a filled :meth:`landing`); returns how many were new and fit."""
         keys = self.index.hashes(tokens)
         for kind, block in pieces:  # all checked before anything is stored
             if kind not in _CODES or not 0 <= block < len(keys):
                 raise PoolError(f"piece ({kind!r}, {block}) does not fit a prompt of {len(keys)} full blocks")
         stored = 0
+        through = self.config.write_mode == "through" and self.ssd is not None
         for (kind, block), data in pieces.items():
             key, nbytes = keys[block], _nbytes(data)
+            tkey = tier_key(kind, key)
+            landed = isinstance(data, Landing)
+            if through and landed:
+                # Landed bytes go to disk before their pages join the tier, where an eviction
+                # could hand them to another entry while the disk write still reads them.
+                if self.index.has(kind, key):
+                    continue
+                if not self.ssd.put(tkey, data.view):
+                    self.stats["ssd_refused"] += 1
             with self._lock:
                 if self.index.has(kind, key):
                     continue
-                if not self._put_level(0, tier_key(kind, key), data):
+                if not self._put_level(0, tkey, data):
                     self.stats["store_refused"] += 1
                     continue
                 self.index.add(kind, key, nbytes, block)
                 stored += 1
-            if self.config.write_mode == "through" and self.ssd is not None:
+            if through and not landed:
                 # Write-through is synchronous: once store() returns the entry is on SSD too
                 # (outside the lock, so readers are not held up by the disk).
-                if not self.ssd.put(tier_key(kind, key), data):
+                if not self.ssd.put(tkey, data):
                     self.stats["ssd_refused"] += 1
         return stored
 
@@ -112,6 +131,12 @@ class Pool:
         """Put into memory level ``level``, moving victims down until it fits (caller holds the lock)."""
         name, tier = self.levels[level]
         policy = self.policies[level]
+        if isinstance(data, Landing):
+            if data.tier is tier:  # already in this tier's pages: keep them
+                tier.adopt(tkey, data, hashed=self.config.verify_memory)
+                policy.admit(tkey, data.nbytes)
+                return True
+            data = data.view
         # Digests are only worth computing when memory reads verify them.
         while not tier.put(tkey, data, hashed=self.config.verify_memory):
             victim = policy.victim(self._pinned)
@@ -286,7 +311,8 @@ class Pool:
     def summary(self) -> dict:
         with self._lock:
             out = {"index": self.index.stats(), "counters": dict(self.stats),
-                   "tiers": {name: {"used": tier.used_bytes, "capacity": tier.capacity, "entries": len(tier)}
+                   "tiers": {name: {"used": tier.used_bytes, "capacity": tier.capacity, "entries": len(tier),
+                                    "landed": tier.stats["adopted"]}
                              for name, tier in self.levels}}
             if self.ssd is not None:
                 out["tiers"]["ssd"] = {"used": self.ssd.used_bytes, "capacity": self.ssd.capacity,

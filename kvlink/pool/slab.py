@@ -27,6 +27,23 @@ class SlabEntry:
     digest: int | None  # None: stored without one, reads cannot verify it
 
 
+class Landing:
+    """Adjacent pages of a host tier reserved for bytes that are about to arrive (e.g. a pool
+    daemon's receiver writes a put straight into them), so storing them is :meth:`SlabTier.adopt`,
+    not a copy. ``release()`` hands the pages back unless they were adopted."""
+
+    __slots__ = ("tier", "pages", "nbytes", "view", "adopted", "released")
+
+    def __init__(self, tier: "SlabTier", pages: tuple[int, ...], nbytes: int):
+        self.tier, self.pages, self.nbytes = tier, pages, nbytes
+        start = pages[0] * tier.page_bytes
+        self.view = memoryview(tier.buffer[start: start + nbytes].numpy())
+        self.adopted = self.released = False
+
+    def release(self) -> None:
+        self.tier._unreserve(self)
+
+
 class SlabTier:
     """``capacity`` bytes in pages of ``page_bytes``; thread-safe."""
 
@@ -110,6 +127,57 @@ class SlabTier:
             self._entries[key] = SlabEntry(pages, nbytes, digest)
             self.stats["puts"] += 1
         return True
+
+    def reserve(self, nbytes: int) -> Landing | None:
+        """Adjacent free pages for ``nbytes`` (host tiers), or None when there are none: this never
+        evicts (it runs on a receiver's path). Fill ``landing.view``, then :meth:`adopt` it."""
+        if self.device.type != "cpu":
+            return None
+        need = max(1, -(-nbytes // self.page_bytes))
+        with self._lock:
+            pages = self._take_run(need)
+            if pages is None:
+                self.stats["reserve_missed"] += 1
+                return None
+            self.stats["reserved"] += 1
+        return Landing(self, pages, nbytes)
+
+    def _take_run(self, need: int) -> tuple[int, ...] | None:
+        if len(self._free) < need:
+            return None
+        if need == 1:
+            return (self._free.popleft(),)
+        free = sorted(self._free)
+        for i in range(len(free) - need + 1):
+            if free[i + need - 1] - free[i] == need - 1:
+                run = tuple(free[i: i + need])
+                taken = set(run)
+                self._free = collections.deque(p for p in self._free if p not in taken)
+                return run
+        return None
+
+    def adopt(self, key: bytes, landing: Landing, digest: int | None = None, hashed: bool = True) -> None:
+        """Make a filled :class:`Landing` the entry under ``key`` (replacing any), without copying."""
+        if landing.tier is not self:
+            raise ConfigError("a landing can only be adopted by the tier that reserved it")
+        if digest is None and hashed:
+            digest = checksum(landing.view)
+        with self._lock:
+            if landing.adopted or landing.released:
+                raise PoolError("landing already adopted or released")
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._free.extend(old.pages)
+            landing.adopted = True
+            self._entries[key] = SlabEntry(landing.pages, landing.nbytes, digest)
+            self.stats["puts"] += 1
+            self.stats["adopted"] += 1
+
+    def _unreserve(self, landing: Landing) -> None:
+        with self._lock:
+            if not landing.adopted and not landing.released:
+                self._free.extend(landing.pages)
+            landing.released = True
 
     def get(self, key: bytes, out=None, verify: bool = True):
         """The entry's bytes, copied into ``out`` (a writable bytes-like or tensor of the right

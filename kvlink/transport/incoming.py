@@ -66,6 +66,7 @@ class IncomingTransfer:
         self.chunk = chunk
         self.meta = meta
         self.peer: tuple | None = None  # (host, port) of the connection that began it
+        self.allocator: Allocator | None = None  # this transfer's own, set by the receiver at BEGIN
         self.started = time.monotonic()
         self.finished: float | None = None
         self.last_progress = self.started

@@ -32,19 +32,23 @@ class TransferServer:
     ``fingerprints``: the layout fingerprints accepted at the handshake (None accepts any; the
     application then checks the payloads it unpacks). ``secret`` enables the HMAC handshake;
     ``ssl`` an ``ssl.SSLContext`` for TLS. ``allocator(nbytes)`` returns the writable buffer a part
-    lands in (default: host memory). ``part_verifier(buffer) -> bool`` judges whole parts sent
+    lands in (default: host memory); ``allocator_for(transfer)``, when given, may return another
+    allocator for one transfer, chosen from its ``meta`` when it begins (e.g. a pool daemon landing
+    puts straight in the pages that will hold them), or None to use ``allocator``. ``part_verifier(buffer) -> bool`` judges whole parts sent
     without chunk checksums (announced at the handshake, so senders on the default setting skip
     them); a part it fails is resent whole, within the sender's retry limit.
     """
 
     def __init__(self, config: TransportConfig | None = None, fingerprints: Iterable[bytes] | None = None,
                  secret: bytes | None = None, ssl: _ssl.SSLContext | None = None,
-                 allocator: Allocator = default_allocator, part_verifier: Callable[[memoryview], bool] | None = None):
+                 allocator: Allocator = default_allocator, part_verifier: Callable[[memoryview], bool] | None = None,
+                 allocator_for: Callable[[IncomingTransfer], Allocator | None] | None = None):
         self.config = config or TransportConfig()
         self.fingerprints = None if fingerprints is None else {bytes(f) for f in fingerprints}
         self.secret = secret
         self.ssl = ssl
         self.allocator = allocator
+        self.allocator_for = allocator_for
         self.part_verifier = part_verifier
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.base_events.Server | None = None
@@ -132,6 +136,8 @@ class TransferServer:
         t = IncomingTransfer(tid, sc.session, begin["parts"], begin["chunk"], begin["meta"], self._give_back)
         t.canceller = lambda: self._cancel_to_peer(t)
         t.peer = sc.conn.transport.get_extra_info("peername")
+        if self.allocator_for is not None:
+            t.allocator = self.allocator_for(t)
         self._transfers[tid] = t
         self.stats["transfers"] += 1
         self._accept_q.put_nowait(t)
@@ -161,13 +167,13 @@ class TransferServer:
         if length < 0:
             raise TransferRejected("negative part length")
         if t.announced(index):
-            t.announce(index, length, self.allocator)  # idempotent re-announcement after a reconnect
+            t.announce(index, length, t.allocator or self.allocator)  # idempotent re-announcement after a reconnect
             return
         if t.reserved + length > self.config.max_transfer_bytes:
             raise TransferRejected(f"transfer would exceed {self.config.max_transfer_bytes} bytes")
         if self._reserved + length > self.config.receive_budget_bytes:
             raise TransferRejected("receiver memory budget exhausted; retry later")
-        t.announce(index, length, self.allocator)
+        t.announce(index, length, t.allocator or self.allocator)
         self._reserved += length
 
     def _finish(self, sc: ServerConn, t: IncomingTransfer) -> None:

@@ -45,6 +45,9 @@ async def test_put_lookup_get_metrics_and_restart(tmp_path):
         async with PoolClient(MODEL, http_port=http_port, data_port=data_port) as client:
             assert (await client.health())["ok"]
             assert await client.put(tokens, stored) == len(stored)
+            pools = (await client.stats())["pools"]
+            # The put's pieces landed straight in the host tier's pages: stored without a copy.
+            assert [p["tiers"]["host"]["landed"] for p in pools.values()] == [len(stored)]
             hit = await client.lookup(tokens + [5, 6])
             assert hit.tokens == 128
             got = await client.get(hit)

@@ -152,3 +152,30 @@ def test_verified_memory_falls_back_to_ssd_on_a_damaged_page(tmp_path):
         host.buffer[page * host.page_bytes + 7] ^= 0x40  # a bit flip in DRAM
         hit, got = check_fetch(pool, tokens, stored)  # the SSD copy is served, intact
         assert hit.tokens == 64 and pool.stats["corrupt"] == 1 and pool.stats["hit_ssd"] >= 1
+
+
+def test_landed_pieces_are_kept_in_place_and_written_through(tmp_path):
+    tokens = prompt(64)
+    stored = pieces(tokens, [3])
+    with Pool(HYBRID, cfg(tmp_path, write_mode="through")) as pool:
+        landed = {}
+        for key, data in stored.items():
+            landing = pool.landing(len(data))
+            landing.view[:] = data  # as a daemon's receiver writes a put
+            landed[key] = landing
+        assert pool.store(tokens, landed) == len(stored)
+        for landing in landed.values():
+            landing.release()
+        host = pool.levels[0][1]
+        assert host.stats["adopted"] == len(stored) and host.stats.get("put_full", 0) == 0
+        check_fetch(pool, tokens, stored)
+        keys = pool.index.hashes(tokens)
+        assert all("ssd" in pool.where(kind, keys[block]) for kind, block in stored)
+        # Already stored: the new landing is not adopted, and releasing it frees its pages.
+        used = host.used_bytes
+        again = pool.landing(3000)
+        assert pool.store(tokens, {(FULL, 0): again}) == 0
+        again.release()
+        assert host.used_bytes == used
+    with Pool(HYBRID, cfg(tmp_path)) as pool:  # what was written through survives a restart
+        check_fetch(pool, tokens, stored)

@@ -75,3 +75,28 @@ def test_gpu_tier_roundtrip():
     data = torch.randint(0, 255, (3 << 20,), dtype=torch.uint8, device="cuda")
     assert tier.put(b"g", data)
     assert torch.equal(tier.get(b"g").cuda(), data)
+
+
+def test_landing_is_adopted_without_a_copy_or_handed_back():
+    tier = SlabTier(64 << 10, page_bytes=4096)
+    assert tier.put(b"a", bytes(4096)) and tier.put(b"b", bytes(4096)) and tier.delete(b"a")
+    landing = tier.reserve(10_000)  # 3 adjacent pages, while page 0 is free on its own
+    pages = landing.pages
+    assert pages == tuple(range(pages[0], pages[0] + 3)) and 0 not in pages
+    data = os.urandom(10_000)
+    landing.view[:] = data
+    tier.adopt(b"l", landing)
+    landing.release()  # a no-op once adopted
+    assert tier.entry(b"l").pages == pages and bytes(tier.get(b"l").numpy()) == data
+    assert tier.stats["adopted"] == 1
+    with pytest.raises(PoolError):
+        tier.adopt(b"again", landing)
+    free = tier.capacity - tier.used_bytes
+    unused = tier.reserve(5000)
+    assert tier.capacity - tier.used_bytes == free - 2 * 4096  # reserved pages are not free
+    unused.release()
+    unused.release()
+    assert tier.capacity - tier.used_bytes == free and b"again" not in tier
+    assert tier.reserve(tier.capacity) is None and tier.stats["reserve_missed"] == 1
+    with pytest.raises(ConfigError):
+        SlabTier(64 << 10, page_bytes=4096).adopt(b"x", tier.reserve(10))
