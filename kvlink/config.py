@@ -104,10 +104,11 @@ class TransportConfig:
     host 16 MiB frames reached 0.77-0.82x of raw sockets where 4 MiB frames reached 0.68-0.76x).
 
     Integrity: with ``chunk_checksums=None`` (the default) a sender hashes every chunk (xxh3)
-    unless the receiver announces at the handshake that it verifies whole parts itself (a
-    receiver given a ``part_verifier``, e.g. the decode side checking kvlink payloads against
-    their own checksums); then chunks go unhashed and a part that fails verification is resent
-    whole. ``True`` always hashes chunks, ``False`` never does (the application verifies).
+    unless the transfer was opened ``verifiable`` (its parts are kvlink payloads) and the
+    receiver announces at the handshake that it verifies whole parts itself (a receiver given a
+    ``part_verifier``, e.g. the decode side or the pool daemon checking payloads against their own
+    checksums); then chunks go unhashed and a part that fails verification is resent whole.
+    ``True`` always hashes chunks, ``False`` never does (the application verifies).
     """
 
     connections: int = 4

@@ -134,7 +134,7 @@ async def _round(client: TransferClient, payloads: list, weights: list[float], p
     t0 = time.monotonic()
     # The receiver verifies payload checksums after a transfer; only the last round asks, so
     # verification never competes with a measured round (or with the baseline) for CPU.
-    transfers = [client.open(len(parts), weight=w, meta={"payload": True, "verify": verify, "weight": w})
+    transfers = [client.open(len(parts), weight=w, meta={"payload": True, "verify": verify, "weight": w}, verifiable=True)
                  for w in weights]
     # Parts are fed one at a time, as a prefill engine produces layers.
     for i, part in enumerate(parts):

@@ -19,6 +19,7 @@ from kvlink.daemon import protocol as proto
 from kvlink.errors import PoolError
 from kvlink.pool.index import PrefixHit
 from kvlink.presets import get_preset
+from kvlink.serde.payload import is_payload, payload_intact
 from kvlink.serde.staging import StagingArena
 from kvlink.transport.incoming import arena_allocator
 from kvlink.transport.receiver import TransferServer
@@ -53,8 +54,10 @@ class PoolClient:
         self._http = aiohttp.ClientSession(base_url=f"http://{self.host}:{self.http_port}",
                                            timeout=aiohttp.ClientTimeout(total=self.timeout))
         # Replies land in a preallocated arena (bounds one get's size), copied out per part.
+        # Entries are kvlink payloads: replies are verified against their own checksums on arrival.
         self._replies = TransferServer(self.transport, [self.fingerprint], secret=self.secret,
-                                       allocator=arena_allocator(StagingArena(self.reply_arena)))
+                                       allocator=arena_allocator(StagingArena(self.reply_arena)),
+                                       part_verifier=payload_intact)
         _, self.reply_port = await self._replies.start(self.reply_host, 0)
         self._sender = TransferClient(self.host, self.data_port, self.fingerprint, self.transport, secret=self.secret)
         await self._sender.connect()
@@ -99,14 +102,14 @@ class PoolClient:
             return await resp.json()
 
     # -- data -------------------------------------------------------------------------------------
-    async def _call(self, meta: dict, parts: list):
+    async def _call(self, meta: dict, parts: list, verifiable: bool = False):
         """Send a request transfer, wait for the daemon's reply transfer; returns it (release it)."""
         reply_id = next(self._ids)
         waiter = asyncio.ensure_future(self._replies.transfer(reply_id))
         meta = {**meta, "model": self.model, "namespace": self.namespace, "reply_port": self.reply_port,
                 "reply_id": reply_id}
         try:
-            await self._sender.send(parts or [b""], meta=meta)
+            await self._sender.send(parts or [b""], meta=meta, verifiable=verifiable)
             incoming = await asyncio.wait_for(waiter, self.timeout)
             await asyncio.wait_for(incoming.done(), self.timeout)
         finally:
@@ -119,7 +122,11 @@ class PoolClient:
     async def put(self, tokens: list[int], pieces: dict[tuple[str, int], object]) -> int:
         """Store ``{(kind, block): bytes}`` of a prompt; returns how many entries were new."""
         names = [[kind, block] for kind, block in pieces]
-        reply = await self._call({"op": "put", "tokens": list(tokens), "pieces": names}, list(pieces.values()))
+        # Pieces that are kvlink payloads (what engines store) are checked by the daemon against
+        # their own checksums, so they go without per-chunk hashes; other bytes are hashed per chunk.
+        values = list(pieces.values())
+        reply = await self._call({"op": "put", "tokens": list(tokens), "pieces": names}, values,
+                                 verifiable=all(is_payload(v) for v in values))
         reply.release()
         return reply.meta["stored"]
 

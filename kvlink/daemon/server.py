@@ -21,6 +21,7 @@ from kvlink.errors import KvlinkError
 from kvlink.pool.pool import Pool
 from kvlink.pool.slab import Landing
 from kvlink.presets import get_preset
+from kvlink.serde.payload import is_payload, payload_intact
 from kvlink.serde.staging import StagingArena
 from kvlink.transport.incoming import arena_allocator
 from kvlink.transport.receiver import TransferServer
@@ -42,7 +43,8 @@ class PoolDaemon:
         # per 4 KiB on the hot path.
         self._arena = StagingArena(config.receive_arena)
         self._server = TransferServer(self.transport, [s.fingerprint for s in self.specs.values()], secret=secret,
-                                      allocator=arena_allocator(self._arena), allocator_for=self._put_allocator)
+                                      allocator=arena_allocator(self._arena), allocator_for=self._put_allocator,
+                                      part_verifier=payload_intact)
         self._landings: dict[int, dict[int, Landing]] = {}  # put transfer id -> {id(view): landing}
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -218,10 +220,15 @@ class PoolDaemon:
                 self._repliers[key] = client
                 while len(self._repliers) > 64:
                     await self._repliers.popitem(last=False)[1].close()
-            await client.send(parts, meta=meta, transfer_id=tid)
+            verifiable = all(is_payload(p) or not _nbytes(p) for p in parts)
+            await client.send(parts, meta=meta, transfer_id=tid, verifiable=verifiable)
         except KvlinkError as exc:
             log.warning("reply to %s:%s failed: %s", host, port, exc)
             self._repliers.pop(key, None)
+
+
+def _nbytes(part) -> int:
+    return sum(memoryview(p).nbytes for p in part) if isinstance(part, list) else memoryview(part).nbytes
 
 
 def _landed(landings: dict[int, Landing], part: memoryview):

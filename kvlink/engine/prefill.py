@@ -97,7 +97,7 @@ class PrefillSide:
         client = await self.client(destination)
         meta = {"request": request_id, "layers": layers, "token_start": ref.token_start, "num_tokens": ref.num_tokens}
         transfer = client.open(len(layers), weight=weight, deadline=deadline, meta=meta,
-                               transfer_id=transfer_id_for(request_id))
+                               transfer_id=transfer_id_for(request_id), verifiable=True)  # parts are payloads
         self._requests[request_id] = _Request(ref, layers, transfer, SendReport(request_id, 0, len(layers),
                                                                                  time.monotonic()))
 

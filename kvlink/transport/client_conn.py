@@ -168,6 +168,14 @@ class ClientConn:
 
     @property
     def checked(self) -> bool:
-        """Whether this connection's chunks carry xxh3 (see TransportConfig.chunk_checksums)."""
+        """Whether this connection's chunks of verifiable transfers carry xxh3 (see
+        TransportConfig.chunk_checksums); chunks of other transfers always do, unless the setting
+        is False."""
         setting = self.client.config.chunk_checksums
         return not self.peer_verifies_parts if setting is None else setting
+
+    def checks(self, verifiable: bool) -> bool:
+        """Whether a chunk of a transfer (``verifiable``: opened as such) carries xxh3 here."""
+        if self.client.config.chunk_checksums is None and not verifiable:
+            return True  # the receiver's part verifier is not known to understand these parts
+        return self.checked

@@ -63,6 +63,7 @@ class OutgoingTransfer:
         if weight <= 0:
             raise ConfigError(f"weight must be positive, got {weight}")
         self.client = client
+        self.verifiable = False  # parts the receiver's part verifier can judge (see TransferClient.open)
         self.transfer_id = transfer_id if transfer_id is not None else int.from_bytes(os.urandom(8), "little") or 1
         self.num_parts = parts
         self.chunk = chunk

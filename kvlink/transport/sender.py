@@ -170,12 +170,16 @@ class TransferClient:
 
     # -- transfers ------------------------------------------------------------------------------
     def open(self, parts: int, *, weight: float = 1.0, deadline: float | None = None, rate: float | None = None,
-             meta: dict | None = None, transfer_id: int | None = None) -> OutgoingTransfer:
+             meta: dict | None = None, transfer_id: int | None = None, verifiable: bool = False) -> OutgoingTransfer:
         """Begin a transfer of ``parts`` parts (e.g. one per layer), fed later with ``add_part``.
 
         ``weight`` sets its share among concurrent transfers; ``deadline`` (seconds from now) puts
         it ahead of all transfers without one, earliest deadline first; ``rate`` caps it (bits/s);
         ``meta`` (JSON-serialisable, < 60 KiB) reaches the receiver as ``IncomingTransfer.meta``.
+        ``verifiable``: every part can be judged whole by the receiver's part verifier (kvlink
+        payloads, which carry their own checksums); to a receiver that verifies parts, its chunks
+        then go without xxh3 (``TransportConfig.chunk_checksums=None``), so each byte is hashed
+        once, at the receiver.
         """
         if self._closing:
             raise TransportError("sender closed")
@@ -186,6 +190,7 @@ class TransferClient:
             raise ConfigError(f"transfer id {transfer_id} is in use or out of range")
         t = OutgoingTransfer(self, transfer_id, parts, self.config.grid_bytes, weight, deadline, rate, meta,
                              self._on_ready)
+        t.verifiable = verifiable
         self._transfers[t.transfer_id] = t
         self.stats["transfers"] += 1
         return t
@@ -355,7 +360,7 @@ class TransferClient:
         cc.inflight_bytes += length
         t.bytes_sent += length
         self.stats["bytes_sent"] += length
-        cc.send_data(t, part, offset, t.pieces(chunk), cc.checked)
+        cc.send_data(t, part, offset, t.pieces(chunk), cc.checks(t.verifiable))
 
     # -- control loop ---------------------------------------------------------------------------
     async def _tick(self) -> None:

@@ -165,9 +165,9 @@ async def test_corrupt_chunk_is_detected_and_resent(reader_threads):
     await server.close()
 
 
-async def send_parts(client, server, data):
+async def send_parts(client, server, data, verifiable=True):
     """Send ``data`` as one transfer, one part each; returns it, the incoming side and its parts."""
-    t = client.open(len(data))
+    t = client.open(len(data), verifiable=verifiable)
     for i, d in enumerate(data):
         t.add_part(i, d)
     incoming = await server.accept()
@@ -204,7 +204,7 @@ async def test_part_that_never_verifies_fails_the_transfer_after_bounded_retries
     config = TransportConfig(connections=1, grid_bytes=16 << 10, chunk_bytes=64 << 10, window_bytes=512 << 10,
                              chunk_retries=2)
     async with TransferClient("127.0.0.1", port, FP, config) as client:
-        t = client.open(1)
+        t = client.open(1, verifiable=True)
         t.add_part(0, blobs([200 << 10])[0])
         with pytest.raises(TransferFailed):
             await asyncio.wait_for(t.done(), 30)
@@ -218,11 +218,22 @@ async def test_chunk_checksums_true_keeps_hashing_even_when_the_receiver_verifie
                              chunk_checksums=True)
     async with TransferClient("127.0.0.1", port, FP, config) as client:
         assert client._conns[0].checked
-        t = client.open(1)
+        t = client.open(1, verifiable=True)
         t.add_part(0, blobs([100 << 10])[0])
         incoming = await server.accept()
         await t.done()
         assert not incoming.verified_whole(0)  # checked per chunk, never by the part verifier
+    assert server.stats["parts_corrupt"] == 0
+    await server.close()
+
+
+async def test_transfers_not_opened_verifiable_keep_chunk_checksums_to_a_verifying_receiver():
+    server, port = await start_server(part_verifier=lambda buf: False)  # would refuse any part
+    async with TransferClient("127.0.0.1", port, FP, SMALL) as client:
+        assert client._conns[0].peer_verifies_parts
+        data = blobs([300 << 10, 5])
+        t, incoming, parts = await send_parts(client, server, data, verifiable=False)
+        assert [bytes(p) for p in parts] == data and not incoming.verified_whole(0)
     assert server.stats["parts_corrupt"] == 0
     await server.close()
 

@@ -174,3 +174,20 @@ def test_random_layouts_roundtrip(layers, block_size, tokens, start_blocks, layo
     again = Packer(dst, codec=cfg).pack(CacheRef(dst_ref.block_ids, tokens, 2, start)).tobytes()
     assert Payload.from_buffer(again).header.segments == Payload.from_buffer(wire).header.segments
     assert again == wire
+
+
+def test_is_payload_judges_by_header_and_length_only():
+    from kvlink.serde.payload import is_payload
+
+    payload = Packer(SRC).pack(REF)
+    assert is_payload(WIRE) and is_payload(payload.buffers()) and is_payload(memoryview(WIRE))
+    assert not is_payload(WIRE[:-1]) and not is_payload(WIRE + b"x")  # wrong total length
+    assert not is_payload(b"") and not is_payload([]) and not is_payload(b"KVLK" + bytes(100))
+    assert not is_payload(_patch_header(WIRE, 4, "<H", 9))  # unsupported version
+    flipped = bytearray(WIRE)
+    flipped[30] ^= 1  # inside the header: its checksum fails
+    assert not is_payload(bytes(flipped))
+    assert not is_payload(torch.zeros(4))  # not a buffer
+    flipped = bytearray(WIRE)
+    flipped[-1] ^= 1  # segment bytes are not hashed here (the receiver's verifier does that)
+    assert is_payload(bytes(flipped))
