@@ -9,7 +9,10 @@ last ``BW_WINDOW`` seconds. The pacing rate is that estimate times a gain:
 - ``startup``: the cap, or ``initial`` (None: no pacing, TCP's slow start finds the rate), then
   2.5x the estimate, until delivery stops growing by 25% per sample or congestion shows;
   a paced link returns to startup once it has been clear of queueing and loss for
-  ``CLEAR_AFTER`` seconds while the pacer was the limit (the bottleneck moved or went away);
+  ``CLEAR_AFTER`` seconds while the pacer was the limit (the bottleneck moved or went away).
+  "The pacer was the limit" is the sender's own report (:meth:`on_paced`: it waited for the
+  pacer), so short transfers with idle gaps between them, whose delivery rate averaged over a
+  sample never reaches the pacing rate, are not held at an old estimate for ever;
 - ``probe`` 1.25x for one sample in eight, to find bandwidth that was freed;
 - ``drain`` 0.85x after a probe, or whenever queueing delay (RTT above 1.5x its minimum + 10 ms) or
   retransmissions appear, so queues the probe built are emptied;
@@ -97,6 +100,7 @@ class RateController:
         self._pacing = self._initial if adaptive else cap
         self._app_limited = False  # idle at some point since the last tick
         self._idle = False
+        self._paced = False  # the sender waited for the pacer since the last tick
 
     # -- inputs ---------------------------------------------------------------------------------
     def on_ack(self, nbytes: int, rtt: float | None) -> None:
@@ -126,6 +130,10 @@ class RateController:
     def on_busy(self) -> None:
         """The sender has data to send again."""
         self._idle = False
+
+    def on_paced(self) -> None:
+        """The sender had data and a free connection but waited for the pacer: pacing binds."""
+        self._paced = True
 
     def on_tcp_info(self, rtt_s: float | None, min_rtt_s: float | None, retrans_delta: int, segs_delta: int) -> None:
         """Kernel view, summed or averaged by the caller over the peer's connections."""
@@ -179,6 +187,7 @@ class RateController:
             self._rtts.popleft()
         limited = self._app_limited or self._idle
         self._app_limited = False
+        paced, self._paced = self._paced, False
         if self._delivery > 0 or inflight > 0:
             # An app-limited sample may raise the estimate, never lower it (as in BBR): streaming
             # layers while prefill computes must not talk the pacer down to the prefill's pace.
@@ -188,27 +197,44 @@ class RateController:
                 self._samples.append((now, self._delivery))
         while self._samples and now - self._samples[0][0] > BW_WINDOW:
             self._samples.popleft()
-        if not self._samples:
-            return self._pacing
-        self._bw = max(s for _, s in self._samples)
         congested = self._queueing() or self._loss > 0.005 or self._nacks > 0
         self._nacks = 0
+        if congested:
+            self._last_congested = now
+        if not self._samples:
+            # Nothing but app-limited intervals lately: the estimate stands, and so does pacing,
+            # unless the pacer itself is what held those bursts back on a clear path.
+            self._lift_if_held_back(paced, now)
+            return self._pacing
+        self._bw = max(s for _, s in self._samples)
         recent = [s for _, s in list(self._samples)[-3:]]
         if congested and len(recent) == 3 and max(recent) < 0.8 * self._bw:
             # The path got slower: trust the last samples now rather than in BW_WINDOW seconds.
             self._bw = max(recent)
             self._samples = collections.deque(list(self._samples)[-3:])
         if self.adaptive and not limited:
-            # An interval the application limited says nothing about the path: the pacing rate
-            # stays as it was (bursts that queue meanwhile are TCP's to handle).
-            self._pacing = self._next_rate(congested)
+            self._pacing = self._next_rate(congested, paced)
+        else:
+            # An interval the application limited says nothing about the path's rate, so the
+            # pacing rate stays as it was (bursts that queue meanwhile are TCP's to handle);
+            # but if the pacer held the sender back and the path has been clear, lift it.
+            self._lift_if_held_back(paced, now)
         return self._pacing
 
-    def _next_rate(self, congested: bool) -> float | None:
+    def _lift_if_held_back(self, paced: bool, now: float) -> None:
+        if self.adaptive and paced and self._phase != "startup" and self._clear(now):
+            self._pacing = self._lift(max(self._bw or 0.0, 1.0))
+
+    def _clear(self, now: float) -> bool:
+        return now - self._last_congested > CLEAR_AFTER
+
+    def _lift(self, bw: float) -> float | None:
+        self._phase, self._startup_best, self._startup_flat = "startup", bw, 0
+        return self.cap if self._initial is None else min(STARTUP_GAIN * bw, self.cap or float("inf"))
+
+    def _next_rate(self, congested: bool, paced: bool = False) -> float | None:
         now = self.clock()
         bw = max(self._bw or 0.0, 1.0)
-        if congested:
-            self._last_congested = now
         if self._phase == "startup":
             if not congested:
                 if self._initial is None:
@@ -221,12 +247,10 @@ class RateController:
                     rate = max(self._initial, STARTUP_GAIN * bw)
                     return min(rate, self.cap) if self.cap else rate
             self._phase, self._cycle = "drain", 0
-        elif (now - self._last_congested > CLEAR_AFTER and self._pacing
-              and self._delivery >= 0.9 * self._pacing):
+        elif self._clear(now) and self._pacing and (paced or self._delivery >= 0.9 * self._pacing):
             # Pacing binds but the path has shown no queue or loss for a while: the bottleneck is
             # elsewhere (or it moved up); let TCP find the new rate as in startup.
-            self._phase, self._startup_best, self._startup_flat = "startup", bw, 0
-            return self.cap if self._initial is None else min(STARTUP_GAIN * bw, self.cap or float("inf"))
+            return self._lift(bw)
         self._cycle = (self._cycle + 1) % len(CYCLE)
         gain = CYCLE[self._cycle]
         if congested and gain >= 1.0:

@@ -332,6 +332,7 @@ class TransferClient:
                 self._bucket.reserve(chunk[2])
                 # Wait out the debt in short slices: a rate raised meanwhile shortens the wait.
                 while self._bucket is not None and (delay := self._bucket.wait_time(0)) > 0:
+                    self.controller.on_paced()
                     await asyncio.sleep(min(delay, SAMPLE / 2))
                 if not cc.usable or t.error is not None or t.is_done:
                     if t.error is None and not t.is_done:

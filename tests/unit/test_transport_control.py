@@ -20,13 +20,15 @@ class Clock:
         return self.now
 
 
-def drive(ctl, clock, rate_Bps, seconds, rtt=0.001, min_rtt=0.001, retrans=0, app_limited=False):
+def drive(ctl, clock, rate_Bps, seconds, rtt=0.001, min_rtt=0.001, retrans=0, app_limited=False, paced=False):
     """Feed acknowledgements at ``rate_Bps`` for ``seconds``; returns the estimates per tick."""
     out = []
     for _ in range(int(seconds / 0.1)):
         clock.now += 0.1
         if app_limited:
             ctl.on_app_limited()
+        if paced:
+            ctl.on_paced()
         ctl.on_ack(int(rate_Bps * 0.1), rtt)
         ctl.on_tcp_info(rtt, min_rtt, retrans, 1000)
         ctl.tick(inflight=1)
@@ -96,6 +98,24 @@ def test_paced_link_probes_back_up_when_the_path_clears():
     assert ctl.pacing_rate() is not None
     drive(ctl, clock, 100e6, 3.0)             # clear for longer than CLEAR_AFTER, pacing binding
     assert ctl.snapshot().phase == "startup" and ctl.pacing_rate() is None
+
+
+def test_bursty_sender_held_back_by_the_pacer_is_lifted_once_the_path_clears():
+    clock = Clock()
+    ctl = RateController(cap=None, clock=clock)
+    drive(ctl, clock, 100e6, 1.0, rtt=0.03)  # congested: paced
+    assert ctl.pacing_rate() is not None
+    # Short transfers with idle gaps: every sample is app-limited, and delivery averaged over a
+    # sample stays under the pacing rate, but within each burst the sender waits for the pacer.
+    drive(ctl, clock, 30e6, 1.5, app_limited=True, paced=True)
+    assert ctl.pacing_rate() is not None  # not clear for long enough yet
+    drive(ctl, clock, 30e6, 1.0, app_limited=True, paced=True)
+    assert ctl.snapshot().phase == "startup" and ctl.pacing_rate() is None
+    # Bursts the pacer did not hold back leave a paced link paced.
+    other = RateController(cap=None, clock=clock)
+    drive(other, clock, 100e6, 1.0, rtt=0.03)
+    drive(other, clock, 30e6, 3.0, app_limited=True)
+    assert other.pacing_rate() is not None
 
 
 class _Client:
