@@ -147,6 +147,11 @@ class SlabTier:
             return None
         if need == 1:
             return (self._free.popleft(),)
+        head = self._free[0]
+        if all(self._free[i] == head + i for i in range(1, need)):
+            # The usual case: free pages are handed out from the front of the queue, so in a
+            # tier that is not fragmented the front is already a run (no sort of the free list).
+            return tuple(self._free.popleft() for _ in range(need))
         free = sorted(self._free)
         for i in range(len(free) - need + 1):
             if free[i + need - 1] - free[i] == need - 1:

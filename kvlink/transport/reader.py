@@ -107,8 +107,14 @@ class ThreadReader:
                         left -= step
                     continue
                 self._recv_exact(target)
-                ok = bool(header.flags & FLAG_UNCHECKED) or checksum(target) == header.body_checksum
-                self.loop.call_soon_threadsafe(self.handler.on_data, self.conn, header, target, ok, transfer)
+                unchecked = bool(header.flags & FLAG_UNCHECKED)
+                ok = unchecked or checksum(target) == header.body_checksum
+                whole = None
+                if unchecked and header.offset == 0 and len(target) == transfer.part_view(header.stream).nbytes:
+                    # A frame that is a whole unchecked part is judged here, while its bytes are
+                    # still warm and without a hop to an executor thread.
+                    whole = self.handler.judge_part(target)
+                self.loop.call_soon_threadsafe(self.handler.on_data, self.conn, header, target, ok, transfer, whole)
         except (_Closed, OSError, RuntimeError):
             pass  # peer gone, shut down by close(), or the loop has stopped
         except KvlinkError as exc:

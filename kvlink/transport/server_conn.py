@@ -159,9 +159,20 @@ class ServerConn:
         self._pending, target = self.lookup(header, lambda fn, *args: fn(*args))
         return target
 
+    def judge_part(self, buf: memoryview) -> bool | None:
+        """The part verifier's verdict on a whole part (any thread); None without a verifier."""
+        verifier = self.server.part_verifier
+        if verifier is None:
+            return None
+        try:
+            return bool(verifier(buf))
+        except Exception:  # a verifier that raises has found nothing it can vouch for
+            return False
+
     def on_data(self, conn, header: FrameHeader, target: memoryview | None, ok: bool | None = None,
-                transfer: IncomingTransfer | None = None) -> None:
-        """A body is in ``target``; ``ok`` is the reader thread's checksum verdict (None: check here)."""
+                transfer: IncomingTransfer | None = None, whole: bool | None = None) -> None:
+        """A body is in ``target``; ``ok`` is the reader thread's checksum verdict (None: check here),
+        ``whole`` its part verifier's verdict when the body was a whole unchecked part."""
         if target is None:
             return
         if transfer is None:
@@ -177,7 +188,9 @@ class ServerConn:
                                         self.server.part_verifier is not None)
         if ok and self.server._transfers.get(header.transfer_id) is transfer:
             self._ack(header)
-            if completed == VERIFY_PART:
+            if completed == VERIFY_PART and whole is not None:
+                self._judged(transfer, header.stream, whole)
+            elif completed == VERIFY_PART:
                 task = asyncio.ensure_future(self._verify_part(transfer, header.stream))
                 self.server._tasks.add(task)
                 task.add_done_callback(self.server._tasks.discard)
@@ -187,12 +200,11 @@ class ServerConn:
 
     async def _verify_part(self, transfer: IncomingTransfer, index: int) -> None:
         """Judge a whole part that arrived without chunk checksums; resend it whole if it fails."""
+        ok = await asyncio.get_running_loop().run_in_executor(None, self.judge_part, transfer.part_view(index))
+        self._judged(transfer, index, ok)
+
+    def _judged(self, transfer: IncomingTransfer, index: int, ok: bool) -> None:
         server = self.server
-        buf = transfer.part_view(index)
-        try:
-            ok = await asyncio.get_running_loop().run_in_executor(None, server.part_verifier, buf)
-        except Exception:  # a verifier that raises has found nothing it can vouch for
-            ok = False
         if transfer.error is not None or server._transfers.get(transfer.transfer_id) is not transfer:
             return
         if ok:

@@ -100,3 +100,14 @@ def test_landing_is_adopted_without_a_copy_or_handed_back():
     assert tier.reserve(tier.capacity) is None and tier.stats["reserve_missed"] == 1
     with pytest.raises(ConfigError):
         SlabTier(64 << 10, page_bytes=4096).adopt(b"x", tier.reserve(10))
+
+
+def test_landing_finds_a_run_in_a_fragmented_tier():
+    tier = SlabTier(8 * 4096, page_bytes=4096)
+    for i in range(8):
+        assert tier.put(bytes([i]), bytes(4096))
+    for i in (1, 3, 4, 5):
+        tier.delete(bytes([i]))
+    assert tier.reserve(3 * 4096).pages == (3, 4, 5)  # page 1 is free but not adjacent to a run
+    assert tier.reserve(2 * 4096) is None
+    assert tier.reserve(4096).pages == (1,)
