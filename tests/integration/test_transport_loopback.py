@@ -199,13 +199,14 @@ async def test_part_verifier_replaces_chunk_checksums_and_resends_a_corrupt_part
     await server.close()
 
 
-async def test_part_that_never_verifies_fails_the_transfer_after_bounded_retries():
+@pytest.mark.parametrize("size", [200 << 10, 30 << 10])  # judged after landing / in the reader thread
+async def test_part_that_never_verifies_fails_the_transfer_after_bounded_retries(size):
     server, port = await start_server(part_verifier=lambda buf: False)
     config = TransportConfig(connections=1, grid_bytes=16 << 10, chunk_bytes=64 << 10, window_bytes=512 << 10,
                              chunk_retries=2)
     async with TransferClient("127.0.0.1", port, FP, config) as client:
         t = client.open(1, verifiable=True)
-        t.add_part(0, blobs([200 << 10])[0])
+        t.add_part(0, blobs([size])[0])
         with pytest.raises(TransferFailed):
             await asyncio.wait_for(t.done(), 30)
     assert server.stats["parts_corrupt"] == 3
