@@ -83,7 +83,7 @@ class PoolDaemon:
         landings = self._landings[incoming.transfer_id] = {}
 
         def allocate(nbytes: int):
-            landing = pool.landing(nbytes)
+            landing = pool.landing(nbytes) if nbytes else None
             if landing is None:
                 return arena(nbytes)
             landings[id(landing.view)] = landing
