@@ -29,43 +29,49 @@ def _drop_cache(path: Path) -> None:
         os.close(fd)
 
 
-def bench_ssd(where: Path | None, entry: int = 4 << 20, count: int = 64) -> dict:
+def bench_ssd(where: Path | None, entry: int = 4 << 20, count: int = 64, rounds: int = 3) -> dict:
+    """Rounds alternate plain file I/O and the tier on the same bytes (a shared disk drifts a lot
+    between runs); medians of ``rounds``."""
     from kvlink.pool.ssd import SsdTier
 
     blobs = [os.urandom(entry) for _ in range(count)]
-    with tempfile.TemporaryDirectory(dir=where) as d:
-        base = Path(d) / "plain.bin"
-        t0 = time.perf_counter()
-        with open(base, "wb", buffering=0) as f:
-            for b in blobs:
-                f.write(b)
-            os.fsync(f.fileno())
-        plain_w = time.perf_counter() - t0
-        _drop_cache(base)
-        buf = bytearray(entry)
-        t0 = time.perf_counter()
-        with open(base, "rb", buffering=0) as f:
-            for _ in blobs:
-                f.readinto(buf)
-        plain_r = time.perf_counter() - t0
-        with SsdTier(Path(d) / "tier", entry * count * 2) as tier:
-            keys = [i.to_bytes(16, "little") for i in range(count)]
+    buf = bytearray(entry)
+    times = {"plain_w": [], "tier_w": [], "plain_r": [], "tier_r": []}
+    with tempfile.TemporaryDirectory(dir=where) as d, SsdTier(Path(d) / "tier", entry * count * (rounds + 1)) as tier:
+        for r in range(rounds):
+            base = Path(d) / f"plain{r}.bin"
+            t0 = time.perf_counter()
+            with open(base, "wb", buffering=0) as f:
+                for b in blobs:
+                    f.write(b)
+                os.fsync(f.fileno())
+            times["plain_w"].append(time.perf_counter() - t0)
+            keys = [(r * count + i).to_bytes(16, "little") for i in range(count)]
             t0 = time.perf_counter()
             for k, b in zip(keys, blobs):
                 tier.put(k, b)
             os.sync()
-            tier_w = time.perf_counter() - t0
+            times["tier_w"].append(time.perf_counter() - t0)
+            _drop_cache(base)
             for k in keys:
                 _drop_cache(Path(d) / "tier" / "data" / k.hex())
             t0 = time.perf_counter()
+            with open(base, "rb", buffering=0) as f:
+                for _ in blobs:
+                    f.readinto(buf)
+            times["plain_r"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
             for _ in tier.get_many(keys, out=buf):  # as Pool.fetch reads a hit's entries
                 pass
-            tier_r = time.perf_counter() - t0
+            times["tier_r"].append(time.perf_counter() - t0)
+            base.unlink()
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     total = entry * count
-    return {"ssd_entry_bytes": entry, "ssd_plain_write_gbps": round(total / plain_w / 1e9, 3),
-            "ssd_put_gbps": round(total / tier_w / 1e9, 3), "ssd_put_vs_plain": round(plain_w / tier_w, 3),
-            "ssd_plain_read_gbps": round(total / plain_r / 1e9, 3),
-            "ssd_get_gbps": round(total / tier_r / 1e9, 3), "ssd_get_vs_plain": round(plain_r / tier_r, 3)}
+    return {"ssd_entry_bytes": entry, "ssd_rounds": rounds,
+            "ssd_plain_write_gbps": round(total / med["plain_w"] / 1e9, 3),
+            "ssd_put_gbps": round(total / med["tier_w"] / 1e9, 3), "ssd_put_vs_plain": round(med["plain_w"] / med["tier_w"], 3),
+            "ssd_plain_read_gbps": round(total / med["plain_r"] / 1e9, 3),
+            "ssd_get_gbps": round(total / med["tier_r"] / 1e9, 3), "ssd_get_vs_plain": round(med["plain_r"] / med["tier_r"], 3)}
 
 
 def bench_daemon(page: int = 512 << 10, rounds: int = 2) -> dict:
