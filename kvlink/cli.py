@@ -58,7 +58,8 @@ def cmd_bench_serde(args) -> int:
 def _transport_config(args):
     from kvlink.config import TransportConfig, parse_rate
 
-    return TransportConfig(connections=args.streams, chunk_bytes=args.chunk << 10, rate_cap=parse_rate(args.rate),
+    chunk = args.chunk << 10 if args.chunk else TransportConfig.chunk_bytes
+    return TransportConfig(connections=args.streams, chunk_bytes=chunk, rate_cap=parse_rate(args.rate),
                            adaptive=not args.no_adaptive, chunk_checksums=True if args.chunk_checksums else None)
 
 
@@ -87,7 +88,7 @@ def cmd_bench_transfer(args) -> int:
         return 0
     # Run the receiver ourselves: a loopback subprocess, or inside the link lab.
     forward = [sys.executable, "-m", "kvlink.cli", "bench", "transfer", "--model", args.model,
-               "--tokens", str(args.tokens), "--streams", str(args.streams), "--chunk", str(args.chunk),
+               "--tokens", str(args.tokens), "--streams", str(args.streams), "--chunk", str(args.chunk or 0),
                "--rate", args.rate or "0", "--weights", ",".join(str(w) for w in weights), "--repeat", str(args.repeat), "--codec", args.codec, "--json"]
     if args.no_adaptive:
         forward.append("--no-adaptive")
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--model", default="kimi-linear-48b-a3b")
     bt.add_argument("--tokens", type=int, default=32768)
     bt.add_argument("--streams", type=int, default=4, help="TCP connections")
-    bt.add_argument("--chunk", type=int, default=4096, help="largest chunk in KiB")
+    bt.add_argument("--chunk", type=int, default=0, help="largest frame in KiB (default: TransportConfig's, 16 MiB)")
     bt.add_argument("--codec", default="none",
                     help="segment codec (none, shuffle-lz4, shuffle-zstd, ...) or 'adaptive' (chosen for --rate)")
     bt.add_argument("--chunk-checksums", action="store_true",
