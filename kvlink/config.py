@@ -101,7 +101,8 @@ class TransportConfig:
     4 connections; parts are cut into 256 KiB grid chunks (the unit of acknowledgement and
     retransmission) and sent in frames of consecutive chunks sized to ~4 ms at the current rate,
     up to 16 MiB (per-frame cost in Python is what limits loopback speed below that: on a 16-core
-    host 16 MiB frames reached 0.77-0.82x of raw sockets where 4 MiB frames reached 0.68-0.76x).
+    host 16 MiB frames reached 0.77-0.82x of raw sockets where 4 MiB frames reached 0.68-0.76x);
+    4 MiB until the first rate estimate, so concurrent transfers' weights act from the start.
 
     Integrity: with ``chunk_checksums=None`` (the default) a sender hashes every chunk (xxh3)
     unless the transfer was opened ``verifiable`` (its parts are kvlink payloads) and the

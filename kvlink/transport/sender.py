@@ -29,6 +29,9 @@ from kvlink.transport.pacing import TokenBucket
 from kvlink.transport.scheduler import ChunkScheduler
 
 
+_FIRST_RUN = 4 << 20
+
+
 class TransferClient:
     """Sends transfers to one receiver over ``config.connections`` TCP connections.
 
@@ -202,7 +205,9 @@ class TransferClient:
         cfg = self.config
         rate = self._bucket.rate if self._bucket is not None else self.controller.bottleneck
         if not rate:
-            return cfg.chunk_bytes
+            # No estimate yet (the first ~100 ms): frames of at most 4 MiB, so the first frames
+            # of concurrent transfers do not commit whole parts before weights can act.
+            return min(cfg.chunk_bytes, max(cfg.grid_bytes, _FIRST_RUN // cfg.grid_bytes * cfg.grid_bytes))
         return max(cfg.grid_bytes, min(cfg.chunk_bytes, int(rate * 0.004) // cfg.grid_bytes * cfg.grid_bytes))
 
     async def send(self, parts: list, **kwargs) -> OutgoingTransfer:
