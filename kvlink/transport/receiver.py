@@ -34,9 +34,10 @@ class TransferServer:
     ``ssl`` an ``ssl.SSLContext`` for TLS. ``allocator(nbytes)`` returns the writable buffer a part
     lands in (default: host memory); ``allocator_for(transfer)``, when given, may return another
     allocator for one transfer, chosen from its ``meta`` when it begins (e.g. a pool daemon landing
-    puts straight in the pages that will hold them), or None to use ``allocator``. ``part_verifier(buffer) -> bool`` judges whole parts sent
-    without chunk checksums (announced at the handshake, so senders on the default setting skip
-    them); a part it fails is resent whole, within the sender's retry limit.
+    puts straight in the pages that will hold them), or None to use ``allocator``.
+    ``part_verifier(buffer) -> bool`` judges whole parts of transfers opened ``verifiable``, sent
+    without chunk checksums (the receiver announces at the handshake that it verifies parts); a
+    part it fails is resent whole, within the sender's retry limit. It may run in a reader thread.
     """
 
     def __init__(self, config: TransportConfig | None = None, fingerprints: Iterable[bytes] | None = None,
@@ -167,7 +168,7 @@ class TransferServer:
         if length < 0:
             raise TransferRejected("negative part length")
         if t.announced(index):
-            t.announce(index, length, t.allocator or self.allocator)  # idempotent re-announcement after a reconnect
+            t.announce(index, length, t.allocator or self.allocator)  # idempotent after a reconnect
             return
         if t.reserved + length > self.config.max_transfer_bytes:
             raise TransferRejected(f"transfer would exceed {self.config.max_transfer_bytes} bytes")
