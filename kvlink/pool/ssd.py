@@ -51,6 +51,7 @@ class SsdTier:
         self._lock = threading.Lock()
         self.stats = collections.Counter()
         self._sizes: dict[bytes, int] = {}
+        self._total = 0  # sum of self._sizes' values, kept as entries come and go
         self._recover()
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -68,6 +69,7 @@ class SsdTier:
                 self.stats["recovered_dropped"] += 1
                 continue
             self._sizes[key] = nbytes
+        self._total = sum(self._sizes.values())
         indexed = {key.hex() for key in self._sizes}
         for path in (self.root / "data").iterdir():
             if path.name not in indexed:  # renamed into place, killed before the record
@@ -97,7 +99,7 @@ class SsdTier:
     @property
     def used_bytes(self) -> int:
         with self._lock:
-            return sum(self._sizes.values())
+            return self._total
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._sizes
@@ -121,23 +123,26 @@ class SsdTier:
             if self._used() - self._sizes.get(key, 0) + nbytes > self.capacity:
                 self.stats["put_full"] += 1
                 return False
-        if digest is None:
-            h = xxhash.xxh3_64()
-            for v in views:
-                h.update(v)
-            digest = h.intdigest()
+        h = xxhash.xxh3_64() if digest is None else None
         tmp = self.root / "tmp" / f"{key.hex()}.{os.getpid()}.{threading.get_ident()}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 for v in views:
-                    while v.nbytes:
-                        v = v[os.write(fd, v):]
+                    # Hash each piece just before writing it: the write then copies from cache.
+                    for at in range(0, v.nbytes, READ_PIECE):
+                        piece = v[at: at + READ_PIECE]
+                        if h is not None:
+                            h.update(piece)
+                        while piece.nbytes:
+                            piece = piece[os.write(fd, piece):]
                 if self.durable:
                     os.fdatasync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, self._path(key))
+            if h is not None:
+                digest = h.intdigest()
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -147,12 +152,13 @@ class SsdTier:
         # The record goes in last: an entry is visible only once its bytes are complete.
         self._db.put(key, RECORD.pack(RECORD_MAGIC, RECORD_VERSION, nbytes, digest, time.time()), self._write_opts)
         with self._lock:
+            self._total += nbytes - self._sizes.get(key, 0)
             self._sizes[key] = nbytes
             self.stats["puts"] += 1
         return True
 
     def _used(self) -> int:
-        return sum(self._sizes.values())
+        return self._total
 
     def get(self, key: bytes, out=None, verify: bool = True) -> memoryview:
         """The entry's bytes, read into ``out`` (writable, exactly its size) or a new buffer.
@@ -214,7 +220,9 @@ class SsdTier:
 
     def delete(self, key: bytes) -> bool:
         with self._lock:
-            known = self._sizes.pop(key, None) is not None
+            size = self._sizes.pop(key, None)
+            known = size is not None
+            self._total -= size or 0
         self._db.delete(key)  # record first: never a record without its file
         self._path(key).unlink(missing_ok=True)
         return known
