@@ -60,9 +60,9 @@ class SlabTier:
                                   pin_memory=bool(pin))
         if self.device.type == "cpu" and not pin:
             self.buffer.zero_()  # fault the pages in now, not on the first put
-        # One view per page, made once: slicing a tensor costs microseconds, which is a tenth of
-        # a 2 MiB copy on a many-core host.
-        self._pages = [self.buffer[i * page_bytes: (i + 1) * page_bytes] for i in range(self.num_pages)]
+        # One view per page, made on first use and kept: slicing a tensor costs microseconds,
+        # which is a tenth of a 2 MiB copy on a many-core host.
+        self._pages: list[torch.Tensor | None] = [None] * self.num_pages
         self._free: collections.deque[int] = collections.deque(range(self.num_pages))
         self._entries: dict[bytes, SlabEntry] = {}
         self._lock = threading.Lock()
@@ -85,7 +85,10 @@ class SlabTier:
         return len(self._entries)
 
     def _page(self, index: int) -> torch.Tensor:
-        return self._pages[index]
+        page = self._pages[index]
+        if page is None:
+            page = self._pages[index] = self.buffer[index * self.page_bytes: (index + 1) * self.page_bytes]
+        return page
 
     # -- data -------------------------------------------------------------------------------------
     def put(self, key: bytes, data, digest: int | None = None, hashed: bool = True) -> bool:
@@ -109,9 +112,9 @@ class SlabTier:
         hasher = xxhash.xxh3_64() if hashed and digest is None and self.device.type == "cpu" else None
         whole_page = len(srcs) == 1 and nbytes == self.page_bytes
         if whole_page:  # no slicing
-            self._pages[pages[0]].copy_(srcs[0], non_blocking=self.device.type == "cuda")
+            self._page(pages[0]).copy_(srcs[0], non_blocking=self.device.type == "cuda")
             if hasher is not None:
-                hasher.update(memoryview(self._pages[pages[0]].numpy()))
+                hasher.update(memoryview(self._page(pages[0]).numpy()))
         at = 0  # bytes of the entry written so far
         for src in [] if whole_page else srcs:
             off = 0
@@ -207,7 +210,7 @@ class SlabTier:
         verify = verify and entry.digest is not None
         hasher = xxhash.xxh3_64() if verify and dst.device.type == "cpu" else None
         if len(entry.pages) == 1 and entry.nbytes == self.page_bytes and hasher is None:
-            dst.copy_(self._pages[entry.pages[0]])  # a whole page: no slicing
+            dst.copy_(self._page(entry.pages[0]))  # a whole page: no slicing
         else:
             for i, page in enumerate(entry.pages):
                 lo = i * self.page_bytes
