@@ -234,8 +234,14 @@ class SlabTier:
             raise PoolError(f"no entry {key.hex()[:16]} in this tier")
         if self.device.type != "cpu":
             raise ConfigError("views are for host tiers")
+        pages = entry.pages
+        if pages == tuple(range(pages[0], pages[0] + len(pages))):
+            # Adjacent pages (every landed put, most entries of a tier that is not fragmented):
+            # one view, so a reply sends it as one buffer.
+            start = pages[0] * self.page_bytes
+            return [memoryview(self.buffer[start: start + entry.nbytes].numpy())]
         out = []
-        for i, page in enumerate(entry.pages):
+        for i, page in enumerate(pages):
             n = min(self.page_bytes, entry.nbytes - i * self.page_bytes)
             out.append(memoryview(self._page(page)[:n].numpy()))
         return out

@@ -111,3 +111,19 @@ def test_landing_finds_a_run_in_a_fragmented_tier():
     assert tier.reserve(3 * 4096).pages == (3, 4, 5)  # page 1 is free but not adjacent to a run
     assert tier.reserve(2 * 4096) is None
     assert tier.reserve(4096).pages == (1,)
+
+
+def test_views_are_one_buffer_for_adjacent_pages_and_in_entry_order_otherwise():
+    tier = SlabTier(8 * 4096, page_bytes=4096)
+    data = os.urandom(3 * 4096 - 10)
+    assert tier.put(b"a", data)  # pages 0, 1, 2
+    assert len(tier.views(b"a")) == 1 and bytes(tier.views(b"a")[0]) == data
+    for i in range(3, 8):
+        tier.put(bytes([i]), bytes(4096))  # pages 3..7
+    tier.delete(b"a")
+    tier.delete(bytes([4]))
+    tier._free.rotate(1)  # free queue 4, 0, 1, 2: a new entry's pages are not in ascending order
+    other = os.urandom(4 * 4096)
+    assert tier.put(b"b", other) and tier.entry(b"b").pages == (4, 0, 1, 2)
+    views = tier.views(b"b")
+    assert len(views) == 4 and b"".join(bytes(v) for v in views) == other
