@@ -1,7 +1,7 @@
 """Pool benchmark (groundwork): host slab tier put/get of 2 MiB entries vs a same-run memcpy,
 SSD tier put/get of 4 MiB entries vs plain sequential file I/O of the same bytes (page cache
-dropped for the files before reads, both writes synced), and prefix-index lookup of a
-128K-token prompt.
+dropped for the files before reads, both writes synced), prefix-index lookup of a 128K-token
+prompt, and `kvlink pool serve` put/get of model payloads vs raw sockets (interleaved rounds).
 
     python benchmarks/pool.py [--json] [--dir DIR]   (DIR: where the SSD tier writes; default a temp dir)
 """

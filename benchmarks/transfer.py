@@ -6,7 +6,9 @@ One receiver process (``kvlink transfer serve``) serves both kvlink and the raw-
 rounds alternate kvlink / raw with the same connection count, so the ratio compares like with
 like in the same run. Measured twice, both verified: the default (the receiver checks each part, a
 kvlink payload, against its own checksums; no per-chunk hashes) and with per-chunk xxh3 forced
-(``chunk_checksums=True``). iperf3 is reported too when installed.
+(``chunk_checksums=True``). ``--modes unverified`` adds, for scale, a run with no integrity
+check at all (a ``--no-verify`` receiver, ``chunk_checksums=False``): what the hash pass costs.
+iperf3 is reported too when installed.
 """
 
 import argparse
@@ -21,7 +23,8 @@ from kvlink.config import TransportConfig
 
 # Both verified end to end: the default skips per-chunk hashes because the receiver verifies
 # each part (a kvlink payload) against its own checksums; chunk-xxh3 hashes every chunk instead.
-MODES = (("part-verified", None), ("chunk-xxh3", True))
+MODES = (("part-verified", None), ("chunk-xxh3", True), ("unverified", False))
+DEFAULT_MODES = "part-verified,chunk-xxh3"
 
 
 def iperf3(streams: int) -> dict:
@@ -44,23 +47,24 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--chunk-mib", type=int, default=None, help="largest frame (default: TransportConfig's)")
-    parser.add_argument("--modes", default=",".join(m for m, _ in MODES), help="which integrity modes to run")
+    parser.add_argument("--modes", default=DEFAULT_MODES, help="which of " + ", ".join(m for m, _ in MODES) + " to run")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    sink = harness.SinkProcess(harness.serve_argv("127.0.0.1", "1400"))
     results = {}
-    try:
-        port, raw = sink.listening["port"], sink.listening["raw_port"]
-        for name, checked in MODES:
-            if name not in args.modes.split(","):
-                continue
+    for name, checked in MODES:
+        if name not in args.modes.split(","):
+            continue
+        argv = harness.serve_argv("127.0.0.1", "1400") + (["--no-verify"] if checked is False else [])
+        sink = harness.SinkProcess(argv)
+        try:
+            port, raw = sink.listening["port"], sink.listening["raw_port"]
             extra = {} if args.chunk_mib is None else {"chunk_bytes": args.chunk_mib << 20}
             config = TransportConfig(connections=args.streams, chunk_checksums=checked, **extra)
             results[name] = transfer.run("127.0.0.1", port, raw, args.model, args.tokens, config, [1.0], None,
                                          False, repeat=args.repeat)
             results[name]["kvlink"].pop("timeline")
-    finally:
-        sink.stop()
+        finally:
+            sink.stop()
     results["iperf3"] = iperf3(args.streams)
     if args.json:
         print(json.dumps(results, indent=2))
