@@ -4,6 +4,7 @@ plain TCP), and the events it reports to its :class:`~kvlink.transport.sender.Tr
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,8 @@ from kvlink.transport.writer import ThreadWriter
 if TYPE_CHECKING:
     from kvlink.transport.sender import TransferClient
 
-NOTSENT_LOWAT = 1 << 20
+NOTSENT_LOWAT = 1 << 20      # unsent bytes the kernel may hold at low rates
+MAX_NOTSENT_LOWAT = 8 << 20  # ... and at the highest
 
 
 class ClientConn:
@@ -40,6 +42,7 @@ class ClientConn:
         self.last_ack = time.monotonic()
         self.tcp_prev: dict | None = None
         self.writer: ThreadWriter | None = None
+        self.lowat = 0
 
     def start_writer(self, timeout: float) -> None:
         """After the handshake, frames go out through a writer thread (plain TCP only: TLS
@@ -48,6 +51,19 @@ class ClientConn:
         wake = self.client._wake
         self.writer = ThreadWriter(self.conn.sock, lambda exc: loop.call_soon_threadsafe(self._writer_failed, exc),
                                    timeout, lambda: loop.call_soon_threadsafe(wake.set))
+
+    def set_lowat(self, nbytes: int) -> None:
+        """Let the kernel hold up to ``nbytes`` unsent (``TCP_NOTSENT_LOWAT``). Small keeps the
+        choice of what goes next late; too small for the rate costs a writer wake-up per small
+        refill (measured on loopback: 1 MiB at ~30 Gbit/s cost ~5% of goodput)."""
+        sock = self.conn.sock if self.conn is not None else None
+        if sock is None or nbytes == self.lowat or not hasattr(socket, "TCP_NOTSENT_LOWAT"):
+            return
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, nbytes)
+            self.lowat = nbytes
+        except OSError:
+            pass  # a connection being torn down; the next one starts afresh
 
     @property
     def backlog(self) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-import socket
 import ssl as _ssl
 import time
 
@@ -21,7 +20,7 @@ from kvlink.errors import (ConfigError, FingerprintMismatch, HandshakeError, Kvl
                            TransferFailed, TransferTimeout, TransportError)
 from kvlink.transport import handshake as hs
 from kvlink.transport.congestion import SAMPLE, LinkSnapshot, RateController
-from kvlink.transport.client_conn import NOTSENT_LOWAT, ClientConn
+from kvlink.transport.client_conn import MAX_NOTSENT_LOWAT, NOTSENT_LOWAT, ClientConn
 from kvlink.transport.connection import FrameConnection, tcp_info
 from kvlink.transport.frame import FrameType
 from kvlink.transport.outgoing import Chunk, OutgoingTransfer
@@ -76,6 +75,7 @@ class TransferClient:
     # -- connections ----------------------------------------------------------------------------
     async def connect(self) -> None:
         """Open every connection (concurrently) and start sending; fails only if none can be opened."""
+        self._set_pacing(self.controller.pacing_rate())  # a fixed rate sizes the sockets' queues
         results = await asyncio.gather(*(self._open(i) for i in range(len(self._conns))), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if len(errors) == len(results):
@@ -86,7 +86,6 @@ class TransferClient:
                     await self.close()
                     raise r
                 self._reconnecting[i] = asyncio.create_task(self._reconnect(i))
-        self._set_pacing(self.controller.pacing_rate())
         self._tasks = [asyncio.create_task(self._dispatch()), asyncio.create_task(self._tick())]
 
     async def _open(self, slot: int) -> ClientConn:
@@ -107,10 +106,9 @@ class TransferClient:
             cc.conn.abort()
             raise
         sock = cc.conn.sock
-        if sock is not None and hasattr(socket, "TCP_NOTSENT_LOWAT"):
-            # Keep little unsent data in the kernel, so what goes next is decided late (weights,
-            # deadlines, pacing) and not hidden in a deep socket buffer.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+        # Keep little unsent data in the kernel, so what goes next is decided late (weights,
+        # deadlines, pacing) and not hidden in a deep socket buffer; _tick scales it to the rate.
+        cc.set_lowat(self._lowat())
         if self.ssl is None and sock is not None:
             cc.start_writer(self.config.progress_timeout)
         cc.registered = True
@@ -209,6 +207,11 @@ class TransferClient:
             # of concurrent transfers do not commit whole parts before weights can act.
             return min(cfg.chunk_bytes, max(cfg.grid_bytes, _FIRST_RUN // cfg.grid_bytes * cfg.grid_bytes))
         return max(cfg.grid_bytes, min(cfg.chunk_bytes, int(rate * 0.004) // cfg.grid_bytes * cfg.grid_bytes))
+
+    def _lowat(self) -> int:
+        """Unsent bytes each socket may hold: ~1 ms of data at the current rate, 1-8 MiB."""
+        rate = self._bucket.rate if self._bucket is not None else self.controller.bottleneck
+        return max(NOTSENT_LOWAT, min(MAX_NOTSENT_LOWAT, int((rate or 0) * 0.001) >> 16 << 16))
 
     async def send(self, parts: list, **kwargs) -> OutgoingTransfer:
         """Open a transfer, add every part, wait for the receiver to verify it; returns it (stats)."""
@@ -377,6 +380,10 @@ class TransferClient:
             self._poll_tcp()
             rate = self.controller.tick(sum(c.inflight_bytes for c in self._conns if c is not None))
             self._set_pacing(rate)
+            lowat = self._lowat()
+            for cc in self._conns:
+                if cc is not None:
+                    cc.set_lowat(lowat)
             for cc in self._conns:
                 if cc is not None and cc.inflight and now - cc.last_ack > cfg.progress_timeout:
                     self.stats["stalled_connections"] += 1

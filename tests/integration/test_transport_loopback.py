@@ -527,3 +527,19 @@ async def test_streaming_after_idle_gaps_is_not_paced_at_the_producers_pace():
         assert took < 0.3  # 1.3 MB at 800 Mbit/s is 13 ms; paced at the producer's pace it took ~400 ms
         await t.done()
     await server.close()
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_NOTSENT_LOWAT"), reason="TCP_NOTSENT_LOWAT is Linux-only")
+async def test_unsent_kernel_queue_is_about_a_millisecond_at_the_pacing_rate():
+    # Deep enough that writers are not woken per small refill at tens of Gbit/s, shallow enough
+    # at low rates that weights and deadlines decide what goes next.
+    server, port = await start_server()
+    for cap, want in ((2e9, 1 << 20), (24e9, (3_000_000 >> 16) << 16), (400e9, 8 << 20)):
+        config = TransportConfig(connections=2, rate_cap=cap, adaptive=False, grid_bytes=16 << 10,
+                                 chunk_bytes=64 << 10, window_bytes=512 << 10)
+        async with TransferClient("127.0.0.1", port, FP, config) as client:
+            await client.send(blobs([100_000]))
+            socks = [cc.conn.sock for cc in client._conns if cc is not None and cc.conn is not None]
+            assert len(socks) == 2
+            assert {s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) for s in socks} == {want}, cap
+    await server.close()
