@@ -61,7 +61,7 @@ def main() -> int:
             extra = {} if args.chunk_mib is None else {"chunk_bytes": args.chunk_mib << 20}
             config = TransportConfig(connections=args.streams, chunk_checksums=checked, **extra)
             results[name] = transfer.run("127.0.0.1", port, raw, args.model, args.tokens, config, [1.0], None,
-                                         False, repeat=args.repeat)
+                                         False, repeat=args.repeat, receiver_pid=sink.proc.pid)
             results[name]["kvlink"].pop("timeline")
         finally:
             sink.stop()
@@ -77,7 +77,9 @@ def main() -> int:
         print("iperf3:", results["iperf3"])
         print(json.dumps({name: {"ratio_vs_raw": results[name]["ratio_vs_raw"],
                                  "kvlink_gbps": results[name]["kvlink"]["goodput_gbps"],
-                                 "raw_gbps": results[name]["raw_baseline"]["goodput_gbps"]}
+                                 "raw_gbps": results[name]["raw_baseline"]["goodput_gbps"],
+                                 "cpu_s_per_gib": {"kvlink": results[name]["kvlink"]["cpu_s_per_gib"],
+                                                   "raw": results[name]["raw_baseline"]["cpu_s_per_gib"]}}
                           for name in results if name != "iperf3"}))
     return 0
 

@@ -9,6 +9,7 @@ with plain ``socket.sendall`` over the same number of connections to the receive
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 from collections import Counter
 import socket
@@ -18,6 +19,7 @@ import time
 
 from kvlink.bench.serde import realistic_cache
 from kvlink.bench.sink import RAW_HEADER
+from kvlink.bench.timing import CpuMeter
 from kvlink.config import CodecConfig, TransportConfig
 from kvlink.serde.layout import layer_segments
 from kvlink.transport.adaptive import CodecAdvisor
@@ -109,21 +111,34 @@ class Progress:
 
 async def run_transfers(host: str, port: int, fingerprint: bytes, payloads: list, config: TransportConfig,
                         weights: list[float], secret: bytes | None, progress: bool, repeat: int = 1,
-                        verify: bool = True, between=None) -> dict:
+                        verify: bool = True, between=None, meter: CpuMeter | None = None) -> dict:
     """``repeat`` rounds of ``len(weights)`` concurrent copies of the payload set over one client
     (connections stay open, as between a decode cluster and its prefill peers); ``between()``,
     when given, runs in a thread after each round (the baseline's turn). Returns the median
-    round's figures (and its timeline)."""
+    round's figures (and its timeline), with the median CPU seconds per GiB of each end."""
+    meter = meter or CpuMeter()
     async with TransferClient(host, port, fingerprint, config, secret=secret) as client:
-        rounds = []
+        rounds, cpus = [], []
         for i in range(repeat):
+            started = meter.start()
             rounds.append(await _round(client, payloads, weights, progress, verify=verify and i == repeat - 1))
+            cpus.append(meter.stop(started))
             if between is not None:
                 await asyncio.to_thread(between)
+    nbytes = rounds[0]["bytes"]
     rounds.sort(key=lambda r: r["seconds"])
     median = rounds[len(rounds) // 2]
     median["round_seconds"] = [r["seconds"] for r in rounds]
+    median["cpu_s_per_gib"] = cpu_per_gib(cpus, nbytes)
     return median
+
+
+def cpu_per_gib(cpus: list[dict], nbytes: int) -> dict:
+    """Median CPU seconds per GiB moved, of the sender (this process) and the receiver (when known)."""
+    def med(values):
+        values = sorted(v for v in values if v is not None)
+        return round(values[len(values) // 2] / (nbytes / 2**30), 4) if values else None
+    return {"sender": med(c["self"] for c in cpus), "receiver": med(c["peer"] for c in cpus)}
 
 
 async def _round(client: TransferClient, payloads: list, weights: list[float], progress: bool,
@@ -174,8 +189,9 @@ async def _round(client: TransferClient, payloads: list, weights: list[float], p
 
 def run(host: str, port: int, raw_port: int | None, model: str, tokens: int, config: TransportConfig,
         weights: list[float], secret: bytes | None, progress: bool, announce: bool = False, repeat: int = 1,
-        codec: str = "none") -> dict:
-    """The whole benchmark: pack, kvlink transfer(s), then the raw baseline on the same bytes."""
+        codec: str = "none", receiver_pid: int | None = None) -> dict:
+    """The whole benchmark: pack, kvlink transfer(s), then the raw baseline on the same bytes.
+    With ``receiver_pid`` (a local receiver) the receiver's CPU time is reported too."""
     from kvlink.transport.loop import run as run_loop
 
     t0 = time.perf_counter()
@@ -193,22 +209,34 @@ def run(host: str, port: int, raw_port: int | None, model: str, tokens: int, con
     # Rounds alternate kvlink / baseline so drift on a shared machine hits both alike.
     buffers = [b for p in payloads for b in p.buffers()] * len(weights)
     raw_rounds: list[float] = []
+    raw_cpus: list[dict] = []
+    meter = CpuMeter(receiver_pid)
+
     def baseline_round() -> None:
+        started = meter.start()
         raw_rounds.append(raw_baseline(host, raw_port, buffers, config.connections))
+        raw_cpus.append(meter.stop(started))
 
     between = baseline_round if raw_port is not None else None
+    result["host_cpus"] = os.cpu_count()
     result["kvlink"] = run_loop(run_transfers(host, port, fingerprint, payloads, config, weights, secret, progress,
-                                              repeat, between=between), config.use_uvloop)
+                                              repeat, between=between, meter=meter), config.use_uvloop)
     if raw_port is not None:
         rounds = sorted(raw_rounds)
         seconds = rounds[len(rounds) // 2]
         raw_gbps = result["payload_bytes"] * len(weights) * 8 / seconds / 1e9
         result["raw_baseline"] = {"seconds": round(seconds, 4), "goodput_gbps": round(raw_gbps, 4),
-                                  "round_seconds": [round(r, 4) for r in rounds]}
+                                  "round_seconds": [round(r, 4) for r in rounds],
+                                  "cpu_s_per_gib": cpu_per_gib(raw_cpus, sum(b.nbytes for b in buffers))}
         result["ratio_vs_raw"] = round(result["kvlink"]["goodput_gbps"] / raw_gbps, 3)
     # Goodput in cache bytes: what a codec buys on a slow link.
     result["kvlink"]["cache_goodput_gbps"] = round(raw_bytes * len(weights) * 8 / result["kvlink"]["seconds"] / 1e9, 4)
     return result
+
+
+def _cpu(figures: dict) -> str:
+    cpu = figures.get("cpu_s_per_gib") or {}
+    return ", ".join("-" if cpu.get(end) is None else f"{cpu[end]:.3f}" for end in ("sender", "receiver"))
 
 
 def render(result: dict) -> str:
@@ -227,6 +255,8 @@ def render(result: dict) -> str:
         r = result["raw_baseline"]
         lines.append(f"  {'raw sendall/recv_into':22}{r['seconds']:>10.3f}{r['goodput_gbps']:>10.3f}")
         lines.append(f"  ratio kvlink / raw: {result['ratio_vs_raw']:.3f}")
+    lines.append(f"  CPU s/GiB (sender, receiver) on {result.get('host_cpus')} cores: kvlink {_cpu(k)}" +
+                 (f", raw {_cpu(result['raw_baseline'])}" if "raw_baseline" in result else ""))
     snap = k["snapshot"]
     est = snap["available_bps"]
     lines.append(f"  estimate {'-' if est is None else f'{est / 1e9:.3f} Gbit/s'}, rtt {snap['rtt_ms']} ms, "
