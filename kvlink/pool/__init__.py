@@ -1,10 +1,10 @@
-"""Hybrid prefix cache pool (issue 4, in progress).
+"""Hybrid prefix cache pool.
 
-Built: the hybrid-aware prefix index (:mod:`~kvlink.pool.index`), memory tiers as page slabs
-(:mod:`~kvlink.pool.slab`, host and GPU), the SSD tier (:mod:`~kvlink.pool.ssd`, files plus a
-RocksDB index), LRU and S3-FIFO eviction (:mod:`~kvlink.pool.eviction`) and the in-process
-:class:`Pool` tying them together. Still to come: the ``kvlink pool serve`` daemon and its
-clients, and engine-facing restore of hits into paged caches.
+The hybrid-aware prefix index (:mod:`~kvlink.pool.index`), memory tiers as page slabs
+(:mod:`~kvlink.pool.slab`, host and GPU), the SSD tier (:mod:`~kvlink.pool.ssd`, segment files
+plus a RocksDB index), LRU and S3-FIFO eviction (:mod:`~kvlink.pool.eviction`) and the
+in-process :class:`Pool` tying them together. The ``kvlink pool serve`` daemon and its clients
+are in :mod:`kvlink.daemon`.
 """
 
 from kvlink.pool.index import Lease, PrefixHit, PrefixIndex, block_hashes, prefix_root

@@ -63,7 +63,7 @@ class Pool:
         if self.ssd is not None:
             for tkey in self.ssd.keys():
                 if tkey[:1] in _KINDS and len(tkey) == 17:
-                    self.index.add(_KINDS[tkey[:1]], tkey[1:], self.ssd._sizes[tkey])
+                    self.index.add(_KINDS[tkey[:1]], tkey[1:], self.ssd.entry_size(tkey))
 
     # -- queries ----------------------------------------------------------------------------------
     def lookup(self, tokens: Sequence[int]) -> PrefixHit:

@@ -1,15 +1,21 @@
-"""The SSD tier: one file per entry for the bytes, RocksDB (rocksdict, raw mode) as the index.
+"""The SSD tier: entry bytes appended to segment files, RocksDB (rocksdict, raw mode) as the index.
 
 Measured on this machine, RocksDB writes 4 MiB values at ~0.25 GB/s while plain sequential file
 writes run at ~1 GB/s, so values do not go into RocksDB: it keeps what it is good at, a small
-durable record per entry (size, xxh3, time), and the bytes go to their own file.
+durable record per entry (where its bytes are, size, xxh3, time). The bytes are appended to
+segment files (:mod:`~kvlink.pool.segments`): entries stored together are read back as one
+sequential read.
 
-Crash safety comes from the order of writes: bytes to ``tmp/<key>``, (optionally) fsync,
-rename into ``data/``, and only then the index record. A process killed at any point leaves
-either no record (the entry is invisible; a stray file is removed at the next open) or a
-record whose file is complete. Reads verify the xxh3 and drop an entry that fails. A full disk
-makes :meth:`put` return False ("not stored"), never raise. No pickle anywhere: records are a
-fixed struct.
+Crash safety comes from the order of writes: the bytes are appended (and, when durable,
+synced), and only then is the index record written. A process killed at any point leaves either
+no record (the bytes are dead space in their segment) or a record whose bytes are complete. At
+open, records pointing past the end of their segment are dropped. Reads verify the xxh3 and
+drop an entry that fails. A full disk makes :meth:`put` return False ("not stored"), never
+raise. No pickle anywhere: records are a fixed struct.
+
+Space: ``capacity`` bounds the live bytes. Bytes of deleted or replaced entries stay in their
+segment until it holds no live entry (then it is deleted) or until dead bytes pass a quarter of
+the capacity (then the sparsest segment's live entries are moved to the head and it is deleted).
 """
 
 from __future__ import annotations
@@ -26,58 +32,70 @@ import xxhash
 from rocksdict import Options, Rdict, WriteOptions
 
 from kvlink.errors import ChecksumMismatch, ConfigError, LengthError, PoolError
+from kvlink.pool.segments import SegmentFiles
 
-RECORD = struct.Struct("<4sBQQd")  # magic, version, nbytes, xxh3, stored-at (unix seconds)
-RECORD_MAGIC, RECORD_VERSION = b"KVLS", 1
+# magic, version, segment, offset, nbytes, xxh3, stored-at (unix seconds)
+RECORD = struct.Struct("<4sBIQQQd")
+RECORD_MAGIC, RECORD_VERSION = b"KVLS", 2
 READ_PIECE = 1 << 20
-PREFETCH_DEPTH = 8  # entries read ahead by get_many (measured: 2-8 reach ~0.8-0.95x of one big file)
+PREFETCH_DEPTH = 8  # entries read ahead by get_many
+SEGMENT_BYTES = 256 << 20
 
 
 class SsdTier:
-    """Entries under ``root`` up to ``capacity`` bytes. ``durable``: fsync data and index before
-    a put returns (survives power loss, not only process death)."""
+    """Entries under ``root`` up to ``capacity`` live bytes. ``durable``: sync data and index
+    before a put returns (survives power loss, not only process death). ``segment_bytes``: the
+    target size of a segment file (at most a quarter of the capacity)."""
 
-    def __init__(self, root: str | os.PathLike, capacity: int, durable: bool = False):
-        if capacity <= 0:
-            raise ConfigError("SSD tier capacity must be positive")
+    def __init__(self, root: str | os.PathLike, capacity: int, durable: bool = False,
+                 segment_bytes: int = SEGMENT_BYTES):
+        if capacity <= 0 or segment_bytes <= 0:
+            raise ConfigError("SSD tier capacity and segment size must be positive")
         self.root = Path(root)
         self.capacity = capacity
         self.durable = durable
         (self.root / "data").mkdir(parents=True, exist_ok=True)
-        (self.root / "tmp").mkdir(exist_ok=True)
         self._db = Rdict(str(self.root / "index"), Options(raw_mode=True))
         self._write_opts = WriteOptions()
         self._write_opts.sync = durable
         self._lock = threading.Lock()
         self.stats = collections.Counter()
-        self._sizes: dict[bytes, int] = {}
-        self._total = 0  # sum of self._sizes' values, kept as entries come and go
+        self._segments = SegmentFiles(self.root / "data", max(1 << 20, min(segment_bytes, capacity // 4)), durable)
+        self._where: dict[bytes, tuple[int, int, int]] = {}  # key -> (segment, offset, nbytes)
+        self._live: collections.Counter = collections.Counter()  # segment -> live bytes
+        self._writing: collections.Counter = collections.Counter()  # segment -> puts in progress
+        self._total = 0  # live bytes: sum of self._live
+        self._compacting = False
         self._recover()
 
     # -- lifecycle --------------------------------------------------------------------------------
     def _recover(self) -> None:
-        """Drop half-written files and records whose file is gone; count what is there."""
-        for stray in (self.root / "tmp").iterdir():
-            stray.unlink(missing_ok=True)
-            self.stats["recovered_tmp"] += 1
+        """Drop records whose bytes are not all there, and files of older layouts; count the rest."""
+        sizes = self._segments.sizes()
         for key, raw in list(self._db.items()):
-            nbytes = self._decode(raw)[0] if len(raw) == RECORD.size else None
-            path = self._path(key)
-            if nbytes is None or not path.exists() or path.stat().st_size != nbytes:
+            try:
+                where = self._decode(raw)[:3] if len(raw) == RECORD.size else None
+            except PoolError:  # another version's record (a file-per-entry layout): dropped
+                where = None
+            if where is None or where[1] + where[2] > sizes.get(where[0], -1):
                 del self._db[key]
-                path.unlink(missing_ok=True)
                 self.stats["recovered_dropped"] += 1
                 continue
-            self._sizes[key] = nbytes
-        self._total = sum(self._sizes.values())
-        indexed = {key.hex() for key in self._sizes}
+            self._where[key] = where
+            self._live[where[0]] += where[2]
+        self._total = sum(self._live.values())
+        for seg in sizes:
+            if not self._live[seg]:  # written, killed before any record
+                self._segments.remove(seg)
+                self.stats["recovered_orphans"] += 1
         for path in (self.root / "data").iterdir():
-            if path.name not in indexed:  # renamed into place, killed before the record
+            if not path.name.endswith(".kvs"):  # a file-per-entry layout's leftovers
                 path.unlink(missing_ok=True)
                 self.stats["recovered_orphans"] += 1
 
     def close(self) -> None:
         self._db.close()
+        self._segments.close()
 
     def __enter__(self) -> "SsdTier":
         return self
@@ -86,127 +104,173 @@ class SsdTier:
         self.close()
 
     # -- bookkeeping ------------------------------------------------------------------------------
-    def _path(self, key: bytes) -> Path:
-        return self.root / "data" / key.hex()
-
     @staticmethod
-    def _decode(raw: bytes) -> tuple[int, int, float]:
-        magic, version, nbytes, digest, stamp = RECORD.unpack(raw)
+    def _decode(raw: bytes) -> tuple[int, int, int, int, float]:
+        """(segment, offset, nbytes, xxh3, stored-at) of an index record."""
+        magic, version, seg, offset, nbytes, digest, stamp = RECORD.unpack(raw)
         if magic != RECORD_MAGIC or version != RECORD_VERSION:
             raise PoolError("unknown SSD index record")
-        return nbytes, digest, stamp
+        return seg, offset, nbytes, digest, stamp
 
     @property
     def used_bytes(self) -> int:
+        """Live bytes (what ``capacity`` bounds)."""
         with self._lock:
             return self._total
 
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes in segment files: live plus dead bytes not yet reclaimed."""
+        return self._segments.disk_bytes
+
     def __contains__(self, key: bytes) -> bool:
-        return key in self._sizes
+        return key in self._where
 
     def __len__(self) -> int:
-        return len(self._sizes)
+        return len(self._where)
 
     def keys(self) -> list[bytes]:
         with self._lock:
-            return list(self._sizes)
+            return list(self._where)
+
+    def entry_size(self, key: bytes) -> int | None:
+        where = self._where.get(key)
+        return None if where is None else where[2]
+
+    def locate(self, key: bytes) -> tuple[Path, int, int] | None:
+        """Where an entry's bytes are: (segment file, offset, length); for tools and tests."""
+        from kvlink.pool.segments import segment_name
+
+        where = self._where.get(key)
+        return None if where is None else (self.root / "data" / segment_name(where[0]), where[1], where[2])
 
     # -- data -------------------------------------------------------------------------------------
     def put(self, key: bytes, data, digest: int | None = None) -> bool:
         """Store ``data`` (bytes-like or list of them) under ``key``; False when it did not fit
-        (capacity or a full disk). ``digest``: xxh3 of the bytes if the caller has it."""
+        (capacity or a full disk). ``digest``: xxh3 of the bytes if the caller has it.
+        Raises :class:`ConfigError` for a bad key, :class:`PoolError` when the disk fails."""
         if not key or len(key) > 64:
             raise ConfigError("keys are 1..64 bytes")
+        stored = self._put(key, data, digest)
+        self._reclaim()
+        return stored
+
+    def _put(self, key: bytes, data, digest: int | None, expect: tuple | None = None) -> bool:
+        """Append, then record. With ``expect`` (compaction moving an entry) the record is written
+        only if the entry is still where it was: never over a newer put or a delete."""
         views = [memoryview(b).cast("B") for b in (data if isinstance(data, (list, tuple)) else [data])]
         nbytes = sum(v.nbytes for v in views)
         with self._lock:
-            if self._used() - self._sizes.get(key, 0) + nbytes > self.capacity:
+            old = self._where.get(key)
+            if self._total - (old[2] if old else 0) + nbytes > self.capacity:
                 self.stats["put_full"] += 1
                 return False
-        h = xxhash.xxh3_64() if digest is None else None
-        tmp = self.root / "tmp" / f"{key.hex()}.{os.getpid()}.{threading.get_ident()}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                for v in views:
-                    # Hash each piece just before writing it: the write then copies from cache.
-                    for at in range(0, v.nbytes, READ_PIECE):
-                        piece = v[at: at + READ_PIECE]
-                        if h is not None:
-                            h.update(piece)
-                        while piece.nbytes:
-                            piece = piece[os.write(fd, piece):]
+                seg, offset = self._segments.reserve(nbytes)
+            except OSError as exc:
+                return self._write_failed(exc)
+            self._writing[seg] += 1
+        h = xxhash.xxh3_64() if digest is None else None
+        try:
+            try:
+                self._segments.write(seg, offset, views, h, READ_PIECE)
                 if self.durable:
-                    os.fdatasync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self._path(key))
+                    self._segments.sync(seg)
+            except OSError as exc:
+                self._segments.unreserve(seg, offset, nbytes)
+                return self._write_failed(exc)
             if h is not None:
                 digest = h.intdigest()
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                self.stats["disk_full"] += 1
-                return False
-            raise PoolError(f"SSD tier write failed: {exc}") from exc
-        # The record goes in last: an entry is visible only once its bytes are complete.
-        self._db.put(key, RECORD.pack(RECORD_MAGIC, RECORD_VERSION, nbytes, digest, time.time()), self._write_opts)
-        with self._lock:
-            self._total += nbytes - self._sizes.get(key, 0)
-            self._sizes[key] = nbytes
-            self.stats["puts"] += 1
+            # The record goes in last: an entry is visible only once its bytes are complete.
+            record = RECORD.pack(RECORD_MAGIC, RECORD_VERSION, seg, offset, nbytes, digest, time.time())
+            with self._lock:  # record and map change together, so puts and deletes of a key are ordered
+                old = self._where.get(key)
+                if expect is not None and old != expect:
+                    return False  # the copy's bytes are dead space
+                self._db.put(key, record, self._write_opts)
+                self._where[key] = (seg, offset, nbytes)
+                self._live[seg] += nbytes
+                self._total += nbytes
+                if old is not None:
+                    self._dead(old)
+                self.stats["puts"] += 1
+        finally:
+            with self._lock:
+                self._writing[seg] -= 1
         return True
 
-    def _used(self) -> int:
-        return self._total
+    def _write_failed(self, exc: OSError) -> bool:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            self.stats["disk_full"] += 1
+            return False
+        raise PoolError(f"SSD tier write failed: {exc}") from exc
 
     def get(self, key: bytes, out=None, verify: bool = True) -> memoryview:
         """The entry's bytes, read into ``out`` (writable, exactly its size) or a new buffer.
-        Raises :class:`PoolError` when missing; an entry failing its checksum is dropped and
-        :class:`ChecksumMismatch` raised."""
-        raw = self._db.get(key)
-        if raw is None or key not in self._sizes:
-            self.stats["misses"] += 1
-            raise PoolError(f"no entry {key.hex()[:16]} on SSD")
-        nbytes, digest, _ = self._decode(raw)
-        buf = memoryview(bytearray(nbytes)) if out is None else memoryview(out).cast("B")
-        if buf.nbytes != nbytes:
-            raise LengthError(f"output holds {buf.nbytes} bytes, entry has {nbytes}")
-        h = xxhash.xxh3_64()
-        try:
-            with open(self._path(key), "rb", buffering=0) as f:
-                got = 0
-                while got < nbytes:
-                    # Read a cache-sized piece and hash it while it is still in cache.
-                    n = f.readinto(buf[got: got + READ_PIECE])
-                    if not n:
-                        break
-                    if verify:
-                        h.update(buf[got: got + n])
-                    got += n
-        except OSError as exc:
+        Raises :class:`PoolError` when missing, :class:`LengthError` for an ``out`` of the wrong
+        size; an entry failing its checksum is dropped and :class:`ChecksumMismatch` raised."""
+        for _ in range(3):  # an entry that compaction moved meanwhile is looked up again
+            raw = self._db.get(key)
+            if raw is None or key not in self._where:
+                break
+            seg, offset, nbytes, digest, _ = self._decode(raw)
+            buf = memoryview(bytearray(nbytes)) if out is None else memoryview(out).cast("B")
+            if buf.nbytes != nbytes:
+                raise LengthError(f"output holds {buf.nbytes} bytes, entry has {nbytes}")
+            fd = self._segments.acquire(seg)
+            if fd is None:
+                continue
+            try:
+                got, h = self._read(fd, offset, buf, verify)
+            except OSError as exc:
+                self._drop(key, (seg, offset, nbytes))
+                raise PoolError(f"SSD entry {key.hex()[:16]} unreadable: {exc}") from exc
+            finally:
+                self._segments.release(seg)
+            if got != nbytes or (verify and h != digest):
+                self._drop(key, (seg, offset, nbytes))
+                self.stats["corrupt"] += 1
+                raise ChecksumMismatch(f"SSD entry {key.hex()[:16]}", digest, xxhash.xxh3_64_intdigest(buf[:got]))
+            self.stats["hits"] += 1
+            return buf
+        self.stats["misses"] += 1
+        raise PoolError(f"no entry {key.hex()[:16]} on SSD")
+
+    @staticmethod
+    def _read(fd: int, offset: int, buf: memoryview, verify: bool) -> tuple[int, int | None]:
+        """Read ``buf`` from ``offset``; (bytes read, their xxh3 when ``verify``)."""
+        h = xxhash.xxh3_64() if verify else None
+        got = 0
+        while got < buf.nbytes:
+            # Read a cache-sized piece and hash it while it is still in cache.
+            n = os.preadv(fd, [buf[got: got + READ_PIECE]], offset + got)
+            if not n:
+                break
+            if h is not None:
+                h.update(buf[got: got + n])
+            got += n
+        return got, None if h is None else h.intdigest()
+
+    def _drop(self, key: bytes, where: tuple[int, int, int]) -> None:
+        """Delete a bad entry, unless it was replaced (or moved) since it was read."""
+        if self._where.get(key) == where:
             self.delete(key)
-            raise PoolError(f"SSD entry {key.hex()[:16]} unreadable: {exc}") from exc
-        if got != nbytes or (verify and h.intdigest() != digest):
-            self.delete(key)
-            self.stats["corrupt"] += 1
-            raise ChecksumMismatch(f"SSD entry {key.hex()[:16]}", digest, xxhash.xxh3_64_intdigest(buf[:got]))
-        self.stats["hits"] += 1
-        return buf
 
     def prefetch(self, keys) -> None:
         """Start reading these entries into the page cache (asynchronously), so the :meth:`get`
-        calls that follow find them there or in flight: one file per entry otherwise means one
-        synchronous read at a time."""
+        calls that follow find them there or in flight. Adjacent entries are asked for as one range."""
+        spans: list[list[int]] = []  # [segment, start, end]
         for key in keys:
-            try:
-                fd = os.open(self._path(key), os.O_RDONLY)
-            except OSError:
+            where = self._where.get(key)
+            if where is None:
                 continue  # missing: get() reports it
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
+            seg, offset, nbytes = where
+            if spans and spans[-1][0] == seg and 0 <= offset - spans[-1][2] <= READ_PIECE:
+                spans[-1][2] = max(spans[-1][2], offset + nbytes)
+            else:
+                spans.append([seg, offset, offset + nbytes])
+        for seg, start, end in spans:
+            self._segments.advise(seg, start, end - start)
 
     def get_many(self, keys, out=None, verify: bool = True, depth: int = PREFETCH_DEPTH):
         """Yield each entry's bytes in order (into ``out`` when given: reuse it between
@@ -219,10 +283,54 @@ class SsdTier:
             yield self.get(key, out=out, verify=verify)
 
     def delete(self, key: bytes) -> bool:
+        """Forget an entry (its bytes become dead space); False if there was none."""
         with self._lock:
-            size = self._sizes.pop(key, None)
-            known = size is not None
-            self._total -= size or 0
-        self._db.delete(key)  # record first: never a record without its file
-        self._path(key).unlink(missing_ok=True)
-        return known
+            self._db.delete(key)  # record first: a record never points at reclaimed bytes
+            where = self._where.pop(key, None)
+            if where is not None:
+                self._dead(where)
+        self._reclaim()
+        return where is not None
+
+    # -- space ------------------------------------------------------------------------------------
+    def _dead(self, where: tuple[int, int, int]) -> None:
+        """Count an entry's bytes out (under the lock)."""
+        self._live[where[0]] -= where[2]
+        self._total -= where[2]
+
+    def _reclaim(self) -> None:
+        """Delete segments without live entries; while dead bytes pass a quarter of the capacity,
+        move the live entries of the sparsest segment that is at most half live to the head and
+        delete it. Segments being written to are left alone; one thread compacts at a time."""
+        tried: set[int] = set()  # a segment whose entries could not all move is not retried
+        while True:
+            with self._lock:
+                head = self._segments.head()
+                sizes = self._segments.sizes()
+                idle = [s for s in sizes if s != head and not self._writing[s]]
+                for seg in [s for s in idle if self._live[s] <= 0]:
+                    self._live.pop(seg, None)
+                    self._segments.remove(seg)
+                    del sizes[seg]
+                    self.stats["segments_reclaimed"] += 1
+                if self._compacting or sum(sizes.values()) - self._total <= self.capacity // 4:
+                    return
+                sparse = [s for s in idle if s in sizes and s not in tried and self._live[s] <= sizes[s] // 2]
+                if not sparse:
+                    return
+                seg = min(sparse, key=lambda s: self._live[s] / sizes[s])
+                moving = [k for k, w in self._where.items() if w[0] == seg]
+                self._compacting = True
+                tried.add(seg)
+            try:
+                for key in moving:
+                    try:
+                        data = self.get(key)
+                    except PoolError:
+                        continue  # gone meanwhile, or dropped as corrupt: nothing to move
+                    where = self._where.get(key)
+                    if where is not None and where[0] == seg and self._put(key, data, None, expect=where):
+                        self.stats["entries_compacted"] += 1
+            finally:
+                with self._lock:
+                    self._compacting = False

@@ -124,10 +124,12 @@ def test_corrupt_ssd_entry_is_dropped_not_returned(tmp_path):
         pool.drain()
         pool.evict(1 << 30)
         key = pool.index.hashes(tokens)[0]
-        path = tmp_path / "ssd" / "data" / (b"F" + key).hex()
-        raw = bytearray(path.read_bytes())
-        raw[10] ^= 1
-        path.write_bytes(raw)
+        path, offset, _ = pool.ssd.locate(b"F" + key)
+        with open(path, "r+b") as f:
+            f.seek(offset + 10)
+            byte = f.read(1)[0]
+            f.seek(offset + 10)
+            f.write(bytes([byte ^ 1]))
         from kvlink.errors import PoolError
         with pytest.raises(PoolError, match="verification"):
             pool.fetch(pool.lookup(tokens))
