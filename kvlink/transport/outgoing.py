@@ -103,7 +103,7 @@ class OutgoingTransfer:
         nchunks = max(1, -(-length // self.chunk))
         self._parts[index] = _Part(views, nchunks)
         self.bytes_total += length
-        self.pending.extend((index, i * self.chunk, min(self.chunk, length - i * self.chunk)) for i in range(nchunks))
+        self.pending.append((index, 0, length))  # one run per part: take() cuts frames from it
         self._on_ready(self)
 
     def added_parts(self) -> list[int]:
@@ -126,14 +126,13 @@ class OutgoingTransfer:
         grid chunks of one part (at least one), so frames grow with the rate."""
         if self.resend:
             return self.resend.popleft()
-        part, offset, length = self.pending.popleft()
-        while self.pending and length + self.chunk <= max_bytes:
-            p2, o2, l2 = self.pending[0]
-            if p2 != part or o2 != offset + length:
-                break
+        part, offset, length = self.pending[0]
+        run = max(self.chunk, max_bytes // self.chunk * self.chunk)
+        if length <= run:
             self.pending.popleft()
-            length += l2
-        return part, offset, length
+            return part, offset, length
+        self.pending[0] = (part, offset + run, length - run)
+        return part, offset, run
 
     def acked(self, part: int, offset: int, length: int) -> bool:
         """Record an acknowledged run; False if it was already acknowledged or is unknown."""
