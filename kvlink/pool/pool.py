@@ -106,8 +106,7 @@ class Pool:
                 # could hand them to another entry while the disk write still reads them.
                 if self.index.has(kind, key):
                     continue
-                if not self.ssd.put(tkey, data.view):
-                    self.stats["ssd_refused"] += 1
+                self._ssd_put(tkey, data.view)
             with self._lock:
                 if self.index.has(kind, key):
                     continue
@@ -119,8 +118,7 @@ class Pool:
             if through and not landed:
                 # Write-through is synchronous: once store() returns the entry is on SSD too
                 # (outside the lock, so readers are not held up by the disk).
-                if not self.ssd.put(tkey, data):
-                    self.stats["ssd_refused"] += 1
+                self._ssd_put(tkey, data)
         return stored
 
     def _pinned(self, tkey: bytes) -> bool:
@@ -183,12 +181,25 @@ class Pool:
         fut.add_done_callback(self._futures.discard)
 
     def _write_ssd(self, tkey: bytes, data) -> None:
-        ok = self.ssd.put(tkey, data)
+        ok = self._ssd_put(tkey, data)
         with self._lock:
             self._pending.pop(tkey, None)
             if not ok:
-                self.stats["ssd_refused"] += 1
                 self._forget(tkey)
+
+    def _ssd_put(self, tkey: bytes, data) -> bool:
+        """Put on SSD; a full tier first drops its oldest entries (pinned ones are kept), and
+        those no other tier holds leave the index."""
+        if not self.ssd.fits(_nbytes(data)):
+            with self._lock:
+                dropped = self.ssd.make_room(_nbytes(data), keep=self._pinned)
+                for victim in dropped:
+                    self._forget(victim)
+                self.stats["ssd_evicted"] += len(dropped)
+        if self.ssd.put(tkey, data):
+            return True
+        self.stats["ssd_refused"] += 1
+        return False
 
     # -- fetching ---------------------------------------------------------------------------------
     def fetch(self, hit: PrefixHit) -> dict[tuple[str, bytes], memoryview]:

@@ -293,6 +293,45 @@ class SsdTier:
         return where is not None
 
     # -- space ------------------------------------------------------------------------------------
+    def fits(self, nbytes: int) -> bool:
+        with self._lock:
+            return self._total + nbytes <= self.capacity
+
+    def make_room(self, nbytes: int, keep=None) -> list[bytes]:
+        """Drop entries, oldest segment first, until ``nbytes`` more fit the capacity (FIFO
+        eviction: a segment holds what was stored around the same time, and it goes whole).
+        Entries for which ``keep(key)`` is true (pinned: being read) are moved to the head
+        instead. Returns the keys dropped."""
+        dropped: list[bytes] = []
+        tried: set[int] = set()
+        while True:
+            with self._lock:
+                if self._total + nbytes <= self.capacity:
+                    return dropped
+                head = self._segments.head()
+                old = sorted(s for s in self._segments.sizes() if s != head and not self._writing[s] and s not in tried)
+                if not old:
+                    return dropped  # what is left is in the segment being written
+                seg = old[0]
+                tried.add(seg)
+                victims = [(k, w) for k, w in self._where.items() if w[0] == seg]
+            for key, where in victims:
+                if keep is not None and keep(key):
+                    try:
+                        self._put(key, self.get(key), None, expect=where)
+                    except PoolError:
+                        pass  # gone meanwhile, or dropped as corrupt
+                    continue
+                with self._lock:
+                    if self._where.get(key) != where:
+                        continue  # replaced or deleted meanwhile
+                    self._db.delete(key)
+                    del self._where[key]
+                    self._dead(where)
+                    self.stats["evicted"] += 1
+                dropped.append(key)
+            self._reclaim()
+
     def _dead(self, where: tuple[int, int, int]) -> None:
         """Count an entry's bytes out (under the lock)."""
         self._live[where[0]] -= where[2]

@@ -196,3 +196,18 @@ def test_entries_of_the_file_per_entry_layout_are_dropped_at_open(tmp_path):
         assert len(tier) == 0 and tier.stats["recovered_dropped"] == 1
         assert not (tmp_path / "data" / key(1).hex()).exists()
         assert tier.put(key(1), b"y" * 100) and bytes(tier.get(key(1))) == b"y" * 100
+
+
+def test_make_room_drops_the_oldest_segment_and_moves_what_must_stay(tmp_path):
+    with SsdTier(tmp_path, 4 << 20, segment_bytes=1 << 20) as tier:
+        blobs = {i: os.urandom(256 << 10) for i in range(16)}  # exactly full: 4 segments of 4
+        for i, b in blobs.items():
+            assert tier.put(key(i), b)
+        assert not tier.fits(1)
+        dropped = tier.make_room(300 << 10, keep=lambda k: k == key(1))
+        assert dropped == [key(0), key(2), key(3)]  # the oldest segment was enough
+        assert tier.fits(300 << 10) and tier.stats["evicted"] == 3
+        assert bytes(tier.get(key(1))) == blobs[1]  # kept: moved to the newest segment
+        assert all(bytes(tier.get(key(i))) == blobs[i] for i in range(4, 16))
+        dropped = tier.make_room(2 << 20)  # then the next oldest, whole segments at a time
+        assert dropped == [key(i) for i in range(4, 12)] and tier.fits(2 << 20)

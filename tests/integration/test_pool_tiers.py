@@ -116,6 +116,36 @@ def test_pinned_hit_survives_pressure_while_fetched(tmp_path):
         lease.release()
 
 
+def big_pieces(tokens, seed):
+    n = len(tokens) // BS
+    out = {(FULL, b): os.urandom(60_000) for b in range(n)}
+    out[(STATE, n - 1)] = os.urandom(60_000)
+    return out
+
+
+def test_full_ssd_drops_its_oldest_entries_but_not_pinned_ones(tmp_path):
+    # Host memory holds 24 entries (~1.4 prompts), the SSD tier 4 MiB (~4 prompts): ten prompts
+    # do not fit, so the oldest leave the SSD, except a pinned (being fetched) one.
+    with Pool(HYBRID, cfg(tmp_path, ssd_bytes=4 << 20, host_bytes=24 * 61440)) as pool:
+        prompts = [prompt(256, seed=s) for s in range(10)]
+        stored = [big_pieces(t, s) for s, t in enumerate(prompts)]
+        for t, p in zip(prompts[:3], stored[:3]):
+            pool.store(t, p)
+            pool.drain()
+        assert pool.where(FULL, pool.index.hashes(prompts[0])[0]) == ["ssd"]
+        lease = pool.index.pin(pool.lookup(prompts[0]))
+        for t, p in zip(prompts[3:], stored[3:]):
+            pool.store(t, p)
+            pool.drain()
+        assert pool.stats["ssd_evicted"] > 0 and pool.stats["ssd_refused"] == 0
+        assert pool.ssd.used_bytes <= 4 << 20
+        assert pool.lookup(prompts[1]).tokens == 0  # the oldest unpinned prompt is gone
+        assert pool.lookup(prompts[-1]).tokens == 256  # the newest is all there
+        hit, _ = check_fetch(pool, prompts[0], stored[0])  # pinned: kept, and still correct
+        assert hit.tokens == 256
+        lease.release()
+
+
 def test_corrupt_ssd_entry_is_dropped_not_returned(tmp_path):
     tokens = prompt(64)
     stored = pieces(tokens, [3])
