@@ -29,7 +29,7 @@ def _drop_cache(path: Path) -> None:
         os.close(fd)
 
 
-def bench_ssd(where: Path | None, entry: int = 4 << 20, count: int = 64, rounds: int = 3) -> dict:
+def bench_ssd(where: Path | None, entry: int = 4 << 20, count: int = 64, rounds: int = 5) -> dict:
     """Rounds alternate plain file I/O and the tier on the same bytes (a shared disk drifts a lot
     between runs); medians of ``rounds``."""
     from kvlink.pool.ssd import SsdTier
@@ -84,6 +84,7 @@ def bench_daemon(page: int = 512 << 10, rounds: int = 2) -> dict:
     from kvlink.bench import harness
     from kvlink.bench.transfer import model_payloads, raw_baseline
     from kvlink.daemon import PoolClient
+    from kvlink.transport.loop import run as run_loop
     from kvlink.pool.index import FULL, PrefixHit
 
     model, bs = "kimi-linear-48b-a3b", 16
@@ -130,7 +131,7 @@ def bench_daemon(page: int = 512 << 10, rounds: int = 2) -> dict:
                             assert len(got) == count
                         raws.append(await asyncio.to_thread(raw_round))
                     return sorted(puts)[2], sorted(gets)[2], sorted(raws)[2]
-            put_s, get_s, raw_s = asyncio.run(run())
+            put_s, get_s, raw_s = run_loop(run())  # uvloop when installed, as kvlink runs its own loops
         finally:
             proc.kill()
             proc.wait()

@@ -22,6 +22,7 @@ from kvlink.presets import get_preset
 from kvlink.serde.payload import is_payload, payload_intact
 from kvlink.serde.staging import StagingArena
 from kvlink.transport.incoming import arena_allocator
+from kvlink.transport.loop import new_event_loop
 from kvlink.transport.receiver import TransferServer
 from kvlink.transport.sender import TransferClient
 
@@ -164,7 +165,7 @@ class SyncPoolClient:
     """:class:`PoolClient` for synchronous code: an event loop runs in a background thread."""
 
     def __init__(self, *args, **kwargs):
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()  # uvloop's when installed, as the engine's sync wrappers
         self._thread = threading.Thread(target=self._loop.run_forever, name="kvlink-pool-client", daemon=True)
         self._thread.start()
         self._client = PoolClient(*args, **kwargs)

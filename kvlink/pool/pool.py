@@ -21,7 +21,7 @@ from kvlink.errors import ChecksumMismatch, PoolError
 from kvlink.pool.eviction import make_policy
 from kvlink.pool.index import FULL, SLIDING, STATE, PrefixHit, PrefixIndex
 from kvlink.pool.slab import Landing, SlabTier
-from kvlink.pool.ssd import SsdTier
+from kvlink.pool.ssd import ReadAhead, SsdTier
 from kvlink.spec import CacheSpec
 
 _CODES = {FULL: b"F", SLIDING: b"W", STATE: b"S"}
@@ -212,12 +212,19 @@ class Pool:
         with self._lock:
             lease = self.index.pin(hit)
         try:
+            ahead = None
             if self.ssd is not None:  # read ahead the entries only the SSD holds
                 with self._lock:
                     cold = [t for t in (tier_key(k, key) for k, key in wanted)
                             if not any(t in tier for _, tier in self.levels) and t not in self._pending]
-                self.ssd.prefetch(cold[:64])
-            return {(kind, key): self._read(tier_key(kind, key)) for kind, key in wanted}
+                ahead = ReadAhead(self.ssd, cold)
+            out = {}
+            for kind, key in wanted:
+                tkey = tier_key(kind, key)
+                if ahead is not None:
+                    ahead.before(tkey)
+                out[(kind, key)] = self._read(tkey)
+            return out
         finally:
             with self._lock:
                 lease.release()

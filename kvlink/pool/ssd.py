@@ -38,7 +38,8 @@ from kvlink.pool.segments import SegmentFiles
 RECORD = struct.Struct("<4sBIQQQd")
 RECORD_MAGIC, RECORD_VERSION = b"KVLS", 2
 READ_PIECE = 1 << 20
-PREFETCH_DEPTH = 8  # entries read ahead by get_many
+# How far ahead of the entry being read the start of the next run of entries is asked for.
+READ_AHEAD_BYTES = 8 << 20
 SEGMENT_BYTES = 256 << 20
 
 
@@ -132,6 +133,10 @@ class SsdTier:
     def keys(self) -> list[bytes]:
         with self._lock:
             return list(self._where)
+
+    def extent(self, key: bytes) -> tuple[int, int, int] | None:
+        """(segment, offset, length) of an entry's bytes, or None."""
+        return self._where.get(key)
 
     def entry_size(self, key: bytes) -> int | None:
         where = self._where.get(key)
@@ -272,14 +277,13 @@ class SsdTier:
         for seg, start, end in spans:
             self._segments.advise(seg, start, end - start)
 
-    def get_many(self, keys, out=None, verify: bool = True, depth: int = PREFETCH_DEPTH):
+    def get_many(self, keys, out=None, verify: bool = True, ahead: int = READ_AHEAD_BYTES):
         """Yield each entry's bytes in order (into ``out`` when given: reuse it between
-        iterations), reading ``depth`` entries ahead. Raises as :meth:`get` does."""
+        iterations), keeping ~``ahead`` bytes of the next entries requested. Raises as :meth:`get`."""
         keys = list(keys)
-        self.prefetch(keys[:depth])
-        for i, key in enumerate(keys):
-            if i + depth < len(keys):
-                self.prefetch(keys[i + depth: i + depth + 1])
+        reader = ReadAhead(self, keys, ahead)
+        for key in keys:
+            reader.before(key)
             yield self.get(key, out=out, verify=verify)
 
     def delete(self, key: bytes) -> bool:
@@ -373,3 +377,37 @@ class SsdTier:
             finally:
                 with self._lock:
                     self._compacting = False
+
+
+class ReadAhead:
+    """Read-ahead for entries read in (roughly) the order of ``keys``. Entries that follow each
+    other in a segment are left to the kernel's own read-ahead, which streams a sequential run at
+    plain-file speed; asking for them too (``WILLNEED``) measured 0.7-0.8x of that, as forced
+    read-ahead sets no marks to keep the stream going. An entry where a new run starts (another
+    segment, or a gap) is asked for once the reads are within ``ahead`` bytes of it, so the jump
+    does not stall on a synchronous read."""
+
+    def __init__(self, tier: SsdTier, keys, ahead: int = READ_AHEAD_BYTES):
+        self._tier, self._keys, self.ahead = tier, list(keys), ahead
+        extents = [tier.extent(k) for k in self._keys]
+        self._sizes = [e[2] if e else 0 for e in extents]
+        self._jump = [i > 0 and e is not None and not (p is not None and p[0] == e[0] and p[1] + p[2] == e[1])
+                      for i, (p, e) in enumerate(zip([None, *extents], extents))]
+        self._pos = {k: i for i, k in enumerate(self._keys)}
+        self._asked = 0  # run starts before this index have been asked for
+
+    def before(self, key: bytes) -> None:
+        """Call before reading ``key`` (a key not in the list is ignored)."""
+        i = self._pos.get(key)
+        if i is None:
+            return
+        j, budget = max(self._asked, i + 1), sum(self._sizes[i + 1: max(self._asked, i + 1)])
+        starts = []
+        while j < len(self._keys) and budget < self.ahead:
+            if self._jump[j]:
+                starts.append(self._keys[j])
+            budget += self._sizes[j]
+            j += 1
+        self._asked = max(self._asked, j)
+        if starts:
+            self._tier.prefetch(starts)

@@ -211,3 +211,35 @@ def test_make_room_drops_the_oldest_segment_and_moves_what_must_stay(tmp_path):
         assert all(bytes(tier.get(key(i))) == blobs[i] for i in range(4, 16))
         dropped = tier.make_room(2 << 20)  # then the next oldest, whole segments at a time
         assert dropped == [key(i) for i in range(4, 12)] and tier.fits(2 << 20)
+
+
+class RecordingTier(SsdTier):
+    """A real tier that also notes what read-ahead asks for."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.asked = []
+
+    def prefetch(self, keys) -> None:
+        self.asked.append(list(keys))
+        super().prefetch(keys)
+
+
+def test_read_ahead_leaves_runs_to_the_kernel_and_asks_for_jumps_early(tmp_path):
+    from kvlink.pool.ssd import ReadAhead
+
+    with RecordingTier(tmp_path, 8 << 20) as tier:
+        blobs = {i: os.urandom(64 << 10) for i in range(8)}
+        for i, b in blobs.items():
+            tier.put(key(i), b)
+        order = [key(i) for i in (0, 1, 2, 5, 6, 3)]  # jumps at 5 and at 3
+        reader = ReadAhead(tier, order, ahead=100 << 10)
+        seen = []
+        for k in order:
+            reader.before(k)
+            seen.append((k, [a for call in tier.asked for a in call]))
+            assert bytes(tier.get(k)) == blobs[int.from_bytes(k[:8], "little")]
+        assert seen[0][1] == []  # a sequential run is left to the kernel's read-ahead
+        assert seen[1][1] == [key(5)]  # 5 is within 100 KiB of the read of 1: asked for early
+        assert seen[3][1] == [key(5), key(3)]
+        assert [a for call in tier.asked for a in call] == [key(5), key(3)]  # each once
