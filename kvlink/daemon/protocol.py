@@ -88,6 +88,8 @@ def prometheus(summaries: dict[str, dict]) -> str:
         for tier, t in summary["tiers"].items():
             lines.append(f'kvlink_pool_tier_bytes{{{labels},tier="{tier}",kind="used"}} {t["used"]}')
             lines.append(f'kvlink_pool_tier_bytes{{{labels},tier="{tier}",kind="capacity"}} {t["capacity"]}')
+            if "disk" in t:
+                lines.append(f'kvlink_pool_tier_bytes{{{labels},tier="{tier}",kind="disk"}} {t["disk"]}')
             lines.append(f'kvlink_pool_tier_entries{{{labels},tier="{tier}"}} {t["entries"]}')
         for event, count in sorted(summary["counters"].items()):
             lines.append(f'kvlink_pool_events_total{{{labels},event="{event}"}} {count}')

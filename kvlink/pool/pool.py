@@ -334,7 +334,9 @@ class Pool:
                              for name, tier in self.levels}}
             if self.ssd is not None:
                 out["tiers"]["ssd"] = {"used": self.ssd.used_bytes, "capacity": self.ssd.capacity,
-                                       "entries": len(self.ssd), "queued": len(self._pending)}
+                                       "entries": len(self.ssd), "queued": len(self._pending),
+                                       "disk": self.ssd.disk_bytes}  # live + dead bytes in segments
+                out["counters"].update({f"ssd_tier_{k}": v for k, v in self.ssd.stats.items()})
             return out
 
     def close(self) -> None:

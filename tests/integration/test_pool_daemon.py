@@ -60,6 +60,7 @@ async def test_put_lookup_get_metrics_and_restart(tmp_path):
                 async with http.get(f"http://127.0.0.1:{http_port}/metrics") as resp:
                     text = await resp.text()
                 assert 'kvlink_pool_tier_entries{model="kimi-linear-48b-a3b",namespace="",tier="host"}' in text
+                assert 'tier="ssd",kind="disk"}' in text  # segment bytes, live and dead
                 async with http.post(f"http://127.0.0.1:{http_port}/lookup", data=b"{not json") as resp:
                     assert resp.status == 400
                 async with http.post(f"http://127.0.0.1:{http_port}/lookup",
