@@ -32,7 +32,7 @@ import xxhash
 from rocksdict import Options, Rdict, WriteOptions
 
 from kvlink.errors import ChecksumMismatch, ConfigError, LengthError, PoolError
-from kvlink.pool.segments import SegmentFiles
+from kvlink.pool.segments import SegmentFiles, segment_name
 
 # magic, version, segment, offset, nbytes, xxh3, stored-at (unix seconds)
 RECORD = struct.Struct("<4sBIQQQd")
@@ -144,8 +144,6 @@ class SsdTier:
 
     def locate(self, key: bytes) -> tuple[Path, int, int] | None:
         """Where an entry's bytes are: (segment file, offset, length); for tools and tests."""
-        from kvlink.pool.segments import segment_name
-
         where = self._where.get(key)
         return None if where is None else (self.root / "data" / segment_name(where[0]), where[1], where[2])
 
