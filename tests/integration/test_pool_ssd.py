@@ -128,6 +128,41 @@ def test_sigkill_mid_write_leaves_only_complete_entries(tmp_path):
             assert len(tier.get(k)) == 1 << 20  # and every visible entry verifies
 
 
+CHURNER = textwrap.dedent("""
+    import os, random, sys
+    from kvlink.pool.ssd import SsdTier
+    # A small capacity and keys replaced in random order: segments are left part dead, so
+    # compaction keeps moving entries.
+    tier = SsdTier(sys.argv[1], 4 << 20)
+    rng = random.Random(1)
+    i = 0
+    while True:
+        k = rng.randrange(48).to_bytes(8, "little") + b"kvlink-t"
+        tier.delete(k)
+        tier.put(k, bytes([i % 251]) * (64 << 10))
+        print(i, tier.stats["entries_compacted"], flush=True)
+        i += 1
+""")
+
+
+def test_sigkill_during_compaction_leaves_only_complete_entries(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", CHURNER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    compacted = 0
+    for line in proc.stdout:
+        compacted = int(line.split()[1])
+        if compacted >= 20 or int(line.split()[0]) >= 5000:  # well into compaction (bounded)
+            break
+    proc.kill()
+    proc.wait()
+    assert compacted >= 20
+    with SsdTier(tmp_path, 4 << 20) as tier:
+        assert len(tier) > 0
+        for k in tier.keys():
+            data = bytes(tier.get(k))  # every visible entry verifies
+            assert len(data) == 64 << 10 and data == data[:1] * len(data)
+        assert tier.disk_bytes <= tier.capacity + (tier.capacity // 4) + (1 << 20)
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root to mount a tiny tmpfs")
 def test_disk_full_means_not_stored(tmp_path):
     mnt = tmp_path / "small"
