@@ -21,7 +21,8 @@ from kvlink.errors import ChecksumMismatch, PoolError
 from kvlink.pool.eviction import make_policy
 from kvlink.pool.index import FULL, SLIDING, STATE, PrefixHit, PrefixIndex
 from kvlink.pool.slab import Landing, SlabTier
-from kvlink.pool.ssd import ReadAhead, SsdTier
+from kvlink.pool.readahead import ReadAhead
+from kvlink.pool.ssd import SsdTier
 from kvlink.spec import CacheSpec
 
 _CODES = {FULL: b"F", SLIDING: b"W", STATE: b"S"}

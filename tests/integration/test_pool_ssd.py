@@ -261,7 +261,7 @@ class RecordingTier(SsdTier):
 
 
 def test_read_ahead_leaves_runs_to_the_kernel_and_asks_for_jumps_early(tmp_path):
-    from kvlink.pool.ssd import ReadAhead
+    from kvlink.pool.readahead import ReadAhead
 
     with RecordingTier(tmp_path, 8 << 20) as tier:
         blobs = {i: os.urandom(64 << 10) for i in range(8)}
