@@ -179,6 +179,7 @@ class PoolConfig:
     ssd_dir: str | None = None
     ssd_bytes: int = 16 << 30
     ssd_durable: bool = False
+    ssd_segment_bytes: int = 256 << 20  # SSD segment file size (at most ssd_bytes / 4); eviction's unit
     policy: str = "s3fifo"
     write_mode: str = "back"
     io_queue: int = 256  # background SSD writes waiting at most; beyond, demotions are dropped
@@ -193,6 +194,8 @@ class PoolConfig:
             raise ConfigError(f"write_mode must be back or through, got {self.write_mode!r}")
         if self.io_queue <= 0:
             raise ConfigError("io_queue must be positive")
+        if self.ssd_bytes <= 0 or self.ssd_segment_bytes <= 0:
+            raise ConfigError("ssd_bytes and ssd_segment_bytes must be positive")
 
 
 @dataclass(frozen=True)

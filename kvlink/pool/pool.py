@@ -55,7 +55,7 @@ class Pool:
             self.levels.append(("gpu", SlabTier(cfg.gpu_bytes, cfg.page_bytes, device=cfg.gpu_device)))
         self.levels.append(("host", SlabTier(cfg.host_bytes, cfg.page_bytes)))
         self.policies = [make_policy(cfg.policy, tier.capacity) for _, tier in self.levels]
-        self.ssd = SsdTier(cfg.ssd_dir, cfg.ssd_bytes, cfg.ssd_durable) if cfg.ssd_dir else None
+        self.ssd = SsdTier(cfg.ssd_dir, cfg.ssd_bytes, cfg.ssd_durable, cfg.ssd_segment_bytes) if cfg.ssd_dir else None
         self._lock = threading.RLock()
         self._pending: dict[bytes, object] = {}  # tier key -> bytes on their way to SSD
         self._futures: set[concurrent.futures.Future] = set()

@@ -45,7 +45,7 @@ SEGMENT_BYTES = 256 << 20
 class SsdTier:
     """Entries under ``root`` up to ``capacity`` live bytes. ``durable``: sync data and index
     before a put returns (survives power loss, not only process death). ``segment_bytes``: the
-    target size of a segment file (at most a quarter of the capacity)."""
+    target size of a segment file (at most a quarter of the capacity, at least 64 KiB)."""
 
     def __init__(self, root: str | os.PathLike, capacity: int, durable: bool = False,
                  segment_bytes: int = SEGMENT_BYTES):
@@ -60,7 +60,7 @@ class SsdTier:
         self._write_opts.sync = durable
         self._lock = threading.Lock()
         self.stats = collections.Counter()
-        self._segments = SegmentFiles(self.root / "data", max(1 << 20, min(segment_bytes, capacity // 4)), durable)
+        self._segments = SegmentFiles(self.root / "data", max(64 << 10, min(segment_bytes, capacity // 4)), durable)
         self._where: dict[bytes, tuple[int, int, int]] = {}  # key -> (segment, offset, nbytes)
         self._live: collections.Counter = collections.Counter()  # segment -> live bytes
         self._writing: collections.Counter = collections.Counter()  # segment -> puts in progress

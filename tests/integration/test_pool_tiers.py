@@ -126,7 +126,7 @@ def big_pieces(tokens, seed):
 def test_full_ssd_drops_its_oldest_entries_but_not_pinned_ones(tmp_path):
     # Host memory holds 24 entries (~1.4 prompts), the SSD tier 4 MiB (~4 prompts): ten prompts
     # do not fit, so the oldest leave the SSD, except a pinned (being fetched) one.
-    with Pool(HYBRID, cfg(tmp_path, ssd_bytes=4 << 20, host_bytes=24 * 61440)) as pool:
+    with Pool(HYBRID, cfg(tmp_path, ssd_bytes=4 << 20, ssd_segment_bytes=512 << 10, host_bytes=24 * 61440)) as pool:
         prompts = [prompt(256, seed=s) for s in range(10)]
         stored = [big_pieces(t, s) for s, t in enumerate(prompts)]
         for t, p in zip(prompts[:3], stored[:3]):
@@ -139,6 +139,7 @@ def test_full_ssd_drops_its_oldest_entries_but_not_pinned_ones(tmp_path):
             pool.drain()
         assert pool.stats["ssd_evicted"] > 0 and pool.stats["ssd_refused"] == 0
         assert pool.ssd.used_bytes <= 4 << 20
+        assert len(list((tmp_path / "ssd" / "data").iterdir())) >= 7  # 512 KiB segments, as configured
         assert pool.lookup(prompts[1]).tokens == 0  # the oldest unpinned prompt is gone
         assert pool.lookup(prompts[-1]).tokens == 256  # the newest is all there
         hit, _ = check_fetch(pool, prompts[0], stored[0])  # pinned: kept, and still correct
@@ -171,6 +172,8 @@ def test_config_checks():
         PoolConfig(policy="mru")
     with pytest.raises(ConfigError):
         PoolConfig(write_mode="sometimes")
+    with pytest.raises(ConfigError):
+        PoolConfig(ssd_segment_bytes=0)
 
 
 def test_verified_memory_falls_back_to_ssd_on_a_damaged_page(tmp_path):
