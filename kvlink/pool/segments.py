@@ -7,12 +7,15 @@ sequential read (the kernel's readahead spans entries); a file per entry read at
 speed of one sequential file on this machine's disk, and millions of small files strain a file
 system. The bytes carry no framing: the tier's index says where each entry is.
 
-Readers and the tier's compaction share segments safely: a retired segment's descriptor is
-closed only when the last read through it has finished (``acquire``/``release``).
+Descriptors are opened on use and at most ``MAX_OPEN`` idle ones are kept (a daemon runs a tier
+per model and tenant). Every use holds a reference (:meth:`acquire`/:meth:`release`), so a
+descriptor is never closed under a read or write in progress, nor when compaction deletes its
+segment meanwhile: a retired segment is closed when its last user lets go.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import re
@@ -20,6 +23,7 @@ import threading
 from pathlib import Path
 
 _NAME = re.compile(r"^seg-(\d{8})\.kvs$")
+MAX_OPEN = 32
 
 
 def segment_name(seg: int) -> str:
@@ -27,11 +31,11 @@ def segment_name(seg: int) -> str:
 
 
 class _Segment:
-    __slots__ = ("id", "fd", "end", "readers", "retired")
+    __slots__ = ("id", "fd", "end", "users", "retired")
 
-    def __init__(self, seg: int, fd: int, end: int):
+    def __init__(self, seg: int, fd: int | None, end: int):
         self.id, self.fd, self.end = seg, fd, end
-        self.readers = 0
+        self.users = 0
         self.retired = False
 
 
@@ -45,29 +49,73 @@ class SegmentFiles:
         self.durable = durable
         self._lock = threading.Lock()
         self._segs: dict[int, _Segment] = {}
+        self._open: collections.OrderedDict[int, None] = collections.OrderedDict()  # least recent first
         for path in self.root.iterdir():
             m = _NAME.match(path.name)
             if m:
                 seg = int(m.group(1))
-                self._segs[seg] = _Segment(seg, os.open(path, os.O_RDWR), path.stat().st_size)
+                self._segs[seg] = _Segment(seg, None, path.stat().st_size)
         # Appends always go to a fresh segment: an old one may end in bytes of a write that was
         # cut short, and nothing is ever written into the middle of a segment.
         self._head: _Segment | None = None
         self._next = max(self._segs, default=0) + 1
 
     def sizes(self) -> dict[int, int]:
-        """Segment id -> bytes on disk."""
+        """Segment id -> bytes on disk (segments not yet deleted)."""
         with self._lock:
-            return {s.id: s.end for s in self._segs.values()}
+            return {s.id: s.end for s in self._segs.values() if not s.retired}
 
     @property
     def disk_bytes(self) -> int:
+        """Bytes in segment files, counting deleted ones still open for a read in progress."""
         with self._lock:
             return sum(s.end for s in self._segs.values())
 
     def head(self) -> int | None:
         with self._lock:
             return None if self._head is None else self._head.id
+
+    # -- descriptors --------------------------------------------------------------------------------
+    def acquire(self, seg: int) -> int | None:
+        """The segment's descriptor, held open until :meth:`release`; None if it is gone."""
+        with self._lock:
+            s = self._segs.get(seg)
+            if s is None or s.retired:
+                return None
+            if s.fd is None:
+                s.fd = os.open(self.root / segment_name(seg), os.O_RDWR)
+            self._open[seg] = None
+            self._open.move_to_end(seg)
+            s.users += 1
+            self._trim()
+            return s.fd
+
+    def release(self, seg: int) -> None:
+        with self._lock:
+            s = self._segs.get(seg)
+            if s is None:
+                return
+            s.users -= 1
+            if s.retired and s.users == 0:
+                self._close(s)
+                del self._segs[seg]
+            else:
+                self._trim()
+
+    def _trim(self) -> None:
+        """Close the least recently used idle descriptors beyond ``MAX_OPEN`` (under the lock)."""
+        for seg in list(self._open):
+            if len(self._open) <= MAX_OPEN:
+                return
+            s = self._segs[seg]
+            if s.users == 0:
+                self._close(s)
+
+    def _close(self, s: _Segment) -> None:
+        if s.fd is not None:
+            os.close(s.fd)
+            s.fd = None
+        self._open.pop(s.id, None)
 
     # -- writing ------------------------------------------------------------------------------------
     def reserve(self, nbytes: int) -> tuple[int, int]:
@@ -92,61 +140,59 @@ class SegmentFiles:
             finally:
                 os.close(dfd)
         self._head = self._segs[seg] = _Segment(seg, fd, 0)
+        self._open[seg] = None
         return self._head
 
     def unreserve(self, seg: int, offset: int, nbytes: int) -> None:
         """A reservation that was not (fully) written: if nothing was reserved after it, the
         segment is cut back (a full disk gets its space back); else it stays as dead bytes."""
-        with self._lock:
-            s = self._segs.get(seg)
-            if s is not None and s.end == offset + nbytes:
-                s.end = offset
-                try:
-                    os.ftruncate(s.fd, offset)
-                except OSError:
-                    pass
+        fd = self.acquire(seg)
+        if fd is None:
+            return
+        try:
+            with self._lock:
+                s = self._segs[seg]
+                if s.end == offset + nbytes:
+                    s.end = offset
+                    try:
+                        os.ftruncate(fd, offset)
+                    except OSError:
+                        pass
+        finally:
+            self.release(seg)
 
     def write(self, seg: int, offset: int, pieces, hasher=None, piece_bytes: int = 1 << 20) -> None:
         """Write ``pieces`` (buffers) back to back at ``offset`` (a reservation not yet given
-        back, so the segment is there), each hashed into ``hasher`` just before it is written
-        (it is then copied from cache). Raises OSError (ENOSPC: disk full)."""
-        with self._lock:
-            fd = self._segs[seg].fd
-        at = offset
-        for v in pieces:
-            for start in range(0, v.nbytes, piece_bytes):
-                piece = v[start: start + piece_bytes]
-                if hasher is not None:
-                    hasher.update(piece)
-                while piece.nbytes:
-                    n = os.pwrite(fd, piece, at)
-                    if n == 0:
-                        raise OSError(errno.ENOSPC, "no progress writing a segment")
-                    at += n
-                    piece = piece[n:]
+        back), each hashed into ``hasher`` just before it is written (it is then copied from
+        cache). Raises OSError (ENOSPC: disk full)."""
+        fd = self.acquire(seg)
+        if fd is None:
+            raise OSError(errno.ENOENT, f"segment {seg} is gone")
+        try:
+            at = offset
+            for v in pieces:
+                for start in range(0, v.nbytes, piece_bytes):
+                    piece = v[start: start + piece_bytes]
+                    if hasher is not None:
+                        hasher.update(piece)
+                    while piece.nbytes:
+                        n = os.pwrite(fd, piece, at)
+                        if n == 0:
+                            raise OSError(errno.ENOSPC, "no progress writing a segment")
+                        at += n
+                        piece = piece[n:]
+        finally:
+            self.release(seg)
 
     def sync(self, seg: int) -> None:
-        os.fdatasync(self._segs[seg].fd)
+        fd = self.acquire(seg)
+        if fd is not None:
+            try:
+                os.fdatasync(fd)
+            finally:
+                self.release(seg)
 
     # -- reading ------------------------------------------------------------------------------------
-    def acquire(self, seg: int) -> int | None:
-        """The segment's descriptor, held open until :meth:`release`; None if it is gone."""
-        with self._lock:
-            s = self._segs.get(seg)
-            if s is None:
-                return None
-            s.readers += 1
-            return s.fd
-
-    def release(self, seg: int) -> None:
-        with self._lock:
-            s = self._segs.get(seg)
-            if s is None:
-                return
-            s.readers -= 1
-            if s.retired and s.readers == 0:
-                self._close(s)
-
     def advise(self, seg: int, offset: int, nbytes: int) -> None:
         """Ask the kernel to read this range ahead (asynchronously)."""
         fd = self.acquire(seg)
@@ -161,24 +207,22 @@ class SegmentFiles:
 
     # -- removing -----------------------------------------------------------------------------------
     def remove(self, seg: int) -> None:
-        """Delete a segment; reads in progress through it finish first (their descriptor stays open)."""
+        """Delete a segment; uses in progress finish first (their descriptor stays open)."""
         with self._lock:
             s = self._segs.get(seg)
-            if s is None:
+            if s is None or s.retired:
                 return
             if s is self._head:
                 self._head = None
             s.retired = True
             (self.root / segment_name(seg)).unlink(missing_ok=True)
-            if s.readers == 0:
+            if s.users == 0:
                 self._close(s)
-
-    def _close(self, s: _Segment) -> None:
-        del self._segs[s.id]
-        os.close(s.fd)
+                del self._segs[seg]
 
     def close(self) -> None:
         with self._lock:
             for s in list(self._segs.values()):
                 self._close(s)
+            self._segs.clear()
             self._head = None

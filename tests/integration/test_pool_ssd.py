@@ -278,3 +278,24 @@ def test_read_ahead_leaves_runs_to_the_kernel_and_asks_for_jumps_early(tmp_path)
         assert seen[1][1] == [key(5)]  # 5 is within 100 KiB of the read of 1: asked for early
         assert seen[3][1] == [key(5), key(3)]
         assert [a for call in tier.asked for a in call] == [key(5), key(3)]  # each once
+
+
+def test_open_descriptors_stay_bounded_across_many_segments(tmp_path):
+    from kvlink.pool.segments import MAX_OPEN
+
+    def open_segments() -> int:
+        return sum(os.readlink(f"/proc/self/fd/{fd}").endswith(".kvs") for fd in os.listdir("/proc/self/fd")
+                   if os.path.exists(f"/proc/self/fd/{fd}"))
+
+    blobs = {i: os.urandom(64 << 10) for i in range(3 * MAX_OPEN)}
+    with SsdTier(tmp_path, 64 << 20, segment_bytes=64 << 10) as tier:  # one entry per segment
+        for i, b in blobs.items():
+            assert tier.put(key(i), b)
+        assert len(tier._segments.sizes()) == len(blobs)
+        assert all(bytes(tier.get(key(i))) == b for i, b in blobs.items())
+        assert open_segments() <= MAX_OPEN
+    with SsdTier(tmp_path, 64 << 20, segment_bytes=64 << 10) as tier:  # reopened: opened on use
+        assert open_segments() == 0
+        assert all(bytes(tier.get(key(i))) == b for i, b in blobs.items())
+        assert open_segments() <= MAX_OPEN
+    assert open_segments() == 0
