@@ -20,8 +20,8 @@ from kvlink.config import PoolConfig
 from kvlink.errors import ChecksumMismatch, PoolError
 from kvlink.pool.eviction import make_policy
 from kvlink.pool.index import FULL, SLIDING, STATE, PrefixHit, PrefixIndex
-from kvlink.pool.slab import Landing, SlabTier
 from kvlink.pool.readahead import ReadAhead
+from kvlink.pool.slab import Landing, SlabTier
 from kvlink.pool.ssd import SsdTier
 from kvlink.spec import CacheSpec
 
@@ -191,15 +191,17 @@ class Pool:
     def _ssd_put(self, tkey: bytes, data) -> bool:
         """Put on SSD; a full tier first drops its oldest entries (pinned ones are kept), and
         those no other tier holds leave the index."""
-        if not self.ssd.fits(_nbytes(data)):
+        nbytes = _nbytes(data)
+        if not self.ssd.fits(nbytes):
             with self._lock:
-                dropped = self.ssd.make_room(_nbytes(data), keep=self._pinned)
+                dropped = self.ssd.make_room(nbytes, keep=self._pinned)
                 for victim in dropped:
                     self._forget(victim)
                 self.stats["ssd_evicted"] += len(dropped)
         if self.ssd.put(tkey, data):
             return True
-        self.stats["ssd_refused"] += 1
+        with self._lock:
+            self.stats["ssd_refused"] += 1
         return False
 
     # -- fetching ---------------------------------------------------------------------------------

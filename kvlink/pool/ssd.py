@@ -318,10 +318,7 @@ class SsdTier:
                 victims = [(k, w) for k, w in self._where.items() if w[0] == seg]
             for key, where in victims:
                 if keep is not None and keep(key):
-                    try:
-                        self._put(key, self.get(key), None, expect=where)
-                    except PoolError:
-                        pass  # gone meanwhile, or dropped as corrupt
+                    self._move(key, seg)
                     continue
                 with self._lock:
                     if self._where.get(key) != where:
@@ -332,6 +329,16 @@ class SsdTier:
                     self.stats["evicted"] += 1
                 dropped.append(key)
             self._reclaim()
+
+    def _move(self, key: bytes, seg: int) -> bool:
+        """Copy an entry still in ``seg`` to the head; False if it is gone, was dropped as
+        corrupt, or was replaced or moved meanwhile."""
+        try:
+            data = self.get(key)
+        except PoolError:
+            return False
+        where = self._where.get(key)
+        return where is not None and where[0] == seg and self._put(key, data, None, expect=where)
 
     def _dead(self, where: tuple[int, int, int]) -> None:
         """Count an entry's bytes out (under the lock)."""
@@ -364,12 +371,7 @@ class SsdTier:
                 tried.add(seg)
             try:
                 for key in moving:
-                    try:
-                        data = self.get(key)
-                    except PoolError:
-                        continue  # gone meanwhile, or dropped as corrupt: nothing to move
-                    where = self._where.get(key)
-                    if where is not None and where[0] == seg and self._put(key, data, None, expect=where):
+                    if self._move(key, seg):
                         self.stats["entries_compacted"] += 1
             finally:
                 with self._lock:

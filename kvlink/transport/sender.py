@@ -201,17 +201,20 @@ class TransferClient:
         one grid chunk and ``chunk_bytes``. Small frames at low rates keep bursts short and let
         weights act at a fine grain; large ones at high rates keep per-frame costs low."""
         cfg = self.config
-        rate = self._bucket.rate if self._bucket is not None else self.controller.bottleneck
+        rate = self._rate()
         if not rate:
             # No estimate yet (the first ~100 ms): frames of at most 4 MiB, so the first frames
             # of concurrent transfers do not commit whole parts before weights can act.
             return min(cfg.chunk_bytes, max(cfg.grid_bytes, _FIRST_RUN // cfg.grid_bytes * cfg.grid_bytes))
         return max(cfg.grid_bytes, min(cfg.chunk_bytes, int(rate * 0.004) // cfg.grid_bytes * cfg.grid_bytes))
 
+    def _rate(self) -> float | None:
+        """Bytes/s to size frames and queues by: the pacing rate, else the bottleneck estimate."""
+        return self._bucket.rate if self._bucket is not None else self.controller.bottleneck
+
     def _lowat(self) -> int:
         """Unsent bytes each socket may hold: ~1 ms of data at the current rate, 1-8 MiB."""
-        rate = self._bucket.rate if self._bucket is not None else self.controller.bottleneck
-        return max(NOTSENT_LOWAT, min(MAX_NOTSENT_LOWAT, int((rate or 0) * 0.001) >> 16 << 16))
+        return max(NOTSENT_LOWAT, min(MAX_NOTSENT_LOWAT, int((self._rate() or 0) * 0.001) >> 16 << 16))
 
     async def send(self, parts: list, **kwargs) -> OutgoingTransfer:
         """Open a transfer, add every part, wait for the receiver to verify it; returns it (stats)."""
