@@ -18,7 +18,7 @@ import threading
 from kvlink.config import TransportConfig
 from kvlink.errors import KvlinkError
 from kvlink.presets import PRESETS, get_preset
-from kvlink.serde.payload import payload_intact
+from kvlink.serde.payload import PayloadScan, payload_intact
 from kvlink.serde.staging import StagingArena
 from kvlink.transport.incoming import arena_allocator
 from kvlink.transport.receiver import TransferServer
@@ -80,7 +80,7 @@ async def serve(host: str, port: int, raw_port: int | None, arena_bytes: int, co
     # Model payloads carry their own checksums: the server verifies each part with them (inside the
     # timed transfer), and senders on the default setting skip per-chunk hashing.
     server = TransferServer(config, fingerprints, secret=secret, allocator=arena_allocator(arena),
-                            part_verifier=payload_intact if verify else None)
+                            part_verifier=payload_intact if verify else None, part_scanner=PayloadScan)
     bound = await server.start(host, port)
     sink = None
     if raw_port is not None:

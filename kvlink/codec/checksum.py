@@ -12,6 +12,12 @@ def checksum(data) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
+def checksum_stream():
+    """A running :func:`checksum`: ``update(piece)`` in order, then ``intdigest()`` (``reset()``
+    to start over) equals ``checksum`` of the pieces joined."""
+    return xxhash.xxh3_64()
+
+
 def checksums(buffers: list) -> list[int]:
     """Checksums of many buffers, hashed on all cores when they are large."""
     return parallel_map(checksum, buffers, sum(memoryview(b).nbytes for b in buffers))

@@ -19,7 +19,7 @@ from kvlink.daemon import protocol as proto
 from kvlink.errors import PoolError
 from kvlink.pool.index import PrefixHit
 from kvlink.presets import get_preset
-from kvlink.serde.payload import is_payload, payload_intact
+from kvlink.serde.payload import PayloadScan, is_payload, payload_intact
 from kvlink.serde.staging import StagingArena
 from kvlink.transport.incoming import arena_allocator
 from kvlink.transport.loop import new_event_loop
@@ -58,7 +58,7 @@ class PoolClient:
         # Entries are kvlink payloads: replies are verified against their own checksums on arrival.
         self._replies = TransferServer(self.transport, [self.fingerprint], secret=self.secret,
                                        allocator=arena_allocator(StagingArena(self.reply_arena)),
-                                       part_verifier=payload_intact)
+                                       part_verifier=payload_intact, part_scanner=PayloadScan)
         _, self.reply_port = await self._replies.start(self.reply_host, 0)
         self._sender = TransferClient(self.host, self.data_port, self.fingerprint, self.transport, secret=self.secret)
         await self._sender.connect()

@@ -21,7 +21,7 @@ from kvlink.errors import KvlinkError
 from kvlink.pool.pool import Pool
 from kvlink.pool.slab import Landing
 from kvlink.presets import get_preset
-from kvlink.serde.payload import is_payload, payload_intact
+from kvlink.serde.payload import PayloadScan, is_payload, payload_intact
 from kvlink.serde.staging import StagingArena
 from kvlink.transport.incoming import arena_allocator
 from kvlink.transport.receiver import TransferServer
@@ -44,7 +44,7 @@ class PoolDaemon:
         self._arena = StagingArena(config.receive_arena)
         self._server = TransferServer(self.transport, [s.fingerprint for s in self.specs.values()], secret=secret,
                                       allocator=arena_allocator(self._arena), allocator_for=self._put_allocator,
-                                      part_verifier=payload_intact)
+                                      part_verifier=payload_intact, part_scanner=PayloadScan)
         self._landings: dict[int, dict[int, Landing]] = {}  # put transfer id -> {id(view): landing}
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task] = set()

@@ -29,7 +29,7 @@ from kvlink.engine.prefill import transfer_id_for
 from kvlink.errors import ConfigError, EngineError, KvlinkError, LoadFailed, TransferTimeout
 from kvlink.pool.index import PrefixHit
 from kvlink.serde import CacheRef, PagedCache, Payload, Unpacker
-from kvlink.serde.payload import payload_intact
+from kvlink.serde.payload import PayloadScan, payload_intact
 from kvlink.transport import IncomingTransfer, TransferServer
 
 
@@ -68,7 +68,8 @@ class DecodeSide:
         self.unpacker = Unpacker(cache)
         # Parts are kvlink payloads with their own checksums: the receiver verifies each layer
         # once (a layer that fails is resent whole) and senders skip per-chunk hashing.
-        self.server = TransferServer(transport, [cache.spec.fingerprint], secret, part_verifier=payload_intact)
+        self.server = TransferServer(transport, [cache.spec.fingerprint], secret, part_verifier=payload_intact,
+                                     part_scanner=PayloadScan)
         self.pool = pool
         self.pool_block_size = pool_block_size or (pool.config.block_size if hasattr(pool, "config") else None)
         if pool is not None and self.pool_block_size is None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from kvlink.codec.checksum import checksums
-from kvlink.errors import ChecksumMismatch, LengthError
+from kvlink.codec.checksum import checksum_stream, checksums
+from kvlink.errors import ChecksumMismatch, LengthError, WireFormatError
 from kvlink.serde.staging import StagingLease
-from kvlink.serde.wire import PayloadHeader, parse_header
+from kvlink.serde.wire import PREFIX, PayloadHeader, parse_header, peek_lengths
 
 
 class Payload:
@@ -70,8 +70,6 @@ class Payload:
 def payload_intact(buf) -> bool:
     """Whether ``buf`` is a well-formed payload whose every segment matches its checksum: the
     receiver's part verifier for transfers of kvlink payloads (one hash pass, no chunk hashes)."""
-    from kvlink.errors import WireFormatError
-
     try:
         Payload.from_buffer(buf).verify()
     except WireFormatError:
@@ -79,13 +77,80 @@ def payload_intact(buf) -> bool:
     return True
 
 
+class PayloadScan:
+    """:func:`payload_intact`, judged while the bytes of ``buf`` arrive in order.
+
+    ``advance(end)`` says that ``buf[:end]`` is final and hashes what is new in it; once ``end``
+    has reached the end, :meth:`verdict` is what ``payload_intact(buf)`` would return. Each byte
+    is hashed once, by whoever advances past it, so a receiver hashes bytes soon after they land
+    (often still in cache) and has nothing left to hash when the last ones do. Not thread-safe:
+    one caller at a time advances a scan.
+    """
+
+    def __init__(self, buf):
+        self.buf = memoryview(buf).cast("B")
+        self.failed = False
+        self._end = 0  # bytes known final
+        self._pos = 0  # bytes hashed (or parsed, for the header)
+        self._segments: list[tuple[int, int]] | None = None  # (end in buf, checksum)
+        self._next = 0
+        self._hash = checksum_stream()
+
+    def advance(self, end: int) -> None:
+        """``buf[:end]`` is final: parse the header once it is whole, hash new segment bytes."""
+        end = min(end, len(self.buf))
+        if self.failed or end <= self._end:
+            return
+        self._end = end
+        try:
+            if self._segments is None and not self._parse():
+                return
+        except WireFormatError:
+            self.failed = True
+            return
+        segments, buf = self._segments, self.buf
+        while self._next < len(segments):
+            stop, expect = segments[self._next]
+            upto = min(stop, end)
+            if upto > self._pos:
+                self._hash.update(buf[self._pos:upto])
+                self._pos = upto
+            if self._pos < stop:
+                return
+            if self._hash.intdigest() != expect:
+                self.failed = True
+                return
+            self._hash.reset()
+            self._next += 1
+
+    def _parse(self) -> bool:
+        if self._end < PREFIX.size:
+            return False
+        header_len, body_len = peek_lengths(self.buf[:PREFIX.size])
+        if header_len + body_len != len(self.buf):
+            raise LengthError(f"payload of {len(self.buf)} bytes, header says {header_len + body_len}")
+        if self._end < header_len:
+            return False
+        header = parse_header(self.buf[:header_len])
+        self._segments = [(header_len + s.offset + s.length, s.checksum) for s in header.segments]
+        self._pos = header_len
+        return True
+
+    @property
+    def scanned(self) -> int:
+        """How far the caller has advanced the scan (bytes)."""
+        return self._end
+
+    def verdict(self) -> bool:
+        """True when the whole buffer was advanced over and it is an intact payload."""
+        return not self.failed and self._segments is not None and self._next == len(self._segments)
+
+
 def is_payload(data) -> bool:
     """Whether ``data`` (a buffer, or a list of buffers meant back to back, e.g.
     :meth:`Payload.buffers`) holds one whole kvlink payload by its header: magic, version, header
     checksum and total length. Cheap (segment bytes are not hashed): a sender's test of whether a
     receiver's part verifier can judge it."""
-    from kvlink.errors import WireFormatError
-
     buffers = data if isinstance(data, (list, tuple)) else [data]
     try:
         views = [memoryview(b).cast("B") for b in buffers]

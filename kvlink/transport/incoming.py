@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -13,6 +13,23 @@ from kvlink.errors import KvlinkError, StagingExhausted, TransferRejected
 
 # allocator(nbytes) -> (writable buffer of exactly nbytes, release callback or None)
 Allocator = Callable[[int], tuple[memoryview, Callable[[], None] | None]]
+
+
+class PartScan(Protocol):
+    """A part verifier's streaming form (e.g. :class:`kvlink.serde.payload.PayloadScan`)."""
+
+    def advance(self, end: int) -> None:
+        """``buf[:end]`` is final; judge what is new in it."""
+
+    def verdict(self) -> bool:
+        """After advancing to the end: whether the part is intact."""
+
+    @property
+    def scanned(self) -> int:
+        """How far it has been advanced (bytes)."""
+
+
+Scanner = Callable[[memoryview], PartScan]
 
 
 def default_allocator(nbytes: int) -> tuple[memoryview, None]:
@@ -35,7 +52,8 @@ def arena_allocator(arena) -> Allocator:
 
 
 class _Part:
-    __slots__ = ("length", "buf", "done", "chunks", "left", "future", "unchecked", "verified_whole")
+    __slots__ = ("length", "buf", "done", "chunks", "left", "future", "unchecked", "verified_whole",
+                 "scan", "scan_lock", "landed", "prefix")
 
     def __init__(self, length: int, buf: memoryview, nchunks: int, future: asyncio.Future):
         self.length, self.buf, self.future = length, buf, future
@@ -43,6 +61,13 @@ class _Part:
         self.left = nchunks
         self.unchecked = False  # some chunk arrived without its checksum: verify the whole part
         self.verified_whole = False  # the receiver's part verifier passed it
+        # Streaming verification (with a scanner): unchecked chunks whose bytes are in, the
+        # length of their unbroken run from the start, and the scan over that run. The scan
+        # lock is held by the one thread advancing it.
+        self.scan: PartScan | None = None
+        self.scan_lock = threading.Lock()
+        self.landed = bytearray(0)
+        self.prefix = 0
 
 
 VERIFY_PART = 2  # write_done: the part is whole but unchecked; verify it, then accept_part/reset_part
@@ -67,6 +92,7 @@ class IncomingTransfer:
         self.meta = meta
         self.peer: tuple | None = None  # (host, port) of the connection that began it
         self.allocator: Allocator | None = None  # this transfer's own, set by the receiver at BEGIN
+        self.scanner: Scanner | None = None  # the receiver's streaming part verifier, set at BEGIN
         self.started = time.monotonic()
         self.finished: float | None = None
         self.last_progress = self.started
@@ -106,7 +132,8 @@ class IncomingTransfer:
         self.reserved += length
         nchunks = max(1, -(-length // self.chunk))
         future = self._announced[index]
-        self._parts[index] = _Part(length, buf, nchunks, future)
+        part = self._parts[index] = _Part(length, buf, nchunks, future)
+        self._new_scan(part)
         if length == 0:
             part = self._parts[index]
             part.done[0], part.left = 1, 0
@@ -175,6 +202,59 @@ class IncomingTransfer:
             self._complete_part(part, index)
         return self.complete
 
+    # -- streaming verification (parts of unchecked chunks, with a scanner) -------------------
+    def _new_scan(self, part: _Part) -> None:
+        if self.scanner is not None:
+            part.scan = self.scanner(part.buf)
+            part.landed = bytearray(len(part.done))
+            part.prefix = 0
+
+    def landed(self, index: int, offset: int, length: int) -> None:
+        """An unchecked run's bytes are in (reader thread, before its :meth:`write_done`): advance
+        the part's scan over its unbroken landed start, now, while the newest bytes are in cache.
+        If another thread is advancing it, that one goes on past these bytes."""
+        part = self._parts[index] if 0 <= index < self.num_parts else None
+        if part is None or part.scan is None:
+            return
+        with self._lock:
+            if self.error is not None or self._release_pending:
+                return
+            slots = self._slots(part, offset, length)
+            part.landed[slots] = b"\x01" * (slots.stop - slots.start)
+            n = len(part.landed)
+            while part.prefix < n and part.landed[part.prefix]:
+                part.prefix += 1
+        self._advance_scan(part, wait=False)
+
+    def _advance_scan(self, part: _Part, wait: bool, to_end: bool = False) -> None:
+        if not part.scan_lock.acquire(blocking=wait):
+            return
+        try:
+            while True:
+                with self._lock:
+                    if self.error is not None or self._release_pending:
+                        return
+                    end = part.length if to_end else min(part.length, part.prefix * self.chunk)
+                    scan = part.scan
+                if scan is None or end <= scan.scanned:
+                    return
+                scan.advance(end)
+        finally:
+            part.scan_lock.release()
+
+    def scan_verdict(self, index: int, wait: bool) -> bool | None:
+        """The scan's verdict on part ``index`` once all of it is in; None when there is no scan,
+        or (``wait`` False) when finishing it would mean hashing or waiting for another thread.
+        With ``wait``, hashes what is left (run it off the event loop)."""
+        part = self._parts[index] if 0 <= index < self.num_parts else None
+        if part is None or part.scan is None:
+            return None
+        if wait:
+            self._advance_scan(part, wait=True, to_end=True)
+        elif part.scan_lock.locked() or part.scan.scanned < part.length:
+            return None
+        return part.scan.verdict()
+
     def verified_whole(self, index: int) -> bool:
         """Whether part ``index`` was judged whole by the receiver's part verifier (for kvlink
         payloads: against their own checksums, so unpacking need not hash them again)."""
@@ -198,11 +278,12 @@ class IncomingTransfer:
     def reset_part(self, index: int) -> int:
         """The part verifier failed part ``index``: forget its bytes (they will be resent);
         returns its length."""
-        with self._lock:
-            part = self._parts[index]
+        part = self._parts[index]
+        with part.scan_lock, self._lock:
             part.done[:] = bytes(len(part.done))
             part.left = len(part.done)
             part.unchecked = False
+            self._new_scan(part)
         self.bytes_received -= part.length
         return part.length
 

@@ -133,6 +133,8 @@ class ThreadReader:
                     # A frame that is a whole unchecked part is judged here, while its bytes are
                     # still warm and without a hop to an executor thread.
                     whole = self.handler.judge_part(target)
+                elif unchecked:
+                    transfer.landed(header.stream, header.offset, header.length)  # scan while warm
                 self.loop.call_soon_threadsafe(self.handler.on_data, self.conn, header, target, ok, transfer, whole)
         except (_Closed, OSError, RuntimeError):
             pass  # peer gone, shut down by close(), or the loop has stopped

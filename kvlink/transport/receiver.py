@@ -20,7 +20,7 @@ from kvlink.errors import KvlinkError, TransferRejected, TransferTimeout, Transp
 from kvlink.transport import handshake as hs
 from kvlink.transport.connection import FrameConnection
 from kvlink.transport.frame import FrameType
-from kvlink.transport.incoming import Allocator, IncomingTransfer, default_allocator
+from kvlink.transport.incoming import Allocator, IncomingTransfer, Scanner, default_allocator
 from kvlink.transport.server_conn import ServerConn
 
 _RECENT = 4096  # completed transfer ids remembered, to re-confirm END after a lost one
@@ -38,12 +38,17 @@ class TransferServer:
     ``part_verifier(buffer) -> bool`` judges whole parts of transfers opened ``verifiable``, sent
     without chunk checksums (the receiver announces at the handshake that it verifies parts); a
     part it fails is resent whole, within the sender's retry limit. It may run in a reader thread.
+    ``part_scanner(buffer)``, given with ``part_verifier``, is the same judgement in streaming form
+    (:class:`~kvlink.transport.incoming.PartScan`, e.g. :class:`~kvlink.serde.payload.PayloadScan`):
+    reader threads advance it as each part's bytes land in order, so a part is judged as its last
+    bytes arrive, from bytes still in cache, with no whole-part pass at the end.
     """
 
     def __init__(self, config: TransportConfig | None = None, fingerprints: Iterable[bytes] | None = None,
                  secret: bytes | None = None, ssl: _ssl.SSLContext | None = None,
                  allocator: Allocator = default_allocator, part_verifier: Callable[[memoryview], bool] | None = None,
-                 allocator_for: Callable[[IncomingTransfer], Allocator | None] | None = None):
+                 allocator_for: Callable[[IncomingTransfer], Allocator | None] | None = None,
+                 part_scanner: Scanner | None = None):
         self.config = config or TransportConfig()
         self.fingerprints = None if fingerprints is None else {bytes(f) for f in fingerprints}
         self.secret = secret
@@ -51,6 +56,7 @@ class TransferServer:
         self.allocator = allocator
         self.allocator_for = allocator_for
         self.part_verifier = part_verifier
+        self.part_scanner = part_scanner if part_verifier is not None else None
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[ServerConn] = set()
@@ -139,6 +145,7 @@ class TransferServer:
         t.peer = sc.conn.transport.get_extra_info("peername")
         if self.allocator_for is not None:
             t.allocator = self.allocator_for(t)
+        t.scanner = self.part_scanner
         self._transfers[tid] = t
         self.stats["transfers"] += 1
         self._accept_q.put_nowait(t)

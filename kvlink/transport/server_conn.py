@@ -199,8 +199,19 @@ class ServerConn:
                 self.server._finish(self, transfer)
 
     async def _verify_part(self, transfer: IncomingTransfer, index: int) -> None:
-        """Judge a whole part that arrived without chunk checksums; resend it whole if it fails."""
-        ok = await asyncio.get_running_loop().run_in_executor(None, self.judge_part, transfer.part_view(index))
+        """Judge a whole part that arrived without chunk checksums; resend it whole if it fails.
+        With a streaming scan, reader threads have usually judged all of it by now."""
+        ok = transfer.scan_verdict(index, wait=False)
+        if ok is None:
+            loop = asyncio.get_running_loop()
+            if transfer.scanner is not None:
+                ok = await loop.run_in_executor(None, transfer.scan_verdict, index, True)
+            if ok is None:
+                ok = await loop.run_in_executor(None, self.judge_part, transfer.part_view(index))
+            else:
+                self.server.stats["parts_scan_finished_late"] += 1
+        else:
+            self.server.stats["parts_scanned_on_arrival"] += 1
         self._judged(transfer, index, ok)
 
     def _judged(self, transfer: IncomingTransfer, index: int, ok: bool) -> None:

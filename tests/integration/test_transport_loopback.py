@@ -543,3 +543,29 @@ async def test_unsent_kernel_queue_is_about_a_millisecond_at_the_pacing_rate():
             assert len(socks) == 2
             assert {s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) for s in socks} == {want}, cap
     await server.close()
+
+
+@pytest.mark.parametrize("reader_threads", [True, False], ids=["reader-threads", "event-loop-reader"])
+async def test_payload_parts_are_judged_as_they_land_and_a_corrupt_one_goes_again_whole(reader_threads):
+    from kvlink.bench.transfer import model_payloads
+    from kvlink.serde.payload import PayloadScan, payload_intact
+
+    _, payloads = model_payloads("kimi-linear-48b-a3b", 2048)  # ~2 MiB parts: ~35 frames each
+    data = [p.tobytes() for p in payloads[:6]]
+    server = TransferServer(SMALL, None, part_verifier=payload_intact, part_scanner=PayloadScan)
+    server.reader_threads = reader_threads
+    _, port = await server.start()
+    proxy = FaultProxy(port, corrupt_data_frame=40)
+    proxy_port = await proxy.start()
+    async with TransferClient("127.0.0.1", proxy_port, FP, SMALL) as client:
+        t, incoming, parts = await send_parts(client, server, data)
+    assert [bytes(p) for p in parts] == data
+    assert all(incoming.verified_whole(i) for i in range(len(data)))
+    assert proxy.corrupted == 1 and server.stats["parts_corrupt"] == 1 and server.stats["chunks_corrupt"] == 0
+    assert t.bytes_resent >= min(map(len, data))  # the corrupt part went again, whole
+    judged = server.stats["parts_scanned_on_arrival"] + server.stats["parts_scan_finished_late"]
+    assert judged == len(data) + 1  # every judgement (the failed one too) came from a scan
+    if reader_threads:  # reader threads scan as bytes land: most parts need nothing at the end
+        assert server.stats["parts_scanned_on_arrival"] >= len(data) // 2
+    await proxy.close()
+    await server.close()
