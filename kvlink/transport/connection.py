@@ -18,6 +18,7 @@ from kvlink.transport.frame import HEADER_SIZE, FrameHeader, FrameType, make_fra
 
 _HEADER, _CONTROL, _DATA, _DISCARD = range(4)
 _SCRATCH = 256 << 10
+_JOIN_BELOW = 64 << 10  # control frame bodies up to this size are joined to their header
 
 
 class FrameHandler(Protocol):
@@ -157,8 +158,12 @@ class FrameConnection(asyncio.BufferedProtocol):
         if not self.is_open:
             return
         head, view = make_frame(ftype, transfer_id, stream, offset, body)
-        self.transport.write(head)
-        if view.nbytes:
+        if view.nbytes <= _JOIN_BELOW:
+            # One write, so one segment: each write to an idle socket is a syscall and a wake-up
+            # of the peer (acknowledgements alone cost a receiver ~8% of a core at 35 Gbit/s).
+            self.transport.write(head + view.tobytes() if view.nbytes else head)
+        else:
+            self.transport.write(head)
             self.transport.write(view)
 
     def send_raw(self, head: bytes, bodies) -> None:
