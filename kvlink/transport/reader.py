@@ -107,6 +107,7 @@ class ThreadReader:
         head = bytearray(HEADER_SIZE)
         scratch = None
         error: BaseException | None = None
+        reserved = None  # (transfer, header) while a DATA body is being read into its target
         try:
             while not self._closed:
                 self._recv_exact(memoryview(head))
@@ -125,7 +126,9 @@ class ThreadReader:
                         self._recv_exact(scratch[:step])
                         left -= step
                     continue
+                reserved = (transfer, header)
                 self._recv_exact(target)
+                reserved = None
                 unchecked = bool(header.flags & FLAG_UNCHECKED)
                 ok = unchecked or checksum(target) == header.body_checksum
                 whole = None
@@ -142,6 +145,11 @@ class ThreadReader:
             error = exc  # the byte stream can no longer be trusted
         finally:
             self.sock.close()
+            if reserved is not None:  # cut inside a body: its run must be free for the resend
+                try:
+                    self.loop.call_soon_threadsafe(self.handler.abandon, *reserved)
+                except RuntimeError:
+                    pass
             if not self._closed:
                 try:
                     self.loop.call_soon_threadsafe(self.conn.abort, error)

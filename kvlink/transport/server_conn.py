@@ -34,7 +34,8 @@ class ServerConn:
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self.reader: ThreadReader | None = None
-        self._pending: IncomingTransfer | None = None
+        self._pending: IncomingTransfer | None = None  # a DATA frame being read on the loop
+        self._pending_header: FrameHeader | None = None
 
     # -- FrameHandler ---------------------------------------------------------------------------
     def on_open(self, conn: FrameConnection) -> None:
@@ -47,6 +48,9 @@ class ServerConn:
         self.server._conns.discard(self)
         if self.reader is not None:
             self.reader.close()
+        if self._pending is not None:  # cut inside a DATA frame read on the loop
+            self.abandon(self._pending, self._pending_header)
+            self._pending = None
         if self._timer is not None:
             self._timer.cancel()
 
@@ -157,7 +161,12 @@ class ServerConn:
             conn.abort(HandshakeError("data before the handshake"))
             return None
         self._pending, target = self.lookup(header, lambda fn, *args: fn(*args))
+        self._pending_header = header
         return target
+
+    def abandon(self, transfer: IncomingTransfer, header: FrameHeader) -> None:
+        """The connection died inside a DATA body: free its reserved run for the resend."""
+        transfer.write_done(header.stream, header.offset, header.length, ok=False)
 
     def judge_part(self, buf: memoryview) -> bool | None:
         """The part verifier's verdict on a whole part (any thread); None without a verifier."""

@@ -13,8 +13,10 @@ from kvlink.transport.frame import HEADER_SIZE, FrameType, parse_header
 
 
 class FaultProxy:
-    def __init__(self, target_port: int, kill_after: int | None = None, corrupt_data_frame: int | None = None):
+    def __init__(self, target_port: int, kill_after: int | None = None, corrupt_data_frame: int | None = None,
+                 cut_data_frame: int | None = None):
         self.target_port = target_port
+        self.cut_data_frame = cut_data_frame  # forward half of this DATA frame's body, then cut all
         self.kill_after = kill_after
         self.corrupt_data_frame = corrupt_data_frame
         self.forwarded = 0
@@ -59,6 +61,13 @@ class FaultProxy:
                 if self.corrupt_data_frame is not None and self.data_frames == self.corrupt_data_frame:
                     body[len(body) // 2] ^= 0x10
                     self.corrupted += 1
+                if self.cut_data_frame is not None and self.data_frames == self.cut_data_frame:
+                    writer.write(head + body[: len(body) // 2])
+                    await writer.drain()
+                    self.killed += 1
+                    for w in list(self._writers):
+                        w.transport.abort()
+                    return
             writer.write(head + body)
             await writer.drain()
             self.forwarded += len(head) + len(body)

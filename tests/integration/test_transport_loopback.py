@@ -569,3 +569,21 @@ async def test_payload_parts_are_judged_as_they_land_and_a_corrupt_one_goes_agai
         assert server.stats["parts_scanned_on_arrival"] >= len(data) // 2
     await proxy.close()
     await server.close()
+
+
+@pytest.mark.parametrize("reader_threads", [True, False], ids=["reader-threads", "event-loop-reader"])
+@pytest.mark.parametrize("verify", ["chunks", "parts"])
+async def test_connection_cut_inside_a_data_frame_resumes(verify, reader_threads):
+    # The run being written when the cut came must be freed, or its resend is dropped for ever.
+    data = blobs([3 << 20, 2 << 20])
+    server, port = await start_server(**({"part_verifier": lambda buf: True} if verify == "parts" else {}))
+    server.reader_threads = reader_threads
+    proxy = FaultProxy(port, cut_data_frame=9)
+    proxy_port = await proxy.start()
+    async with TransferClient("127.0.0.1", proxy_port, FP, SMALL) as client:
+        t, incoming, parts = await asyncio.wait_for(send_parts(client, server, data), 30)
+        assert client.stats["reconnects"] >= 1
+    assert proxy.killed == 1
+    assert [bytes(p) for p in parts] == data
+    await proxy.close()
+    await server.close()
