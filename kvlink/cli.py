@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--model", default="kimi-linear-48b-a3b")
     bt.add_argument("--tokens", type=int, default=32768)
     bt.add_argument("--streams", type=int, default=4, help="TCP connections")
-    bt.add_argument("--chunk", type=int, default=0, help="largest frame in KiB (default: TransportConfig's, 16 MiB)")
+    bt.add_argument("--chunk", type=int, default=0, help="largest frame in KiB (default: TransportConfig's, 64 MiB)")
     bt.add_argument("--codec", default="none",
                     help="segment codec (none, shuffle-lz4, shuffle-zstd, ...) or 'adaptive' (chosen for --rate)")
     bt.add_argument("--chunk-checksums", action="store_true",

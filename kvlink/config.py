@@ -99,10 +99,12 @@ class TransportConfig:
 
     The defaults were chosen by measurement (``kvlink bench transfer``, benchmarks/transfer.py):
     4 connections; parts are cut into 256 KiB grid chunks (the unit of acknowledgement and
-    retransmission) and sent in frames of consecutive chunks sized to ~4 ms at the current rate,
-    up to 16 MiB (per-frame cost in Python is what limits loopback speed below that: on a 16-core
-    host 16 MiB frames reached 0.77-0.82x of raw sockets where 4 MiB frames reached 0.68-0.76x);
+    retransmission) and sent in frames of consecutive chunks sized to ~4 ms at the pacing rate,
+    or ~16 ms at the estimated rate when nothing paces, up to 64 MiB (per-frame cost is what limits
+    loopback speed below that: on a 16-core host 16 MiB frames reached 0.77-0.82x of raw sockets
+    where 4 MiB frames reached 0.68-0.76x; on 2 cores 64 MiB frames use ~5% less CPU than 16 MiB);
     4 MiB until the first rate estimate, so concurrent transfers' weights act from the start.
+    A receiver announcing a smaller ``max_chunk_bytes`` gets frames within it.
 
     Integrity: with ``chunk_checksums=None`` (the default) a sender hashes every chunk (xxh3)
     unless the transfer was opened ``verifiable`` (its parts are kvlink payloads) and the
@@ -113,10 +115,10 @@ class TransportConfig:
     """
 
     connections: int = 4
-    chunk_bytes: int = 16 << 20           # the largest DATA frame (a run of grid chunks)
+    chunk_bytes: int = 64 << 20           # the largest DATA frame (a run of grid chunks)
     grid_bytes: int = 256 << 10           # acknowledgement/retransmission unit
     chunk_checksums: bool | None = None
-    window_bytes: int = 64 << 20          # unacknowledged bytes per connection
+    window_bytes: int = 192 << 20         # unacknowledged bytes per connection (3 largest frames)
     rate_cap: float | None = None         # link share this sender may use (bits/s); None: no cap
     adaptive: bool = True                 # congestion-aware rate control under the cap
     initial_rate: float | None = None     # adaptive start: pace at this (bits/s); None: TCP's slow start
@@ -127,7 +129,7 @@ class TransportConfig:
     chunk_retries: int = 5                # a chunk failing its checksum is resent at most this often
     transfer_timeout: float | None = None  # whole transfer, from open to verified end
     # receiver side
-    max_chunk_bytes: int = 16 << 20
+    max_chunk_bytes: int = 64 << 20       # largest DATA frame accepted (lands in place: no buffer)
     max_transfer_bytes: int = 64 << 30
     receive_budget_bytes: int = 64 << 30  # all transfers held by a receiver at once
     accept_backlog: int = 1024            # begun transfers not yet taken by the application

@@ -43,6 +43,7 @@ class ClientConn:
         self.tcp_prev: dict | None = None
         self.writer: ThreadWriter | None = None
         self.lowat = 0
+        self.max_chunk = 0  # the receiver's largest frame, from its ACCEPT
 
     def start_writer(self, timeout: float) -> None:
         """After the handshake, frames go out through a writer thread (plain TCP only: TLS
@@ -174,9 +175,10 @@ class ClientConn:
                     raise hs.AuthenticationError("the receiver did not ask for the shared secret")
                 hs.check_mac(hs.mac(c.secret, "server", self.nonce, self.server_nonce, c.session, c.fingerprint),
                              accept.get("mac"))
-            if accept["max_chunk"] < c.config.chunk_bytes:
-                raise HandshakeError(f"receiver takes chunks up to {accept['max_chunk']} bytes, "
-                                     f"this sender uses {c.config.chunk_bytes}")
+            if accept["max_chunk"] < c.config.grid_bytes:
+                raise HandshakeError(f"receiver takes frames up to {accept['max_chunk']} bytes, "
+                                     f"less than this sender's {c.config.grid_bytes}-byte grid")
+            self.max_chunk = accept["max_chunk"]  # frames to this receiver stay within it
             self.peer_verifies_parts = bool(accept.get("verifies_parts", False))
             self.ready.set_result(None)
             return

@@ -23,6 +23,7 @@ class FaultProxy:
         self.killed = 0
         self.corrupted = 0
         self.data_frames = 0
+        self.largest_data_frame = 0
         self._writers: list[asyncio.StreamWriter] = []
         self._server: asyncio.base_events.Server | None = None
         self.port = 0
@@ -58,6 +59,7 @@ class FaultProxy:
             body = bytearray(await reader.readexactly(header.length)) if header.length else bytearray()
             if header.type is FrameType.DATA and header.length:
                 self.data_frames += 1
+                self.largest_data_frame = max(self.largest_data_frame, header.length)
                 if self.corrupt_data_frame is not None and self.data_frames == self.corrupt_data_frame:
                     body[len(body) // 2] ^= 0x10
                     self.corrupted += 1

@@ -587,3 +587,20 @@ async def test_connection_cut_inside_a_data_frame_resumes(verify, reader_threads
     assert [bytes(p) for p in parts] == data
     await proxy.close()
     await server.close()
+
+
+async def test_frames_stay_within_a_receivers_smaller_max_chunk():
+    # A receiver taking frames of at most 1 MiB is sent 1 MiB frames by a sender whose own
+    # largest frame is 64 MiB (before: the handshake failed).
+    server, port = await start_server(TransportConfig(max_chunk_bytes=1 << 20, chunk_bytes=1 << 20,
+                                                      window_bytes=4 << 20))
+    proxy = FaultProxy(port)
+    proxy_port = await proxy.start()
+    data = blobs([5 << 20, 3])
+    async with TransferClient("127.0.0.1", proxy_port, FP, TransportConfig(connections=2)) as client:
+        assert client.config.chunk_bytes == 64 << 20
+        t, incoming, parts = await send_parts(client, server, data)
+    assert [bytes(p) for p in parts] == data
+    assert proxy.data_frames >= 5 and proxy.largest_data_frame == 1 << 20
+    await proxy.close()
+    await server.close()
