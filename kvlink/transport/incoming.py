@@ -212,7 +212,8 @@ class IncomingTransfer:
     def landed(self, index: int, offset: int, length: int) -> None:
         """An unchecked run's bytes are in (reader thread, before its :meth:`write_done`): advance
         the part's scan over its unbroken landed start, now, while the newest bytes are in cache.
-        If another thread is advancing it, that one goes on past these bytes."""
+        If another thread is advancing it, that one usually goes on past these bytes; whatever
+        no reader got to is hashed by :meth:`scan_verdict` once the part is whole."""
         part = self._parts[index] if 0 <= index < self.num_parts else None
         if part is None or part.scan is None:
             return
