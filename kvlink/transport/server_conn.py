@@ -34,8 +34,8 @@ class ServerConn:
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self.reader: ThreadReader | None = None
-        self._pending: IncomingTransfer | None = None  # a DATA frame being read on the loop
-        self._pending_header: FrameHeader | None = None
+        # (transfer, header) of a DATA frame being read into place on the loop
+        self._pending: tuple[IncomingTransfer, FrameHeader] | None = None
 
     # -- FrameHandler ---------------------------------------------------------------------------
     def on_open(self, conn: FrameConnection) -> None:
@@ -49,7 +49,7 @@ class ServerConn:
         if self.reader is not None:
             self.reader.close()
         if self._pending is not None:  # cut inside a DATA frame read on the loop
-            self.abandon(self._pending, self._pending_header)
+            self.abandon(*self._pending)
             self._pending = None
         if self._timer is not None:
             self._timer.cancel()
@@ -160,8 +160,8 @@ class ServerConn:
         if not self.authed:
             conn.abort(HandshakeError("data before the handshake"))
             return None
-        self._pending, target = self.lookup(header, lambda fn, *args: fn(*args))
-        self._pending_header = header
+        transfer, target = self.lookup(header, lambda fn, *args: fn(*args))
+        self._pending = (transfer, header) if target is not None else None
         return target
 
     def abandon(self, transfer: IncomingTransfer, header: FrameHeader) -> None:
@@ -185,7 +185,7 @@ class ServerConn:
         if target is None:
             return
         if transfer is None:
-            transfer, self._pending = self._pending, None
+            (transfer, _), self._pending = self._pending, None
         if ok is None:
             ok = bool(header.flags & FLAG_UNCHECKED) or checksum(target) == header.body_checksum
         if not ok:
