@@ -3,7 +3,8 @@
 It receives transfers into a preallocated arena, verifies every part that is a kvlink payload
 (segment checksums, after the transfer, so verification does not slow the link) and prints one
 JSON line per event. With ``raw_port`` it also runs the physical baseline's sink: plain blocking
-sockets doing ``recv_into`` into a preallocated buffer, one thread per connection.
+sockets doing ``recv_into`` into a preallocated buffer, one thread per connection (and, when the
+sender asks, an xxh3 of each piece as it lands: the cheapest integrity check there is).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import struct
 import sys
 import threading
 
+from kvlink.codec.checksum import checksum_stream
 from kvlink.config import TransportConfig
 from kvlink.errors import KvlinkError
 from kvlink.presets import PRESETS, get_preset
@@ -23,7 +25,9 @@ from kvlink.serde.staging import StagingArena
 from kvlink.transport.incoming import arena_allocator
 from kvlink.transport.receiver import TransferServer
 
-RAW_HEADER = struct.Struct("<QQ")  # offset, length within the sink buffer
+RAW_HEADER = struct.Struct("<QQQ")  # offset, length within the sink buffer, flags
+RAW_HASH = 1  # flag: hash the bytes as they land and reply with their xxh3
+RAW_REPLY = struct.Struct("<Q")  # the xxh3 of the bytes received (0 unless RAW_HASH)
 
 
 def emit(event: dict, out=None) -> None:
@@ -33,13 +37,18 @@ def emit(event: dict, out=None) -> None:
 
 
 class RawSink:
-    """Baseline receiver: each connection sends (offset, length) then that many bytes; we reply b"k"."""
+    """Baseline receiver: each connection sends (offset, length, flags) then that many bytes; we
+    reply with :data:`RAW_REPLY` (their xxh3 with :data:`RAW_HASH`, else 0)."""
 
     def __init__(self, host: str, port: int, buffer: memoryview):
         self.buffer = buffer
         self.sock = socket.create_server((host, port), backlog=64)
         self.port = self.sock.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        """Stop accepting (connections being served end when their peers close)."""
+        self.sock.close()
 
     def _accept(self) -> None:
         while True:
@@ -55,20 +64,24 @@ class RawSink:
                 head = bytearray(RAW_HEADER.size)
                 if not _recv_exact(conn, memoryview(head)):
                     return
-                offset, length = RAW_HEADER.unpack(head)
+                offset, length, flags = RAW_HEADER.unpack(head)
                 if offset + length > len(self.buffer):
                     return
-                if not _recv_exact(conn, self.buffer[offset: offset + length]):
+                hasher = checksum_stream() if flags & RAW_HASH else None
+                if not _recv_exact(conn, self.buffer[offset: offset + length], hasher):
                     return
-                conn.sendall(b"k")
+                conn.sendall(RAW_REPLY.pack(hasher.intdigest() if hasher is not None else 0))
 
 
-def _recv_exact(conn: socket.socket, view: memoryview) -> bool:
+def _recv_exact(conn: socket.socket, view: memoryview, hasher=None) -> bool:
+    """Fill ``view``; with ``hasher``, hash each piece right after it lands (still in cache)."""
     got = 0
     while got < len(view):
         n = conn.recv_into(view[got:])
         if n == 0:
             return False
+        if hasher is not None:
+            hasher.update(view[got: got + n])
         got += n
     return True
 

@@ -18,8 +18,9 @@ import threading
 import time
 
 from kvlink.bench.serde import realistic_cache
-from kvlink.bench.sink import RAW_HEADER
+from kvlink.bench.sink import RAW_HASH, RAW_HEADER, RAW_REPLY
 from kvlink.bench.timing import CpuMeter
+from kvlink.codec.checksum import checksum_stream
 from kvlink.config import CodecConfig, TransportConfig
 from kvlink.serde.layout import layer_segments
 from kvlink.transport.adaptive import CodecAdvisor
@@ -50,8 +51,12 @@ def model_payloads(model: str, tokens: int, block_size: int = 16, codec: str = "
     return spec.fingerprint, [packer.pack_layer(ref, layer) for layer in range(spec.num_layers)]
 
 
-def raw_baseline(host: str, port: int, buffers: list[memoryview], streams: int) -> float:
-    """Seconds to push ``buffers`` with plain sendall over ``streams`` connections (striped)."""
+def raw_baseline(host: str, port: int, buffers: list[memoryview], streams: int, hashed: bool = False) -> float:
+    """Seconds to push ``buffers`` with plain sendall over ``streams`` connections (striped).
+
+    ``hashed``: the sink hashes every byte as it lands (xxh3, the hash kvlink payloads carry)
+    and each stripe's digest is checked against one computed before the clock starts, the way
+    a payload's checksums exist before it is sent: the physical cost of verifying a transfer."""
     total = sum(b.nbytes for b in buffers)
     stripe = -(-total // streams)
     flat = [(sum(x.nbytes for x in buffers[:i]), b) for i, b in enumerate(buffers)]
@@ -62,19 +67,27 @@ def raw_baseline(host: str, port: int, buffers: list[memoryview], streams: int) 
             if a < b:
                 yield buf[a - start: b - start]
 
+    bounds = [(i * stripe, min(total, (i + 1) * stripe)) for i in range(streams)]
+    expect = [_digest(pieces(lo, hi)) if hashed else 0 for lo, hi in bounds]
     socks = [socket.create_connection((host, port)) for _ in range(streams)]
     for s in socks:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    failures: list[str] = []
 
-    def push(s: socket.socket, lo: int, hi: int) -> None:
-        s.sendall(RAW_HEADER.pack(lo, hi - lo))
+    def push(s: socket.socket, lo: int, hi: int, digest: int) -> None:
+        s.sendall(RAW_HEADER.pack(lo, hi - lo, RAW_HASH if hashed else 0))
         for piece in pieces(lo, hi):
             s.sendall(piece)
-        if s.recv(1) != b"k":
-            raise ConnectionError("raw sink did not confirm")
+        reply = bytearray()
+        while len(reply) < RAW_REPLY.size:
+            got = s.recv(RAW_REPLY.size - len(reply))
+            if not got:
+                break
+            reply += got
+        if len(reply) != RAW_REPLY.size or RAW_REPLY.unpack(reply)[0] != digest:
+            failures.append(f"stripe [{lo}, {hi}): reply {bytes(reply).hex()}, expected {digest:#x}")
 
-    threads = [threading.Thread(target=push, args=(s, i * stripe, min(total, (i + 1) * stripe)))
-               for i, s in enumerate(socks)]
+    threads = [threading.Thread(target=push, args=(s, lo, hi, d)) for s, (lo, hi), d in zip(socks, bounds, expect)]
     t0 = time.perf_counter()
     for th in threads:
         th.start()
@@ -83,7 +96,16 @@ def raw_baseline(host: str, port: int, buffers: list[memoryview], streams: int) 
     seconds = time.perf_counter() - t0
     for s in socks:
         s.close()
+    if failures:
+        raise ConnectionError("raw sink: " + "; ".join(failures))
     return seconds
+
+
+def _digest(pieces) -> int:
+    hasher = checksum_stream()
+    for piece in pieces:
+        hasher.update(piece)
+    return hasher.intdigest()
 
 
 class Progress:
@@ -111,7 +133,7 @@ class Progress:
 
 async def run_transfers(host: str, port: int, fingerprint: bytes, payloads: list, config: TransportConfig,
                         weights: list[float], secret: bytes | None, progress: bool, repeat: int = 1,
-                        verify: bool = True, between=None, meter: CpuMeter | None = None) -> dict:
+                        between=None, meter: CpuMeter | None = None) -> dict:
     """``repeat`` rounds of ``len(weights)`` concurrent copies of the payload set over one client
     (connections stay open, as between a decode cluster and its prefill peers); ``between()``,
     when given, runs in a thread after each round (the baseline's turn). Returns the median
@@ -121,7 +143,7 @@ async def run_transfers(host: str, port: int, fingerprint: bytes, payloads: list
         rounds, cpus = [], []
         for i in range(repeat):
             started = meter.start()
-            rounds.append(await _round(client, payloads, weights, progress, verify=verify and i == repeat - 1))
+            rounds.append(await _round(client, payloads, weights, progress))
             cpus.append(meter.stop(started))
             if between is not None:
                 await asyncio.to_thread(between)
@@ -141,15 +163,14 @@ def cpu_per_gib(cpus: list[dict], nbytes: int) -> dict:
     return {"sender": med(c["self"] for c in cpus), "receiver": med(c["peer"] for c in cpus)}
 
 
-async def _round(client: TransferClient, payloads: list, weights: list[float], progress: bool,
-                 verify: bool = True) -> dict:
+async def _round(client: TransferClient, payloads: list, weights: list[float], progress: bool) -> dict:
     parts = [p.buffers() for p in payloads]
     total = sum(p.nbytes for p in payloads)
     bar = Progress(total * len(weights), progress)
     t0 = time.monotonic()
-    # The receiver verifies payload checksums after a transfer; only the last round asks, so
-    # verification never competes with a measured round (or with the baseline) for CPU.
-    transfers = [client.open(len(parts), weight=w, meta={"payload": True, "verify": verify, "weight": w}, verifiable=True)
+    # Parts are payloads: a verifying receiver checks each against its own checksums as it lands,
+    # inside the timed round.
+    transfers = [client.open(len(parts), weight=w, meta={"payload": True, "weight": w}, verifiable=True)
                  for w in weights]
     # Parts are fed one at a time, as a prefill engine produces layers.
     for i, part in enumerate(parts):
@@ -189,9 +210,11 @@ async def _round(client: TransferClient, payloads: list, weights: list[float], p
 
 def run(host: str, port: int, raw_port: int | None, model: str, tokens: int, config: TransportConfig,
         weights: list[float], secret: bytes | None, progress: bool, announce: bool = False, repeat: int = 1,
-        codec: str = "none", receiver_pid: int | None = None) -> dict:
+        codec: str = "none", receiver_pid: int | None = None, hashed_baseline: bool = False) -> dict:
     """The whole benchmark: pack, kvlink transfer(s), then the raw baseline on the same bytes.
-    With ``receiver_pid`` (a local receiver) the receiver's CPU time is reported too."""
+    With ``receiver_pid`` (a local receiver) the receiver's CPU time is reported too; with
+    ``hashed_baseline`` a second baseline whose receiver also hashes every byte (what verifying
+    costs by itself, for scale: the goal compares against the plain one)."""
     from kvlink.transport.loop import run as run_loop
 
     t0 = time.perf_counter()
@@ -206,29 +229,32 @@ def run(host: str, port: int, raw_port: int | None, model: str, tokens: int, con
     if announce:
         sys.stderr.write(f"KVLINK-START {time.monotonic()}\n")
         sys.stderr.flush()
-    # Rounds alternate kvlink / baseline so drift on a shared machine hits both alike.
+    # Rounds alternate kvlink / baseline(s) so drift on a shared machine hits both alike.
     buffers = [b for p in payloads for b in p.buffers()] * len(weights)
-    raw_rounds: list[float] = []
-    raw_cpus: list[dict] = []
+    baselines = {"raw_baseline": False, "raw_hashed_baseline": True} if hashed_baseline else {"raw_baseline": False}
+    raw_rounds: dict[str, list[float]] = {name: [] for name in baselines}
+    raw_cpus: dict[str, list[dict]] = {name: [] for name in baselines}
     meter = CpuMeter(receiver_pid)
 
     def baseline_round() -> None:
-        started = meter.start()
-        raw_rounds.append(raw_baseline(host, raw_port, buffers, config.connections))
-        raw_cpus.append(meter.stop(started))
+        for name, hashed in baselines.items():
+            started = meter.start()
+            raw_rounds[name].append(raw_baseline(host, raw_port, buffers, config.connections, hashed))
+            raw_cpus[name].append(meter.stop(started))
 
     between = baseline_round if raw_port is not None else None
     result["host_cpus"] = os.cpu_count()
     result["kvlink"] = run_loop(run_transfers(host, port, fingerprint, payloads, config, weights, secret, progress,
                                               repeat, between=between, meter=meter), config.use_uvloop)
-    if raw_port is not None:
-        rounds = sorted(raw_rounds)
+    for name in baselines if raw_port is not None else ():
+        rounds = sorted(raw_rounds[name])
         seconds = rounds[len(rounds) // 2]
         raw_gbps = result["payload_bytes"] * len(weights) * 8 / seconds / 1e9
-        result["raw_baseline"] = {"seconds": round(seconds, 4), "goodput_gbps": round(raw_gbps, 4),
-                                  "round_seconds": [round(r, 4) for r in rounds],
-                                  "cpu_s_per_gib": cpu_per_gib(raw_cpus, sum(b.nbytes for b in buffers))}
-        result["ratio_vs_raw"] = round(result["kvlink"]["goodput_gbps"] / raw_gbps, 3)
+        result[name] = {"seconds": round(seconds, 4), "goodput_gbps": round(raw_gbps, 4),
+                        "round_seconds": [round(r, 4) for r in rounds],
+                        "cpu_s_per_gib": cpu_per_gib(raw_cpus[name], sum(b.nbytes for b in buffers))}
+        ratio = "ratio_vs_raw" if name == "raw_baseline" else "ratio_vs_raw_hashed"
+        result[ratio] = round(result["kvlink"]["goodput_gbps"] / raw_gbps, 3)
     # Goodput in cache bytes: what a codec buys on a slow link.
     result["kvlink"]["cache_goodput_gbps"] = round(raw_bytes * len(weights) * 8 / result["kvlink"]["seconds"] / 1e9, 4)
     return result
@@ -254,9 +280,15 @@ def render(result: dict) -> str:
     if "raw_baseline" in result:
         r = result["raw_baseline"]
         lines.append(f"  {'raw sendall/recv_into':22}{r['seconds']:>10.3f}{r['goodput_gbps']:>10.3f}")
-        lines.append(f"  ratio kvlink / raw: {result['ratio_vs_raw']:.3f}")
+    if "raw_hashed_baseline" in result:
+        r = result["raw_hashed_baseline"]
+        lines.append(f"  {'raw + receiver xxh3':22}{r['seconds']:>10.3f}{r['goodput_gbps']:>10.3f}")
+    if "raw_baseline" in result:
+        lines.append(f"  ratio kvlink / raw: {result['ratio_vs_raw']:.3f}" +
+                     (f" (kvlink / raw + xxh3: {result['ratio_vs_raw_hashed']:.3f})" if "ratio_vs_raw_hashed" in result else ""))
     lines.append(f"  CPU s/GiB (sender, receiver) on {result.get('host_cpus')} cores: kvlink {_cpu(k)}" +
-                 (f", raw {_cpu(result['raw_baseline'])}" if "raw_baseline" in result else ""))
+                 (f", raw {_cpu(result['raw_baseline'])}" if "raw_baseline" in result else "") +
+                 (f", raw + xxh3 {_cpu(result['raw_hashed_baseline'])}" if "raw_hashed_baseline" in result else ""))
     snap = k["snapshot"]
     est = snap["available_bps"]
     lines.append(f"  estimate {'-' if est is None else f'{est / 1e9:.3f} Gbit/s'}, rtt {snap['rtt_ms']} ms, "
