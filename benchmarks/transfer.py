@@ -85,7 +85,8 @@ def main() -> int:
                                  "raw_gbps": results[name]["raw_baseline"]["goodput_gbps"],
                                  "raw_hashed_gbps": results[name].get("raw_hashed_baseline", {}).get("goodput_gbps"),
                                  "cpu_s_per_gib": {"kvlink": results[name]["kvlink"]["cpu_s_per_gib"],
-                                                   "raw": results[name]["raw_baseline"]["cpu_s_per_gib"]}}
+                                                   "raw": results[name]["raw_baseline"]["cpu_s_per_gib"],
+                                                   "raw_hashed": results[name].get("raw_hashed_baseline", {}).get("cpu_s_per_gib")}}
                           for name in results if name != "iperf3"}))
     return 0
 

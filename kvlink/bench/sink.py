@@ -1,8 +1,8 @@
 """``kvlink transfer serve``: a receiver for transfer benchmarks and link tests.
 
 It receives transfers into a preallocated arena, verifies every part that is a kvlink payload
-(segment checksums, after the transfer, so verification does not slow the link) and prints one
-JSON line per event. With ``raw_port`` it also runs the physical baseline's sink: plain blocking
+against its segment checksums as it lands (unless ``--no-verify``) and prints one JSON line per
+event. With ``raw_port`` it also runs the physical baseline's sink: plain blocking
 sockets doing ``recv_into`` into a preallocated buffer, one thread per connection (and, when the
 sender asks, an xxh3 of each piece as it lands: the cheapest integrity check there is).
 """

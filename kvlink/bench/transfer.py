@@ -141,7 +141,7 @@ async def run_transfers(host: str, port: int, fingerprint: bytes, payloads: list
     meter = meter or CpuMeter()
     async with TransferClient(host, port, fingerprint, config, secret=secret) as client:
         rounds, cpus = [], []
-        for i in range(repeat):
+        for _ in range(repeat):
             started = meter.start()
             rounds.append(await _round(client, payloads, weights, progress))
             cpus.append(meter.stop(started))
