@@ -20,7 +20,7 @@ import time
 from kvlink.bench.serde import realistic_cache
 from kvlink.bench.sink import RAW_HASH, RAW_HEADER, RAW_REPLY
 from kvlink.bench.timing import CpuMeter
-from kvlink.codec.checksum import checksum_stream
+from kvlink.codec.checksum import checksum_pieces
 from kvlink.config import CodecConfig, TransportConfig
 from kvlink.serde.layout import layer_segments
 from kvlink.transport.adaptive import CodecAdvisor
@@ -68,7 +68,7 @@ def raw_baseline(host: str, port: int, buffers: list[memoryview], streams: int, 
                 yield buf[a - start: b - start]
 
     bounds = [(i * stripe, min(total, (i + 1) * stripe)) for i in range(streams)]
-    expect = [_digest(pieces(lo, hi)) if hashed else 0 for lo, hi in bounds]
+    expect = [checksum_pieces(pieces(lo, hi)) if hashed else 0 for lo, hi in bounds]
     socks = [socket.create_connection((host, port)) for _ in range(streams)]
     for s in socks:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -99,13 +99,6 @@ def raw_baseline(host: str, port: int, buffers: list[memoryview], streams: int, 
     if failures:
         raise ConnectionError("raw sink: " + "; ".join(failures))
     return seconds
-
-
-def _digest(pieces) -> int:
-    hasher = checksum_stream()
-    for piece in pieces:
-        hasher.update(piece)
-    return hasher.intdigest()
 
 
 class Progress:

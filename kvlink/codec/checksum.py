@@ -18,6 +18,17 @@ def checksum_stream():
     return xxhash.xxh3_64()
 
 
+def checksum_pieces(pieces) -> int:
+    """:func:`checksum` of ``pieces`` (buffers) joined, without joining them."""
+    pieces = list(pieces)
+    if len(pieces) == 1:
+        return checksum(pieces[0])
+    hasher = checksum_stream()
+    for piece in pieces:
+        hasher.update(piece)
+    return hasher.intdigest()
+
+
 def checksums(buffers: list) -> list[int]:
     """Checksums of many buffers, hashed on all cores when they are large."""
     return parallel_map(checksum, buffers, sum(memoryview(b).nbytes for b in buffers))

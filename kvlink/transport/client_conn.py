@@ -8,8 +8,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-import xxhash
-
+from kvlink.codec.checksum import checksum_pieces
 from kvlink.errors import HandshakeError, KvlinkError, TransportError
 from kvlink.transport import handshake as hs
 from kvlink.transport.connection import FrameConnection
@@ -89,16 +88,8 @@ class ClientConn:
         if self.writer is not None:
             self.writer.data(t.transfer_id, part, offset, pieces, checked)
             return
-        flags = digest = 0
-        if not checked:
-            flags = FLAG_UNCHECKED
-        elif len(pieces) == 1:
-            digest = xxhash.xxh3_64_intdigest(pieces[0])
-        else:
-            h = xxhash.xxh3_64()
-            for piece in pieces:
-                h.update(piece)
-            digest = h.intdigest()
+        flags = 0 if checked else FLAG_UNCHECKED
+        digest = checksum_pieces(pieces) if checked else 0
         length = sum(p.nbytes for p in pieces)
         self.conn.send_raw(FrameHeader(FrameType.DATA, t.transfer_id, part, offset, length, digest, flags).encode(),
                            pieces)

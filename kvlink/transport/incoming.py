@@ -135,7 +135,6 @@ class IncomingTransfer:
         part = self._parts[index] = _Part(length, buf, nchunks, future)
         self._new_scan(part)
         if length == 0:
-            part = self._parts[index]
             part.done[0], part.left = 1, 0
             self._complete_part(part, index)
 

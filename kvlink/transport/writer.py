@@ -17,21 +17,11 @@ import socket
 import threading
 from typing import Callable
 
-import xxhash
-
+from kvlink.codec.checksum import checksum_pieces
 from kvlink.transport.connection import shutdown_quietly
 from kvlink.transport.frame import FLAG_UNCHECKED, FrameHeader, FrameType
 
 _STOP = object()
-
-
-def _digest(pieces: list[memoryview]) -> int:
-    if len(pieces) == 1:
-        return xxhash.xxh3_64_intdigest(pieces[0])
-    h = xxhash.xxh3_64()
-    for piece in pieces:
-        h.update(piece)
-    return h.intdigest()
 
 
 class ThreadWriter:
@@ -95,7 +85,7 @@ class ThreadWriter:
                 else:
                     tid, part, offset, pieces, checked = item
                     length = sum(p.nbytes for p in pieces)
-                    digest = _digest(pieces) if checked else 0
+                    digest = checksum_pieces(pieces) if checked else 0
                     head = FrameHeader(FrameType.DATA, tid, part, offset, length, digest,
                                        0 if checked else FLAG_UNCHECKED).encode()
                 self._send([memoryview(head), *pieces])
