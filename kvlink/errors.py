@@ -24,7 +24,11 @@ Every error kvlink raises on purpose derives from :class:`KvlinkError`::
     │   ├── TransferTimeout         no progress within the configured timeout
     │   ├── TransferCancelled       cancelled by either side
     │   └── TransferFailed          retries exhausted (e.g. a chunk kept failing its checksum)
+    ├── ResourceLimit               a configured limit refused the request (connections, memory share, quota)
     ├── PoolError                   prefix cache pool failures (pool issue)
+    │   ├── TierUnavailable         a tier (e.g. SSD) could not open or failed; the others keep serving
+    │   ├── EntryMissing            an entry was evicted between lookup and fetch
+    │   └── AccessDenied            the credential does not allow this call (wrong or missing tenant secret)
     └── EngineError                 engine API misuse (unknown request, wrong order)
         └── LoadFailed              a load did not complete: names the invalid layers and blocks
 
@@ -133,8 +137,26 @@ class TransferFailed(TransportError):
     """The transfer gave up after bounded retries."""
 
 
+class ResourceLimit(KvlinkError):
+    """A configured limit refused the request (connections per peer or in total, a peer's memory
+    share, a tenant's quota). Names the limit and its config field."""
+
+
 class PoolError(KvlinkError):
     """The prefix cache pool failed an operation."""
+
+
+class TierUnavailable(PoolError):
+    """A pool tier (e.g. the SSD tier: damaged index, full or read-only disk) could not be opened or
+    has failed; the pool keeps serving its other tiers."""
+
+
+class EntryMissing(PoolError, LookupError):
+    """A pool entry named by a lookup is gone (evicted since); look up again."""
+
+
+class AccessDenied(PoolError):
+    """The caller's credential does not allow this call (missing, wrong, or another tenant's)."""
 
 
 class EngineError(KvlinkError):
