@@ -123,12 +123,21 @@ def cmd_pool_serve(args) -> int:
     from kvlink.transport.loop import run
 
     overrides = {"host": args.host, "http_port": args.http_port, "data_port": args.data_port, "root": args.root,
-                 "models": tuple(args.model) if args.model else None}
+                 "models": tuple(args.model) if args.model else None,
+                 "allow_insecure": True if args.allow_insecure else None}
     if args.config:
         config = DaemonConfig.from_toml(args.config, **overrides)
     else:
         config = DaemonConfig(**{k: v for k, v in overrides.items() if v is not None})
     run(serve_forever(config, TransportConfig.secret_from_env()))
+    return 0
+
+
+def cmd_tls_cert(args) -> int:
+    from kvlink.transport.tls import make_dev_certs
+
+    paths = make_dev_certs(args.out, tuple(args.host or ("localhost", "127.0.0.1")), args.days, args.force)
+    print(json.dumps({name: str(path) for name, path in paths.items()}, indent=2))
     return 0
 
 
@@ -228,7 +237,18 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--data-port", type=int, default=None, help="transport port (default 7481)")
     ps.add_argument("--root", default=None, help="directory for the SSD tiers (default: memory only)")
     ps.add_argument("--model", action="append", default=None, help="preset to serve (repeatable)")
+    ps.add_argument("--allow-insecure", action="store_true",
+                    help="listen on a non-loopback address without any secret (tenants or KVLINK_SECRET)")
     ps.set_defaults(func=cmd_pool_serve)
+
+    tls = sub.add_parser("tls-cert", help="write a self-signed dev CA, server and client certificates for TLS")
+    tls.add_argument("--out", required=True, help="directory for ca.pem, server(-key).pem, client(-key).pem")
+    tls.add_argument("--host", action="append", default=None,
+                     help="DNS name or IP address the server certificate is valid for (repeatable; "
+                          "default: localhost and 127.0.0.1)")
+    tls.add_argument("--days", type=int, default=30, help="validity in days (1..3650)")
+    tls.add_argument("--force", action="store_true", help="replace existing files")
+    tls.set_defaults(func=cmd_tls_cert)
 
     sim = sub.add_parser("sim", help="throughput model and discrete-event simulation of a PD deployment")
     sim.add_argument("--case", default="prfaas-1t", choices=["prfaas-1t"], help="published case to reproduce")

@@ -93,6 +93,26 @@ def parse_rate(text: str | float | int | None) -> float | None:
     return value
 
 
+def _default_receive_budget() -> int:
+    """A quarter of physical memory (``os.sysconf``), at least 256 MiB; 4 GiB where unknown."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 4 << 30
+    return max(256 << 20, total // 4) if total > 0 else 4 << 30
+
+
+def _default_max_connections() -> int:
+    """A quarter of the soft ``RLIMIT_NOFILE``, within 16..1024 (1024 where unknown)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 1024
+    return 1024 if soft == resource.RLIM_INFINITY else max(16, min(1024, soft // 4))
+
+
 @dataclass(frozen=True)
 class TransportConfig:
     """Sender and receiver settings. Rates are bits per second; sizes are bytes.
@@ -130,12 +150,21 @@ class TransportConfig:
     transfer_timeout: float | None = None  # whole transfer, from open to verified end
     # receiver side
     max_chunk_bytes: int = 64 << 20       # largest DATA frame accepted (lands in place: no buffer)
-    max_transfer_bytes: int = 64 << 30
-    receive_budget_bytes: int = 64 << 30  # all transfers held by a receiver at once
+    # Receiver memory: all transfers held at once (default: a quarter of physical RAM, so a host
+    # is never promised more than it has), one transfer, and one peer address's share of it all.
+    receive_budget_bytes: int = field(default_factory=_default_receive_budget)
+    max_transfer_bytes: int | None = None  # None: the peer share
+    peer_share_bytes: int | None = None    # bytes one peer address may hold reserved; None: budget / 2
+    max_parts: int = 131072               # parts one transfer may declare at BEGIN
     accept_backlog: int = 1024            # begun transfers not yet taken by the application
-    idle_timeout: float = 60.0            # a receiving transfer with no data this long is dropped
-    handshake_timeout: float = 5.0
-    use_uvloop: bool = True
+    idle_timeout: float = 60.0            # a receiving transfer with no data this long fails, freeing its bytes
+    handshake_timeout: float = 5.0        # TCP or TLS handshake plus kvlink handshake, per connection
+    conn_idle_timeout: float = 300.0      # an authenticated connection with no frame this long is closed
+    # Connections a receiver holds at once, all peers together (default: a quarter of the
+    # descriptor limit, at most 1024: each costs two descriptors and a reader thread), and from
+    # one peer address.
+    max_connections: int = field(default_factory=_default_max_connections)
+    max_connections_per_peer: int = 128
 
     def __post_init__(self) -> None:
         if self.connections < 1 or self.connections > 256:
@@ -154,6 +183,29 @@ class TransportConfig:
                 raise ConfigError(f"{name} must be positive")
         if self.reconnect_attempts < 0 or self.chunk_retries < 0:
             raise ConfigError("retry counts must be >= 0")
+        if self.conn_idle_timeout <= 0:
+            raise ConfigError("conn_idle_timeout must be positive")
+        if self.receive_budget_bytes <= 0:
+            raise ConfigError("receive_budget_bytes must be positive")
+        for name in ("max_transfer_bytes", "peer_share_bytes"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if self.max_parts < 1 or self.max_connections < 1 or self.max_connections_per_peer < 1:
+            raise ConfigError("max_parts, max_connections and max_connections_per_peer must be >= 1")
+
+    @property
+    def peer_share(self) -> int:
+        """Bytes one peer address may hold reserved at a receiver (``peer_share_bytes``, default
+        half the budget, never more than the budget)."""
+        share = self.peer_share_bytes if self.peer_share_bytes is not None else self.receive_budget_bytes // 2
+        return max(1, min(share, self.receive_budget_bytes))
+
+    @property
+    def transfer_limit(self) -> int:
+        """The most bytes one transfer may reserve (``max_transfer_bytes``, within the peer share)."""
+        limit = self.max_transfer_bytes if self.max_transfer_bytes is not None else self.peer_share
+        return min(limit, self.peer_share)
 
     @staticmethod
     def secret_from_env() -> bytes | None:
@@ -168,14 +220,17 @@ class PoolConfig:
 
     Tiers, top down: GPU (``gpu_bytes`` > 0), host DRAM (``host_bytes``), SSD (``ssd_dir`` set).
     ``write_mode``: ``back`` writes an entry to SSD only when it is demoted; ``through`` also
-    writes every new entry to SSD right away (in the background), so host eviction loses nothing.
+    writes every new entry to SSD before :meth:`Pool.store` returns, so host eviction loses nothing.
+    ``checkpoint_every``: the state checkpoints a pool asks engines for, every N blocks
+    (``Pool.checkpoint_positions``; None: only at the last block boundary).
     """
 
     block_size: int = 64
     namespace: str = ""
     checkpoint_every: int | None = 16
-    host_bytes: int = 1 << 30
+    host_bytes: int = 1 << 30  # this pool's own cap (its tenant's quota) within a shared HostBudget
     page_bytes: int = 256 << 10
+    chunk_bytes: int = 64 << 20  # memory tiers allocate (and charge the budget) this much at a time, on demand
     gpu_bytes: int = 0
     gpu_device: str = "cuda"
     ssd_dir: str | None = None
@@ -196,16 +251,37 @@ class PoolConfig:
             raise ConfigError(f"write_mode must be back or through, got {self.write_mode!r}")
         if self.io_queue <= 0:
             raise ConfigError("io_queue must be positive")
+        if self.chunk_bytes < self.page_bytes:
+            raise ConfigError("chunk_bytes must hold at least one page")
+        if self.checkpoint_every is not None and self.checkpoint_every <= 0:
+            raise ConfigError("checkpoint_every must be positive (or None)")
         if self.ssd_bytes <= 0 or self.ssd_segment_bytes <= 0:
             raise ConfigError("ssd_bytes and ssd_segment_bytes must be positive")
 
 
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def check_name(kind: str, name: object) -> str:
+    """A model or tenant name that is safe as one path component: ``[A-Za-z0-9._-]{1,64}``, not
+    ``.`` or ``..``. Raises :class:`ConfigError`."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(f"{kind} name must match [A-Za-z0-9._-]{{1,64}} and not be . or ..")
+    return name
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
-    """``kvlink pool serve``: where it listens, which models it serves, where SSD tiers live.
+    """``kvlink pool serve``: where it listens, which models it serves, where SSD tiers live, who may use it.
 
-    Each (model, namespace) gets its own :class:`PoolConfig`-sized pool; its SSD tier, when
-    ``root`` is set, lives in ``root/<model>/<namespace>``.
+    Tenants: ``tenants`` maps a tenant name to its secret (``[tenants]`` in the TOML). A caller is
+    the tenant whose secret it proves (HTTP ``Authorization: Bearer <secret>``; data connections
+    by the transport's HMAC handshake with the tenant name as key id), never a name it sends.
+    A single secret given to the daemon (``KVLINK_SECRET``) is tenant ``default``; with no secret
+    at all everything is one anonymous tenant ``default``, and the daemon refuses a non-loopback
+    ``host`` unless ``allow_insecure``. ``admin_secret`` may read every tenant's ``/stats`` and
+    ``/metrics``. Each (model, tenant) gets its own :class:`PoolConfig`-sized pool; its SSD tier,
+    when ``root`` is set, lives in ``root/<model>/<tenant>``.
     """
 
     host: str = "127.0.0.1"
@@ -216,10 +292,41 @@ class DaemonConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     max_pools: int = 64
     receive_arena: int = 512 << 20  # preallocated landing area for puts (bounds one put's size)
+    tenant_arena_bytes: int = 256 << 20  # most of receive_arena one tenant's transfers may hold at once
+    max_request_bytes: int = 4 << 20  # largest JSON body: parsing holds the GIL (binary /lookup: 4M tokens)
+    host_budget_bytes: int | None = None  # host memory of all pools together; None: a quarter of RAM
+    tenants: dict[str, str] = field(default_factory=dict)  # tenant name -> secret
+    admin_secret: str | None = None  # may read every tenant's /stats and /metrics
+    allow_insecure: bool = False  # listen on a non-loopback host without any secret
+
+    def __post_init__(self) -> None:
+        for model in self.models:
+            check_name("model", model)
+        for name, secret in self.tenants.items():
+            check_name("tenant", name)
+            if not isinstance(secret, str) or len(secret) < 8 or not secret.isprintable() or not secret.isascii() \
+                    or " " in secret:
+                raise ConfigError(f"tenant {name!r}: secret must be at least 8 printable ASCII characters, no spaces")
+        if len(set(self.tenants.values())) != len(self.tenants):
+            raise ConfigError("two tenants share a secret: a secret must identify one tenant")
+        if self.admin_secret is not None and (len(self.admin_secret) < 8 or self.admin_secret in self.tenants.values()):
+            raise ConfigError("admin_secret must have at least 8 characters and differ from every tenant's")
+        if not 0 < self.tenant_arena_bytes <= self.receive_arena:
+            raise ConfigError("tenant_arena_bytes must be in 1..receive_arena")
+        if self.max_request_bytes < 1024:
+            raise ConfigError("max_request_bytes must be at least 1024")
+        if self.host_budget_bytes is not None and self.host_budget_bytes < self.pool.page_bytes:
+            raise ConfigError("host_budget_bytes must hold at least one page")
+
+    @property
+    def host_budget(self) -> int:
+        """Host memory all pools may hold together (each pool's own cap is ``pool.host_bytes``)."""
+        return self.host_budget_bytes if self.host_budget_bytes is not None else _default_receive_budget()
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "DaemonConfig":
-        """Read ``[daemon]`` and ``[pool]`` tables; keyword overrides (CLI flags) win."""
+        """Read ``[daemon]``, ``[pool]`` and ``[tenants]`` (name = "secret") tables; keyword overrides
+        (CLI flags) win. Raises :class:`ConfigError`."""
         import tomllib
 
         try:
@@ -228,7 +335,9 @@ class DaemonConfig:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read {path}: {exc}") from None
         daemon, pool = dict(doc.get("daemon", {})), dict(doc.get("pool", {}))
-        unknown = set(daemon) - {f for f in cls.__dataclass_fields__ if f != "pool"}
+        unknown = set(daemon) - {f for f in cls.__dataclass_fields__ if f not in ("pool", "tenants")}
+        unknown |= set(doc) - {"daemon", "pool", "tenants"}
+        daemon["tenants"] = dict(doc.get("tenants", {}))
         unknown |= {f"pool.{k}" for k in set(pool) - set(PoolConfig.__dataclass_fields__)}
         if unknown:
             raise ConfigError(f"unknown settings in {path}: {sorted(unknown)}")

@@ -75,8 +75,12 @@ def decode(codec: Codec, data, dtype: torch.dtype, numel: int, *, fp8_group: int
     """Decode ``data`` into a flat tensor of ``numel`` values of ``dtype``.
 
     For NONE the result views ``data`` (no copy). Raises :class:`CodecError` when the encoded bytes
-    do not decode to exactly ``numel`` values; the output size is never taken from the input.
+    do not decode to exactly ``numel`` values, or ``numel``/``fp8_group`` is invalid; the output
+    size is never taken from the input (no decoder writes or allocates more than ``numel`` values,
+    whatever a frame declares), and :class:`UnknownCodec` for a codec id it cannot decode.
     """
+    if numel < 0:
+        raise CodecError(f"cannot decode {numel} values")
     itemsize = torch.empty(0, dtype=dtype).element_size()
     raw_nbytes = numel * itemsize
     if codec is Codec.NONE:

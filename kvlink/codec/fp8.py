@@ -44,7 +44,14 @@ def fp8_encode(values: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def fp8_decode(data: torch.Tensor, dtype: torch.dtype, numel: int, group: int) -> torch.Tensor:
-    """Dequantise ``data`` (uint8) into a new tensor of ``numel`` values of ``dtype``."""
+    """Dequantise ``data`` (uint8) into a new tensor of ``numel`` values of ``dtype``.
+
+    Raises :class:`CodecError` unless ``group`` is positive and ``data`` holds exactly
+    ``encoded_nbytes(numel, group)`` bytes, checked before anything is allocated: the output (and
+    the fp32 temporaries, a fixed multiple of it) is sized by ``numel``, never by the input.
+    """
+    if group < 1 or numel < 0:
+        raise CodecError(f"fp8 group {group} / length {numel} invalid")
     if data.numel() != encoded_nbytes(numel, group):
         raise CodecError(f"fp8 segment holds {data.numel()} bytes, expected {encoded_nbytes(numel, group)}")
     groups = math.ceil(numel / group)

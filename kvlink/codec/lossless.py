@@ -62,10 +62,25 @@ def lz4_compress(data) -> bytes:
     return lz4.block.compress(memoryview(data), store_size=False)
 
 
+# An lz4 block expands at most ~255x (a match length byte of 255 costs one input byte), so a claim
+# beyond this is refused before the output is allocated.
+LZ4_MAX_RATIO = 255
+LZ4_MAX_RAW = 0x7E000000  # LZ4_MAX_INPUT_SIZE: the block format cannot describe more
+
+
 def lz4_decompress(data, raw_nbytes: int) -> bytearray:
+    """Decode an lz4 block into exactly ``raw_nbytes`` bytes; the output buffer is ``raw_nbytes``
+    long and lz4 refuses to write past it. Raises :class:`CodecError` on any other outcome."""
+    view = memoryview(data).cast("B")
+    if not 0 <= raw_nbytes <= min(LZ4_MAX_RAW, LZ4_MAX_RATIO * view.nbytes + 64):
+        raise CodecError(f"lz4 block of {view.nbytes} bytes cannot hold {raw_nbytes} raw bytes")
+    if raw_nbytes == 0:
+        if view.tobytes() not in (b"", b"\x00"):  # lz4 encodes empty input as one zero token
+            raise CodecError(f"lz4 block of {view.nbytes} bytes for an empty segment")
+        return bytearray()
     try:
-        out = lz4.block.decompress(memoryview(data), uncompressed_size=raw_nbytes, return_bytearray=True)
-    except lz4.block.LZ4BlockError as exc:
+        out = lz4.block.decompress(view, uncompressed_size=raw_nbytes, return_bytearray=True)
+    except (lz4.block.LZ4BlockError, ValueError, OverflowError, MemoryError) as exc:
         raise CodecError(f"lz4 decode failed: {exc}") from exc
     if len(out) != raw_nbytes:
         raise CodecError(f"lz4 decoded {len(out)} bytes, expected {raw_nbytes}")
@@ -73,6 +88,7 @@ def lz4_decompress(data, raw_nbytes: int) -> bytearray:
 
 
 _local = threading.local()  # zstd (de)compressor objects must not be shared between threads
+ZSTD_MIN_WINDOW = 1 << 20  # windows up to this are always allowed (zstd's own minimum is 1 KiB)
 
 
 def zstd_compress(data, level: int) -> bytes:
@@ -83,14 +99,49 @@ def zstd_compress(data, level: int) -> bytes:
     return comp.compress(memoryview(data))
 
 
-def zstd_decompress(data, raw_nbytes: int) -> bytes:
+def _zstd_decompressor(raw_nbytes: int) -> zstandard.ZstdDecompressor:
+    # A frame may ask for a window (decoder memory) up to 2 GiB; no honest frame of raw_nbytes
+    # needs more than the next power of two, so zstd itself refuses anything beyond that.
+    limit = max(ZSTD_MIN_WINDOW, 1 << max(raw_nbytes - 1, 1).bit_length())
+    cache = _local.__dict__.setdefault("decompressors", {})
+    dctx = cache.get(limit)
+    if dctx is None:
+        dctx = cache[limit] = zstandard.ZstdDecompressor(max_window_size=limit)
+    return dctx
+
+
+def zstd_decompress(data, raw_nbytes: int) -> torch.Tensor:
+    """Decode zstd frames into a new uint8 tensor of exactly ``raw_nbytes``.
+
+    Never allocates from the frame: python-zstandard's one-shot ``decompress`` sizes its output by
+    the frame's declared content size and ignores ``max_output_size``, so a 32 KiB frame declaring
+    1 GiB would allocate 1 GiB. Here a declared size other than ``raw_nbytes`` is refused up front,
+    the frames stream into a buffer of exactly ``raw_nbytes``, and any byte beyond it, a short
+    result, trailing garbage or an oversized window raises :class:`CodecError`.
+    """
+    view = memoryview(data).cast("B")
     try:
-        # max_output_size bounds the allocation by the validated raw size, never by the frame.
-        if not hasattr(_local, "decompressor"):
-            _local.decompressor = zstandard.ZstdDecompressor()
-        out = _local.decompressor.decompress(memoryview(data), max_output_size=raw_nbytes)
+        params = zstandard.get_frame_parameters(view)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"zstd frame header: {exc}") from exc
+    if params.content_size not in (zstandard.CONTENTSIZE_UNKNOWN, raw_nbytes):
+        raise CodecError(f"zstd frame declares {params.content_size} bytes, segment holds {raw_nbytes}")
+    try:
+        out = torch.empty(raw_nbytes, dtype=torch.uint8)
+    except RuntimeError as exc:  # torch's allocation failure
+        raise CodecError(f"cannot allocate {raw_nbytes} bytes to decode into: {exc}") from exc
+    dest = memoryview(out.numpy()) if raw_nbytes else memoryview(bytearray())
+    filled = 0
+    try:
+        with _zstd_decompressor(raw_nbytes).stream_reader(view, read_across_frames=True, closefd=False) as reader:
+            while filled < raw_nbytes:
+                got = reader.readinto(dest[filled:])
+                if got == 0:
+                    break
+                filled += got
+            extra = reader.read(1)  # decodes at most one more byte: an overflow costs nothing
     except zstandard.ZstdError as exc:
         raise CodecError(f"zstd decode failed: {exc}") from exc
-    if len(out) != raw_nbytes:
-        raise CodecError(f"zstd decoded {len(out)} bytes, expected {raw_nbytes}")
+    if filled != raw_nbytes or extra:
+        raise CodecError(f"zstd decoded {'more than ' if extra else ''}{filled} bytes, expected {raw_nbytes}")
     return out

@@ -16,8 +16,11 @@ import aiohttp
 
 from kvlink.config import TransportConfig
 from kvlink.daemon import protocol as proto
-from kvlink.errors import PoolError
+from kvlink.daemon.auth import DEFAULT_TENANT
+from kvlink.errors import (AccessDenied, AuthenticationError, ConfigError, EntryMissing, PeerUnreachable, PoolError,
+                           ResourceLimit, TierUnavailable, TransferTimeout)
 from kvlink.pool.index import PrefixHit
+from kvlink.pool.pool import StoreReport
 from kvlink.presets import get_preset
 from kvlink.serde.payload import PayloadScan, is_payload, payload_intact
 from kvlink.serde.staging import StagingArena
@@ -27,18 +30,32 @@ from kvlink.transport.receiver import TransferServer
 from kvlink.transport.sender import TransferClient
 
 
-class PoolClient:
-    """One engine's handle on a daemon's pool for ``model`` (and ``namespace``).
+_REPLY_ERRORS = {"AccessDenied": AccessDenied, "ResourceLimit": ResourceLimit, "EntryMissing": EntryMissing,
+                 "TierUnavailable": TierUnavailable}
 
-    Methods raise :class:`~kvlink.errors.PoolError` for refused requests and the transport's
-    errors (:class:`~kvlink.errors.PeerUnreachable`, ...) when the daemon cannot be reached.
+
+class PoolClient:
+    """One engine's handle on a daemon's pool for ``model``, as ``tenant`` holding ``secret``.
+
+    The tenant is whoever's secret this is: the daemon derives the pool (model, tenant) from the
+    credential, never from a name sent. ``tenant`` names the secret to the data connection's
+    handshake (its key id); ``secret=None`` talks to a daemon without secrets (tenant
+    ``default``). Every failure is a :class:`~kvlink.errors.KvlinkError`:
+    :class:`~kvlink.errors.AccessDenied` (wrong or missing credential),
+    :class:`~kvlink.errors.PeerUnreachable` (cannot connect), :class:`~kvlink.errors.TransferTimeout`
+    (no answer within ``timeout``), :class:`~kvlink.errors.ResourceLimit` (a daemon limit),
+    :class:`~kvlink.errors.EntryMissing` (evicted since the lookup), other
+    :class:`~kvlink.errors.PoolError` for refused requests, and the transport's errors
+    (:class:`~kvlink.errors.TransportError`) for failed transfers.
     """
 
-    def __init__(self, model: str, namespace: str = "", host: str = "127.0.0.1", http_port: int = 7480,
-                 data_port: int = 7481, secret: bytes | None = None, transport: TransportConfig | None = None,
+    def __init__(self, model: str, host: str = "127.0.0.1", http_port: int = 7480, data_port: int = 7481,
+                 secret: bytes | None = None, tenant: str = DEFAULT_TENANT, transport: TransportConfig | None = None,
                  reply_host: str = "127.0.0.1", timeout: float = 60.0, reply_arena: int = 256 << 20):
-        self.model, self.namespace = model, namespace
+        self.model, self.tenant = model, tenant
         self.host, self.http_port, self.data_port = host, http_port, data_port
+        if secret is not None and (not secret.isascii() or not secret.strip() or b" " in secret):
+            raise ConfigError("a tenant secret is printable ASCII without spaces (it travels in an HTTP header)")
         self.secret = secret
         self.transport = transport or TransportConfig()
         self.reply_host = reply_host
@@ -52,25 +69,47 @@ class PoolClient:
         self.reply_port = 0
 
     async def connect(self) -> "PoolClient":
-        self._http = aiohttp.ClientSession(base_url=f"http://{self.host}:{self.http_port}",
-                                           timeout=aiohttp.ClientTimeout(total=self.timeout))
-        # Replies land in a preallocated arena (bounds one get's size), copied out per part.
-        # Entries are kvlink payloads: replies are verified against their own checksums on arrival.
-        self._replies = TransferServer(self.transport, [self.fingerprint], secret=self.secret,
-                                       allocator=arena_allocator(StagingArena(self.reply_arena)),
-                                       part_verifier=payload_intact, part_scanner=PayloadScan)
-        _, self.reply_port = await self._replies.start(self.reply_host, 0)
-        self._sender = TransferClient(self.host, self.data_port, self.fingerprint, self.transport, secret=self.secret)
-        await self._sender.connect()
+        """Open the HTTP session, the reply listener and the data connections. On failure
+        everything opened is closed again; raises :class:`~kvlink.errors.AccessDenied`
+        (credential refused), :class:`~kvlink.errors.PeerUnreachable` or another
+        :class:`~kvlink.errors.TransportError`."""
+        headers = {"Authorization": f"Bearer {self.secret.decode()}"} if self.secret else {}
+        try:
+            self._http = aiohttp.ClientSession(base_url=f"http://{self.host}:{self.http_port}", headers=headers,
+                                               timeout=aiohttp.ClientTimeout(total=self.timeout))
+            # Replies land in a preallocated arena (bounds one get's size), copied out per part.
+            # Entries are kvlink payloads: replies are verified against their own checksums on arrival.
+            self._replies = TransferServer(self.transport, [self.fingerprint], secret=self.secret,
+                                           allocator=arena_allocator(StagingArena(self.reply_arena)),
+                                           part_verifier=payload_intact, part_scanner=PayloadScan,
+                                           accept_queue=False)
+            _, self.reply_port = await self._replies.start(self.reply_host, 0)
+            self._sender = TransferClient(self.host, self.data_port, self.fingerprint, self.transport,
+                                          secret=self.secret, key_id=self.tenant if self.secret else None)
+            await self._sender.connect()
+        except BaseException as exc:
+            await self.close()
+            if isinstance(exc, AuthenticationError):
+                raise AccessDenied(f"the daemon refused tenant {self.tenant!r}'s credential: {exc}") from exc
+            if isinstance(exc, OSError):
+                raise PeerUnreachable(f"cannot listen for replies on {self.reply_host}: {exc}") from exc
+            raise
         return self
 
     async def close(self) -> None:
-        if self._sender is not None:
-            await self._sender.close()
-        if self._replies is not None:
-            await self._replies.close()
-        if self._http is not None:
-            await self._http.close()
+        """Close everything this client opened (safe to call twice, or after a failed connect)."""
+        sender, replies, http = self._sender, self._replies, self._http
+        self._sender = self._replies = self._http = None
+        try:
+            if sender is not None:
+                await sender.close()
+        finally:
+            try:
+                if replies is not None:
+                    await replies.close()
+            finally:
+                if http is not None:
+                    await http.close()
 
     async def __aenter__(self) -> "PoolClient":
         return await self.connect()
@@ -79,67 +118,107 @@ class PoolClient:
         await self.close()
 
     # -- control ----------------------------------------------------------------------------------
-    async def _post(self, path: str, body: dict) -> dict:
-        async with self._http.post(path, json=body) as resp:
-            data = await resp.json()
-            if resp.status != 200:
-                raise PoolError(f"{path}: {data.get('message', data)}")
-            return data
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            raise PoolError("the client is not connected (use connect() or async with)")
+        return self._http
+
+    async def _request(self, method: str, path: str, body: dict | None = None, data: bytes | None = None,
+                       params: dict | None = None) -> dict:
+        """One HTTP call; every failure becomes a typed KvlinkError (see the class docstring)."""
+        headers = {"Content-Type": "application/octet-stream"} if data is not None else None
+        try:
+            async with self._session().request(method, path, json=body, data=data, params=params,
+                                               headers=headers) as resp:
+                try:
+                    data = await resp.json(content_type=None)
+                except ValueError:
+                    data = None
+                if resp.status == 200 and isinstance(data, dict):
+                    return data
+                message = data.get("message", data) if isinstance(data, dict) else f"HTTP {resp.status}"
+        except asyncio.TimeoutError:
+            raise TransferTimeout(f"{path}: no answer from the daemon within {self.timeout} s") from None
+        except (aiohttp.ClientConnectionError, OSError) as exc:
+            raise PeerUnreachable(f"{path}: daemon {self.host}:{self.http_port}: {exc}") from None
+        except aiohttp.ClientError as exc:
+            raise PoolError(f"{path}: {exc}") from None
+        kind = {401: AccessDenied, 403: AccessDenied, 429: ResourceLimit}.get(resp.status, PoolError)
+        raise kind(f"{path}: {message}")
 
     async def lookup(self, tokens: list[int]) -> PrefixHit:
-        data = await self._post("/lookup", {"model": self.model, "namespace": self.namespace, "tokens": list(tokens)})
-        return proto.hit_from_json(data)
+        """The longest prefix of ``tokens`` this tenant's pool can restore."""
+        # Binary ids: a long prompt costs the daemon no JSON parsing (and this loop no conversion).
+        data = proto.encode_tokens(tokens) if len(tokens) < 1 << 16 else await asyncio.to_thread(
+            proto.encode_tokens, tokens)
+        return proto.hit_from_json(await self._request("POST", "/lookup", data=data, params={"model": self.model}))
 
     async def evict(self, nbytes: int) -> int:
-        data = await self._post("/evict", {"model": self.model, "namespace": self.namespace, "bytes": nbytes})
-        return data["freed"]
+        """Free at least ``nbytes`` of this tenant's pool (as far as it holds); returns bytes freed."""
+        return (await self._request("POST", "/evict", {"model": self.model, "bytes": nbytes}))["freed"]
 
     async def stats(self) -> dict:
-        async with self._http.get("/stats") as resp:
-            return await resp.json()
+        """This tenant's pools' summaries (every tenant's with the admin credential)."""
+        return await self._request("GET", "/stats")
 
     async def health(self) -> dict:
-        async with self._http.get("/health") as resp:
-            return await resp.json()
+        return await self._request("GET", "/health")
 
     # -- data -------------------------------------------------------------------------------------
     async def _call(self, meta: dict, parts: list, verifiable: bool = False):
         """Send a request transfer, wait for the daemon's reply transfer; returns it (release it)."""
+        if self._sender is None or self._replies is None:
+            raise PoolError("the client is not connected (use connect() or async with)")
         reply_id = next(self._ids)
         waiter = asyncio.ensure_future(self._replies.transfer(reply_id))
-        meta = {**meta, "model": self.model, "namespace": self.namespace, "reply_port": self.reply_port,
-                "reply_id": reply_id}
+        meta = {**meta, "model": self.model, "reply_port": self.reply_port, "reply_id": reply_id}
+        incoming = None
         try:
-            await self._sender.send(parts or [b""], meta=meta, verifiable=verifiable)
+            await self._sender.send(parts, meta=meta, verifiable=verifiable)
             incoming = await asyncio.wait_for(waiter, self.timeout)
             await asyncio.wait_for(incoming.done(), self.timeout)
+        except BaseException as exc:
+            if incoming is not None:
+                incoming.release()
+            if isinstance(exc, asyncio.TimeoutError):
+                raise TransferTimeout(f"no reply from the daemon within {self.timeout} s") from None
+            if isinstance(exc, (OSError, aiohttp.ClientError)):
+                raise PeerUnreachable(f"daemon {self.host}:{self.data_port}: {exc}") from None
+            raise
         finally:
             waiter.cancel()
         if "error" in incoming.meta:
             incoming.release()
-            raise PoolError(f"daemon: {incoming.meta['message']}")
+            kind = _REPLY_ERRORS.get(incoming.meta.get("error"), PoolError)
+            raise kind(f"daemon: {incoming.meta.get('message')}")
         return incoming
 
-    async def put(self, tokens: list[int], pieces: dict[tuple[str, int], object]) -> int:
-        """Store ``{(kind, block): bytes}`` of a prompt; returns how many entries were new."""
-        names = [[kind, block] for kind, block in pieces]
-        # Pieces that are kvlink payloads (what engines store) are checked by the daemon against
-        # their own checksums, so they go without per-chunk hashes; other bytes are hashed per chunk.
+    async def put(self, tokens: list[int], pieces: dict[tuple[str, int], object]) -> StoreReport:
+        """Store ``{(kind, block): bytes}`` of a prompt; returns what the daemon stored (new
+        entries held now, how many on SSD, how many failed and why)."""
+        names = list(pieces)
         values = list(pieces.values())
-        reply = await self._call({"op": "put", "tokens": list(tokens), "pieces": names}, values,
-                                 verifiable=all(is_payload(v) for v in values))
+        # Pieces that are kvlink payloads (what engines store) are checked by the daemon against
+        # their own checksums (and part 0, the request, against its trailer), so they go without
+        # per-chunk hashes; other bytes are hashed per chunk.
+        reply = await self._call({"op": "put"}, [proto.encode_put(tokens, names), *values],
+                                 verifiable=bool(values) and all(is_payload(v) for v in values))
         reply.release()
-        return reply.meta["stored"]
+        meta = reply.meta
+        return StoreReport(int(meta.get("stored", 0)), int(meta.get("on_ssd", 0)), int(meta.get("failed", 0)),
+                           [str(e) for e in meta.get("errors", [])])
 
     async def get(self, hit: PrefixHit) -> "Fetched":
         """Every entry of ``hit``, ``{(kind, key): memoryview}``, verified by the transport. The
         views point into the client's landing arena: ``release()`` the result (or use it as a
-        context manager) once unpacked. Raises :class:`PoolError` when some entry is gone."""
+        context manager) once unpacked. Raises :class:`~kvlink.errors.EntryMissing` when some
+        entry is gone (evicted since the lookup)."""
         keys = proto.hit_keys(hit)
-        reply = await self._call({"op": "get", "keys": [[k, key.hex()] for k, key in keys]}, [])
-        if reply.meta["missing"]:
+        reply = await self._call({"op": "get"}, [proto.encode_get(keys)])
+        missing = reply.meta.get("missing")
+        if missing:
             reply.release()
-            raise PoolError(f"{len(reply.meta['missing'])} of {len(keys)} entries are no longer in the pool")
+            raise EntryMissing(f"{len(missing)} of {len(keys)} entries are no longer in the pool")
         return Fetched(zip(keys, reply.buffers()), reply.release)
 
 
@@ -165,11 +244,23 @@ class SyncPoolClient:
     """:class:`PoolClient` for synchronous code: an event loop runs in a background thread."""
 
     def __init__(self, *args, **kwargs):
+        """As :class:`PoolClient`, connected; raises what its ``connect`` raises (and then leaves
+        no thread or loop behind)."""
+        self._client = PoolClient(*args, **kwargs)
         self._loop = new_event_loop()  # uvloop's when installed, as the engine's sync wrappers
         self._thread = threading.Thread(target=self._loop.run_forever, name="kvlink-pool-client", daemon=True)
         self._thread.start()
-        self._client = PoolClient(*args, **kwargs)
-        self._run(self._client.connect())
+        try:
+            self._run(self._client.connect())
+        except BaseException:
+            self._stop()
+            raise
+
+    def _stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -190,9 +281,12 @@ class SyncPoolClient:
         return self._run(self._client.stats())
 
     def close(self) -> None:
-        self._run(self._client.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        if self._loop.is_closed():
+            return
+        try:
+            self._run(self._client.close())
+        finally:
+            self._stop()
 
     def __enter__(self):
         return self

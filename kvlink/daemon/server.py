@@ -1,8 +1,10 @@
-"""``kvlink pool serve``: pools as a process, shared by several engines.
+"""``kvlink pool serve``: pools as a process, shared by several engines of several tenants.
 
-HTTP control API on aiohttp, data over kvlink's transport (see :mod:`kvlink.daemon.protocol`).
-Pool work (copies, SSD I/O) runs in a thread so the event loop keeps serving. A bad request
-gets a 400 (HTTP) or a failed reply transfer, and leaves every pool untouched.
+Data over kvlink's transport (see :mod:`kvlink.daemon.protocol`); the HTTP control API is in
+:mod:`kvlink.daemon.http`. Every caller is a tenant (:mod:`kvlink.daemon.auth`) and sees only its
+own pools: a pool is (model, authenticated tenant), never a name the client sends. Pool work
+(copies, SSD I/O, long token lists) runs in threads so the event loop keeps serving. A bad
+request gets a 4xx (HTTP) or a failed reply transfer, and leaves every pool untouched.
 """
 
 from __future__ import annotations
@@ -11,75 +13,139 @@ import asyncio
 import collections
 import json
 import logging
+import threading
 from pathlib import Path
 
-from aiohttp import web
-
-from kvlink.config import DaemonConfig, TransportConfig
+from kvlink.config import DaemonConfig, TransportConfig, check_name
 from kvlink.daemon import protocol as proto
-from kvlink.errors import KvlinkError
+from kvlink.daemon.auth import DEFAULT_TENANT, Tenants
+from kvlink.errors import (ConfigError, HandshakeError, KvlinkError, PeerUnreachable, ResourceLimit,
+                           TransferRejected)
+from kvlink.pool.budget import HostBudget
 from kvlink.pool.pool import Pool
 from kvlink.pool.slab import Landing
 from kvlink.presets import get_preset
-from kvlink.serde.payload import PayloadScan, is_payload, payload_intact
+from kvlink.serde.payload import is_payload
 from kvlink.serde.staging import StagingArena
 from kvlink.transport.incoming import arena_allocator
 from kvlink.transport.receiver import TransferServer
 from kvlink.transport.sender import TransferClient
 
 log = logging.getLogger("kvlink.daemon")
+_REPLIERS = 64  # reply connections kept open (LRU)
 
 
 class PoolDaemon:
+    """The daemon. ``secret`` (e.g. ``KVLINK_SECRET``) is tenant ``default``'s secret; more tenants
+    come from ``config.tenants``. Raises :class:`ConfigError` for an unsafe configuration (see
+    :meth:`Tenants.from_config`) or an unknown model."""
+
     def __init__(self, config: DaemonConfig, secret: bytes | None = None,
                  transport: TransportConfig | None = None):
         self.config = config
-        self.secret = secret
+        self.tenants = Tenants.from_config(config, secret)
         self.transport = transport or TransportConfig()
         self.specs = {name: get_preset(name) for name in config.models}
-        self._pools: dict[str, Pool] = {}
+        self.budget = HostBudget(config.host_budget)
+        self._pools: dict[tuple[str, str], Pool] = {}
+        self._pools_lock = threading.Lock()
         self._repliers: collections.OrderedDict[tuple, TransferClient] = collections.OrderedDict()
-        # Puts land in a preallocated, pre-faulted arena: fresh memory would cost a page fault
-        # per 4 KiB on the hot path.
-        self._arena = StagingArena(config.receive_arena)
-        self._server = TransferServer(self.transport, [s.fingerprint for s in self.specs.values()], secret=secret,
-                                      allocator=arena_allocator(self._arena), allocator_for=self._put_allocator,
-                                      part_verifier=payload_intact, part_scanner=PayloadScan)
+        # Puts land in a preallocated, pre-faulted arena (fresh memory would cost a page fault per
+        # 4 KiB on the hot path); each tenant may hold at most tenant_arena_bytes of it.
+        self._arena = arena_allocator(StagingArena(config.receive_arena))
+        self._arena_used: collections.Counter[str] = collections.Counter()
+        self._arena_lock = threading.Lock()
+        self._server = TransferServer(self.transport, [s.fingerprint for s in self.specs.values()],
+                                      secret=self.tenants.secrets.get(DEFAULT_TENANT), secrets=self.tenants.secrets,
+                                      allocator=self._arena, allocator_for=self._allocator_for,
+                                      part_verifier=proto.part_intact, part_scanner=proto.PartScan)
         self._landings: dict[int, dict[int, Landing]] = {}  # put transfer id -> {id(view): landing}
-        self._runner: web.AppRunner | None = None
+        self._http = None
         self._tasks: set[asyncio.Task] = set()
         self._acceptor: asyncio.Task | None = None
         self.http_port = self.data_port = 0
 
     # -- pools ------------------------------------------------------------------------------------
-    def pool(self, model: str, namespace: str = "") -> Pool:
+    def pool(self, model: str, tenant: str) -> Pool:
+        """The pool of ``model`` for ``tenant`` (an authenticated name), created on first use.
+        Raises :class:`ConfigError` for a model not served here and :class:`ResourceLimit` beyond
+        ``DaemonConfig.max_pools``."""
         if model not in self.specs:
-            raise KvlinkError(f"model {model!r} is not served here (serving {sorted(self.specs)})")
-        name = proto.pool_name(model, namespace)
-        pool = self._pools.get(name)
-        if pool is None:
+            raise ConfigError(f"model {model!r} is not served here (serving {sorted(self.specs)})")
+        with self._pools_lock:
+            pool = self._pools.get((model, tenant))
+            if pool is not None:
+                return pool
             if len(self._pools) >= self.config.max_pools:
-                raise KvlinkError(f"at most {self.config.max_pools} pools per daemon")
-            cfg = self.config.pool
+                raise ResourceLimit(f"at most {self.config.max_pools} pools per daemon (DaemonConfig.max_pools)")
+            fields = {**self.config.pool.__dict__, "namespace": tenant}
             if self.config.root is not None:
-                ssd = Path(self.config.root) / model / (namespace or "_")
-                cfg = type(cfg)(**{**cfg.__dict__, "ssd_dir": str(ssd), "namespace": namespace})
-            else:
-                cfg = type(cfg)(**{**cfg.__dict__, "namespace": namespace})
-            pool = self._pools[name] = Pool(self.specs[model], cfg)
-        return pool
+                fields["ssd_dir"] = str(self.tier_dir(model, tenant))
+            pool = self._pools[(model, tenant)] = Pool(self.specs[model], type(self.config.pool)(**fields),
+                                                       budget=self.budget)
+            return pool
 
-    def _put_allocator(self, incoming):
-        """A put's parts land straight in free pages of its pool's memory tier, so storing them
-        is bookkeeping, not a copy; the arena takes what does not fit (and every other transfer)."""
+    def tier_dir(self, model: str, tenant: str) -> Path:
+        """``root/<model>/<tenant>``, checked to be a directory inside ``root`` (names are
+        validated and the resolved path must stay under the resolved root)."""
+        root = Path(self.config.root).resolve()
+        path = (root / check_name("model", model) / check_name("tenant", tenant)).resolve()
+        if not path.is_relative_to(root) or path == root:
+            raise ConfigError(f"{model}/{tenant} resolves outside the daemon's root")
+        return path
+
+    def pools_of(self, tenant: str | None) -> dict[tuple[str, str], Pool]:
+        """Every pool (``tenant=None``, for the admin) or one tenant's."""
+        with self._pools_lock:
+            return {k: p for k, p in self._pools.items() if tenant is None or k[1] == tenant}
+
+    def tenant_of(self, incoming) -> str:
+        """The tenant whose secret the transfer's peer proved (or the single/anonymous one)."""
+        return incoming.key_id if incoming.key_id is not None else DEFAULT_TENANT
+
+    # -- landing ----------------------------------------------------------------------------------
+    def _tenant_arena(self, tenant: str):
+        """The arena allocator, charged to ``tenant``: beyond its share it refuses, so one tenant
+        holding reservations cannot starve the others."""
+        share = self.config.tenant_arena_bytes
+
+        def allocate(nbytes: int):
+            with self._arena_lock:
+                if self._arena_used[tenant] + nbytes > share:
+                    raise TransferRejected(f"tenant {tenant!r} would hold over its {share} bytes of the landing "
+                                           f"arena (DaemonConfig.tenant_arena_bytes); retry later")
+                self._arena_used[tenant] += nbytes
+            try:
+                view, release = self._arena(nbytes)
+            except BaseException:
+                self._uncharge(tenant, nbytes)
+                raise
+
+            def give_back() -> None:
+                release()
+                self._uncharge(tenant, nbytes)
+
+            return view, give_back
+
+        return allocate
+
+    def _uncharge(self, tenant: str, nbytes: int) -> None:
+        with self._arena_lock:
+            self._arena_used[tenant] -= nbytes
+
+    def _allocator_for(self, incoming):
+        """Every transfer lands in its tenant's share of the arena; a put's pieces land straight
+        in free pages of its pool's memory tier where they fit, so storing them is bookkeeping,
+        not a copy."""
+        tenant = self.tenant_of(incoming)
+        arena = self._tenant_arena(tenant)
         meta = incoming.meta
         if not isinstance(meta, dict) or meta.get("op") != "put":
-            return None
+            return arena
         try:
-            pool = self.pool(proto.field(meta, "model", str), proto.field(meta, "namespace", str, ""))
+            pool = self.pool(proto.model_of(meta), tenant)
         except KvlinkError:
-            return None  # reported when the put is served
-        arena = self._server.allocator
+            return arena  # reported when the put is served
         landings = self._landings[incoming.transfer_id] = {}
 
         def allocate(nbytes: int):
@@ -93,15 +159,11 @@ class PoolDaemon:
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> tuple[int, int]:
-        app = web.Application(client_max_size=64 << 20)
-        app.add_routes([web.get("/health", self._health), web.get("/stats", self._stats),
-                        web.get("/metrics", self._metrics), web.post("/lookup", self._lookup),
-                        web.post("/evict", self._evict)])
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.http_port)
-        await site.start()
-        self.http_port = site._server.sockets[0].getsockname()[1]
+        """Listen; returns (http port, data port)."""
+        from kvlink.daemon.http import HttpApi
+
+        self._http = HttpApi(self)
+        self.http_port = await self._http.start(self.config.host, self.config.http_port)
         _, self.data_port = await self._server.start(self.config.host, self.config.data_port)
         self._acceptor = asyncio.create_task(self._accept())
         return self.http_port, self.data_port
@@ -115,52 +177,10 @@ class PoolDaemon:
         for client in self._repliers.values():
             await client.close()
         await self._server.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
-        for pool in self._pools.values():
+        if self._http is not None:
+            await self._http.close()
+        for pool in self.pools_of(None).values():
             await asyncio.to_thread(pool.close)
-
-    # -- HTTP -------------------------------------------------------------------------------------
-    @staticmethod
-    def _bad(exc: Exception) -> web.Response:
-        return web.json_response({"error": type(exc).__name__, "message": str(exc)}, status=400)
-
-    async def _body(self, request: web.Request) -> dict:
-        try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            raise KvlinkError("body is not JSON") from None
-        if not isinstance(body, dict):
-            raise KvlinkError("body must be a JSON object")
-        return body
-
-    async def _health(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "pools": len(self._pools), "models": sorted(self.specs)})
-
-    async def _stats(self, request: web.Request) -> web.Response:
-        return web.json_response({"pools": {n: p.summary() for n, p in self._pools.items()}})
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        text = proto.prometheus({n: p.summary() for n, p in self._pools.items()})
-        return web.Response(text=text, content_type="text/plain", charset="utf-8")
-
-    async def _lookup(self, request: web.Request) -> web.Response:
-        try:
-            body = await self._body(request)
-            pool = self.pool(proto.field(body, "model", str), proto.field(body, "namespace", str, ""))
-            hit = pool.lookup(proto.tokens_of(body))
-        except KvlinkError as exc:
-            return self._bad(exc)
-        return web.json_response(proto.hit_to_json(hit))
-
-    async def _evict(self, request: web.Request) -> web.Response:
-        try:
-            body = await self._body(request)
-            pool = self.pool(proto.field(body, "model", str), proto.field(body, "namespace", str, ""))
-            freed = await asyncio.to_thread(pool.evict, proto.field(body, "bytes", int))
-        except KvlinkError as exc:
-            return self._bad(exc)
-        return web.json_response({"freed": freed})
 
     # -- data path --------------------------------------------------------------------------------
     async def _accept(self) -> None:
@@ -171,60 +191,73 @@ class PoolDaemon:
             task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, incoming) -> None:
-        meta = incoming.meta
+        meta = incoming.meta if isinstance(incoming.meta, dict) else {}
+        tenant = self.tenant_of(incoming)
         reply_port, reply_id = meta.get("reply_port"), meta.get("reply_id")
+        model = meta.get("model") if meta.get("model") in self.specs else next(iter(self.specs))
         release = None
         landings = self._landings.pop(incoming.transfer_id, {})
         try:
             parts = await incoming.done()
-            model = proto.field(meta, "model", str)
-            pool = self.pool(model, proto.field(meta, "namespace", str, ""))
+            pool = await asyncio.to_thread(self.pool, proto.model_of(meta), tenant)
             op = meta.get("op")
             if op == "put":
-                tokens = proto.tokens_of(meta)
-                names = proto.field(meta, "pieces", list)
-                if len(names) != len(parts) or not all(
-                        isinstance(n, list) and len(n) == 2 and n[0] in proto.KINDS and isinstance(n[1], int)
-                        for n in names):
-                    raise KvlinkError("pieces must be [kind, block] pairs, one per part")
-                pieces = {(kind, block): _landed(landings, part) for (kind, block), part in zip(names, parts)}
-                stored = await asyncio.to_thread(pool.store, tokens, pieces)
-                reply, out = {"stored": stored}, [b""]
+                tokens, names = await asyncio.to_thread(proto.decode_put, parts[0], len(parts) - 1)
+                pieces = {name: _landed(landings, part) for name, part in zip(names, parts[1:])}
+                reply, out = _report(await asyncio.to_thread(pool.store, tokens, pieces)), [b""]
             elif op == "get":
-                keys = proto.keys_of(meta)
+                keys = await asyncio.to_thread(proto.decode_get, parts[0])
                 # Sent straight from the tier's pages, pinned until the reply is delivered.
                 found, release = await asyncio.to_thread(pool.pin_views, keys)
                 reply = {"missing": [i for i, v in enumerate(found) if v is None]}
                 out = [b"" if v is None else v for v in found] or [b""]
             else:
-                raise KvlinkError(f"unknown op {op!r}")
+                raise ConfigError(f"unknown op {op!r}")
         except KvlinkError as exc:
             reply, out = {"error": type(exc).__name__, "message": str(exc)}, [b""]
-            model = meta.get("model") if meta.get("model") in self.specs else next(iter(self.specs))
+        except Exception as exc:  # a bug must still answer the client, not leave it waiting
+            log.exception("serving a %s transfer failed", meta.get("op"))
+            reply, out = {"error": "InternalError", "message": type(exc).__name__}, [b""]
         finally:
             incoming.release()
         try:
-            if isinstance(reply_port, int) and isinstance(reply_id, int) and incoming.peer:
-                await self._reply(incoming.peer[0], reply_port, reply_id, self.specs[model].fingerprint, reply, out)
+            if type(reply_port) is int and 0 < reply_port < 65536 and type(reply_id) is int and incoming.peer:
+                await self._reply(incoming.peer[0], reply_port, reply_id, tenant, self.specs[model].fingerprint,
+                                  reply, out)
         finally:
             if release is not None:
                 release()
 
-    async def _reply(self, host: str, port: int, tid: int, fingerprint: bytes, meta: dict, parts: list) -> None:
-        key = (host, port, fingerprint)
+    async def _reply(self, host: str, port: int, tid: int, tenant: str, fingerprint: bytes, meta: dict,
+                     parts: list) -> None:
+        # Replies are authenticated with the tenant's own secret: only its client accepts them.
+        key = (host, port, tenant, fingerprint)
         client = self._repliers.get(key)
         try:
             if client is None:
-                client = TransferClient(host, port, fingerprint, self.transport, secret=self.secret)
+                client = TransferClient(host, port, fingerprint, self.transport, secret=self.tenants.secrets.get(tenant))
                 await client.connect()
                 self._repliers[key] = client
-                while len(self._repliers) > 64:
+                while len(self._repliers) > _REPLIERS:
                     await self._repliers.popitem(last=False)[1].close()
+            self._repliers.move_to_end(key)
             verifiable = all(p == b"" or is_payload(p) for p in parts)  # b"": an absent entry
             await client.send(parts, meta=meta, transfer_id=tid, verifiable=verifiable)
         except KvlinkError as exc:
             log.warning("reply to %s:%s failed: %s", host, port, exc)
-            self._repliers.pop(key, None)
+            # A connection that is gone is dropped; a refused transfer leaves it for the others.
+            if isinstance(exc, (PeerUnreachable, HandshakeError)) and client is not None:
+                if self._repliers.get(key) is client:
+                    del self._repliers[key]
+                await client.close()
+
+
+def _report(report) -> dict:
+    """A put's reply meta from ``Pool.store``'s report (an int from pools that only count)."""
+    if isinstance(report, int):
+        return {"stored": report, "on_ssd": 0, "failed": 0, "errors": []}
+    return {"stored": report.stored, "on_ssd": report.on_ssd, "failed": report.failed,
+            "errors": [str(e)[:200] for e in report.errors[:16]]}
 
 
 def _landed(landings: dict[int, Landing], part: memoryview):

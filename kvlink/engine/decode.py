@@ -25,9 +25,10 @@ from typing import Sequence
 
 from kvlink.config import TransportConfig
 from kvlink.engine.pieces import pack_pieces, restore_pieces
-from kvlink.engine.prefill import transfer_id_for
-from kvlink.errors import ConfigError, EngineError, KvlinkError, LoadFailed, TransferTimeout
+from kvlink.engine.prefill import run_sync, transfer_id_for
+from kvlink.errors import ConfigError, EngineError, KvlinkError, LoadFailed, TransferTimeout, TransportError
 from kvlink.pool.index import PrefixHit
+from kvlink.pool.pool import StoreReport
 from kvlink.serde import CacheRef, PagedCache, Payload, Unpacker
 from kvlink.serde.payload import PayloadScan, payload_intact
 from kvlink.transport import IncomingTransfer, TransferServer
@@ -68,8 +69,10 @@ class DecodeSide:
         self.unpacker = Unpacker(cache)
         # Parts are kvlink payloads with their own checksums: the receiver verifies each layer
         # once (a layer that fails is resent whole) and senders skip per-chunk hashing.
+        # Transfers are claimed by id (start_load): nothing is queued for accept(), so nothing is
+        # held for a request once it is released.
         self.server = TransferServer(transport, [cache.spec.fingerprint], secret, part_verifier=payload_intact,
-                                     part_scanner=PayloadScan)
+                                     part_scanner=PayloadScan, accept_queue=False)
         self.pool = pool
         self.pool_block_size = pool_block_size or (pool.config.block_size if hasattr(pool, "config") else None)
         if pool is not None and self.pool_block_size is None:
@@ -78,8 +81,12 @@ class DecodeSide:
         self._loads: dict[str, _Load] = {}
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
-        """Listen for prefill peers (loopback unless told otherwise); returns the bound address."""
-        return await self.server.start(host, port)
+        """Listen for prefill peers (loopback unless told otherwise); returns the bound address.
+        Raises :class:`~kvlink.errors.TransportError` when the address cannot be bound."""
+        try:
+            return await self.server.start(host, port)
+        except OSError as exc:
+            raise TransportError(f"cannot listen on {host}:{port}: {exc}") from None
 
     # -- pool -----------------------------------------------------------------------------------
     async def lookup(self, tokens: Sequence[int]) -> PrefixHit:
@@ -91,7 +98,7 @@ class DecodeSide:
 
     async def load_from_pool(self, hit: PrefixHit, ref: CacheRef) -> int:
         """Restore ``hit`` into ``ref``'s blocks and slot; returns the tokens restored. Raises
-        :class:`~kvlink.errors.PoolError` if entries were evicted meanwhile (look up again) and
+        :class:`~kvlink.errors.EntryMissing` if entries were evicted meanwhile (look up again) and
         the entries' typed errors if one fails verification (nothing of it is written)."""
         if not hit.tokens:
             return 0
@@ -102,18 +109,50 @@ class DecodeSide:
         with fetched:
             return await asyncio.to_thread(restore_pieces, self.cache, hit, fetched, ref, self.pool_block_size)
 
-    async def store(self, tokens: Sequence[int], ref: CacheRef, first_block: int = 0) -> int:
+    async def store(self, tokens: Sequence[int], ref: CacheRef, first_block: int = 0) -> StoreReport:
         """Keep the cache of ``tokens`` (held at ``ref``) in the pool: its full pool blocks from
         ``first_block`` on, and the state when the prompt ends on a block boundary. Returns the
-        number of entries that were new."""
+        pool's :class:`~kvlink.pool.pool.StoreReport` (what was kept, on SSD too, refused)."""
         if self.pool is None:
-            return 0
+            return StoreReport()
         pieces = await asyncio.to_thread(pack_pieces, self.cache, ref, self.pool_block_size, first_block)
         if not pieces:
-            return 0
+            return StoreReport()
         if hasattr(self.pool, "fetch"):
             return await asyncio.to_thread(self.pool.store, tokens, pieces)
         return await self.pool.put(list(tokens), pieces)
+
+    def checkpoint_positions(self, end: int, start: int = 0) -> list[int]:
+        """Token positions in ``(start, end]`` at which the pool wants the linear-attention state
+        (see :meth:`store_state`): every ``checkpoint_every`` pool blocks and the last block
+        boundary (a local pool's config; a daemon client's ``checkpoint_positions`` if it has
+        one, else the last block boundary only). Empty without a pool or linear layers."""
+        if self.pool is None or not self.cache.spec.layer_indices("linear"):
+            return []
+        if hasattr(self.pool, "checkpoint_positions"):
+            return self.pool.checkpoint_positions(end, start)
+        last = end // self.pool_block_size * self.pool_block_size
+        return [last] if last > start else []
+
+    async def store_state(self, tokens: Sequence[int], ref: CacheRef) -> StoreReport:
+        """Hand the pool a state checkpoint: the state in ``ref.state_slot`` as it is *now*, which
+        must be the state after ``ref.num_tokens`` tokens of ``tokens`` (a pool block boundary,
+        one of :meth:`checkpoint_positions`). Call it while prefill or decode stands there; the
+        blocks' KV is stored by :meth:`store` (now or at the request's end). Returns the
+        :class:`~kvlink.pool.pool.StoreReport`. Raises :class:`ConfigError` off a boundary."""
+        bs = self.pool_block_size
+        if self.pool is None or not self.cache.spec.layer_indices("linear"):
+            return StoreReport()
+        if ref.num_tokens <= 0 or ref.num_tokens % bs or ref.num_tokens > len(tokens):
+            raise ConfigError(f"a state checkpoint must lie on a pool block boundary ({bs} tokens) "
+                              f"within the tokens, got {ref.num_tokens}")
+        at = CacheRef(ref.block_ids, ref.num_tokens, ref.state_slot)
+        # From the boundary's block on, pack_pieces packs only the state: no KV blocks.
+        pieces = await asyncio.to_thread(pack_pieces, self.cache, at, bs, ref.num_tokens // bs)
+        prefix = list(tokens[: ref.num_tokens])
+        if hasattr(self.pool, "fetch"):
+            return await asyncio.to_thread(self.pool.store, prefix, pieces)
+        return await self.pool.put(prefix, pieces)
 
     # -- loads ----------------------------------------------------------------------------------
     def start_load(self, request_id: str, ref: CacheRef, layers: list[int] | None = None,
@@ -254,7 +293,7 @@ class SyncDecodeSide:
         self.address = self._run(self.side.start(host, port))
 
     def _run(self, coro, timeout: float | None = None):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        return run_sync(coro, self._loop, timeout)
 
     def lookup(self, tokens: Sequence[int]) -> PrefixHit:
         return self._run(self.side.lookup(tokens))
@@ -262,8 +301,14 @@ class SyncDecodeSide:
     def load_from_pool(self, hit: PrefixHit, ref: CacheRef) -> int:
         return self._run(self.side.load_from_pool(hit, ref))
 
-    def store(self, tokens: Sequence[int], ref: CacheRef, first_block: int = 0) -> int:
+    def store(self, tokens: Sequence[int], ref: CacheRef, first_block: int = 0) -> StoreReport:
         return self._run(self.side.store(tokens, ref, first_block))
+
+    def checkpoint_positions(self, end: int, start: int = 0) -> list[int]:
+        return self.side.checkpoint_positions(end, start)
+
+    def store_state(self, tokens: Sequence[int], ref: CacheRef) -> StoreReport:
+        return self._run(self.side.store_state(tokens, ref))
 
     def start_load(self, request_id: str, ref: CacheRef, layers: list[int] | None = None,
                    timeout: float | None = None) -> None:
@@ -273,9 +318,12 @@ class SyncDecodeSide:
         self._run(start())
 
     def wait_layer(self, request_id: str, layer: int, timeout: float | None = None) -> None:
+        """As :meth:`DecodeSide.wait_layer`; :class:`~kvlink.errors.TransferTimeout` when
+        ``timeout`` passes first (the load goes on: wait again or release it)."""
         self._run(self.side.wait_layer(request_id, layer), timeout)
 
     def wait_all(self, request_id: str, timeout: float | None = None) -> LoadReport:
+        """As :meth:`DecodeSide.wait_all`; :class:`~kvlink.errors.TransferTimeout` as :meth:`wait_layer`."""
         return self._run(self.side.wait_all(request_id), timeout)
 
     def release(self, request_id: str) -> None:

@@ -21,9 +21,11 @@ import time
 from dataclasses import dataclass, field
 
 from kvlink.config import CodecConfig, TransportConfig
-from kvlink.errors import EngineError
+from kvlink.errors import EngineError, TransferTimeout
 from kvlink.serde import CacheRef, Packer, PagedCache
+from kvlink.serde.layout import layer_segments
 from kvlink.transport import OutgoingTransfer, TransferClient
+from kvlink.transport.adaptive import CodecAdvisor, link_rate
 
 
 def transfer_id_for(request_id: str) -> int:
@@ -54,6 +56,7 @@ class _Request:
     layers: list[int]
     transfer: OutgoingTransfer
     report: SendReport
+    client: TransferClient
     payloads: list = field(default_factory=list)
 
 
@@ -61,12 +64,17 @@ class PrefillSide:
     """Sends requests' caches out of one :class:`PagedCache` (asyncio; see :class:`SyncPrefillSide`).
 
     One :class:`~kvlink.transport.TransferClient` per destination, opened on first use and kept.
+    ``advisor``: a :class:`~kvlink.transport.adaptive.CodecAdvisor` choosing each layer's codecs
+    (instead of ``codec``'s fixed ones) from the destination link's current rate
+    (``client.snapshot()``) as the layer is saved; it is calibrated on the request's own data at
+    :meth:`begin` (once per segment class and dtype).
     """
 
     def __init__(self, cache: PagedCache, codec: CodecConfig | None = None, transport: TransportConfig | None = None,
-                 secret: bytes | None = None):
+                 secret: bytes | None = None, advisor: CodecAdvisor | None = None):
         self.cache = cache
         self.packer = Packer(cache, codec)
+        self.advisor = advisor
         self.transport = transport or TransportConfig()
         self.secret = secret
         self._clients: dict[tuple[str, int], TransferClient] = {}
@@ -95,22 +103,34 @@ class PrefillSide:
         layers = list(range(self.cache.spec.num_layers) if layers is None else layers)
         ref.block_ids_checked(self.cache)
         client = await self.client(destination)
+        if self.advisor is not None:
+            await asyncio.to_thread(self.advisor.calibrate_cache, self.cache, ref)  # no-op once profiled
         meta = {"request": request_id, "layers": layers, "token_start": ref.token_start, "num_tokens": ref.num_tokens}
         transfer = client.open(len(layers), weight=weight, deadline=deadline, meta=meta,
                                transfer_id=transfer_id_for(request_id), verifiable=True)  # parts are payloads
         self._requests[request_id] = _Request(ref, layers, transfer, SendReport(request_id, 0, len(layers),
-                                                                                 time.monotonic()))
+                                                                                 time.monotonic()), client)
 
     def save_layer(self, request_id: str, layer: int) -> None:
         """Pack ``layer`` now and queue it for sending. Safe from any thread (a forward hook):
         the packing happens in the caller, the hand-off on the event loop. Raises
-        :class:`EngineError` for an unknown request or a layer not in it."""
+        :class:`EngineError` for an unknown request, a layer not in it or saved already, and the
+        transfer's typed error once it failed (checked here: from another thread, a failure in
+        the hand-off could not reach the caller)."""
         req = self._req(request_id)
         try:
             index = req.layers.index(layer)
         except ValueError:
             raise EngineError(f"request {request_id} does not send layer {layer}") from None
-        payload = self.packer.pack(req.ref, [layer])
+        if layer in req.report.layer_saved:
+            raise EngineError(f"request {request_id}: layer {layer} was saved already")
+        if req.transfer.error is not None:
+            raise req.transfer.error
+        codecs = None
+        if self.advisor is not None:  # the codecs that deliver soonest at the link's rate right now
+            segments = layer_segments(self.cache.spec, layer, req.ref.token_start, req.ref.num_tokens)
+            codecs = self.advisor.codecs(segments, link_rate(req.client.snapshot()))
+        payload = self.packer.pack(req.ref, [layer], codecs)
         req.payloads.append(payload)
         req.report.bytes += payload.nbytes
         req.report.layer_saved[layer] = time.monotonic()
@@ -122,14 +142,23 @@ class PrefillSide:
     async def finish(self, request_id: str, timeout: float | None = None) -> SendReport:
         """Wait until the receiver has verified every layer; returns the report. Raises the
         transfer's typed error (:class:`~kvlink.errors.TransferTimeout`,
-        :class:`~kvlink.errors.TransferCancelled`, :class:`~kvlink.errors.TransferFailed`...)."""
+        :class:`~kvlink.errors.TransferCancelled`, :class:`~kvlink.errors.TransferFailed`...),
+        and :class:`~kvlink.errors.TransferTimeout` when ``timeout`` (seconds) passes first. The
+        request is forgotten either way; a transfer not done by then is cancelled (the decode
+        side sees :class:`~kvlink.errors.TransferCancelled`), so its buffers are never sent
+        after they are given back."""
         req = self._req(request_id)
         try:
             await asyncio.wait_for(req.transfer.done(), timeout)
             req.report.finished = time.monotonic()
             req.report.bytes_resent = req.transfer.bytes_resent
             return req.report
+        except asyncio.TimeoutError:
+            raise TransferTimeout(f"request {request_id}: not verified by the receiver within {timeout} s; "
+                                  "transfer cancelled") from None
         finally:
+            if not req.transfer.is_done:
+                req.transfer.cancel()
             self._drop(request_id)
 
     async def abort(self, request_id: str) -> None:
@@ -165,6 +194,19 @@ class PrefillSide:
             return False
 
 
+def run_sync(coro, loop: asyncio.AbstractEventLoop, timeout: float | None = None):
+    """Run ``coro`` on ``loop`` (another thread's) and wait for its result. Raises
+    :class:`~kvlink.errors.TransferTimeout` (and cancels it) when ``timeout`` passes first."""
+    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    try:
+        return future.result(timeout)
+    except TimeoutError:  # concurrent.futures.TimeoutError is the builtin one since 3.11
+        if not future.done():
+            future.cancel()
+            raise TransferTimeout(f"no result within {timeout} s") from None
+        raise
+
+
 class SyncPrefillSide:
     """:class:`PrefillSide` for synchronous engines: its event loop runs in a background thread.
 
@@ -180,7 +222,7 @@ class SyncPrefillSide:
         self.side = PrefillSide(*args, **kwargs)
 
     def _run(self, coro, timeout: float | None = None):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        return run_sync(coro, self._loop, timeout)
 
     def begin(self, request_id: str, ref: CacheRef, destination: tuple[str, int], **kwargs) -> None:
         self._run(self.side.begin(request_id, ref, destination, **kwargs))

@@ -168,7 +168,9 @@ class PrefixIndex:
                 continue
             best = b
             break
-        if best == len(keys):
+        if not keys:
+            stopped = f"shorter than one block ({self.block_size} tokens)"
+        elif best == len(keys):
             stopped = "whole prompt cached"
         elif kv == 0:
             stopped = "no cached blocks"

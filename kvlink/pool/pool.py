@@ -6,7 +6,14 @@ victim moves down (GPU -> host -> SSD) or, with nowhere to go, leaves the pool (
 Demotions to SSD and promotions after an SSD hit run on a background I/O thread, off the
 caller's path; until a demoted entry is on disk it is served from the write queue. With
 ``write_mode="through"``, :meth:`store` also writes every new entry to SSD before it returns,
-so evicting it from memory loses nothing and a crash loses nothing stored. After a restart the index is rebuilt from what the SSD tier holds.
+so evicting it from memory loses nothing and a crash loses nothing stored; its
+:class:`StoreReport` says which entries reached the SSD (a full disk stores them in memory only).
+After a restart the index is rebuilt from what the SSD tier holds. An SSD tier that cannot be
+opened (damaged index, full or read-only disk) leaves the pool serving its memory tiers, and
+:meth:`health` reports it.
+
+Host memory is allocated lazily and charged to a :class:`~kvlink.pool.budget.HostBudget` shared
+by every pool of a daemon; ``host_bytes`` is the pool's own quota within it.
 """
 
 from __future__ import annotations
@@ -17,10 +24,12 @@ import threading
 from typing import Sequence
 
 from kvlink.config import PoolConfig
-from kvlink.errors import ChecksumMismatch, PoolError
+from kvlink.errors import ChecksumMismatch, EntryMissing, KvlinkError, PoolError, TierUnavailable
+from kvlink.pool.budget import HostBudget
 from kvlink.pool.eviction import make_policy
 from kvlink.pool.index import FULL, SLIDING, STATE, PrefixHit, PrefixIndex
 from kvlink.pool.readahead import ReadAhead
+from kvlink.pool.report import StoreReport
 from kvlink.pool.slab import Landing, SlabTier
 from kvlink.pool.ssd import SsdTier
 from kvlink.spec import CacheSpec
@@ -30,7 +39,10 @@ _KINDS = {v: k for k, v in _CODES.items()}
 
 
 def tier_key(kind: str, key: bytes) -> bytes:
-    return _CODES[kind] + key
+    code = _CODES.get(kind)
+    if code is None:
+        raise PoolError(f"unknown entry kind {kind!r}")
+    return code + key
 
 
 def _nbytes(data) -> int:
@@ -45,17 +57,27 @@ def _nbytes(data) -> int:
 
 class Pool:
     """A prefix cache pool for one layout. Thread-safe; every method returns promptly except
-    :meth:`drain` (waits for background SSD work) and :meth:`close`."""
+    :meth:`drain` (waits for background SSD work) and :meth:`close`. ``budget``: the host
+    memory shared with other pools (None: this pool's ``host_bytes`` alone bounds it)."""
 
-    def __init__(self, spec: CacheSpec, config: PoolConfig | None = None):
+    def __init__(self, spec: CacheSpec, config: PoolConfig | None = None, budget: HostBudget | None = None):
         self.config = cfg = config or PoolConfig()
         self.index = PrefixIndex(spec, cfg.block_size, cfg.namespace, cfg.checkpoint_every)
         self.levels: list[tuple[str, SlabTier]] = []
         if cfg.gpu_bytes:
-            self.levels.append(("gpu", SlabTier(cfg.gpu_bytes, cfg.page_bytes, device=cfg.gpu_device)))
-        self.levels.append(("host", SlabTier(cfg.host_bytes, cfg.page_bytes)))
+            self.levels.append(("gpu", SlabTier(cfg.gpu_bytes, cfg.page_bytes, device=cfg.gpu_device,
+                                                chunk_bytes=cfg.chunk_bytes)))
+        self.levels.append(("host", SlabTier(cfg.host_bytes, cfg.page_bytes, chunk_bytes=cfg.chunk_bytes,
+                                             budget=budget)))
         self.policies = [make_policy(cfg.policy, tier.capacity) for _, tier in self.levels]
-        self.ssd = SsdTier(cfg.ssd_dir, cfg.ssd_bytes, cfg.ssd_durable, cfg.ssd_segment_bytes) if cfg.ssd_dir else None
+        self._errors: dict[str, str | None] = {name: None for name, _ in self.levels}  # tier -> last failure
+        self.ssd = None
+        if cfg.ssd_dir:
+            self._errors["ssd"] = None
+            try:
+                self.ssd = SsdTier(cfg.ssd_dir, cfg.ssd_bytes, cfg.ssd_durable, cfg.ssd_segment_bytes)
+            except TierUnavailable as exc:  # serve the memory tiers; health() says why SSD is off
+                self._errors["ssd"] = str(exc)
         self._lock = threading.RLock()
         self._pending: dict[bytes, object] = {}  # tier key -> bytes on their way to SSD
         self._futures: set[concurrent.futures.Future] = set()
@@ -73,7 +95,7 @@ class Pool:
             return self.index.lookup(tokens)
 
     def where(self, kind: str, key: bytes) -> list[str]:
-        """Tiers holding an entry (for stats and tests)."""
+        """Tiers holding an entry (for stats and tests). Raises :class:`PoolError` for an unknown kind."""
         tkey = tier_key(kind, key)
         with self._lock:
             out = [name for name, tier in self.levels if tkey in tier]
@@ -89,38 +111,59 @@ class Pool:
         afterwards in every case (a no-op once stored)."""
         return self.levels[0][1].reserve(nbytes)
 
-    def store(self, tokens: Sequence[int], pieces: dict[tuple[str, int], object]) -> int:
+    def checkpoint_positions(self, end: int, start: int = 0) -> list[int]:
+        """Token positions in ``(start, end]`` where the pool wants a state checkpoint (hybrid
+        models): every ``checkpoint_every`` blocks and the last block boundary. An engine whose
+        sequence reaches one hands the state over (``DecodeSide.store_state``); empty when the
+        layout has no state."""
+        bs = self.config.block_size
+        return [(b + 1) * bs for b in self.index.checkpoints_for(max(0, end) // bs) if (b + 1) * bs > start]
+
+    def store(self, tokens: Sequence[int], pieces: dict[tuple[str, int], object]) -> StoreReport:
         """Store ``{(kind, block index): bytes}`` of a prompt (a value may be a list of buffers,
-        stored back to back, or a filled :meth:`landing`); returns how many were new and fit."""
+        stored back to back, a CPU or device tensor, or a filled :meth:`landing`); returns a
+        :class:`StoreReport` of exactly what was kept and where. Raises :class:`PoolError` for a
+        piece that does not fit the prompt or is not bytes (nothing is stored then)."""
         keys = self.index.hashes(tokens)
-        for kind, block in pieces:  # all checked before anything is stored
+        sizes = {}
+        for (kind, block), data in pieces.items():  # all checked before anything is stored
             if kind not in _CODES or not 0 <= block < len(keys):
                 raise PoolError(f"piece ({kind!r}, {block}) does not fit a prompt of {len(keys)} full blocks")
-        stored = 0
+            try:
+                sizes[(kind, block)] = _nbytes(data)
+            except (TypeError, ValueError) as exc:
+                raise PoolError(f"piece ({kind!r}, {block}) is not bytes: {exc}") from None
+        report = StoreReport()
         through = self.config.write_mode == "through" and self.ssd is not None
         for (kind, block), data in pieces.items():
-            key, nbytes = keys[block], _nbytes(data)
+            key, nbytes = keys[block], sizes[(kind, block)]
             tkey = tier_key(kind, key)
             landed = isinstance(data, Landing)
+            on_ssd = False
             if through and landed:
                 # Landed bytes go to disk before their pages join the tier, where an eviction
                 # could hand them to another entry while the disk write still reads them.
                 if self.index.has(kind, key):
                     continue
-                self._ssd_put(tkey, data.view)
+                on_ssd = self._ssd_put(tkey, data.view, report)
             with self._lock:
                 if self.index.has(kind, key):
                     continue
                 if not self._put_level(0, tkey, data):
                     self.stats["store_refused"] += 1
+                    report.failed += 1
+                    report.error(f"{self.levels[0][0]}: no room within the pool's quota or the host budget")
+                    if on_ssd:  # not indexed, so nothing would ever find it
+                        self._ssd_delete(tkey)
                     continue
                 self.index.add(kind, key, nbytes, block)
-                stored += 1
+                report.stored += 1
             if through and not landed:
                 # Write-through is synchronous: once store() returns the entry is on SSD too
                 # (outside the lock, so readers are not held up by the disk).
-                self._ssd_put(tkey, data)
-        return stored
+                on_ssd = self._ssd_put(tkey, data, report)
+            report.on_ssd += on_ssd
+        return report
 
     def _pinned(self, tkey: bytes) -> bool:
         entry = self.index.entry(_KINDS[tkey[:1]], tkey[1:])
@@ -188,32 +231,52 @@ class Pool:
             if not ok:
                 self._forget(tkey)
 
-    def _ssd_put(self, tkey: bytes, data) -> bool:
+    def _ssd_put(self, tkey: bytes, data, report: StoreReport | None = None) -> bool:
         """Put on SSD; a full tier first drops its oldest entries (pinned ones are kept), and
-        those no other tier holds leave the index."""
+        those no other tier holds leave the index. False when it did not get there: the reason
+        goes to ``report`` and to :meth:`health`, never raised (the entry may be in memory)."""
         nbytes = _nbytes(data)
-        if not self.ssd.fits(nbytes):
-            with self._lock:
-                dropped = self.ssd.make_room(nbytes, keep=self._pinned)
-                for victim in dropped:
-                    self._forget(victim)
-                self.stats["ssd_evicted"] += len(dropped)
-        if self.ssd.put(tkey, data):
-            return True
+        try:
+            if not self.ssd.fits(nbytes):
+                with self._lock:
+                    dropped = self.ssd.make_room(nbytes, keep=self._pinned)
+                    for victim in dropped:
+                        self._forget(victim)
+                    self.stats["ssd_evicted"] += len(dropped)
+            if self.ssd.put(tkey, data):
+                self._errors["ssd"] = None
+                return True
+            error = f"ssd: {self.ssd.last_refusal}"
+        except KvlinkError as exc:  # a failing disk: the memory tiers keep serving
+            error = f"ssd: {exc}"
         with self._lock:
             self.stats["ssd_refused"] += 1
+            self._errors["ssd"] = error
+        if report is not None:
+            report.error(error)
         return False
+
+    def _ssd_delete(self, tkey: bytes) -> None:
+        try:
+            self.ssd.delete(tkey)
+        except KvlinkError as exc:
+            self._errors["ssd"] = f"ssd: {exc}"
 
     # -- fetching ---------------------------------------------------------------------------------
     def fetch(self, hit: PrefixHit) -> dict[tuple[str, bytes], memoryview]:
         """The bytes of every entry of ``hit``, keyed by (kind, key), each verified. Entries found
-        only on SSD are promoted to memory in the background. Raises :class:`PoolError` when an
-        entry was lost meanwhile (look up again)."""
+        only on SSD are promoted to memory in the background. Raises :class:`EntryMissing` when
+        an entry was evicted or lost meanwhile (look up again), :class:`ChecksumMismatch` /
+        :class:`PoolError` when one failed verification on SSD (it is dropped)."""
         wanted = [(FULL, k) for k in hit.full] + [(SLIDING, k) for k in hit.sliding]
         if hit.state is not None:
             wanted.append((STATE, hit.state))
         with self._lock:
-            lease = self.index.pin(hit)
+            try:
+                lease = self.index.pin(hit)
+            except KeyError:
+                raise EntryMissing(f"an entry of this {hit.tokens}-token hit was evicted since the lookup; "
+                                   "look up again") from None
         try:
             ahead = None
             if self.ssd is not None:  # read ahead the entries only the SSD holds
@@ -235,11 +298,13 @@ class Pool:
     def pin_views(self, keys: list[tuple[str, bytes]]):
         """Entries by (kind, key) without copying: for each, a list of buffers (pages in a host
         tier, or a fresh buffer read from GPU/SSD) or None if absent; plus ``release()``, to call
-        once the buffers are no longer used (until then the entries cannot be evicted)."""
+        once the buffers are no longer used (until then the entries cannot be evicted). Raises
+        :class:`PoolError` for an unknown kind (before pinning anything)."""
         out, pinned, slow = [], [], []
+        tkeys = [tier_key(kind, key) for kind, key in keys]
         with self._lock:
-            for kind, key in keys:
-                entry, tkey = self.index.entry(kind, key), tier_key(kind, key)
+            for (kind, key), tkey in zip(keys, tkeys):
+                entry = self.index.entry(kind, key)
                 if entry is None:
                     out.append(None)
                     continue
@@ -289,9 +354,13 @@ class Pool:
         if self.ssd is None or tkey not in self.ssd:
             with self._lock:
                 self._forget(tkey)
-            raise PoolError(f"entry {tkey.hex()[:18]} is no longer in the pool")
+            raise EntryMissing(f"entry {tkey.hex()[:18]} is no longer in the pool; look up again")
         try:
             data = self.ssd.get(tkey)
+        except EntryMissing:  # evicted since the check above
+            with self._lock:
+                self._forget(tkey)
+            raise EntryMissing(f"entry {tkey.hex()[:18]} is no longer in the pool; look up again") from None
         except (ChecksumMismatch, PoolError) as exc:
             with self._lock:
                 self.stats["corrupt"] += 1
@@ -329,17 +398,27 @@ class Pool:
         while self._futures:
             concurrent.futures.wait(list(self._futures))
 
+    def health(self) -> dict[str, dict]:
+        """Tier name -> ``{"ok": bool, "error": str | None}``: an SSD tier that could not be
+        opened, or whose last write failed (full disk, I/O error), is not ok."""
+        with self._lock:
+            return {name: {"ok": error is None, "error": error} for name, error in self._errors.items()}
+
     def summary(self) -> dict:
+        health = self.health()
         with self._lock:
             out = {"index": self.index.stats(), "counters": dict(self.stats),
                    "tiers": {name: {"used": tier.used_bytes, "capacity": tier.capacity, "entries": len(tier),
-                                    "landed": tier.stats["adopted"]}
+                                    "allocated": tier.allocated_bytes, "landed": tier.stats["adopted"],
+                                    **health[name]}
                              for name, tier in self.levels}}
             if self.ssd is not None:
                 out["tiers"]["ssd"] = {"used": self.ssd.used_bytes, "capacity": self.ssd.capacity,
                                        "entries": len(self.ssd), "queued": len(self._pending),
-                                       "disk": self.ssd.disk_bytes}  # live + dead bytes in segments
+                                       "disk": self.ssd.disk_bytes, **health["ssd"]}  # disk: live + dead bytes
                 out["counters"].update({f"ssd_tier_{k}": v for k, v in self.ssd.stats.items()})
+            elif "ssd" in health:  # configured, but it could not be opened
+                out["tiers"]["ssd"] = {"entries": 0, **health["ssd"]}
             return out
 
     def close(self) -> None:
@@ -347,6 +426,8 @@ class Pool:
         self._io.shutdown(wait=True)
         if self.ssd is not None:
             self.ssd.close()
+        for _, tier in self.levels:
+            tier.close()  # memory and its share of the host budget go back
 
     def __enter__(self) -> "Pool":
         return self

@@ -194,8 +194,11 @@ class SegmentFiles:
 
     # -- reading ------------------------------------------------------------------------------------
     def advise(self, seg: int, offset: int, nbytes: int) -> None:
-        """Ask the kernel to read this range ahead (asynchronously)."""
-        fd = self.acquire(seg)
+        """Ask the kernel to read this range ahead (asynchronously); a hint, so it never fails."""
+        try:
+            fd = self.acquire(seg)
+        except OSError:  # the file is gone: the read that follows reports it
+            return
         if fd is None:
             return
         try:

@@ -1,10 +1,16 @@
-"""A memory tier: fixed-size pages carved out of one preallocated buffer.
+"""A memory tier: fixed-size pages carved out of chunks allocated on demand.
 
-The host tier is a slab of DRAM (pinned when CUDA exists, so promotion to the GPU and transfers
-start without staging); the GPU tier is the same code with ``device="cuda"`` (tests run it on
+The host tier is DRAM (pinned when CUDA exists, so promotion to the GPU and transfers start
+without staging); the GPU tier is the same code with ``device="cuda"`` (tests run it on
 ``device="cpu"``). An entry takes ``ceil(size / page_bytes)`` pages, not necessarily adjacent,
 and carries the xxh3 of its bytes: :meth:`get` verifies it and drops an entry that fails,
-rather than ever returning damaged bytes. Nothing is allocated after construction.
+rather than ever returning damaged bytes.
+
+Memory is allocated lazily, ``chunk_bytes`` at a time, when the free pages run out, and each
+chunk is charged to a shared :class:`~kvlink.pool.budget.HostBudget` when one is given: creating
+a tier costs nothing, and a daemon's many tiers together never hold more than the budget.
+``capacity`` is the tier's own cap (its tenant's quota). Chunks stay allocated until
+:meth:`close` (a tier that was full once keeps its memory; its capacity bounds it).
 """
 
 from __future__ import annotations
@@ -36,8 +42,7 @@ class Landing:
 
     def __init__(self, tier: "SlabTier", pages: tuple[int, ...], nbytes: int):
         self.tier, self.pages, self.nbytes = tier, pages, nbytes
-        start = pages[0] * tier.page_bytes
-        self.view = memoryview(tier.buffer[start: start + nbytes].numpy())
+        self.view = memoryview(tier._span(pages[0], nbytes).numpy())
         self.adopted = self.released = False
 
     def release(self) -> None:
@@ -45,25 +50,26 @@ class Landing:
 
 
 class SlabTier:
-    """``capacity`` bytes in pages of ``page_bytes``; thread-safe."""
+    """Up to ``capacity`` bytes in pages of ``page_bytes``, allocated ``chunk_bytes`` at a time
+    (charged to ``budget`` when given); thread-safe."""
 
     def __init__(self, capacity: int, page_bytes: int = 2 << 20, device: str | torch.device = "cpu",
-                 pin: bool | None = None):
+                 pin: bool | None = None, chunk_bytes: int = 64 << 20, budget=None):
         if page_bytes <= 0 or capacity < page_bytes:
             raise ConfigError(f"need 0 < page_bytes <= capacity, got {page_bytes} and {capacity}")
         self.device = torch.device(device)
         if pin is None:
             pin = self.device.type == "cpu" and torch.cuda.is_available()
+        self._pin = bool(pin)
         self.page_bytes = page_bytes
         self.num_pages = capacity // page_bytes
-        self.buffer = torch.empty(self.num_pages * page_bytes, dtype=torch.uint8, device=self.device,
-                                  pin_memory=bool(pin))
-        if self.device.type == "cpu" and not pin:
-            self.buffer.zero_()  # fault the pages in now, not on the first put
+        self.chunk_pages = max(1, min(self.num_pages, chunk_bytes // page_bytes))
+        self.budget = budget
+        self._chunks: list[torch.Tensor] = []  # chunk c holds pages [c * chunk_pages, ...)
         # One view per page, made on first use and kept: slicing a tensor costs microseconds,
         # which is a tenth of a 2 MiB copy on a many-core host.
-        self._pages: list[torch.Tensor | None] = [None] * self.num_pages
-        self._free: collections.deque[int] = collections.deque(range(self.num_pages))
+        self._pages: list[torch.Tensor | None] = []
+        self._free: collections.deque[int] = collections.deque()
         self._entries: dict[bytes, SlabEntry] = {}
         self._lock = threading.Lock()
         self.stats = collections.Counter()
@@ -76,7 +82,13 @@ class SlabTier:
     @property
     def used_bytes(self) -> int:
         with self._lock:
-            return (self.num_pages - len(self._free)) * self.page_bytes
+            return (len(self._pages) - len(self._free)) * self.page_bytes
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes of memory the tier holds (allocated chunks), used or free."""
+        with self._lock:
+            return len(self._pages) * self.page_bytes
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._entries
@@ -84,11 +96,61 @@ class SlabTier:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def _span(self, page: int, nbytes: int) -> torch.Tensor:
+        """``nbytes`` from the start of ``page`` on (they must lie in its chunk)."""
+        start = (page % self.chunk_pages) * self.page_bytes
+        return self._chunks[page // self.chunk_pages][start: start + nbytes]
+
     def _page(self, index: int) -> torch.Tensor:
         page = self._pages[index]
         if page is None:
-            page = self._pages[index] = self.buffer[index * self.page_bytes: (index + 1) * self.page_bytes]
+            page = self._pages[index] = self._span(index, self.page_bytes)
         return page
+
+    def _new_chunk(self, fault: bool = True) -> list[int] | None:
+        """Allocate the next chunk (under the lock); its page indices, or None when the tier's
+        capacity or the shared budget has no room for it. ``fault``: touch it now (host tiers),
+        so later copies into it run at memory speed."""
+        first = len(self._pages)
+        count = min(self.chunk_pages, self.num_pages - first)
+        if count <= 0:
+            return None
+        nbytes = count * self.page_bytes
+        if self.budget is not None and not self.budget.charge(nbytes):
+            self.stats["budget_refused"] += 1
+            return None
+        try:
+            chunk = torch.empty(nbytes, dtype=torch.uint8, device=self.device, pin_memory=self._pin)
+            if fault and self.device.type == "cpu" and not self._pin:
+                chunk.zero_()  # fault the chunk in now, not page by page on the first puts
+        except (RuntimeError, MemoryError):
+            if self.budget is not None:
+                self.budget.release(nbytes)
+            self.stats["alloc_failed"] += 1
+            return None
+        self._chunks.append(chunk)
+        self._pages.extend([None] * count)
+        self.stats["chunks"] += 1
+        return list(range(first, first + count))
+
+    def _grow(self, need: int) -> bool:
+        """Allocate chunks until ``need`` pages are free (under the lock); False if they cannot be."""
+        while len(self._free) < need:
+            pages = self._new_chunk()
+            if pages is None:
+                return False
+            self._free.extend(pages)
+        return True
+
+    def close(self) -> None:
+        """Drop every entry and give the memory (and its budget charge) back."""
+        with self._lock:
+            if self.budget is not None:
+                self.budget.release(len(self._pages) * self.page_bytes)
+            self._entries.clear()
+            self._chunks.clear()
+            self._pages.clear()
+            self._free.clear()
 
     # -- data -------------------------------------------------------------------------------------
     def put(self, key: bytes, data, digest: int | None = None, hashed: bool = True) -> bool:
@@ -101,7 +163,8 @@ class SlabTier:
         nbytes = sum(src.numel() for src in srcs)
         need = max(1, -(-nbytes // self.page_bytes))
         with self._lock:
-            if need > len(self._free) + len(self._entries.get(key, SlabEntry((), 0, 0)).pages):
+            held = len(self._entries.get(key, SlabEntry((), 0, 0)).pages)
+            if need > len(self._free) + held and not self._grow(need - held):
                 self.stats["put_full"] += 1
                 return False
             old = self._entries.pop(key, None)
@@ -141,7 +204,8 @@ class SlabTier:
 
     def reserve(self, nbytes: int) -> Landing | None:
         """Adjacent free pages for ``nbytes`` (host tiers), or None when there are none: this never
-        evicts (it runs on a receiver's path). Fill ``landing.view``, then :meth:`adopt` it."""
+        evicts (it runs on a receiver's path, on an event loop; see :meth:`_take_run` for when it
+        allocates). Fill ``landing.view``, then :meth:`adopt` it."""
         if self.device.type != "cpu":
             return None
         need = max(1, -(-nbytes // self.page_bytes))
@@ -154,18 +218,34 @@ class SlabTier:
         return Landing(self, pages, nbytes)
 
     def _take_run(self, need: int) -> tuple[int, ...] | None:
+        """``need`` adjacent free pages in one chunk, or None. When none are free, an unpinned
+        tier allocates a chunk without faulting it in (an mmap: microseconds; the writes into
+        the landing fault it, in the transport's reader threads); a pinned one does not (pinning
+        takes milliseconds and this runs on an event loop)."""
+        if need > self.chunk_pages:
+            return None
+        run = self._free_run(need)
+        if run is None and not self._pin:
+            pages = self._new_chunk(fault=False)
+            if pages is not None:
+                run = tuple(pages[:need])
+                self._free.extend(pages[need:])
+        return run
+
+    def _free_run(self, need: int) -> tuple[int, ...] | None:
         if len(self._free) < need:
             return None
         if need == 1:
             return (self._free.popleft(),)
-        head = self._free[0]
-        if all(self._free[i] == head + i for i in range(1, need)):
+        head, cp = self._free[0], self.chunk_pages
+        if (head // cp == (head + need - 1) // cp
+                and all(self._free[i] == head + i for i in range(1, need))):
             # The usual case: free pages are handed out from the front of the queue, so in a
             # tier that is not fragmented the front is already a run (no sort of the free list).
             return tuple(self._free.popleft() for _ in range(need))
         free = sorted(self._free)
         for i in range(len(free) - need + 1):
-            if free[i + need - 1] - free[i] == need - 1:
+            if free[i + need - 1] - free[i] == need - 1 and free[i] // cp == free[i + need - 1] // cp:
                 run = tuple(free[i: i + need])
                 taken = set(run)
                 self._free = collections.deque(p for p in self._free if p not in taken)
@@ -235,11 +315,11 @@ class SlabTier:
         if self.device.type != "cpu":
             raise ConfigError("views are for host tiers")
         pages = entry.pages
-        if pages == tuple(range(pages[0], pages[0] + len(pages))):
-            # Adjacent pages (every landed put, most entries of a tier that is not fragmented):
-            # one view, so a reply sends it as one buffer.
-            start = pages[0] * self.page_bytes
-            return [memoryview(self.buffer[start: start + entry.nbytes].numpy())]
+        if (pages == tuple(range(pages[0], pages[0] + len(pages)))
+                and pages[0] // self.chunk_pages == pages[-1] // self.chunk_pages):
+            # Adjacent pages in one chunk (every landed put, most entries of a tier that is not
+            # fragmented): one view, so a reply sends it as one buffer.
+            return [memoryview(self._span(pages[0], entry.nbytes).numpy())]
         out = []
         for i, page in enumerate(pages):
             n = min(self.page_bytes, entry.nbytes - i * self.page_bytes)

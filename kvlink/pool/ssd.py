@@ -11,7 +11,9 @@ synced), and only then is the index record written. A process killed at any poin
 no record (the bytes are dead space in their segment) or a record whose bytes are complete. At
 open, records pointing past the end of their segment are dropped. Reads verify the xxh3 and
 drop an entry that fails. A full disk makes :meth:`put` return False ("not stored"), never
-raise. No pickle anywhere: records are a fixed struct.
+raise. An index that cannot be opened (damaged, full or read-only disk) raises
+:class:`~kvlink.errors.TierUnavailable`; recovery deletes only this tier's own segment files
+(``seg-<n>.kvs``), never another file it finds. No pickle anywhere: records are a fixed struct.
 
 Space: ``capacity`` bounds the live bytes. Bytes of deleted or replaced entries stay in their
 segment until it holds no live entry (then it is deleted) or until dead bytes pass a quarter of
@@ -31,9 +33,22 @@ from pathlib import Path
 import xxhash
 from rocksdict import Options, Rdict, WriteOptions
 
-from kvlink.errors import ChecksumMismatch, ConfigError, LengthError, PoolError
+from kvlink.errors import ChecksumMismatch, ConfigError, EntryMissing, LengthError, PoolError, TierUnavailable
 from kvlink.pool.readahead import READ_AHEAD_BYTES, ReadAhead
 from kvlink.pool.segments import SegmentFiles, segment_name
+from kvlink.pool.slab import _as_bytes_tensor, _host_view
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no room: the put is refused, not an error
+
+
+def _views(data) -> list[memoryview]:
+    """Byte views of ``data`` (bytes-like, a tensor on any device, or a list of them)."""
+    out = []
+    for d in data if isinstance(data, (list, tuple)) else [data]:
+        if hasattr(d, "element_size"):  # a tensor: its bytes (device tensors are copied to the host)
+            d = _host_view(_as_bytes_tensor(d))
+        out.append(memoryview(d).cast("B"))
+    return out
 
 # magic, version, segment, offset, nbytes, xxh3, stored-at (unix seconds)
 RECORD = struct.Struct("<4sBIQQQd")
@@ -45,7 +60,8 @@ SEGMENT_BYTES = 256 << 20
 class SsdTier:
     """Entries under ``root`` up to ``capacity`` live bytes. ``durable``: sync data and index
     before a put returns (survives power loss, not only process death). ``segment_bytes``: the
-    target size of a segment file (at most a quarter of the capacity, at least 64 KiB)."""
+    target size of a segment file (at most a quarter of the capacity, at least 64 KiB).
+    Raises :class:`TierUnavailable` when the directory or the index cannot be opened."""
 
     def __init__(self, root: str | os.PathLike, capacity: int, durable: bool = False,
                  segment_bytes: int = SEGMENT_BYTES):
@@ -54,13 +70,24 @@ class SsdTier:
         self.root = Path(root)
         self.capacity = capacity
         self.durable = durable
-        (self.root / "data").mkdir(parents=True, exist_ok=True)
-        self._db = Rdict(str(self.root / "index"), Options(raw_mode=True))
+        self.last_refusal = ""  # why the latest put returned False
+        self._db = None
+        try:
+            (self.root / "data").mkdir(parents=True, exist_ok=True)
+            self._db = Rdict(str(self.root / "index"), Options(raw_mode=True))
+            self._open(segment_bytes)
+        except Exception as exc:  # rocksdict raises bare Exceptions; OSError from the directory
+            if self._db is not None:
+                self._db.close()
+            raise TierUnavailable(f"SSD tier at {self.root} cannot be opened: {exc}") from exc
+
+    def _open(self, segment_bytes: int) -> None:
         self._write_opts = WriteOptions()
-        self._write_opts.sync = durable
+        self._write_opts.sync = self.durable
         self._lock = threading.Lock()
         self.stats = collections.Counter()
-        self._segments = SegmentFiles(self.root / "data", max(64 << 10, min(segment_bytes, capacity // 4)), durable)
+        self._segments = SegmentFiles(self.root / "data", max(64 << 10, min(segment_bytes, self.capacity // 4)),
+                                      self.durable)
         self._where: dict[bytes, tuple[int, int, int]] = {}  # key -> (segment, offset, nbytes)
         self._live: collections.Counter = collections.Counter()  # segment -> live bytes
         self._writing: collections.Counter = collections.Counter()  # segment -> puts in progress
@@ -70,7 +97,7 @@ class SsdTier:
 
     # -- lifecycle --------------------------------------------------------------------------------
     def _recover(self) -> None:
-        """Drop records whose bytes are not all there, and files of older layouts; count the rest."""
+        """Drop records whose bytes are not all there and segments without a live entry; count the rest."""
         sizes = self._segments.sizes()
         for key, raw in list(self._db.items()):
             try:
@@ -80,18 +107,17 @@ class SsdTier:
             if where is None or where[1] + where[2] > sizes.get(where[0], -1):
                 del self._db[key]
                 self.stats["recovered_dropped"] += 1
+                if raw[:5] == RECORD_MAGIC + b"\x01":  # our version-1 record: its file was named by the key
+                    (self.root / "data" / key.hex()).unlink(missing_ok=True)
                 continue
             self._where[key] = where
             self._live[where[0]] += where[2]
         self._total = sum(self._live.values())
         for seg in sizes:
-            if not self._live[seg]:  # written, killed before any record
+            if not self._live[seg]:  # written, killed before any record (only seg-<n>.kvs names)
                 self._segments.remove(seg)
                 self.stats["recovered_orphans"] += 1
-        for path in (self.root / "data").iterdir():
-            if not path.name.endswith(".kvs"):  # a file-per-entry layout's leftovers
-                path.unlink(missing_ok=True)
-                self.stats["recovered_orphans"] += 1
+        # Any other file in data/ is left alone: it may not be ours to delete.
 
     def close(self) -> None:
         self._db.close()
@@ -160,12 +186,13 @@ class SsdTier:
     def _put(self, key: bytes, data, digest: int | None, expect: tuple | None = None) -> bool:
         """Append, then record. With ``expect`` (compaction moving an entry) the record is written
         only if the entry is still where it was: never over a newer put or a delete."""
-        views = [memoryview(b).cast("B") for b in (data if isinstance(data, (list, tuple)) else [data])]
+        views = _views(data)
         nbytes = sum(v.nbytes for v in views)
         with self._lock:
             old = self._where.get(key)
             if self._total - (old[2] if old else 0) + nbytes > self.capacity:
                 self.stats["put_full"] += 1
+                self.last_refusal = "capacity reached"
                 return False
             try:
                 seg, offset = self._segments.reserve(nbytes)
@@ -189,7 +216,10 @@ class SsdTier:
                 old = self._where.get(key)
                 if expect is not None and old != expect:
                     return False  # the copy's bytes are dead space
-                self._db.put(key, record, self._write_opts)
+                try:
+                    self._db.put(key, record, self._write_opts)
+                except Exception as exc:  # rocksdict: a bare Exception (full disk, I/O error); bytes are dead space
+                    return self._write_failed(exc)
                 self._where[key] = (seg, offset, nbytes)
                 self._live[seg] += nbytes
                 self._total += nbytes
@@ -201,25 +231,35 @@ class SsdTier:
                 self._writing[seg] -= 1
         return True
 
-    def _write_failed(self, exc: OSError) -> bool:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    def _write_failed(self, exc: Exception) -> bool:
+        full = getattr(exc, "errno", None) in _FULL or "No space left" in str(exc) or "too large" in str(exc)
+        if full:
             self.stats["disk_full"] += 1
+            self.last_refusal = f"disk full ({exc})"
             return False
         raise PoolError(f"SSD tier write failed: {exc}") from exc
 
     def get(self, key: bytes, out=None, verify: bool = True) -> memoryview:
         """The entry's bytes, read into ``out`` (writable, exactly its size) or a new buffer.
-        Raises :class:`PoolError` when missing, :class:`LengthError` for an ``out`` of the wrong
-        size; an entry failing its checksum is dropped and :class:`ChecksumMismatch` raised."""
+        Raises :class:`EntryMissing` when missing, :class:`LengthError` for an ``out`` of the wrong
+        size, :class:`PoolError` when the disk fails; an entry failing its checksum is dropped and
+        :class:`ChecksumMismatch` raised."""
         for _ in range(3):  # an entry that compaction moved meanwhile is looked up again
-            raw = self._db.get(key)
+            try:
+                raw = self._db.get(key)
+            except Exception as exc:  # rocksdict: a bare Exception
+                raise PoolError(f"SSD index read failed: {exc}") from exc
             if raw is None or key not in self._where:
                 break
             seg, offset, nbytes, digest, _ = self._decode(raw)
             buf = memoryview(bytearray(nbytes)) if out is None else memoryview(out).cast("B")
             if buf.nbytes != nbytes:
                 raise LengthError(f"output holds {buf.nbytes} bytes, entry has {nbytes}")
-            fd = self._segments.acquire(seg)
+            try:
+                fd = self._segments.acquire(seg)
+            except OSError as exc:  # its segment file was removed or cannot be opened
+                self._drop(key, (seg, offset, nbytes))
+                raise EntryMissing(f"SSD entry {key.hex()[:16]} unreadable: {exc}") from exc
             if fd is None:
                 continue
             try:
@@ -236,7 +276,7 @@ class SsdTier:
             self.stats["hits"] += 1
             return buf
         self.stats["misses"] += 1
-        raise PoolError(f"no entry {key.hex()[:16]} on SSD")
+        raise EntryMissing(f"no entry {key.hex()[:16]} on SSD")
 
     @staticmethod
     def _read(fd: int, offset: int, buf: memoryview, verify: bool) -> tuple[int, int | None]:
@@ -286,7 +326,10 @@ class SsdTier:
     def delete(self, key: bytes) -> bool:
         """Forget an entry (its bytes become dead space); False if there was none."""
         with self._lock:
-            self._db.delete(key)  # record first: a record never points at reclaimed bytes
+            try:
+                self._db.delete(key)  # record first: a record never points at reclaimed bytes
+            except Exception as exc:  # rocksdict: a bare Exception
+                raise PoolError(f"SSD index delete failed: {exc}") from exc
             where = self._where.pop(key, None)
             if where is not None:
                 self._dead(where)

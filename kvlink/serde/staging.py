@@ -3,6 +3,12 @@
 Packing writes straight into leases of one byte buffer (pinned host memory when CUDA exists), and
 the transport and pool send or store those bytes without another copy. Leases are handed out as a
 ring: released space is reused once every older lease is released too, so memory stays bounded.
+
+Ring semantics (what tests/unit/test_staging_arena.py checks against a model): a lease takes its
+size rounded up to ``ALIGN`` and goes right after the newest live lease if it fits before the end
+of the buffer; otherwise, unless the ring has already wrapped, at offset 0 if it fits before the
+oldest live lease (the skipped tail counts as in use until the ring drains past it). Releasing
+frees nothing until every older lease is released; an empty ring starts again at offset 0.
 """
 
 from __future__ import annotations
@@ -64,7 +70,8 @@ class StagingArena:
             if not self._spans:
                 return 0
             first, last = self._spans[0].start, self._spans[-1].end
-            return last - first if last >= first else self.capacity - first + last
+            # last == first with live spans is a full wrapped ring, never an empty one.
+            return last - first if last > first else self.capacity - first + last
 
     def lease(self, nbytes: int) -> StagingLease:
         """Reserve ``nbytes``; raises :class:`StagingExhausted` when the ring has no room."""
@@ -83,7 +90,8 @@ class StagingArena:
         if not self._spans:
             return 0 if size <= self.capacity else None
         first, last = self._spans[0].start, self._spans[-1].end
-        if last >= first:  # not wrapped: room after the last span, else at the front
+        # Spans are never empty, so last == first means the ring wrapped and is exactly full.
+        if last > first:  # not wrapped: room after the last span, else at the front
             if last + size <= self.capacity:
                 return last
             return 0 if size <= first else None

@@ -25,6 +25,7 @@ MAX_DIMS = 6
 MAX_SEGMENTS = 1 << 17
 MAX_SEGMENT_BYTES = 1 << 40
 CHECKSUM_OFFSET = 16  # byte offset of header_checksum inside PREFIX
+DEFINED_FLAGS = 0  # v1 defines no header flags; any set bit is refused, as are non-zero reserved fields
 
 
 @dataclass(frozen=True)
@@ -84,14 +85,20 @@ class PayloadHeader:
 
 
 def peek_lengths(prefix: bytes | memoryview) -> tuple[int, int]:
-    """(header_len, body_len) from the first ``PREFIX.size`` bytes, validated against the limits."""
+    """(header_len, body_len) from the first ``PREFIX.size`` bytes, validated against the limits.
+
+    Raises :class:`BadMagic`, :class:`UnsupportedVersion`, :class:`LengthError`, or
+    :class:`WireFormatError` when flags or the reserved field are non-zero (v1 defines none).
+    """
     if len(prefix) < PREFIX.size:
         raise LengthError(f"need {PREFIX.size} bytes for the payload prefix, got {len(prefix)}")
-    magic, version, _, header_len, nseg, _, _, _, _, _, _, body_len = PREFIX.unpack_from(prefix, 0)
+    magic, version, flags, header_len, nseg, _, _, _, _, _, reserved, body_len = PREFIX.unpack_from(prefix, 0)
     if magic != MAGIC:
         raise BadMagic(f"bad payload magic {bytes(magic)!r}")
     if version != VERSION:
         raise UnsupportedVersion(f"payload version {version}; this build reads {VERSION}")
+    if flags & ~DEFINED_FLAGS or reserved:
+        raise WireFormatError(f"undefined header flags {flags:#06x} / reserved {reserved:#x} set")
     if nseg > MAX_SEGMENTS or header_len != PREFIX.size + ENTRY.size * nseg:
         raise LengthError(f"header length {header_len} does not fit {nseg} segments")
     if body_len > MAX_SEGMENT_BYTES * 4:
@@ -100,7 +107,11 @@ def peek_lengths(prefix: bytes | memoryview) -> tuple[int, int]:
 
 
 def parse_header(buf) -> PayloadHeader:
-    """Parse and validate the header at the start of ``buf`` (segment bytes may follow)."""
+    """Parse and validate the header at the start of ``buf`` (segment bytes may follow).
+
+    Raises a :class:`WireFormatError` subclass (:class:`LengthError`, :class:`ChecksumMismatch`,
+    :class:`UnknownCodec`, ...) for anything out of place, including non-zero reserved fields.
+    """
     view = memoryview(buf).cast("B")
     header_len, body_len = peek_lengths(view[: PREFIX.size])
     if len(view) < header_len:
@@ -115,9 +126,12 @@ def parse_header(buf) -> PayloadHeader:
         raise WireFormatError(f"token range [{t0}, {t1}) is reversed")
     segments, offset = [], 0
     for i in range(nseg):
-        (layer, kind, dtype, codec, ndim, cparam, seg_t0, _, *rest) = ENTRY.unpack_from(head, PREFIX.size + i * ENTRY.size)
+        (layer, kind, dtype, codec, ndim, cparam, seg_t0, reserved, *rest) = ENTRY.unpack_from(
+            head, PREFIX.size + i * ENTRY.size)
         shape_raw, (off, length, raw_nbytes, seg_sum) = rest[:MAX_DIMS], rest[MAX_DIMS:]
         where = f"segment {i}"
+        if reserved:
+            raise WireFormatError(f"{where}: reserved field {reserved:#x} set")
         try:
             kind = SegmentKind(kind)
         except ValueError:
@@ -136,6 +150,8 @@ def parse_header(buf) -> PayloadHeader:
             raise LengthError(f"{where} ({seg.name}): raw length {raw_nbytes} does not match shape {shape}")
         if codec is Codec.FP8_E4M3 and not 0 <= cparam <= 16:
             raise WireFormatError(f"{where}: bad fp8 group exponent {cparam}")
+        if codec is not Codec.FP8_E4M3 and cparam:
+            raise WireFormatError(f"{where}: codec parameter {cparam} set for {codec.label}")
         bound = encoded_bound(codec, raw_nbytes, seg.numel, 1 << cparam if codec is Codec.FP8_E4M3 else 128)
         if off != offset or length > bound:
             raise LengthError(f"{where} ({seg.name}): offset {off} / length {length} out of place or beyond {bound}")

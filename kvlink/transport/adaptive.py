@@ -37,6 +37,13 @@ def _key(seg: SegmentLayout) -> tuple[str, str]:
     return ("state" if seg.kind.is_state else "kv", seg.dtype)
 
 
+def link_rate(snapshot) -> float | None:
+    """The rate (bits/s) a sender can use on a link, from its :class:`~kvlink.transport.LinkSnapshot`:
+    the lower of the bottleneck estimate and the cap, else the pacing rate (None: unknown)."""
+    known = [r for r in (snapshot.available_bps, snapshot.cap_bps) if r]
+    return min(known) if known else snapshot.pacing_bps
+
+
 class CodecAdvisor:
     """Chooses codecs for a payload's segments from measured profiles and a link rate.
 

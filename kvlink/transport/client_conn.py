@@ -37,7 +37,7 @@ class ClientConn:
         self.registered = False
         self.inflight: dict[tuple[int, int, int], tuple[float, int, OutgoingTransfer]] = {}
         self.inflight_bytes = 0
-        self.announced: set = set()
+        self.announced: dict[int, int] = {}  # transfer id -> parts announced here (in add order)
         self.last_ack = time.monotonic()
         self.tcp_prev: dict | None = None
         self.writer: ThreadWriter | None = None
@@ -101,8 +101,11 @@ class ClientConn:
     def on_open(self, conn: FrameConnection) -> None:
         self.conn = conn
         c = self.client
-        conn.send(FrameType.HELLO, body=hs.encode({"v": hs.PROTOCOL, "session": c.session.hex(), "conn": self.slot,
-                                                   "fingerprint": c.fingerprint.hex(), "nonce": self.nonce.hex()}))
+        hello = {"v": hs.PROTOCOL, "session": c.session.hex(), "conn": self.slot,
+                 "fingerprint": c.fingerprint.hex(), "nonce": self.nonce.hex()}
+        if c.key_id is not None:
+            hello["key"] = c.key_id
+        conn.send(FrameType.HELLO, body=hs.encode(hello))
 
     def on_writable(self, conn) -> None:
         self.client._wake.set()

@@ -9,6 +9,9 @@ over both nonces, the session id and the layout fingerprint)::
     AUTH {mac = H(secret, "client" ...)}  ->
                                          <-  ACCEPT {max_chunk, mac = H(secret, "server" ...)}
 
+HELLO may also carry ``key`` (a key id): a receiver holding several secrets (``TransferServer(secrets=)``)
+checks the MACs with that key's secret and records which key the peer proved.
+
 A fingerprint the server does not accept ends the handshake with ERROR {"code": "fingerprint"}.
 """
 
@@ -38,7 +41,7 @@ def decode(body: bytes, required: dict[str, type]) -> dict:
     """Parse a JSON control body and check the named fields' types; raises :class:`HandshakeError`."""
     try:
         obj = json.loads(body)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deeply nested arrays
         raise HandshakeError("control body is not JSON") from None
     if not isinstance(obj, dict):
         raise HandshakeError("control body is not a JSON object")
@@ -65,7 +68,9 @@ def mac(secret: bytes, role: str, client_nonce: bytes, server_nonce: bytes, sess
 
 
 def check_mac(expected: str, got: object) -> None:
-    if not isinstance(got, str) or not hmac.compare_digest(expected, got):
+    """Raises :class:`AuthenticationError` unless ``got`` is the expected MAC (any str: a
+    non-ASCII one is refused before ``compare_digest``, which would raise TypeError)."""
+    if not isinstance(got, str) or not got.isascii() or not hmac.compare_digest(expected, got):
         raise AuthenticationError("shared-secret check failed")
 
 

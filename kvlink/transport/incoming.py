@@ -9,7 +9,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from kvlink.errors import KvlinkError, StagingExhausted, TransferRejected
+from kvlink.errors import KvlinkError, StagingExhausted, TransferCancelled, TransferRejected, TransportError
 
 # allocator(nbytes) -> (writable buffer of exactly nbytes, release callback or None)
 Allocator = Callable[[int], tuple[memoryview, Callable[[], None] | None]]
@@ -52,11 +52,12 @@ def arena_allocator(arena) -> Allocator:
 
 
 class _Part:
-    __slots__ = ("length", "buf", "done", "chunks", "left", "future", "unchecked", "verified_whole",
+    __slots__ = ("length", "buf", "done", "chunks", "left", "completed", "unchecked", "verified_whole",
                  "scan", "scan_lock", "landed", "prefix")
 
-    def __init__(self, length: int, buf: memoryview, nchunks: int, future: asyncio.Future):
-        self.length, self.buf, self.future = length, buf, future
+    def __init__(self, length: int, buf: memoryview, nchunks: int):
+        self.length, self.buf = length, buf  # buf is None once the transfer is released
+        self.completed = False  # whole and verified: part() returns it at once
         self.done = bytearray(nchunks)  # 1 per written chunk (verified, unless unchecked)
         self.left = nchunks
         self.unchecked = False  # some chunk arrived without its checksum: verify the whole part
@@ -70,6 +71,12 @@ class _Part:
         self.prefix = 0
 
 
+class PartIndexError(TransferRejected, IndexError):
+    """A part index outside the transfer (an ``IndexError`` too, for callers that catch that)."""
+
+
+_NO_BYTES = memoryview(b"")
+
 VERIFY_PART = 2  # write_done: the part is whole but unchecked; verify it, then accept_part/reset_part
 
 
@@ -77,9 +84,11 @@ class IncomingTransfer:
     """A transfer being received. Parts complete one by one: ``await part(i)`` as each lands.
 
     The buffers returned stay valid until :meth:`release`, which gives their bytes back to the
-    receiver's budget. Awaiting methods raise the transfer's typed error if it failed
-    (:class:`~kvlink.errors.TransferCancelled`, :class:`~kvlink.errors.TransferTimeout`,
-    :class:`~kvlink.errors.TransferRejected`).
+    receiver's budget and drops every reference this object holds to them (so they are freed by
+    reference counting, not left to the garbage collector). Awaiting methods raise the transfer's
+    typed error if it failed (:class:`~kvlink.errors.TransferCancelled`,
+    :class:`~kvlink.errors.TransferTimeout`, :class:`~kvlink.errors.TransferRejected`), or
+    :class:`~kvlink.errors.TransportError` once it was released.
     """
 
     def __init__(self, transfer_id: int, owner: bytes, parts: int, chunk: int, meta: dict,
@@ -91,6 +100,7 @@ class IncomingTransfer:
         self.chunk = chunk
         self.meta = meta
         self.peer: tuple | None = None  # (host, port) of the connection that began it
+        self.key_id: str | None = None  # the receiver's key id its peer proved (TransferServer secrets)
         self.allocator: Allocator | None = None  # this transfer's own, set by the receiver at BEGIN
         self.scanner: Scanner | None = None  # the receiver's streaming part verifier, set at BEGIN
         self.started = time.monotonic()
@@ -100,11 +110,13 @@ class IncomingTransfer:
         self.reserved = 0
         self._release_bytes = release_bytes
         self._parts: list[_Part | None] = [None] * parts
-        self._announced: list[asyncio.Future] = [loop.create_future() for _ in range(parts)]
+        self._waiting: dict[int, asyncio.Future] = {}  # part -> future, only while someone awaits it
         self._left = parts
         self._done = loop.create_future()
         self.error: KvlinkError | None = None
-        self.canceller: Callable[[], None] | None = None
+        # canceller(transfer): tell the peer; takes the transfer as an argument so that no closure
+        # over it makes a reference cycle (a released transfer must be freed by refcount).
+        self.canceller: Callable[["IncomingTransfer"], None] | None = None
         self._releases: list[Callable[[], None]] = []
         # Reader threads look targets up and write into part buffers while the event loop
         # announces, completes, fails and releases: this lock orders the two, and buffers are
@@ -112,12 +124,15 @@ class IncomingTransfer:
         self._lock = threading.Lock()
         self._writes = 0
         self._release_pending = False
+        self._freed = False
 
     # -- called by the receiver ------------------------------------------------------------
     def announce(self, index: int, length: int, allocator: Allocator) -> None:
         """Part ``index`` has ``length`` bytes (idempotent; a different length is rejected)."""
         if not 0 <= index < self.num_parts:
             raise TransferRejected(f"part {index} outside 0..{self.num_parts - 1}")
+        if self._release_pending:
+            raise TransferRejected(f"transfer {self.transfer_id:#x} was released")
         part = self._parts[index]
         if part is not None:
             if part.length != length:
@@ -131,8 +146,7 @@ class IncomingTransfer:
             self._releases.append(release)
         self.reserved += length
         nchunks = max(1, -(-length // self.chunk))
-        future = self._announced[index]
-        part = self._parts[index] = _Part(length, buf, nchunks, future)
+        part = self._parts[index] = _Part(length, buf, nchunks)
         self._new_scan(part)
         if length == 0:
             part.done[0], part.left = 1, 0
@@ -203,7 +217,7 @@ class IncomingTransfer:
 
     # -- streaming verification (parts of unchecked chunks, with a scanner) -------------------
     def _new_scan(self, part: _Part) -> None:
-        if self.scanner is not None:
+        if self.scanner is not None and part.buf is not None:
             part.scan = self.scanner(part.buf)
             part.landed = bytearray(len(part.done))
             part.prefix = 0
@@ -247,13 +261,14 @@ class IncomingTransfer:
         or (``wait`` False) when finishing it would mean hashing or waiting for another thread.
         With ``wait``, hashes what is left (run it off the event loop)."""
         part = self._parts[index] if 0 <= index < self.num_parts else None
-        if part is None or part.scan is None:
+        scan = part.scan if part is not None else None
+        if scan is None:
             return None
         if wait:
             self._advance_scan(part, wait=True, to_end=True)
-        elif part.scan_lock.locked() or part.scan.scanned < part.length:
+        elif part.scan_lock.locked() or scan.scanned < part.length:
             return None
-        return part.scan.verdict()
+        return scan.verdict()
 
     def verified_whole(self, index: int) -> bool:
         """Whether part ``index`` was judged whole by the receiver's part verifier (for kvlink
@@ -262,13 +277,15 @@ class IncomingTransfer:
         return part is not None and part.verified_whole
 
     def part_view(self, index: int) -> memoryview:
-        """The buffer of an announced part, whole or not (for the part verifier)."""
-        return self._parts[index].buf
+        """The buffer of an announced part, whole or not (for the part verifier); empty once
+        the transfer is released."""
+        part = self._parts[index]
+        return part.buf if part.buf is not None else _NO_BYTES
 
     def accept_part(self, index: int) -> bool:
         """The part verifier passed part ``index``; True when this completed the transfer."""
         part = self._parts[index]
-        if self.error is not None or part.left or part.future.done():
+        if self.error is not None or self._freed or part.left or part.completed:
             return False
         part.unchecked = False
         part.verified_whole = True
@@ -288,19 +305,24 @@ class IncomingTransfer:
         return part.length
 
     def _complete_part(self, part: _Part, index: int) -> None:
+        if part.completed:
+            return
+        part.completed = True
         self._left -= 1
-        if not part.future.done():
-            part.future.set_result(part.buf)
+        future = self._waiting.pop(index, None)
+        if future is not None and not future.done():
+            future.set_result(part.buf)
         if self._left == 0 and not self._done.done():
             self.finished = time.monotonic()
-            self._done.set_result([p.buf for p in self._parts])
+            self._done.set_result(None)  # no buffers in the future: release() must drop them all
 
     def fail(self, error: KvlinkError) -> None:
         if self.error is not None or self._done.done():
             return
         with self._lock:
             self.error = error
-        for future in [*self._announced, self._done]:
+        waiting, self._waiting = self._waiting, {}
+        for future in [*waiting.values(), self._done]:
             if not future.done():
                 future.set_exception(error)
                 future.exception()  # retrieved here, so an unawaited failure logs nothing
@@ -319,41 +341,72 @@ class IncomingTransfer:
         return sum(p.length for p in self._parts)
 
     async def part(self, index: int) -> memoryview:
-        """Wait for part ``index`` to arrive whole and verified; returns its bytes."""
+        """Wait for part ``index`` to arrive whole and verified; returns its bytes. Raises
+        :class:`PartIndexError` (a :class:`~kvlink.errors.TransferRejected` and an ``IndexError``)
+        for an index outside the transfer, the transfer's typed error if it failed, and
+        :class:`~kvlink.errors.TransportError` once it was released."""
         if not 0 <= index < self.num_parts:
-            raise IndexError(f"part {index} outside 0..{self.num_parts - 1}")
-        return await asyncio.shield(self._announced[index])
+            raise PartIndexError(f"part {index} outside 0..{self.num_parts - 1}")
+        self._check_usable()
+        part = self._parts[index]
+        if part is not None and part.completed:
+            return part.buf
+        future = self._waiting.get(index)
+        if future is None:
+            future = self._waiting[index] = asyncio.get_running_loop().create_future()
+        return await asyncio.shield(future)
 
     def buffers(self) -> list[memoryview]:
-        """The parts of a completed transfer (raises its error; ``asyncio.InvalidStateError``
-        if it is not complete yet: await :meth:`done` first)."""
-        return self._done.result()
+        """The parts of a completed transfer in part order. Raises its error if it failed,
+        :class:`~kvlink.errors.TransportError` if it is not complete yet (await :meth:`done`
+        first) or was released."""
+        self._check_usable()
+        if not self._done.done():
+            raise TransportError(f"transfer {self.transfer_id:#x} is not complete yet")
+        self._done.result()
+        return [p.buf for p in self._parts]
 
     async def done(self) -> list[memoryview]:
-        """Wait for every part; returns their buffers in part order."""
-        return await asyncio.shield(self._done)
+        """Wait for every part; returns their buffers in part order (errors as :meth:`part`)."""
+        self._check_usable()
+        await asyncio.shield(self._done)
+        return self.buffers()
+
+    def _check_usable(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if self._freed or self._release_pending:
+            raise TransportError(f"transfer {self.transfer_id:#x} was released")
 
     def cancel(self) -> None:
         """Abandon the transfer here and tell the sender (its ``done()`` raises TransferCancelled)."""
-        from kvlink.errors import TransferCancelled
-
         if self.canceller is not None and not self._done.done():
-            self.canceller()
+            self.canceller(self)
         self.fail(TransferCancelled(f"transfer {self.transfer_id:#x} cancelled by the receiver"))
 
     def release(self) -> None:
-        """Hand the part buffers' bytes back to the receiver budget; buffers must not be used after."""
+        """Hand the part buffers' bytes back to the receiver budget and drop them; buffers must
+        not be used after. Releasing an unfinished transfer cancels it (nobody will read it)."""
+        if self.error is None and not self._done.done():
+            self.cancel()  # fails it, which releases it
+            return
         with self._lock:
+            self._release_pending = True
             if self._writes:
-                self._release_pending = True  # the last write in progress frees the buffers
-                return
+                return  # the last write in progress frees the buffers
         self._free()
 
     def _free(self) -> None:
         with self._lock:
-            self._release_pending = True
+            if self._freed:
+                return
+            self._freed = self._release_pending = True
             reserved, self.reserved = self.reserved, 0
             releases, self._releases = self._releases, []
+            for part in self._parts:
+                if part is not None:
+                    part.buf = part.scan = None  # no reference to a received byte survives release
+        self.canceller = None
         if reserved:
             self._release_bytes(reserved)
         for release in releases:

@@ -139,6 +139,9 @@ class ThreadReader:
                 elif unchecked:
                     transfer.landed(header.stream, header.offset, header.length)  # scan while warm
                 self.loop.call_soon_threadsafe(self.handler.on_data, self.conn, header, target, ok, transfer, whole)
+                # Hold nothing while blocked on the next frame: a released transfer and its part
+                # buffer must be freed at once, not when this connection next carries data.
+                transfer = target = None
         except (_Closed, OSError, RuntimeError):
             pass  # peer gone, shut down by close(), or the loop has stopped
         except KvlinkError as exc:

@@ -11,19 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
+import ipaddress
+import logging
 import ssl as _ssl
 import time
 from typing import Callable, Iterable
 
 from kvlink.config import TransportConfig
-from kvlink.errors import KvlinkError, TransferRejected, TransferTimeout, TransportError
+from kvlink.errors import ConfigError, KvlinkError, TransferRejected, TransferTimeout, TransportError
 from kvlink.transport import handshake as hs
 from kvlink.transport.connection import FrameConnection
 from kvlink.transport.frame import FrameType
 from kvlink.transport.incoming import Allocator, IncomingTransfer, Scanner, default_allocator
-from kvlink.transport.server_conn import ServerConn
+from kvlink.transport.server_conn import ServerConn, peer_host
 
 _RECENT = 4096  # completed transfer ids remembered, to re-confirm END after a lost one
+# Parts one PART frame may announce (senders send 1024: outgoing.PARTS_PER_FRAME); bounds the
+# event loop's work per frame however many parts a transfer has.
+_PARTS_PER_FRAME = 4096
+log = logging.getLogger("kvlink.transport")
 
 
 class TransferServer:
@@ -42,16 +49,29 @@ class TransferServer:
     (:class:`~kvlink.transport.incoming.PartScan`, e.g. :class:`~kvlink.serde.payload.PayloadScan`):
     reader threads advance it as each part's bytes land in order, so a part is judged as its last
     bytes arrive, from bytes still in cache, with no whole-part pass at the end.
+    ``secrets`` (key id -> secret), when given, lets peers prove one of several secrets: a peer
+    names its key id in HELLO (``TransferClient(key_id=...)``), a peer naming none uses
+    ``secret``; each transfer's ``key_id`` records which key its peer proved (e.g. a pool
+    daemon's tenant), None for ``secret`` or no authentication.
+
+    A begun transfer waits, unclaimed, until the application takes it with :meth:`accept` or
+    :meth:`transfer` (at most ``accept_backlog`` of them; one nobody claims within ``idle_timeout``
+    of its last data is released). Once claimed the receiver keeps no reference to it after it
+    ends: the claimer's :meth:`IncomingTransfer.release` frees everything. ``accept_queue=False``
+    is for applications that claim only by id (:meth:`transfer`): :meth:`accept` is then an
+    error, and a full backlog drops its oldest unclaimed transfer instead of refusing new ones.
     """
 
     def __init__(self, config: TransportConfig | None = None, fingerprints: Iterable[bytes] | None = None,
                  secret: bytes | None = None, ssl: _ssl.SSLContext | None = None,
                  allocator: Allocator = default_allocator, part_verifier: Callable[[memoryview], bool] | None = None,
                  allocator_for: Callable[[IncomingTransfer], Allocator | None] | None = None,
-                 part_scanner: Scanner | None = None):
+                 part_scanner: Scanner | None = None, secrets: dict[str, bytes] | None = None,
+                 accept_queue: bool = True):
         self.config = config or TransportConfig()
         self.fingerprints = None if fingerprints is None else {bytes(f) for f in fingerprints}
         self.secret = secret
+        self.secrets = dict(secrets or {})
         self.ssl = ssl
         self.allocator = allocator
         self.allocator_for = allocator_for
@@ -62,21 +82,39 @@ class TransferServer:
         self._conns: set[ServerConn] = set()
         self._transfers: dict[int, IncomingTransfer] = {}
         self._recent: collections.OrderedDict[int, None] = collections.OrderedDict()
-        self._accept_q: asyncio.Queue[IncomingTransfer] = asyncio.Queue(self.config.accept_backlog)
+        self.accept_queue = accept_queue
+        # Begun transfers nobody claimed yet, oldest first (bounded by accept_backlog).
+        self._unclaimed: collections.OrderedDict[int, IncomingTransfer] = collections.OrderedDict()
+        self._unclaimed_ready = asyncio.Event()
         self._waiters: dict[int, list] = {}  # transfer id -> [future, number of waiters]
         self._reserved = 0
+        self._peer_reserved: collections.Counter[str] = collections.Counter()  # peer address -> bytes
+        self._peer_conns: collections.Counter[str] = collections.Counter()  # peer address -> connections
         self._reaper: asyncio.Task | None = None
         self.stats = collections.Counter()
         self.address: tuple[str, int] | None = None
         self.reader_threads = True  # one reader thread per plain-TCP connection (see reader.py)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
-        """Bind and listen (loopback unless told otherwise); returns the bound (host, port)."""
+        """Bind and listen (loopback unless told otherwise); returns the bound (host, port).
+
+        Logs a warning (logger ``kvlink.transport``) when listening beyond loopback without a
+        secret (anyone who reaches the port may send) or without TLS (HMAC covers only the
+        handshake: the data path's integrity against an on-path attacker rests on TLS)."""
         loop = asyncio.get_running_loop()
+        # TLS: the handshake is bounded too (a silent peer would otherwise be held for 60 s).
+        tls = {"ssl_handshake_timeout": self.config.handshake_timeout} if self.ssl is not None else {}
         self._server = await loop.create_server(
             lambda: FrameConnection(ServerConn(self), self.config.max_chunk_bytes), host, port, ssl=self.ssl,
-            backlog=256)
+            backlog=256, **tls)
         self.address = self._server.sockets[0].getsockname()[:2]
+        if not _is_loopback(host):
+            if self.secret is None and not self.secrets:
+                log.warning("kvlink receiver listens on %s:%d without a secret: any peer that reaches it may "
+                            "send transfers", *self.address)
+            if self.ssl is None:
+                log.warning("kvlink receiver listens on %s:%d without TLS: the HMAC handshake does not protect "
+                            "the data that follows from an on-path attacker", *self.address)
         self._reaper = asyncio.create_task(self._reap_idle())
         return self.address
 
@@ -92,6 +130,9 @@ class TransferServer:
         for t in list(self._transfers.values()):
             t.fail(TransportError("receiver closed"))
         self._transfers.clear()
+        for t in list(self._unclaimed.values()):
+            t.release()  # nobody can claim them any more
+        self._unclaimed.clear()
         readers = [c.reader for c in conns if c.reader is not None]
         for reader in readers:
             reader.close()
@@ -101,13 +142,22 @@ class TransferServer:
             await self._server.wait_closed()
 
     async def accept(self) -> IncomingTransfer:
-        """The next transfer a peer began (streaming: its parts may still be arriving)."""
-        return await self._accept_q.get()
+        """The next unclaimed transfer a peer began (streaming: its parts may still be arriving).
+        Raises :class:`~kvlink.errors.ConfigError` on a server made with ``accept_queue=False``."""
+        if not self.accept_queue:
+            raise ConfigError("this TransferServer was made with accept_queue=False: claim transfers by id")
+        while not self._unclaimed:
+            self._unclaimed_ready.clear()
+            await self._unclaimed_ready.wait()
+        return self._unclaimed.popitem(last=False)[1]
 
     async def transfer(self, transfer_id: int) -> IncomingTransfer:
-        """Wait for the transfer with this id to begin (the decode side knows ids from routing)."""
-        if transfer_id in self._transfers:
-            return self._transfers[transfer_id]
+        """Wait for the transfer with this id to begin (the decode side knows ids from routing);
+        it may have ended already. Bound the wait with ``asyncio.wait_for``."""
+        t = self._transfers.get(transfer_id) or self._unclaimed.get(transfer_id)
+        if t is not None:
+            self._unclaimed.pop(transfer_id, None)  # claimed: the receiver no longer holds it
+            return t
         entry = self._waiters.get(transfer_id)
         if entry is None:
             entry = self._waiters[transfer_id] = [asyncio.get_running_loop().create_future(), 0]
@@ -123,6 +173,10 @@ class TransferServer:
     def reserved_bytes(self) -> int:
         return self._reserved
 
+    def reserved_by(self, host: str) -> int:
+        """Bytes the peer at address ``host`` holds reserved (against ``TransportConfig.peer_share``)."""
+        return self._peer_reserved.get(host, 0)
+
     # -- protocol actions (called by ServerConn) ---------------------------------------------
     def _begin(self, sc: ServerConn, tid: int, body: bytes) -> None:
         if tid in self._recent:
@@ -134,23 +188,45 @@ class TransferServer:
             if existing.owner != sc.session or (existing.num_parts, existing.chunk) != (begin["parts"], begin["chunk"]):
                 raise TransferRejected(f"transfer {tid:#x} already exists with other settings")
             return
-        if not 1 <= begin["parts"] <= 1 << 20:
-            raise TransferRejected(f"{begin['parts']} parts is out of range")
+        if not 1 <= begin["parts"] <= self.config.max_parts:
+            raise TransferRejected(f"{begin['parts']} parts is out of range 1..{self.config.max_parts} (max_parts)")
         if not 4096 <= begin["chunk"] <= self.config.max_chunk_bytes:
             raise TransferRejected(f"chunk size {begin['chunk']} is out of range")
-        if self._accept_q.full():
-            raise TransferRejected("receiver backlog is full")
-        t = IncomingTransfer(tid, sc.session, begin["parts"], begin["chunk"], begin["meta"], self._give_back)
-        t.canceller = lambda: self._cancel_to_peer(t)
+        self._make_room()
+        t = IncomingTransfer(tid, sc.session, begin["parts"], begin["chunk"], begin["meta"],
+                             functools.partial(self._give_back, sc.peer_host))
+        t.canceller = self._cancel_to_peer  # called with t: no closure, no reference cycle
         t.peer = sc.conn.transport.get_extra_info("peername")
+        t.key_id = sc.key_id
         if self.allocator_for is not None:
             t.allocator = self.allocator_for(t)
         t.scanner = self.part_scanner
         self._transfers[tid] = t
         self.stats["transfers"] += 1
-        self._accept_q.put_nowait(t)
         if (entry := self._waiters.pop(tid, None)) is not None and not entry[0].done():
-            entry[0].set_result(t)
+            entry[0].set_result(t)  # claimed by id as it begins: never queued
+        else:
+            self._unclaimed[tid] = t
+            self._unclaimed_ready.set()
+
+    def _make_room(self) -> None:
+        """Before a BEGIN: release unclaimed transfers idle past ``idle_timeout``, then, if the
+        backlog is still full, refuse (``accept_queue``) or drop the oldest unclaimed one."""
+        now, limit = time.monotonic(), self.config.idle_timeout
+        while self._unclaimed:
+            t = next(iter(self._unclaimed.values()))  # the oldest begun: the rest are younger
+            if now - (t.finished or t.last_progress) <= limit:
+                break
+            self._drop_unclaimed(t)
+        if len(self._unclaimed) >= self.config.accept_backlog:
+            if self.accept_queue:
+                raise TransferRejected("receiver backlog is full (accept_backlog)")
+            self._drop_unclaimed(next(iter(self._unclaimed.values())))
+
+    def _drop_unclaimed(self, t: IncomingTransfer) -> None:
+        self._unclaimed.pop(t.transfer_id, None)
+        self.stats["unclaimed_dropped"] += 1
+        t.release()  # cancels it at the peer if it is still running
 
     def _part(self, sc: ServerConn, tid: int, index: int, body: bytes) -> None:
         if tid in self._recent:
@@ -161,7 +237,7 @@ class TransferServer:
         obj = hs.decode(body, {})
         if "parts" in obj:  # several parts announced at once: [[index, length], ...]
             pairs = obj["parts"]
-            if not isinstance(pairs, list) or len(pairs) > t.num_parts or not all(
+            if not isinstance(pairs, list) or len(pairs) > min(t.num_parts, _PARTS_PER_FRAME) or not all(
                     isinstance(p, list) and len(p) == 2 and all(type(v) is int for v in p) for p in pairs):
                 raise TransferRejected("PART body 'parts' must be [index, length] pairs")
         else:
@@ -172,17 +248,31 @@ class TransferServer:
             self._finish(sc, t)
 
     def _announce(self, t: IncomingTransfer, index: int, length: int) -> None:
+        """Reserve and allocate part ``index``. Raises :class:`TransferRejected` for a bad index or
+        length, a length beyond the transfer limit, the peer's share or the receive budget (all
+        checked before anything is allocated), or an allocator that fails."""
         if length < 0:
             raise TransferRejected("negative part length")
         if t.announced(index):
             t.announce(index, length, t.allocator or self.allocator)  # idempotent after a reconnect
             return
-        if t.reserved + length > self.config.max_transfer_bytes:
-            raise TransferRejected(f"transfer would exceed {self.config.max_transfer_bytes} bytes")
-        if self._reserved + length > self.config.receive_budget_bytes:
-            raise TransferRejected("receiver memory budget exhausted; retry later")
-        t.announce(index, length, t.allocator or self.allocator)
+        cfg, host = self.config, peer_host(t.peer)
+        if t.reserved + length > cfg.transfer_limit:
+            raise TransferRejected(f"transfer would exceed {cfg.transfer_limit} bytes (max_transfer_bytes)")
+        if self._peer_reserved[host] + length > cfg.peer_share:
+            raise TransferRejected(f"peer {host} would hold more than its {cfg.peer_share}-byte share "
+                                   "(peer_share_bytes); retry later")
+        if self._reserved + length > cfg.receive_budget_bytes:
+            raise TransferRejected("receiver memory budget exhausted (receive_budget_bytes); retry later")
+        try:
+            t.announce(index, length, t.allocator or self.allocator)
+        except TransferRejected:
+            raise
+        except (KvlinkError, MemoryError, ValueError, OverflowError, OSError) as exc:
+            # e.g. numpy's MemoryError: refuse this transfer only; the connection carries on
+            raise TransferRejected(f"cannot allocate {length} bytes for part {index}: {exc!r}") from None
         self._reserved += length
+        self._peer_reserved[host] += length
 
     def _finish(self, sc: ServerConn, t: IncomingTransfer) -> None:
         self._transfers.pop(t.transfer_id, None)
@@ -219,17 +309,51 @@ class TransferServer:
                 c.conn.send(FrameType.CANCEL, transfer_id=t.transfer_id)
                 break
 
-    def _give_back(self, nbytes: int) -> None:
+    def _give_back(self, host: str, nbytes: int) -> None:
         self._reserved -= nbytes
+        self._peer_reserved[host] -= nbytes
+        if self._peer_reserved[host] <= 0:
+            del self._peer_reserved[host]  # no entry kept per peer that holds nothing
+
+    def _admit(self, sc: ServerConn) -> str | None:
+        """Count a new connection; the limit it breaks (None: admitted)."""
+        cfg = self.config
+        if len(self._conns) >= cfg.max_connections:
+            return f"receiver holds {cfg.max_connections} connections (max_connections)"
+        if self._peer_conns[sc.peer_host] >= cfg.max_connections_per_peer:
+            return f"peer {sc.peer_host} holds {cfg.max_connections_per_peer} connections (max_connections_per_peer)"
+        self._conns.add(sc)
+        self._peer_conns[sc.peer_host] += 1
+        return None
+
+    def _release_conn(self, sc: ServerConn) -> None:
+        if sc in self._conns:
+            self._conns.discard(sc)
+            self._peer_conns[sc.peer_host] -= 1
+            if self._peer_conns[sc.peer_host] <= 0:
+                del self._peer_conns[sc.peer_host]
 
     async def _reap_idle(self) -> None:
-        # A sender that vanished must not pin receiver memory for ever.
-        period = min(1.0, self.config.idle_timeout / 4)
+        # A sender that vanished must not pin receiver memory, nor an idle peer a connection
+        # (a thread and a descriptor each), for ever.
+        cfg = self.config
+        period = min(1.0, cfg.idle_timeout / 4, cfg.conn_idle_timeout / 4)
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
+            for sc in list(self._conns):
+                if sc.authed and now - sc.last_active > cfg.conn_idle_timeout:
+                    self.stats["connections_idle_closed"] += 1
+                    sc.close_idle()
             for t in list(self._transfers.values()):
                 if now - t.last_progress > self.config.idle_timeout:
                     self._transfers.pop(t.transfer_id, None)
                     self.stats["timed_out"] += 1
                     t.fail(TransferTimeout(f"transfer {t.transfer_id:#x}: no data for {self.config.idle_timeout} s"))
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

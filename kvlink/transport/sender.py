@@ -43,13 +43,15 @@ class TransferClient:
     """
 
     def __init__(self, host: str, port: int, fingerprint: bytes, config: TransportConfig | None = None,
-                 secret: bytes | None = None, ssl: _ssl.SSLContext | None = None, server_hostname: str | None = None):
+                 secret: bytes | None = None, ssl: _ssl.SSLContext | None = None, server_hostname: str | None = None,
+                 key_id: str | None = None):
         if len(fingerprint) != 16:
             raise ConfigError("fingerprint must be 16 bytes (CacheSpec.fingerprint)")
         self.host, self.port = host, port
         self.fingerprint = bytes(fingerprint)
         self.config = config or TransportConfig()
         self.secret = secret
+        self.key_id = key_id  # names which of a multi-secret receiver's secrets this is (HELLO "key")
         self.ssl = ssl
         self.server_hostname = server_hostname
         self.session = os.urandom(16)
@@ -249,6 +251,7 @@ class TransferClient:
         for cc in self._conns:
             if cc is None:
                 continue
+            cc.announced.pop(t.transfer_id, None)  # nothing per transfer outlives it
             for key in [k for k in cc.inflight if k[0] == t.transfer_id]:
                 cc.inflight_bytes -= cc.inflight.pop(key)[1]
         self._wake.set()
@@ -371,16 +374,20 @@ class TransferClient:
     def _send_chunk(self, cc: ClientConn, t: OutgoingTransfer, chunk: Chunk) -> None:
         part, offset, length = chunk
         tid = t.transfer_id
-        if tid not in cc.announced:
+        announced = cc.announced.get(tid)
+        if announced is None:
             cc.send(FrameType.BEGIN, tid, body=hs.encode({"parts": t.num_parts, "chunk": t.chunk,
                                                           "weight": t.weight, "meta": t.meta}))
-            cc.announced.add(tid)
-        if (tid, part) not in cc.announced:
-            # Announce every part added so far in one frame: the receiver handles each PART
-            # frame with a hop to its event loop, so one per part per connection adds up.
-            pairs = [[i, t.part_length(i)] for i in t.added_parts() if (tid, i) not in cc.announced]
-            cc.send(FrameType.PART, tid, stream=part, body=hs.encode({"parts": pairs}))
-            cc.announced.update((tid, i) for i, _ in pairs)
+            announced = cc.announced[tid] = 0
+        if not t.announced_on(part, announced):
+            # Announce every part added so far, many per frame (the receiver handles each PART
+            # frame with a hop to its event loop, so one per part per connection adds up), in
+            # frames of bounded size (thousands of parts would overflow one control frame).
+            while announced < t.parts_added:
+                pairs = t.announcement(announced)
+                cc.send(FrameType.PART, tid, stream=pairs[0][0], body=hs.encode({"parts": pairs}))
+                announced += len(pairs)
+            cc.announced[tid] = announced
         now = time.monotonic()
         if not cc.inflight:
             cc.last_ack = now  # the progress clock runs only while something is unacknowledged

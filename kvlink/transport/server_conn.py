@@ -4,10 +4,11 @@ in place, acknowledgements, and whole-part verification (split from receiver.py)
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING
 
 from kvlink.codec.checksum import checksum
-from kvlink.errors import FingerprintMismatch, HandshakeError, TransferRejected
+from kvlink.errors import FingerprintMismatch, HandshakeError, KvlinkError, TransferRejected
 from kvlink.transport import handshake as hs
 from kvlink.transport.connection import FrameConnection
 from kvlink.transport.frame import FLAG_UNCHECKED, FrameHeader, FrameType, pack_acks
@@ -16,6 +17,11 @@ from kvlink.transport.reader import ThreadReader
 
 if TYPE_CHECKING:
     from kvlink.transport.receiver import TransferServer
+
+
+def peer_host(peername) -> str:
+    """The address part of a peer name: the unit of per-peer limits (connections, memory share)."""
+    return str(peername[0]) if isinstance(peername, tuple) and peername else ""
 
 
 class ServerConn:
@@ -29,23 +35,40 @@ class ServerConn:
         self.client_nonce = b""
         self.server_nonce = b""
         self.authed = False
+        self.key_id: str | None = None  # which of the server's ``secrets`` the peer proved
+        self.secret: bytes | None = None
         self._acks: list = []
         self._nacks: list = []
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self.reader: ThreadReader | None = None
+        self.peer_host = ""
+        # Last frame seen (monotonic): the idle reaper closes authenticated connections idle for
+        # conn_idle_timeout. Written by a reader thread too (a float store is atomic).
+        self.last_active = time.monotonic()
         # (transfer, header) of a DATA frame being read into place on the loop
         self._pending: tuple[IncomingTransfer, FrameHeader] | None = None
 
     # -- FrameHandler ---------------------------------------------------------------------------
     def on_open(self, conn: FrameConnection) -> None:
         self.conn = conn
-        self.server._conns.add(self)
+        self.peer_host = peer_host(conn.transport.get_extra_info("peername"))
+        refused = self.server._admit(self)
+        if refused is not None:
+            self.server.stats["connections_refused"] += 1
+            self._refuse("busy", f"connection refused: {refused}")
+            return
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.server.config.handshake_timeout, self._handshake_expired)
 
+    def close_idle(self) -> None:
+        """Close an authenticated connection that carried no frame for ``conn_idle_timeout``
+        (its sender reconnects when it has something to send)."""
+        if self.conn is not None and self.conn.is_open:
+            self._refuse("timeout", f"connection idle for {self.server.config.conn_idle_timeout} s")
+
     def on_closed(self, conn, exc) -> None:
-        self.server._conns.discard(self)
+        self.server._release_conn(self)
         if self.reader is not None:
             self.reader.close()
         if self._pending is not None:  # cut inside a DATA frame read on the loop
@@ -63,6 +86,7 @@ class ServerConn:
         self.conn.transport.close()  # flushes the ERROR, then closes
 
     def on_control(self, conn, header: FrameHeader, body: bytes) -> None:
+        self.last_active = time.monotonic()
         try:
             if not self.authed:
                 self._handshake(header, body)
@@ -85,17 +109,27 @@ class ServerConn:
             self.client_nonce = hs.hex_bytes(hello, "nonce", hs.NONCE_BYTES)
             if server.fingerprints is not None and self.fingerprint not in server.fingerprints:
                 raise FingerprintMismatch(next(iter(server.fingerprints), b""), self.fingerprint)
-            if server.secret is None:
+            key = hello.get("key")
+            if key is not None:
+                # A key id names one of several secrets (e.g. a pool daemon's tenants).
+                if not isinstance(key, str) or key not in server.secrets:
+                    raise HandshakeError("unknown key id: no such secret")
+                self.key_id, self.secret = key, server.secrets[key]
+            else:
+                self.secret = server.secret
+            if self.secret is None and not server.secrets:
                 self._accept(None)
+            elif self.secret is None:
+                raise HandshakeError("this receiver requires a key id and its secret")
             else:
                 self.server_nonce = hs.new_nonce()
                 self.conn.send(FrameType.CHALLENGE, body=hs.encode({"nonce": self.server_nonce.hex()}))
             return
         if header.type is FrameType.AUTH and self.server_nonce:
             auth = hs.decode(body, {"mac": str})
-            hs.check_mac(hs.mac(server.secret, "client", self.client_nonce, self.server_nonce, self.session,
+            hs.check_mac(hs.mac(self.secret, "client", self.client_nonce, self.server_nonce, self.session,
                                 self.fingerprint), auth["mac"])
-            self._accept(hs.mac(server.secret, "server", self.client_nonce, self.server_nonce, self.session,
+            self._accept(hs.mac(self.secret, "server", self.client_nonce, self.server_nonce, self.session,
                                 self.fingerprint))
             return
         raise HandshakeError(f"unexpected {header.type.name} frame during the handshake")
@@ -127,7 +161,7 @@ class ServerConn:
                 pass  # a sender reporting its own failure; its CANCEL follows
             else:
                 raise TransferRejected(f"{header.type.name} frames are not accepted by a receiver")
-        except (TransferRejected, HandshakeError) as exc:
+        except KvlinkError as exc:  # refuses this transfer only; the connection carries on
             self.server._reject(self, tid, exc)
 
     def lookup(self, header: FrameHeader, later) -> tuple[IncomingTransfer | None, memoryview | None]:
@@ -137,6 +171,7 @@ class ServerConn:
         (``later`` calls at once); every write to a connection happens through ``later``.
         """
         server, tid = self.server, header.transfer_id
+        self.last_active = time.monotonic()
         if tid in server._recent:
             later(self._reconfirm, header)  # a resend after a lost END: confirm again
             return None, None

@@ -93,6 +93,7 @@ class ThreadWriter:
                     self._sent += length
                     if self.on_sent is not None:
                         self.on_sent()
+                item = pieces = None  # keep no sent buffer alive while waiting for the next frame
         except (OSError, ValueError) as exc:
             if not self._closed:
                 self.on_error(exc)

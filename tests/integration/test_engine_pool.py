@@ -37,7 +37,7 @@ def test_local_pool_through_the_sync_wrapper():
     try:
         # the decode side that loaded the request keeps it...
         holder = SyncDecodeSide(src, pool=pool)
-        assert holder.store(tokens, src_ref) == 3  # one full-KV entry per pool block, one state
+        assert holder.store(tokens, src_ref).stored == 3  # one full-KV entry per pool block, one state
         holder.close()
         # ...and a later request with the same prefix restores it into other blocks and slot
         longer = tokens + list(range(5000, 5100))
@@ -65,7 +65,7 @@ async def test_remote_pool_daemon(tmp_path):
         async with PoolClient(model, http_port=ports["http_port"], data_port=ports["data_port"]) as a, \
                 PoolClient(model, http_port=ports["http_port"], data_port=ports["data_port"]) as b:
             writer = DecodeSide(src, pool=a, pool_block_size=POOL_BLOCK)
-            assert await writer.store(tokens, src_ref) > 0
+            assert (await writer.store(tokens, src_ref)).stored > 0
             reader = DecodeSide(cache(spec), pool=b, pool_block_size=POOL_BLOCK)
             hit = await reader.lookup(tokens + [7, 7, 7])
             assert hit.tokens == 128

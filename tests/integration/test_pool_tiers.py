@@ -47,11 +47,11 @@ def test_store_lookup_fetch_exact_and_hybrid_rule(tmp_path):
     tokens = prompt(256)
     stored = pieces(tokens, [7])
     with Pool(HYBRID, cfg(tmp_path)) as pool:
-        assert pool.store(tokens, stored) == len(stored)
+        assert pool.store(tokens, stored).stored == len(stored)
         hit, got = check_fetch(pool, tokens, stored)
         assert hit.tokens == 128 and hit.kv_tokens == 256  # state only at block 7
         assert len(got) == 8 + 1
-        assert pool.store(tokens, stored) == 0  # already there
+        assert pool.store(tokens, stored).stored == 0  # already there
 
 
 @pytest.mark.parametrize("policy", ["lru", "s3fifo"])
@@ -184,7 +184,7 @@ def test_verified_memory_falls_back_to_ssd_on_a_damaged_page(tmp_path):
         host = pool.levels[-1][1]
         key = pool.index.hashes(tokens)[1]
         page = host.entry(b"F" + key).pages[0]
-        host.buffer[page * host.page_bytes + 7] ^= 0x40  # a bit flip in DRAM
+        host._page(page)[7] ^= 0x40  # a bit flip in DRAM
         hit, got = check_fetch(pool, tokens, stored)  # the SSD copy is served, intact
         assert hit.tokens == 64 and pool.stats["corrupt"] == 1 and pool.stats["hit_ssd"] >= 1
 
@@ -198,7 +198,7 @@ def test_landed_pieces_are_kept_in_place_and_written_through(tmp_path):
             landing = pool.landing(len(data))
             landing.view[:] = data  # as a daemon's receiver writes a put
             landed[key] = landing
-        assert pool.store(tokens, landed) == len(stored)
+        assert pool.store(tokens, landed).stored == len(stored)
         for landing in landed.values():
             landing.release()
         host = pool.levels[0][1]
@@ -209,7 +209,7 @@ def test_landed_pieces_are_kept_in_place_and_written_through(tmp_path):
         # Already stored: the new landing is not adopted, and releasing it frees its pages.
         used = host.used_bytes
         again = pool.landing(3000)
-        assert pool.store(tokens, {(FULL, 0): again}) == 0
+        assert pool.store(tokens, {(FULL, 0): again}).stored == 0
         again.release()
         assert host.used_bytes == used
     with Pool(HYBRID, cfg(tmp_path)) as pool:  # what was written through survives a restart
