@@ -81,8 +81,10 @@ def tenant_client(tenant: str, secret: str | None, ports: dict) -> PoolClient:
 def daemon_config() -> str:
     arena = f"receive_arena = {32 << 20}\ntenant_arena_bytes = {8 << 20}\n"  # small: RSS is judged
     tenants = "".join(f'"{name}" = "{secret}"\n' for name, secret in [*TENANTS, HOSTILE_TENANT] if secret)
+    # host_bytes: 8x what a tenant stores (PROMPTS * POOL_BLOCKS * ENTRY = 512 KiB), small so that
+    # the tier's pages (its free list cycles through all of them) are all touched during warm-up.
     return (f'[daemon]\nhost = "{HOST}"\nmodels = ["{POOL_MODEL}"]\n{arena}'
-            f"[pool]\nblock_size = {BLOCK}\nhost_bytes = {64 << 20}\npage_bytes = {ENTRY}\n"
+            f"[pool]\nblock_size = {BLOCK}\nhost_bytes = {4 << 20}\npage_bytes = {ENTRY}\n"
             + (f"[tenants]\n{tenants}" if tenants else ""))
 
 

@@ -60,8 +60,10 @@ class CodecConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.zstd_level <= 22:
             raise ConfigError(f"zstd_level must be in 1..22, got {self.zstd_level}")
-        if self.fp8_group <= 0 or self.fp8_group & (self.fp8_group - 1):
-            raise ConfigError(f"fp8_group must be a positive power of two, got {self.fp8_group}")
+        # The wire carries the group as an exponent 0..16: a larger group would make payloads
+        # every receiver rejects.
+        if self.fp8_group <= 0 or self.fp8_group & (self.fp8_group - 1) or self.fp8_group > 1 << 16:
+            raise ConfigError(f"fp8_group must be a power of two in 1..65536, got {self.fp8_group}")
 
 
 def triton_interpret_enabled() -> bool:

@@ -241,7 +241,8 @@ class Fetched(dict):
 
 
 class SyncPoolClient:
-    """:class:`PoolClient` for synchronous code: an event loop runs in a background thread."""
+    """:class:`PoolClient` for synchronous code: an event loop runs in a background thread. Methods
+    raise what :class:`PoolClient`'s do (typed :class:`~kvlink.errors.KvlinkError` all)."""
 
     def __init__(self, *args, **kwargs):
         """As :class:`PoolClient`, connected; raises what its ``connect`` raises (and then leaves
@@ -263,22 +264,28 @@ class SyncPoolClient:
             self._loop.close()
 
     def _run(self, coro):
+        if self._loop.is_closed():
+            coro.close()
+            raise PoolError("the client is closed")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def lookup(self, tokens):
+    def lookup(self, tokens: list[int]) -> PrefixHit:
         return self._run(self._client.lookup(tokens))
 
-    def put(self, tokens, pieces):
+    def put(self, tokens: list[int], pieces: dict[tuple[str, int], object]) -> StoreReport:
         return self._run(self._client.put(tokens, pieces))
 
-    def get(self, hit):
+    def get(self, hit: PrefixHit) -> "Fetched":
         return self._run(self._client.get(hit))
 
-    def evict(self, nbytes):
+    def evict(self, nbytes: int) -> int:
         return self._run(self._client.evict(nbytes))
 
-    def stats(self):
+    def stats(self) -> dict:
         return self._run(self._client.stats())
+
+    def health(self) -> dict:
+        return self._run(self._client.health())
 
     def close(self) -> None:
         if self._loop.is_closed():

@@ -19,8 +19,9 @@ from pathlib import Path
 from kvlink.config import DaemonConfig, TransportConfig, check_name
 from kvlink.daemon import protocol as proto
 from kvlink.daemon.auth import DEFAULT_TENANT, Tenants
+from kvlink.daemon.http import HttpApi
 from kvlink.errors import (ConfigError, HandshakeError, KvlinkError, PeerUnreachable, ResourceLimit,
-                           TransferRejected)
+                           TransferRejected, TransportError)
 from kvlink.pool.budget import HostBudget
 from kvlink.pool.pool import Pool
 from kvlink.pool.slab import Landing
@@ -60,7 +61,7 @@ class PoolDaemon:
                                       allocator=self._arena, allocator_for=self._allocator_for,
                                       part_verifier=proto.part_intact, part_scanner=proto.PartScan)
         self._landings: dict[int, dict[int, Landing]] = {}  # put transfer id -> {id(view): landing}
-        self._http = None
+        self._http: HttpApi | None = None
         self._tasks: set[asyncio.Task] = set()
         self._acceptor: asyncio.Task | None = None
         self.http_port = self.data_port = 0
@@ -160,8 +161,6 @@ class PoolDaemon:
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> tuple[int, int]:
         """Listen; returns (http port, data port)."""
-        from kvlink.daemon.http import HttpApi
-
         self._http = HttpApi(self)
         self.http_port = await self._http.start(self.config.host, self.config.http_port)
         _, self.data_port = await self._server.start(self.config.host, self.config.data_port)
@@ -198,7 +197,10 @@ class PoolDaemon:
         release = None
         landings = self._landings.pop(incoming.transfer_id, {})
         try:
-            parts = await incoming.done()
+            try:
+                parts = await incoming.done()
+            except TransportError:
+                return  # the request never arrived whole: its sender has the transport's error
             pool = await asyncio.to_thread(self.pool, proto.model_of(meta), tenant)
             op = meta.get("op")
             if op == "put":

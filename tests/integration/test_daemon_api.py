@@ -18,6 +18,7 @@ from kvlink.daemon import SyncPoolClient
 from kvlink.daemon.metrics import exposition
 from kvlink.errors import AccessDenied, EntryMissing, KvlinkError, PeerUnreachable, PoolError, TransferTimeout
 from kvlink.pool.index import FULL, STATE, PrefixHit
+from kvlink.transport.receiver import TransferServer
 
 from tests.integration.daemon_helpers import FAST, MODEL, SECRETS, client, daemon, free_port, prompt
 
@@ -113,7 +114,7 @@ async def test_pool_client_failures_are_typed():
         try:
             for port, kind in ((free_port(), PeerUnreachable), (silent.sockets[0].getsockname()[1], TransferTimeout),
                                (garbage.sockets[0].getsockname()[1], PoolError)):
-                async with client_for(port, d.data_port, timeout=0.5, tenant="alpha") as c:
+                async with client_for(port, d.data_port, timeout=0.25, tenant="alpha") as c:
                     for call in (c.lookup([1, 2]), c.evict(1), c.stats(), c.health()):
                         with pytest.raises(kind):
                             await call
@@ -122,6 +123,16 @@ async def test_pool_client_failures_are_typed():
             garbage.close()
         with pytest.raises(AccessDenied):
             await client(d, "alpha", secret="not-alphas-secret").connect()
+    # A data port that takes requests and never answers: the wait for the reply is bounded and typed.
+    sink = TransferServer(FAST)
+    _, port = await sink.start("127.0.0.1", 0)
+    try:
+        async with client_for(free_port(), port, timeout=0.25) as c:
+            with pytest.raises(TransferTimeout):
+                await c.put(prompt(16), {(FULL, 0): b"x" * 100})
+    finally:
+        await sink.close()
+    async with daemon(tenants=SECRETS) as d:
         async with client(d, "alpha") as c:
             gone = PrefixHit(16, (b"k" * 16,), (), None, 16, "")
             with pytest.raises(EntryMissing):

@@ -204,3 +204,13 @@ def test_undefined_bits_are_refused(where, fmt, value):
         Unpacker(dst).unpack(bad, REF)
     assert same(before, snapshot(dst))
     assert payload_intact(wire)
+
+
+def test_fp8_group_beyond_the_wire_exponent_is_refused_at_config():
+    # The wire stores the group as an exponent 0..16; 2**17 used to make payloads no receiver reads.
+    from kvlink.config import CodecConfig
+    from kvlink.errors import ConfigError
+
+    CodecConfig(fp8_group=1 << 16)
+    with pytest.raises(ConfigError):
+        CodecConfig(fp8_group=1 << 17)
