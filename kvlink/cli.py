@@ -63,13 +63,48 @@ def _transport_config(args):
                            adaptive=not args.no_adaptive, chunk_checksums=True if args.chunk_checksums else None)
 
 
+def _add_tls_args(parser, server: bool) -> None:
+    """--tls-cert/--tls-key/--tls-ca (PEM files, e.g. from ``kvlink tls-cert``)."""
+    if server:
+        parser.add_argument("--tls-cert", default=None, help="serve TLS with this certificate (PEM, e.g. server.pem)")
+        parser.add_argument("--tls-key", default=None, help="its private key (PEM, e.g. server-key.pem)")
+        parser.add_argument("--tls-ca", default=None, help="require client certificates signed by this CA (ca.pem)")
+    else:
+        parser.add_argument("--tls-ca", default=None, help="connect with TLS, trusting this CA (PEM, e.g. ca.pem)")
+        parser.add_argument("--tls-cert", default=None, help="client certificate for mutual TLS (client.pem)")
+        parser.add_argument("--tls-key", default=None, help="its private key (client-key.pem)")
+
+
+def _server_tls(args):
+    from kvlink.errors import ConfigError
+    from kvlink.transport.tls import server_context
+
+    if args.tls_cert is None and args.tls_key is None and args.tls_ca is None:
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise ConfigError("--tls-cert and --tls-key go together (--tls-ca adds client certificates)")
+    return server_context(args.tls_cert, args.tls_key, args.tls_ca)
+
+
+def _client_tls(args):
+    from kvlink.errors import ConfigError
+    from kvlink.transport.tls import client_context
+
+    if args.tls_ca is None and args.tls_cert is None and args.tls_key is None:
+        return None
+    if args.tls_ca is None or (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("TLS needs --tls-ca; --tls-cert and --tls-key go together")
+    return client_context(args.tls_ca, args.tls_cert, args.tls_key)
+
+
 def cmd_transfer_serve(args) -> int:
     from kvlink.bench import sink
     from kvlink.config import TransportConfig
     from kvlink.transport.loop import run
 
     run(sink.serve(args.host, args.port, args.raw_port, args.arena << 20, TransportConfig(),
-                   TransportConfig.secret_from_env(), args.max_transfers, verify=not args.no_verify))
+                   TransportConfig.secret_from_env(), args.max_transfers, verify=not args.no_verify,
+                   ssl=_server_tls(args)))
     return 0
 
 
@@ -83,9 +118,13 @@ def cmd_bench_transfer(args) -> int:
         host, port = harness.parse_connect(args.connect)
         result = transfer.run(host, port, args.raw_port, args.model, args.tokens, config, weights,
                               TransportConfig.secret_from_env(), sys.stderr.isatty() or args.progress,
-                              announce=args.announce_start, repeat=args.repeat, codec=args.codec)
+                              announce=args.announce_start, repeat=args.repeat, codec=args.codec,
+                              ssl=_client_tls(args))
         print(json.dumps(result, indent=2) if args.json else transfer.render(result))
         return 0
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        print("kvlink: error: --tls-* needs --connect (the spawned receiver is plain TCP)", file=sys.stderr)
+        return 2
     # Run the receiver ourselves: a loopback subprocess, or inside the link lab.
     forward = [sys.executable, "-m", "kvlink.cli", "bench", "transfer", "--model", args.model,
                "--tokens", str(args.tokens), "--streams", str(args.streams), "--chunk", str(args.chunk or 0),
@@ -124,7 +163,8 @@ def cmd_pool_serve(args) -> int:
 
     overrides = {"host": args.host, "http_port": args.http_port, "data_port": args.data_port, "root": args.root,
                  "models": tuple(args.model) if args.model else None,
-                 "allow_insecure": True if args.allow_insecure else None}
+                 "allow_insecure": True if args.allow_insecure else None,
+                 "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_ca": args.tls_ca}
     if args.config:
         config = DaemonConfig.from_toml(args.config, **overrides)
     else:
@@ -215,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--progress", action="store_true", help="progress bar even when stderr is not a terminal")
     bt.add_argument("--announce-start", action="store_true", help=argparse.SUPPRESS)
     bt.add_argument("--json", action="store_true")
+    _add_tls_args(bt, server=False)
     bt.set_defaults(func=cmd_bench_transfer)
 
     tr = sub.add_parser("transfer", help="transfer endpoints")
@@ -226,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--arena", type=int, default=2048, help="receive arena in MiB")
     serve.add_argument("--max-transfers", type=int, default=None)
     serve.add_argument("--no-verify", action="store_true", help="skip payload checksum verification")
+    _add_tls_args(serve, server=True)
     serve.set_defaults(func=cmd_transfer_serve)
 
     pool = sub.add_parser("pool", help="the prefix cache pool daemon")
@@ -239,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--model", action="append", default=None, help="preset to serve (repeatable)")
     ps.add_argument("--allow-insecure", action="store_true",
                     help="listen on a non-loopback address without any secret (tenants or KVLINK_SECRET)")
+    ps.add_argument("--tls-cert", default=None, help="serve HTTP and data over TLS with this certificate (PEM)")
+    ps.add_argument("--tls-key", default=None, help="its private key (PEM)")
+    ps.add_argument("--tls-ca", default=None,
+                    help="CA that signs clients' reply-listener certificates (default: the system's trust store)")
     ps.set_defaults(func=cmd_pool_serve)
 
     tls = sub.add_parser("tls-cert", help="write a self-signed dev CA, server and client certificates for TLS")

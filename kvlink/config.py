@@ -300,6 +300,12 @@ class DaemonConfig:
     tenants: dict[str, str] = field(default_factory=dict)  # tenant name -> secret
     admin_secret: str | None = None  # may read every tenant's /stats and /metrics
     allow_insecure: bool = False  # listen on a non-loopback host without any secret
+    # TLS (PEM files; ``kvlink tls-cert`` writes dev ones): with tls_cert + tls_key, HTTP and data
+    # connections are TLS; replies go to clients' TLS reply listeners, verified against tls_ca
+    # (None: the system's trust store).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
 
     def __post_init__(self) -> None:
         for model in self.models:
@@ -319,6 +325,10 @@ class DaemonConfig:
             raise ConfigError("max_request_bytes must be at least 1024")
         if self.host_budget_bytes is not None and self.host_budget_bytes < self.pool.page_bytes:
             raise ConfigError("host_budget_bytes must hold at least one page")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ConfigError("tls_ca needs tls_cert and tls_key (it verifies TLS clients' reply listeners)")
 
     @property
     def host_budget(self) -> int:

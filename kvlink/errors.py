@@ -21,6 +21,7 @@ Every error kvlink raises on purpose derives from :class:`KvlinkError`::
     │   │   └── AuthenticationError  shared-secret (HMAC) check failed
     │   ├── PeerUnreachable         cannot (re)connect within the retry budget
     │   ├── TransferRejected        the receiver refused the transfer (unknown, too large, bad range)
+    │   │   └── PartIndexError      a part index outside the transfer (also an IndexError)
     │   ├── TransferTimeout         no progress within the configured timeout
     │   ├── TransferCancelled       cancelled by either side
     │   └── TransferFailed          retries exhausted (e.g. a chunk kept failing its checksum)
@@ -123,6 +124,10 @@ class PeerUnreachable(TransportError):
 
 class TransferRejected(TransportError):
     """The receiver refused the transfer or one of its frames (unknown id, too large, out of range)."""
+
+
+class PartIndexError(TransferRejected, IndexError):
+    """A part index outside the transfer (an ``IndexError`` too, for callers that catch that)."""
 
 
 class TransferTimeout(TransportError):

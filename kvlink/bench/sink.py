@@ -87,13 +87,13 @@ def _recv_exact(conn: socket.socket, view: memoryview, hasher=None) -> bool:
 
 
 async def serve(host: str, port: int, raw_port: int | None, arena_bytes: int, config: TransportConfig,
-                secret: bytes | None, max_transfers: int | None = None, verify: bool = True) -> None:
+                secret: bytes | None, max_transfers: int | None = None, verify: bool = True, ssl=None) -> None:
     arena = StagingArena(arena_bytes, pin=False)
     fingerprints = [get_preset(name).fingerprint for name in PRESETS]
     # Model payloads carry their own checksums: the server verifies each part with them (inside the
     # timed transfer), and senders on the default setting skip per-chunk hashing.
     server = TransferServer(config, fingerprints, secret=secret, allocator=arena_allocator(arena),
-                            part_verifier=payload_intact if verify else None, part_scanner=PayloadScan)
+                            part_verifier=payload_intact if verify else None, part_scanner=PayloadScan, ssl=ssl)
     bound = await server.start(host, port)
     sink = None
     if raw_port is not None:

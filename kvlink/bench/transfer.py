@@ -126,13 +126,13 @@ class Progress:
 
 async def run_transfers(host: str, port: int, fingerprint: bytes, payloads: list, config: TransportConfig,
                         weights: list[float], secret: bytes | None, progress: bool, repeat: int = 1,
-                        between=None, meter: CpuMeter | None = None) -> dict:
+                        between=None, meter: CpuMeter | None = None, ssl=None) -> dict:
     """``repeat`` rounds of ``len(weights)`` concurrent copies of the payload set over one client
     (connections stay open, as between a decode cluster and its prefill peers); ``between()``,
     when given, runs in a thread after each round (the baseline's turn). Returns the median
     round's figures (and its timeline), with the median CPU seconds per GiB of each end."""
     meter = meter or CpuMeter()
-    async with TransferClient(host, port, fingerprint, config, secret=secret) as client:
+    async with TransferClient(host, port, fingerprint, config, secret=secret, ssl=ssl) as client:
         rounds, cpus = [], []
         for _ in range(repeat):
             started = meter.start()
@@ -204,12 +204,13 @@ async def _round(client: TransferClient, payloads: list, weights: list[float], p
 def run(host: str, port: int, raw_port: int | None, model: str, tokens: int, config: TransportConfig,
         weights: list[float], secret: bytes | None, progress: bool, announce: bool = False, repeat: int = 1,
         codec: str = "none", receiver_pid: int | None = None, hashed_baseline: bool = False,
-        use_uvloop: bool = True) -> dict:
+        use_uvloop: bool = True, ssl=None) -> dict:
     """The whole benchmark: pack, kvlink transfer(s), then the raw baseline on the same bytes.
     With ``receiver_pid`` (a local receiver) the receiver's CPU time is reported too; with
     ``hashed_baseline`` a second baseline whose receiver also hashes every byte (what verifying
     costs by itself, for scale: the goal compares against the plain one). ``use_uvloop``: run the
-    sender on uvloop when it is installed (False: the stock asyncio loop, for comparison)."""
+    sender on uvloop when it is installed (False: the stock asyncio loop, for comparison). ``ssl``:
+    a client ``ssl.SSLContext`` for a TLS receiver."""
     from kvlink.transport.loop import run as run_loop
 
     t0 = time.perf_counter()
@@ -240,7 +241,7 @@ def run(host: str, port: int, raw_port: int | None, model: str, tokens: int, con
     between = baseline_round if raw_port is not None else None
     result["host_cpus"] = os.cpu_count()
     result["kvlink"] = run_loop(run_transfers(host, port, fingerprint, payloads, config, weights, secret, progress,
-                                              repeat, between=between, meter=meter), use_uvloop)
+                                              repeat, between=between, meter=meter, ssl=ssl), use_uvloop)
     for name in baselines if raw_port is not None else ():
         rounds = sorted(raw_rounds[name])
         seconds = rounds[len(rounds) // 2]

@@ -2,7 +2,8 @@
 
 Control calls go over HTTP; ``put`` and ``get`` move bytes over kvlink transfers. Each client
 also listens on an ephemeral loopback port for the daemon's replies (bind ``reply_host`` to a
-routable address when the daemon is on another machine).
+routable address when the daemon is on another machine). With TLS (``ssl`` + ``reply_ssl``)
+HTTP, data and reply connections are all encrypted and the peers' certificates verified.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import ssl as _ssl
 import threading
 
 import aiohttp
@@ -17,8 +19,8 @@ import aiohttp
 from kvlink.config import TransportConfig
 from kvlink.daemon import protocol as proto
 from kvlink.daemon.auth import DEFAULT_TENANT
-from kvlink.errors import (AccessDenied, AuthenticationError, ConfigError, EntryMissing, PeerUnreachable, PoolError,
-                           ResourceLimit, TierUnavailable, TransferTimeout)
+from kvlink.errors import (AccessDenied, AuthenticationError, ConfigError, EntryMissing, HandshakeError,
+                           PeerUnreachable, PoolError, ResourceLimit, TierUnavailable, TransferTimeout)
 from kvlink.pool.index import PrefixHit
 from kvlink.pool.pool import StoreReport
 from kvlink.presets import get_preset
@@ -46,13 +48,24 @@ class PoolClient:
     (no answer within ``timeout``), :class:`~kvlink.errors.ResourceLimit` (a daemon limit),
     :class:`~kvlink.errors.EntryMissing` (evicted since the lookup), other
     :class:`~kvlink.errors.PoolError` for refused requests, and the transport's errors
-    (:class:`~kvlink.errors.TransportError`) for failed transfers.
+    (:class:`~kvlink.errors.TransportError`) for failed transfers;
+    :class:`~kvlink.errors.HandshakeError` when TLS fails (e.g. the daemon's certificate is not
+    signed by a CA ``ssl`` trusts, or not valid for ``host``).
+
+    TLS (a daemon with ``tls_cert``): ``ssl`` is a client context that verifies the daemon
+    (``tls.client_context(ca)``), used for HTTP and data connections; ``reply_ssl`` is a server
+    context for the reply listener (``tls.server_context(cert, key)``, a certificate valid for
+    ``reply_host``, signed by the CA the daemon trusts). Both or neither: :class:`ConfigError`.
     """
 
     def __init__(self, model: str, host: str = "127.0.0.1", http_port: int = 7480, data_port: int = 7481,
                  secret: bytes | None = None, tenant: str = DEFAULT_TENANT, transport: TransportConfig | None = None,
-                 reply_host: str = "127.0.0.1", timeout: float = 60.0, reply_arena: int = 256 << 20):
+                 reply_host: str = "127.0.0.1", timeout: float = 60.0, reply_arena: int = 256 << 20,
+                 ssl: _ssl.SSLContext | None = None, reply_ssl: _ssl.SSLContext | None = None):
         self.model, self.tenant = model, tenant
+        if (ssl is None) != (reply_ssl is None):
+            raise ConfigError("ssl and reply_ssl go together: a TLS daemon replies over TLS to the reply listener")
+        self.ssl, self.reply_ssl = ssl, reply_ssl
         self.host, self.http_port, self.data_port = host, http_port, data_port
         if secret is not None and (not secret.isascii() or not secret.strip() or b" " in secret):
             raise ConfigError("a tenant secret is printable ASCII without spaces (it travels in an HTTP header)")
@@ -75,17 +88,20 @@ class PoolClient:
         :class:`~kvlink.errors.TransportError`."""
         headers = {"Authorization": f"Bearer {self.secret.decode()}"} if self.secret else {}
         try:
-            self._http = aiohttp.ClientSession(base_url=f"http://{self.host}:{self.http_port}", headers=headers,
-                                               timeout=aiohttp.ClientTimeout(total=self.timeout))
+            scheme = "https" if self.ssl is not None else "http"
+            self._http = aiohttp.ClientSession(base_url=f"{scheme}://{self.host}:{self.http_port}", headers=headers,
+                                               timeout=aiohttp.ClientTimeout(total=self.timeout),
+                                               connector=aiohttp.TCPConnector(ssl=self.ssl or True))
             # Replies land in a preallocated arena (bounds one get's size), copied out per part.
             # Entries are kvlink payloads: replies are verified against their own checksums on arrival.
             self._replies = TransferServer(self.transport, [self.fingerprint], secret=self.secret,
                                            allocator=arena_allocator(StagingArena(self.reply_arena)),
                                            part_verifier=payload_intact, part_scanner=PayloadScan,
-                                           accept_queue=False)
+                                           accept_queue=False, ssl=self.reply_ssl)
             _, self.reply_port = await self._replies.start(self.reply_host, 0)
             self._sender = TransferClient(self.host, self.data_port, self.fingerprint, self.transport,
-                                          secret=self.secret, key_id=self.tenant if self.secret else None)
+                                          secret=self.secret, key_id=self.tenant if self.secret else None,
+                                          ssl=self.ssl)
             await self._sender.connect()
         except BaseException as exc:
             await self.close()
@@ -139,6 +155,8 @@ class PoolClient:
                 message = data.get("message", data) if isinstance(data, dict) else f"HTTP {resp.status}"
         except asyncio.TimeoutError:
             raise TransferTimeout(f"{path}: no answer from the daemon within {self.timeout} s") from None
+        except aiohttp.ClientSSLError as exc:  # an unverifiable certificate: retrying cannot help
+            raise HandshakeError(f"{path}: TLS with daemon {self.host}:{self.http_port} failed: {exc}") from None
         except (aiohttp.ClientConnectionError, OSError) as exc:
             raise PeerUnreachable(f"{path}: daemon {self.host}:{self.http_port}: {exc}") from None
         except aiohttp.ClientError as exc:

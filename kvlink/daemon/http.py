@@ -73,7 +73,7 @@ class HttpApi:
                         web.post("/evict", self._evict)])
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, ssl_context=self.daemon.ssl)
         await site.start()
         return site._server.sockets[0].getsockname()[1]
 

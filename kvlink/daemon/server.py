@@ -13,12 +13,13 @@ import asyncio
 import collections
 import json
 import logging
+import ssl as _ssl
 import threading
 from pathlib import Path
 
 from kvlink.config import DaemonConfig, TransportConfig, check_name
 from kvlink.daemon import protocol as proto
-from kvlink.daemon.auth import DEFAULT_TENANT, Tenants
+from kvlink.daemon.auth import DEFAULT_TENANT, Tenants, _loopback
 from kvlink.daemon.http import HttpApi
 from kvlink.errors import (ConfigError, HandshakeError, KvlinkError, PeerUnreachable, ResourceLimit,
                            TransferRejected, TransportError)
@@ -31,6 +32,7 @@ from kvlink.serde.staging import StagingArena
 from kvlink.transport.incoming import arena_allocator
 from kvlink.transport.receiver import TransferServer
 from kvlink.transport.sender import TransferClient
+from kvlink.transport.tls import client_context, server_context
 
 log = logging.getLogger("kvlink.daemon")
 _REPLIERS = 64  # reply connections kept open (LRU)
@@ -39,11 +41,23 @@ _REPLIERS = 64  # reply connections kept open (LRU)
 class PoolDaemon:
     """The daemon. ``secret`` (e.g. ``KVLINK_SECRET``) is tenant ``default``'s secret; more tenants
     come from ``config.tenants``. Raises :class:`ConfigError` for an unsafe configuration (see
-    :meth:`Tenants.from_config`) or an unknown model."""
+    :meth:`Tenants.from_config`), an unknown model or TLS files that cannot be loaded.
+
+    TLS: ``ssl`` (a server context, e.g. ``tls.server_context(cert, key)``) serves HTTP and data
+    connections over TLS; ``reply_ssl`` (a client context, e.g. ``tls.client_context(ca)``) is
+    then required: replies go over connections the daemon opens to each client's reply listener,
+    whose certificate it verifies. Both default to contexts built from ``config.tls_*``."""
 
     def __init__(self, config: DaemonConfig, secret: bytes | None = None,
-                 transport: TransportConfig | None = None):
+                 transport: TransportConfig | None = None, ssl: _ssl.SSLContext | None = None,
+                 reply_ssl: _ssl.SSLContext | None = None):
         self.config = config
+        if ssl is None and config.tls_cert is not None:
+            ssl = server_context(config.tls_cert, config.tls_key)
+            reply_ssl = reply_ssl or client_context(config.tls_ca)
+        if (ssl is None) != (reply_ssl is None):
+            raise ConfigError("ssl and reply_ssl go together: a TLS daemon sends its replies over TLS too")
+        self.ssl, self.reply_ssl = ssl, reply_ssl
         self.tenants = Tenants.from_config(config, secret)
         self.transport = transport or TransportConfig()
         self.specs = {name: get_preset(name) for name in config.models}
@@ -59,7 +73,7 @@ class PoolDaemon:
         self._server = TransferServer(self.transport, [s.fingerprint for s in self.specs.values()],
                                       secret=self.tenants.secrets.get(DEFAULT_TENANT), secrets=self.tenants.secrets,
                                       allocator=self._arena, allocator_for=self._allocator_for,
-                                      part_verifier=proto.part_intact, part_scanner=proto.PartScan)
+                                      part_verifier=proto.part_intact, part_scanner=proto.PartScan, ssl=ssl)
         self._landings: dict[int, dict[int, Landing]] = {}  # put transfer id -> {id(view): landing}
         self._http: HttpApi | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -163,6 +177,9 @@ class PoolDaemon:
         """Listen; returns (http port, data port)."""
         self._http = HttpApi(self)
         self.http_port = await self._http.start(self.config.host, self.config.http_port)
+        if self.ssl is None and not _loopback(self.config.host):
+            log.warning("pool daemon serves HTTP on %s:%d without TLS: tenants' bearer secrets cross the network "
+                        "in clear (set tls_cert/tls_key)", self.config.host, self.http_port)
         _, self.data_port = await self._server.start(self.config.host, self.config.data_port)
         self._acceptor = asyncio.create_task(self._accept())
         return self.http_port, self.data_port
@@ -237,7 +254,9 @@ class PoolDaemon:
         client = self._repliers.get(key)
         try:
             if client is None:
-                client = TransferClient(host, port, fingerprint, self.transport, secret=self.tenants.secrets.get(tenant))
+                # With TLS the client's reply listener must show a certificate valid for its address.
+                client = TransferClient(host, port, fingerprint, self.transport,
+                                        secret=self.tenants.secrets.get(tenant), ssl=self.reply_ssl)
                 await client.connect()
                 self._repliers[key] = client
                 while len(self._repliers) > _REPLIERS:

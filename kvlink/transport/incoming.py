@@ -9,7 +9,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from kvlink.errors import KvlinkError, StagingExhausted, TransferCancelled, TransferRejected, TransportError
+from kvlink.errors import (KvlinkError, PartIndexError, StagingExhausted, TransferCancelled, TransferRejected,
+                           TransportError)
 
 # allocator(nbytes) -> (writable buffer of exactly nbytes, release callback or None)
 Allocator = Callable[[int], tuple[memoryview, Callable[[], None] | None]]
@@ -69,10 +70,6 @@ class _Part:
         self.scan_lock = threading.Lock()
         self.landed = bytearray(0)
         self.prefix = 0
-
-
-class PartIndexError(TransferRejected, IndexError):
-    """A part index outside the transfer (an ``IndexError`` too, for callers that catch that)."""
 
 
 _NO_BYTES = memoryview(b"")
@@ -342,7 +339,7 @@ class IncomingTransfer:
 
     async def part(self, index: int) -> memoryview:
         """Wait for part ``index`` to arrive whole and verified; returns its bytes. Raises
-        :class:`PartIndexError` (a :class:`~kvlink.errors.TransferRejected` and an ``IndexError``)
+        :class:`~kvlink.errors.PartIndexError` (a ``TransferRejected`` and an ``IndexError``)
         for an index outside the transfer, the transfer's typed error if it failed, and
         :class:`~kvlink.errors.TransportError` once it was released."""
         if not 0 <= index < self.num_parts:

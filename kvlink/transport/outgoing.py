@@ -23,7 +23,7 @@ PARTS_PER_FRAME = 1024
 
 
 def _bytes_view(buffer) -> memoryview:
-    """A flat byte view of ``buffer`` (``cast`` only when needed: it costs ~1 us a call)."""
+    """A flat byte view of ``buffer`` (``cast`` only when needed: it costs microseconds a call, per part)."""
     view = memoryview(buffer)
     return view if view.format == "B" and view.ndim == 1 and view.c_contiguous else view.cast("B")
 

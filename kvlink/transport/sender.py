@@ -39,7 +39,9 @@ class TransferClient:
     ``fingerprint`` is the layout fingerprint presented at the handshake (``CacheSpec.fingerprint``).
     Use as ``async with TransferClient(...) as client:``. :meth:`connect` raises
     :class:`~kvlink.errors.PeerUnreachable`, :class:`~kvlink.errors.HandshakeError`,
-    :class:`~kvlink.errors.AuthenticationError` or :class:`~kvlink.errors.FingerprintMismatch`.
+    :class:`~kvlink.errors.AuthenticationError` or :class:`~kvlink.errors.FingerprintMismatch`;
+    a TLS failure (the server's certificate cannot be verified) is a :class:`~kvlink.errors.HandshakeError`
+    at once, never retried.
     """
 
     def __init__(self, host: str, port: int, fingerprint: bytes, config: TransportConfig | None = None,
@@ -99,6 +101,12 @@ class TransferClient:
             await asyncio.wait_for(loop.create_connection(
                 lambda: FrameConnection(cc, 64 << 10), self.host, self.port, ssl=self.ssl,
                 server_hostname=self.server_hostname if self.ssl else None), self.config.connect_timeout)
+        except _ssl.SSLError as exc:
+            # An unverifiable certificate or a TLS mismatch stays so: fail now, do not retry. (A TLS
+            # EOF/reset is a lost connection like any other.)
+            if isinstance(exc, (_ssl.SSLEOFError, _ssl.SSLZeroReturnError)):
+                raise PeerUnreachable(f"cannot connect to {self.host}:{self.port}: {exc}") from None
+            raise HandshakeError(f"TLS with {self.host}:{self.port} failed: {exc}") from None
         except (OSError, asyncio.TimeoutError) as exc:
             raise PeerUnreachable(f"cannot connect to {self.host}:{self.port}: {exc or 'timed out'}") from None
         try:

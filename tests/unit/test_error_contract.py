@@ -11,8 +11,8 @@ import torch
 from kvlink.config import TransportConfig
 from kvlink.engine import DecodeSide, PrefillSide
 from kvlink.engine.decode import SyncDecodeSide
-from kvlink.errors import (ConfigError, EngineError, KvlinkError, LoadFailed, PeerUnreachable, TransferCancelled,
-                           TransferRejected, TransferTimeout, TransportError)
+from kvlink.errors import (ConfigError, EngineError, KvlinkError, LoadFailed, PartIndexError, PeerUnreachable,
+                           TransferCancelled, TransferRejected, TransferTimeout, TransportError)
 from kvlink.serde import CacheRef, PagedCache
 from kvlink.spec import MLA, CacheSpec
 from kvlink.transport import IncomingTransfer, TransferClient, TransferServer
@@ -39,9 +39,9 @@ async def raises(kind: type, awaitable_or_call):
 
 async def test_incoming_transfer_failures_are_typed():
     t = IncomingTransfer(1, b"s" * 16, 2, 4096, {}, lambda nbytes: None)
-    err = await raises(TransferRejected, lambda: t.part(2))
-    assert isinstance(err, IndexError)  # still catchable as before
-    await raises(TransferRejected, lambda: t.part(-1))
+    err = await raises(PartIndexError, lambda: t.part(2))
+    assert isinstance(err, IndexError) and isinstance(err, TransferRejected)  # still catchable as before
+    await raises(PartIndexError, lambda: t.part(-1))
     await raises(TransportError, t.buffers)  # not complete yet (was asyncio.InvalidStateError)
     t.cancel()
     await raises(TransferCancelled, lambda: t.part(0))
