@@ -39,6 +39,7 @@ class FrameType(IntEnum):
 
 
 FLAG_UNCHECKED = 1  # DATA: body_checksum is not set; the payload carries end-to-end checksums
+DEFINED_FLAGS = {6: FLAG_UNCHECKED}  # frame type -> flag bits version 1 defines (none elsewhere)
 
 # ACK and NACK bodies: one or more entries (transfer_id, stream, length, offset), one per chunk.
 ACK_ENTRY = struct.Struct("<QIIQ")
@@ -90,12 +91,13 @@ def parse_header(buf, max_data: int) -> FrameHeader:
     """Validate a 48-byte frame header; ``max_data`` bounds DATA bodies (control bodies: 64 KiB).
 
     Raises :class:`BadMagic`, :class:`UnsupportedVersion`, :class:`ChecksumMismatch` (header),
-    :class:`LengthError` or :class:`WireFormatError` (unknown type).
+    :class:`LengthError` or :class:`WireFormatError` (unknown type, a non-zero reserved field or a
+    flag bit version 1 does not define for that type: later versions may give them meaning).
     """
     view = memoryview(buf).cast("B")
     if view.nbytes != HEADER_SIZE:
         raise LengthError(f"frame header must be {HEADER_SIZE} bytes, got {view.nbytes}")
-    magic, version, ftype, flags, tid, stream, length, offset, body_sum, _, head_sum = HEADER.unpack_from(view, 0)
+    magic, version, ftype, flags, tid, stream, length, offset, body_sum, reserved, head_sum = HEADER.unpack_from(view, 0)
     if magic != MAGIC:
         raise BadMagic(f"bad frame magic {bytes(magic)!r}")
     if version != VERSION:
@@ -107,6 +109,10 @@ def parse_header(buf, max_data: int) -> FrameHeader:
         ftype = FrameType(ftype)
     except ValueError:
         raise WireFormatError(f"unknown frame type {ftype}") from None
+    if reserved:
+        raise WireFormatError(f"frame header reserved field is {reserved:#x}, must be 0")
+    if flags & ~DEFINED_FLAGS.get(ftype, 0):
+        raise WireFormatError(f"{ftype.name} frame has undefined flag bits {flags:#x}")
     limit = max_data if ftype is FrameType.DATA else MAX_CONTROL_BODY
     if length > limit:
         raise LengthError(f"{ftype.name} body of {length} bytes exceeds {limit}")

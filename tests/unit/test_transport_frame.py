@@ -101,3 +101,28 @@ async def test_acquire_waits_on_the_loop():
     await bucket.acquire(10_000)  # burst: no wait
     await bucket.acquire(2_000)   # 2 ms of debt: the loop must sleep at least that long
     assert loop.time() - start >= 0.0019
+
+
+def _resealed(head: bytes, offset: int, fmt: str, value: int) -> bytes:
+    import struct
+
+    from kvlink.codec import checksum
+
+    buf = bytearray(head)
+    struct.pack_into(fmt, buf, offset, value)
+    struct.pack_into("<I", buf, 44, checksum(bytes(buf[:44])) & 0xFFFFFFFF)
+    return bytes(buf)
+
+
+def test_reserved_field_and_undefined_flags_are_refused():
+    # Version 1 defines only DATA's UNCHECKED bit; anything else set (with a valid header
+    # checksum) was silently accepted before, leaving no room for a later version's meaning.
+    head, _ = make_frame(FrameType.DATA, body=b"x" * 10, flags=1)
+    assert parse_header(head, 1 << 20).flags == 1
+    with pytest.raises(WireFormatError, match="reserved"):
+        parse_header(_resealed(head, 40, "<I", 1), 1 << 20)
+    with pytest.raises(WireFormatError, match="flag"):
+        parse_header(_resealed(head, 6, "<H", 2), 1 << 20)
+    ack, _ = make_frame(FrameType.ACK, body=b"")
+    with pytest.raises(WireFormatError, match="flag"):
+        parse_header(_resealed(ack, 6, "<H", 1), 1 << 20)
