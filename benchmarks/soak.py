@@ -401,7 +401,10 @@ def main() -> int:
                 except (subprocess.TimeoutExpired, ValueError, IndexError):
                     return {"error": "hostile peer did not report"}
 
-            result = run_loop(soak.run(ports, start_hostile, stop_hostile, t0))
+            try:
+                result = run_loop(soak.run(ports, start_hostile, stop_hostile, t0))
+            except KvlinkError as exc:  # set-up (a request's failure is counted, never raised)
+                raise SystemExit(f"soak: set-up failed: {exc!r}") from None
             end = time.monotonic() - t0
             sampler.stop.set()
             sampler.join()
