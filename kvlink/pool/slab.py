@@ -11,6 +11,10 @@ chunk is charged to a shared :class:`~kvlink.pool.budget.HostBudget` when one is
 a tier costs nothing, and a daemon's many tiers together never hold more than the budget.
 ``capacity`` is the tier's own cap (its tenant's quota). Chunks stay allocated until
 :meth:`close` (a tier that was full once keeps its memory; its capacity bounds it).
+
+The free pages are a stack: the most recently freed pages are reused first, so a tier whose
+working set is small keeps reusing the same few (already faulted-in, cache-warm) pages instead
+of walking through every page of its capacity (which grew a daemon's RSS for minutes).
 """
 
 from __future__ import annotations
@@ -69,6 +73,9 @@ class SlabTier:
         # One view per page, made on first use and kept: slicing a tensor costs microseconds,
         # which is a tenth of a 2 MiB copy on a many-core host.
         self._pages: list[torch.Tensor | None] = []
+        # Free pages, a stack popped from the right (LIFO). Pages are pushed in reverse order
+        # (:meth:`_push`), so popping hands a freed run, or a new chunk, back out in ascending
+        # order: adjacent entries stay adjacent (one view per entry, room for landings).
         self._free: collections.deque[int] = collections.deque()
         self._entries: dict[bytes, SlabEntry] = {}
         self._lock = threading.Lock()
@@ -139,8 +146,16 @@ class SlabTier:
             pages = self._new_chunk()
             if pages is None:
                 return False
-            self._free.extend(pages)
+            self._push(pages)
         return True
+
+    def _push(self, pages) -> None:
+        """Free ``pages`` (under the lock): they are the next ones handed out, lowest first."""
+        self._free.extend(reversed(pages))
+
+    def _pop(self, need: int) -> tuple[int, ...]:
+        """The ``need`` most recently freed pages (under the lock; ``need <= len(self._free)``)."""
+        return tuple(self._free.pop() for _ in range(need))
 
     def close(self) -> None:
         """Drop every entry and give the memory (and its budget charge) back."""
@@ -169,8 +184,8 @@ class SlabTier:
                 return False
             old = self._entries.pop(key, None)
             if old is not None:
-                self._free.extend(old.pages)
-            pages = tuple(self._free.popleft() for _ in range(need))
+                self._push(old.pages)
+            pages = self._pop(need)
         # Hash each span right after copying it, while it is still in cache (host tiers).
         hasher = xxhash.xxh3_64() if hashed and digest is None and self.device.type == "cpu" else None
         whole_page = len(srcs) == 1 and nbytes == self.page_bytes
@@ -229,20 +244,20 @@ class SlabTier:
             pages = self._new_chunk(fault=False)
             if pages is not None:
                 run = tuple(pages[:need])
-                self._free.extend(pages[need:])
+                self._push(pages[need:])
         return run
 
     def _free_run(self, need: int) -> tuple[int, ...] | None:
         if len(self._free) < need:
             return None
         if need == 1:
-            return (self._free.popleft(),)
-        head, cp = self._free[0], self.chunk_pages
+            return self._pop(1)
+        head, cp = self._free[-1], self.chunk_pages
         if (head // cp == (head + need - 1) // cp
-                and all(self._free[i] == head + i for i in range(1, need))):
-            # The usual case: free pages are handed out from the front of the queue, so in a
-            # tier that is not fragmented the front is already a run (no sort of the free list).
-            return tuple(self._free.popleft() for _ in range(need))
+                and all(self._free[-1 - i] == head + i for i in range(1, need))):
+            # The usual case: freed runs and new chunks are pushed so that they pop in ascending
+            # order, so the top of the stack is already a run (no sort of the free list).
+            return self._pop(need)
         free = sorted(self._free)
         for i in range(len(free) - need + 1):
             if free[i + need - 1] - free[i] == need - 1 and free[i] // cp == free[i + need - 1] // cp:
@@ -263,7 +278,7 @@ class SlabTier:
                 raise PoolError("landing already adopted or released")
             old = self._entries.pop(key, None)
             if old is not None:
-                self._free.extend(old.pages)
+                self._push(old.pages)
             landing.adopted = True
             self._entries[key] = SlabEntry(landing.pages, landing.nbytes, digest)
             self.stats["puts"] += 1
@@ -272,7 +287,7 @@ class SlabTier:
     def _unreserve(self, landing: Landing) -> None:
         with self._lock:
             if not landing.adopted and not landing.released:
-                self._free.extend(landing.pages)
+                self._push(landing.pages)
             landing.released = True
 
     def get(self, key: bytes, out=None, verify: bool = True):
@@ -331,7 +346,7 @@ class SlabTier:
             entry = self._entries.pop(key, None)
             if entry is None:
                 return False
-            self._free.extend(entry.pages)
+            self._push(entry.pages)
             return True
 
     def entry(self, key: bytes) -> SlabEntry | None:

@@ -15,7 +15,9 @@ from kvlink.config import TransportConfig
 from kvlink.errors import TransferTimeout
 from kvlink.transport import TransferClient, TransferServer
 from kvlink.transport import handshake as hs
-from kvlink.transport.frame import HEADER_SIZE, FrameType, make_frame, parse_header
+from kvlink.transport.frame import FrameType
+
+from tests.integration.rawframes import read_frame, send_frame
 
 FP = bytes(range(16))
 BASE = dict(connections=1, grid_bytes=16 << 10, chunk_bytes=64 << 10, window_bytes=256 << 10)
@@ -40,26 +42,7 @@ def connect(port, source="127.0.0.1", timeout=5.0):
 
 
 def send(sock, ftype, tid=0, stream=0, body=b""):
-    head, view = make_frame(ftype, tid, stream, 0, body)
-    sock.sendall(head + bytes(view))
-
-
-def read_frame(sock):
-    """The next frame, or (None, b"") at EOF."""
-    buf = b""
-    while len(buf) < HEADER_SIZE:
-        try:
-            chunk = sock.recv(HEADER_SIZE - len(buf))
-        except ConnectionResetError:
-            chunk = b""
-        if not chunk:
-            return None, b""
-        buf += chunk
-    header = parse_header(buf, 1 << 30)
-    body = b""
-    while len(body) < header.length:
-        body += sock.recv(header.length - len(body))
-    return header, body
+    send_frame(sock, ftype, tid, stream, 0, body)
 
 
 def hello(sock, session=None):
@@ -292,24 +275,6 @@ async def test_idle_authenticated_connections_are_closed_and_senders_reconnect()
         await wait_until(lambda: server.stats["connections_idle_closed"] > closed)
         await asyncio.wait_for(client.send([data]), 10)  # after its idle connection was closed
     await server.close()
-
-
-@pytest.fixture(scope="module")
-def tls_pair(tmp_path_factory):
-    import shutil
-    import ssl
-    import subprocess
-
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is needed to make a test certificate")
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(d / "cert.pem", d / "key.pem")
-    client = ssl.create_default_context(cafile=str(d / "cert.pem"))
-    return server, client
 
 
 async def test_silent_tls_peer_is_dropped_within_the_handshake_timeout(tls_pair):

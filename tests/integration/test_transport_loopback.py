@@ -15,6 +15,7 @@ from kvlink.transport.frame import HEADER_SIZE, FrameType, make_frame, parse_hea
 
 from tests.conftest import require_free_memory
 from tests.integration.netfaults import FaultProxy
+from tests.integration.rawframes import read_frame, send_frame
 
 FP = bytes(range(16))
 SMALL = TransportConfig(connections=3, grid_bytes=16 << 10, chunk_bytes=64 << 10, window_bytes=512 << 10)
@@ -312,33 +313,13 @@ def _raw_connect(port):
     return sock
 
 
-def _send_frame(sock, ftype, tid=0, stream=0, offset=0, body=b""):
-    head, view = make_frame(ftype, tid, stream, offset, body)
-    sock.sendall(head + bytes(view))
-
-
-def _read_frame(sock):
-    head = b""
-    while len(head) < HEADER_SIZE:
-        try:
-            chunk = sock.recv(HEADER_SIZE - len(head))
-        except ConnectionResetError:
-            chunk = b""
-        if not chunk:
-            return None, b""
-        head += chunk
-    header = parse_header(head, 1 << 30)
-    body = b""
-    while len(body) < header.length:
-        body += sock.recv(header.length - len(body))
-    return header, body
 
 
 def _hello(sock):
     from kvlink.transport import handshake as hs
-    _send_frame(sock, FrameType.HELLO, body=hs.encode({"v": 1, "session": os.urandom(16).hex(), "conn": 0,
+    send_frame(sock, FrameType.HELLO, body=hs.encode({"v": 1, "session": os.urandom(16).hex(), "conn": 0,
                                                        "fingerprint": FP.hex(), "nonce": os.urandom(16).hex()}))
-    header, _ = _read_frame(sock)
+    header, _ = read_frame(sock)
     assert header.type is FrameType.ACCEPT
 
 
@@ -355,29 +336,29 @@ async def test_bad_frames_are_refused_without_disturbing_other_transfers():
             # 1. an authenticated peer writing into someone else's transfer: refused, body dropped
             sock = _raw_connect(port)
             _hello(sock)
-            _send_frame(sock, FrameType.DATA, tid=victim.transfer_id, body=b"x" * 1000)
-            header, body = _read_frame(sock)
+            send_frame(sock, FrameType.DATA, tid=victim.transfer_id, body=b"x" * 1000)
+            header, body = read_frame(sock)
             assert header.type is FrameType.ERROR and b"unknown transfer" in body
             # 2. its own transfer with an out-of-range offset: refused, that transfer only
             from kvlink.transport import handshake as hs
-            _send_frame(sock, FrameType.BEGIN, tid=77, body=hs.encode({"parts": 1, "chunk": 16384, "meta": {}}))
-            _send_frame(sock, FrameType.PART, tid=77, body=hs.encode({"length": 1000}))
-            _send_frame(sock, FrameType.DATA, tid=77, offset=4096, body=b"y" * 10)
-            header, body = _read_frame(sock)
+            send_frame(sock, FrameType.BEGIN, tid=77, body=hs.encode({"parts": 1, "chunk": 16384, "meta": {}}))
+            send_frame(sock, FrameType.PART, tid=77, body=hs.encode({"length": 1000}))
+            send_frame(sock, FrameType.DATA, tid=77, offset=4096, body=b"y" * 10)
+            header, body = read_frame(sock)
             assert header.type is FrameType.ERROR and header.transfer_id == 77
             # 2b. a malformed batch announcement: refused, that transfer only
-            _send_frame(sock, FrameType.BEGIN, tid=78, body=hs.encode({"parts": 2, "chunk": 16384, "meta": {}}))
-            _send_frame(sock, FrameType.PART, tid=78, body=hs.encode({"parts": [[0], [1, "x"]]}))
-            header, body = _read_frame(sock)
+            send_frame(sock, FrameType.BEGIN, tid=78, body=hs.encode({"parts": 2, "chunk": 16384, "meta": {}}))
+            send_frame(sock, FrameType.PART, tid=78, body=hs.encode({"parts": [[0], [1, "x"]]}))
+            header, body = read_frame(sock)
             assert header.type is FrameType.ERROR and header.transfer_id == 78
             # 3. garbage where a header belongs: that connection is closed
             sock.sendall(b"GARBAGE!" * 6)
-            assert _read_frame(sock)[0] is None
+            assert read_frame(sock)[0] is None
             sock.close()
             # 4. no handshake at all: data is never read into any buffer
             sock = _raw_connect(port)
-            _send_frame(sock, FrameType.DATA, tid=victim.transfer_id, body=b"z" * 100)
-            assert _read_frame(sock)[0] is None
+            send_frame(sock, FrameType.DATA, tid=victim.transfer_id, body=b"z" * 100)
+            assert read_frame(sock)[0] is None
             sock.close()
 
         await asyncio.to_thread(attack)
@@ -396,24 +377,6 @@ async def test_oversized_part_is_rejected():
             await client.send(blobs([2 << 20]))
         await client.send(blobs([512 << 10]))  # the next transfer is fine
     await server.close()
-
-
-@pytest.fixture(scope="module")
-def tls_pair(tmp_path_factory):
-    import shutil
-    import ssl
-    import subprocess
-
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is needed to make a test certificate")
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "key.pem"),
-                    "-out", str(d / "cert.pem"), "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(d / "cert.pem", d / "key.pem")
-    client = ssl.create_default_context(cafile=str(d / "cert.pem"))
-    return server, client
 
 
 async def test_tls_transfer_is_bit_exact(tls_pair):

@@ -122,7 +122,7 @@ def test_views_are_one_buffer_for_adjacent_pages_and_in_entry_order_otherwise():
         tier.put(bytes([i]), bytes(4096))  # pages 3..7
     tier.delete(b"a")
     tier.delete(bytes([4]))
-    tier._free.rotate(1)  # free queue 4, 0, 1, 2: a new entry's pages are not in ascending order
+    # Most recently freed first: 4, then 0, 1, 2: a new entry's pages are not in ascending order
     other = os.urandom(4 * 4096)
     assert tier.put(b"b", other) and tier.entry(b"b").pages == (4, 0, 1, 2)
     views = tier.views(b"b")
