@@ -300,6 +300,9 @@ class DaemonConfig:
     tenants: dict[str, str] = field(default_factory=dict)  # tenant name -> secret
     admin_secret: str | None = None  # may read every tenant's /stats and /metrics
     allow_insecure: bool = False  # listen on a non-loopback host without any secret
+    # Most log lines per minute for client-caused HTTP errors (bad headers, cut bodies), each one
+    # short line without traceback; the rest are counted and summarised (bounds the daemon's log).
+    client_error_log_per_minute: int = 20
     # TLS (PEM files; ``kvlink tls-cert`` writes dev ones): with tls_cert + tls_key, HTTP and data
     # connections are TLS; replies go to clients' TLS reply listeners, verified against tls_ca
     # (None: the system's trust store).
@@ -321,6 +324,8 @@ class DaemonConfig:
             raise ConfigError("admin_secret must have at least 8 characters and differ from every tenant's")
         if not 0 < self.tenant_arena_bytes <= self.receive_arena:
             raise ConfigError("tenant_arena_bytes must be in 1..receive_arena")
+        if not isinstance(self.client_error_log_per_minute, int) or self.client_error_log_per_minute < 0:
+            raise ConfigError("client_error_log_per_minute must be >= 0")
         if self.max_request_bytes < 1024:
             raise ConfigError("max_request_bytes must be at least 1024")
         if self.host_budget_bytes is not None and self.host_budget_bytes < self.pool.page_bytes:

@@ -14,6 +14,7 @@ peers compare before accepting data. This module is a leaf: it imports nothing h
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -210,9 +211,11 @@ class CacheSpec:
         except (KeyError, TypeError) as exc:
             raise SpecError(f"malformed spec dict: {exc!r}") from exc
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> bytes:
-        """16 bytes identifying name, layer kinds, shapes and dtypes (not the notes)."""
+        """16 bytes identifying name, layer kinds, shapes and dtypes (not the notes). Computed once
+        per spec (every field is immutable): packing reads it for every layer, and recomputing it
+        (an ``asdict`` of all layers) made packing a many-layer model quadratic in its layers."""
         canon = {"name": self.name, "layers": [asdict(l) for l in self.layers]}
         blob = json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(b"kvlink-spec-v1\0" + blob).digest()[:16]

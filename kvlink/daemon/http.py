@@ -3,6 +3,11 @@
 Every call but ``/health`` is authenticated (:mod:`kvlink.daemon.auth`); bodies are bounded by
 ``DaemonConfig.max_request_bytes`` and parsed in a worker thread (a 4M-token lookup must not stall
 the event loop); every bad request is a 4xx with ``{"error", "message"}``.
+
+Client-caused protocol errors (malformed or over-long headers, bodies cut short, peers that hang
+up) are logged as one short line each, no traceback, at most
+``DaemonConfig.client_error_log_per_minute`` a minute (:class:`ClientErrorLog`): a hostile client
+must not fill the operator's disk or drown real errors, which keep their tracebacks.
 """
 
 from __future__ import annotations
@@ -10,10 +15,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from kvlink.daemon import protocol as proto
 from kvlink.daemon.auth import ADMIN
@@ -24,6 +32,42 @@ if TYPE_CHECKING:
     from kvlink.daemon.server import PoolDaemon
 
 log = logging.getLogger("kvlink.daemon")
+# aiohttp logs every request it fails to parse or finish here, with a traceback (RequestHandler).
+AIOHTTP_LOG = logging.getLogger("aiohttp.server")
+_CLIENT_ERRORS = (BadHttpMessage, ConnectionError, asyncio.IncompleteReadError)
+
+
+class ClientErrorLog(logging.Filter):
+    """A filter for :data:`AIOHTTP_LOG`: a record whose exception the client caused becomes one
+    short WARNING line without traceback, and at most ``per_minute`` of them pass per minute (the
+    first line after a full minute says how many were suppressed). Other records pass untouched."""
+
+    def __init__(self, per_minute: int, clock=time.monotonic):
+        super().__init__()
+        self.per_minute, self._clock = per_minute, clock
+        self._lock = threading.Lock()
+        self._window = clock()
+        self._passed = self.suppressed = 0  # in the current minute
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, _CLIENT_ERRORS):
+            return True
+        with self._lock:
+            now, note = self._clock(), ""
+            if now - self._window >= 60.0:
+                if self.suppressed:
+                    note = f" ({self.suppressed} similar lines suppressed in the last minute)"
+                self._window, self._passed, self.suppressed = now, 0, 0
+            if self._passed >= self.per_minute:
+                self.suppressed += 1
+                return False
+            self._passed += 1
+        detail = " ".join(str(exc).split())[:160]  # one line, bounded (a LineTooLong quotes the line)
+        record.msg, record.args = f"{record.getMessage()}: {type(exc).__name__}: {detail}{note}", None
+        record.exc_info = record.exc_text = record.stack_info = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 class _NotFound(ConfigError):
@@ -63,10 +107,12 @@ class HttpApi:
     def __init__(self, daemon: "PoolDaemon"):
         self.daemon = daemon
         self._runner: web.AppRunner | None = None
+        self._client_log = ClientErrorLog(daemon.config.client_error_log_per_minute)
 
     async def start(self, host: str, port: int) -> int:
         # Binary lookups may carry MAX_TOKENS ids; JSON bodies are held to max_request_bytes below.
         limit = max(self.daemon.config.max_request_bytes, 4 * proto.MAX_TOKENS)
+        AIOHTTP_LOG.addFilter(self._client_log)  # removed again by close()
         app = web.Application(client_max_size=limit, middlewares=[self._errors])
         app.add_routes([web.get("/health", self._health), web.get("/stats", self._stats),
                         web.get("/metrics", self._metrics), web.post("/lookup", self._lookup),
@@ -80,6 +126,7 @@ class HttpApi:
     async def close(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        AIOHTTP_LOG.removeFilter(self._client_log)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
@@ -89,6 +136,8 @@ class HttpApi:
             return web.json_response({"error": type(exc).__name__, "message": str(exc)}, status=_status(exc))
         except web.HTTPException:
             raise  # aiohttp's own 4xx (unknown path 404, method 405, body too large 413)
+        except _CLIENT_ERRORS:
+            raise  # the client hung up or cut its body short: aiohttp logs it through ClientErrorLog
         except Exception:  # a bug: logged, and the client still gets an answer
             log.exception("HTTP %s %s failed", request.method, request.path)
             return web.json_response({"error": "InternalError", "message": "internal error"}, status=500)
