@@ -12,6 +12,7 @@ Environment variables (all optional):
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -156,7 +157,7 @@ class TransportConfig:
     # is never promised more than it has), one transfer, and one peer address's share of it all.
     receive_budget_bytes: int = field(default_factory=_default_receive_budget)
     max_transfer_bytes: int | None = None  # None: the peer share
-    peer_share_bytes: int | None = None    # bytes one peer address may hold reserved; None: budget / 2
+    peer_share_bytes: int | None = None    # bytes one peer may hold reserved (data + bookkeeping); None: budget / 2
     max_parts: int = 131072               # parts one transfer may declare at BEGIN
     accept_backlog: int = 1024            # begun transfers not yet taken by the application
     idle_timeout: float = 60.0            # a receiving transfer with no data this long fails, freeing its bytes
@@ -167,6 +168,16 @@ class TransportConfig:
     # one peer address.
     max_connections: int = field(default_factory=_default_max_connections)
     max_connections_per_peer: int = 128
+    # A peer is its proven key id when it has one (a pool daemon's tenant), else its address.
+    # Connections still in the handshake have their own, smaller limits (no reader thread yet;
+    # not counted above): when full, the oldest one from that address (or of all) is dropped, so
+    # silent connections cannot keep a real peer out.
+    max_handshakes: int = 64
+    max_handshakes_per_peer: int = 16
+    # Begun, unfinished transfers held at once, in total and by one peer (each costs bookkeeping,
+    # and a claimer's task, even with no byte reserved).
+    max_live_transfers: int = 1024
+    max_live_transfers_per_peer: int = 64
 
     def __post_init__(self) -> None:
         if self.connections < 1 or self.connections > 256:
@@ -193,12 +204,14 @@ class TransportConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
-        if self.max_parts < 1 or self.max_connections < 1 or self.max_connections_per_peer < 1:
-            raise ConfigError("max_parts, max_connections and max_connections_per_peer must be >= 1")
+        for name in ("max_parts", "max_connections", "max_connections_per_peer", "max_handshakes",
+                     "max_handshakes_per_peer", "max_live_transfers", "max_live_transfers_per_peer"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def peer_share(self) -> int:
-        """Bytes one peer address may hold reserved at a receiver (``peer_share_bytes``, default
+        """Bytes one peer (key id, else address) may hold reserved at a receiver (``peer_share_bytes``, default
         half the budget, never more than the budget)."""
         share = self.peer_share_bytes if self.peer_share_bytes is not None else self.receive_budget_bytes // 2
         return max(1, min(share, self.receive_budget_bytes))
@@ -272,6 +285,17 @@ def check_name(kind: str, name: object) -> str:
     return name
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is a loopback address: listening there needs
+    no secret or TLS warning (only local processes can connect)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
     """``kvlink pool serve``: where it listens, which models it serves, where SSD tiers live, who may use it.
@@ -283,7 +307,8 @@ class DaemonConfig:
     at all everything is one anonymous tenant ``default``, and the daemon refuses a non-loopback
     ``host`` unless ``allow_insecure``. ``admin_secret`` may read every tenant's ``/stats`` and
     ``/metrics``. Each (model, tenant) gets its own :class:`PoolConfig`-sized pool; its SSD tier,
-    when ``root`` is set, lives in ``root/<model>/<tenant>``.
+    when ``root`` is set, lives in ``root/<model>/<tenant>`` (``pool.ssd_dir`` is refused: one
+    directory must never be shared by two pools).
     """
 
     host: str = "127.0.0.1"
@@ -322,6 +347,11 @@ class DaemonConfig:
             raise ConfigError("two tenants share a secret: a secret must identify one tenant")
         if self.admin_secret is not None and (len(self.admin_secret) < 8 or self.admin_secret in self.tenants.values()):
             raise ConfigError("admin_secret must have at least 8 characters and differ from every tenant's")
+        if self.pool.ssd_dir is not None:
+            # One directory shared by every (model, tenant) pool would let one tenant's pool index
+            # (and serve) another's entries: SSD tiers live only under root, one directory each.
+            raise ConfigError("pool.ssd_dir is not allowed in a daemon config: set root (each (model, tenant) "
+                              "pool gets root/<model>/<tenant>)")
         if not 0 < self.tenant_arena_bytes <= self.receive_arena:
             raise ConfigError("tenant_arena_bytes must be in 1..receive_arena")
         if not isinstance(self.client_error_log_per_minute, int) or self.client_error_log_per_minute < 0:

@@ -9,10 +9,9 @@ as key id (:class:`~kvlink.transport.receiver.TransferServer` ``secrets``).
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from dataclasses import dataclass
 
-from kvlink.config import DaemonConfig
+from kvlink.config import DaemonConfig, is_loopback
 from kvlink.errors import AccessDenied, ConfigError
 
 DEFAULT_TENANT = "default"  # the single-secret tenant, and the anonymous one without any secret
@@ -29,16 +28,25 @@ class Tenants:
     @classmethod
     def from_config(cls, config: DaemonConfig, secret: bytes | None = None) -> "Tenants":
         """Tenants of ``config.tenants``, plus tenant ``default`` for a single ``secret``
-        (``KVLINK_SECRET``). Raises :class:`ConfigError` when ``default`` is named twice, or when
-        nothing is secret and ``config.host`` is not loopback without ``config.allow_insecure``."""
+        (``KVLINK_SECRET``). Raises :class:`ConfigError` when ``secret`` is shorter than 8 bytes,
+        names ``default`` twice or equals a tenant's or the admin's secret; when ``admin_secret``
+        is set without any tenant secret (everyone would be the open tenant ``default``); or when
+        no tenant secret is set and ``config.host`` is not loopback without ``config.allow_insecure``."""
         secrets = {name: s.encode() for name, s in config.tenants.items()}
-        if secret:
-            if DEFAULT_TENANT in secrets or secret in secrets.values():
-                raise ConfigError(f"the daemon secret would be a second tenant {DEFAULT_TENANT!r} or secret")
-            secrets[DEFAULT_TENANT] = secret
         admin = config.admin_secret.encode() if config.admin_secret else None
-        if not secrets and admin is None and not config.allow_insecure and not _loopback(config.host):
-            raise ConfigError(f"refusing to serve {config.host} without a secret: set tenants or "
+        if secret:
+            if len(secret) < 8:
+                raise ConfigError("the daemon secret (KVLINK_SECRET) must have at least 8 characters, as tenants'")
+            if DEFAULT_TENANT in secrets or secret in secrets.values() or secret == admin:
+                raise ConfigError(f"the daemon secret would be a second tenant {DEFAULT_TENANT!r}, or equals "
+                                  f"a tenant's or the admin's secret")
+            secrets[DEFAULT_TENANT] = secret
+        # Only tenant secrets close the daemon: the admin credential does not authenticate tenants.
+        if admin is not None and not secrets:
+            raise ConfigError("admin_secret without any tenant secret would leave every tenant call "
+                              "unauthenticated: set tenants or KVLINK_SECRET too")
+        if not secrets and not config.allow_insecure and not is_loopback(config.host):
+            raise ConfigError(f"refusing to serve {config.host} without a tenant secret: set tenants or "
                               f"KVLINK_SECRET, or allow_insecure = true")
         return cls(secrets, admin)
 
@@ -68,11 +76,3 @@ class Tenants:
             return DEFAULT_TENANT
         raise AccessDenied("missing or unknown credential (Authorization: Bearer <tenant secret>)")
 
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

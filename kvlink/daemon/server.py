@@ -17,9 +17,9 @@ import ssl as _ssl
 import threading
 from pathlib import Path
 
-from kvlink.config import DaemonConfig, TransportConfig, check_name
+from kvlink.config import DaemonConfig, TransportConfig, check_name, is_loopback
 from kvlink.daemon import protocol as proto
-from kvlink.daemon.auth import DEFAULT_TENANT, Tenants, _loopback
+from kvlink.daemon.auth import DEFAULT_TENANT, Tenants
 from kvlink.daemon.http import HttpApi
 from kvlink.errors import (ConfigError, HandshakeError, KvlinkError, PeerUnreachable, ResourceLimit,
                            TransferRejected, TransportError)
@@ -177,7 +177,7 @@ class PoolDaemon:
         """Listen; returns (http port, data port)."""
         self._http = HttpApi(self)
         self.http_port = await self._http.start(self.config.host, self.config.http_port)
-        if self.ssl is None and not _loopback(self.config.host):
+        if self.ssl is None and not is_loopback(self.config.host):
             log.warning("pool daemon serves HTTP on %s:%d without TLS: tenants' bearer secrets cross the network "
                         "in clear (set tls_cert/tls_key)", self.config.host, self.http_port)
         _, self.data_port = await self._server.start(self.config.host, self.config.data_port)

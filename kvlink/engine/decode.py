@@ -25,7 +25,7 @@ from typing import Sequence
 
 from kvlink.config import TransportConfig
 from kvlink.engine.pieces import pack_pieces, restore_pieces
-from kvlink.engine.prefill import run_sync, transfer_id_for
+from kvlink.engine.prefill import run_sync, stop_loop, transfer_id_for
 from kvlink.errors import ConfigError, EngineError, KvlinkError, LoadFailed, TransferTimeout, TransportError
 from kvlink.pool.index import PrefixHit
 from kvlink.pool.pool import StoreReport
@@ -278,6 +278,8 @@ class SyncDecodeSide:
     and each method blocks until the asyncio one returns (``start_load`` returns at once)."""
 
     def __init__(self, *args, host: str = "127.0.0.1", port: int = 0, **kwargs):
+        """As :class:`DecodeSide`, listening on ``host:port``; raises what its constructor and
+        :meth:`~DecodeSide.start` raise, and then leaves no thread, loop or socket behind."""
         import threading
 
         from kvlink.transport.loop import new_event_loop
@@ -286,11 +288,19 @@ class SyncDecodeSide:
         self._thread = threading.Thread(target=self._loop.run_forever, name="kvlink-decode", daemon=True)
         self._thread.start()
 
-        async def make() -> DecodeSide:
-            return DecodeSide(*args, **kwargs)
+        async def make() -> tuple[DecodeSide, tuple[str, int]]:
+            side = DecodeSide(*args, **kwargs)
+            try:
+                return side, await side.start(host, port)
+            except BaseException:
+                await side.close()
+                raise
 
-        self.side = self._run(make())
-        self.address = self._run(self.side.start(host, port))
+        try:
+            self.side, self.address = self._run(make())
+        except BaseException:
+            stop_loop(self._loop, self._thread)
+            raise
 
     def _run(self, coro, timeout: float | None = None):
         return run_sync(coro, self._loop, timeout)
@@ -330,7 +340,7 @@ class SyncDecodeSide:
         self._loop.call_soon_threadsafe(self.side.release, request_id)
 
     def close(self) -> None:
-        self._run(self.side.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        try:
+            self._run(self.side.close())
+        finally:
+            stop_loop(self._loop, self._thread)

@@ -207,6 +207,15 @@ def run_sync(coro, loop: asyncio.AbstractEventLoop, timeout: float | None = None
         raise
 
 
+def stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread, timeout: float | None = None) -> None:
+    """Stop ``loop`` (run forever by ``thread``), join the thread and close the loop: what a sync
+    wrapper does at close and when its construction fails, so no thread outlives it."""
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout)
+    if not thread.is_alive():
+        loop.close()
+
+
 class SyncPrefillSide:
     """:class:`PrefillSide` for synchronous engines: its event loop runs in a background thread.
 
@@ -214,12 +223,17 @@ class SyncPrefillSide:
     """
 
     def __init__(self, *args, **kwargs):
+        """As :class:`PrefillSide`; raises what it raises, and then leaves no thread or loop behind."""
         from kvlink.transport.loop import new_event_loop
 
         self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kvlink-prefill", daemon=True)
         self._thread.start()
-        self.side = PrefillSide(*args, **kwargs)
+        try:
+            self.side = PrefillSide(*args, **kwargs)
+        except BaseException:
+            stop_loop(self._loop, self._thread)
+            raise
 
     def _run(self, coro, timeout: float | None = None):
         return run_sync(coro, self._loop, timeout)
@@ -237,7 +251,7 @@ class SyncPrefillSide:
         self._run(self.side.abort(request_id))
 
     def close(self) -> None:
-        self._run(self.side.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        try:
+            self._run(self.side.close())
+        finally:
+            stop_loop(self._loop, self._thread)

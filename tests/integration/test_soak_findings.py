@@ -10,9 +10,9 @@ import time
 import aiohttp
 
 from kvlink.daemon.http import AIOHTTP_LOG, ClientErrorLog
+from kvlink.pool.slab import SlabTier
 from kvlink.presets import get_preset
 from kvlink.spec import CacheSpec
-from kvlink.pool.slab import SlabTier
 
 from tests.integration.daemon_helpers import daemon
 
