@@ -243,7 +243,7 @@ class PoolConfig:
     block_size: int = 64
     namespace: str = ""
     checkpoint_every: int | None = 16
-    host_bytes: int = 1 << 30  # this pool's own cap (its tenant's quota) within a shared HostBudget
+    host_bytes: int = 1 << 30  # this pool's cap (its tenant's quota), reserved whole in a shared HostBudget at creation
     page_bytes: int = 256 << 10
     chunk_bytes: int = 64 << 20  # memory tiers allocate (and charge the budget) this much at a time, on demand
     gpu_bytes: int = 0
@@ -323,8 +323,8 @@ class DaemonConfig:
     max_request_bytes: int = 4 << 20  # largest JSON body: parsing holds the GIL (binary /lookup: 4M tokens)
     host_budget_bytes: int | None = None  # host memory of all pools together; None: a quarter of RAM
     tenants: dict[str, str] = field(default_factory=dict)  # tenant name -> secret
-    admin_secret: str | None = None  # may read every tenant's /stats and /metrics
-    allow_insecure: bool = False  # listen on a non-loopback host without any secret
+    admin_secret: str | None = None  # may read every tenant's /stats and /metrics (needs a tenant secret too)
+    allow_insecure: bool = False  # listen on a non-loopback host without any tenant secret
     # Most log lines per minute for client-caused HTTP errors (bad headers, cut bodies), each one
     # short line without traceback; the rest are counted and summarised (bounds the daemon's log).
     client_error_log_per_minute: int = 20

@@ -20,14 +20,15 @@ from kvlink.config import TransportConfig
 from kvlink.daemon import protocol as proto
 from kvlink.daemon.auth import DEFAULT_TENANT
 from kvlink.errors import (AccessDenied, AuthenticationError, ConfigError, EntryMissing, HandshakeError,
-                           PeerUnreachable, PoolError, ResourceLimit, TierUnavailable, TransferTimeout)
-from kvlink.pool.index import PrefixHit
+                           KvlinkError, PeerUnreachable, PoolError, ResourceLimit, TierUnavailable,
+                           TransferTimeout)
+from kvlink.pool.index import PrefixHit, checkpoint_positions
 from kvlink.pool.pool import StoreReport
 from kvlink.presets import get_preset
 from kvlink.serde.payload import PayloadScan, is_payload, payload_intact
 from kvlink.serde.staging import StagingArena
 from kvlink.transport.incoming import arena_allocator
-from kvlink.transport.loop import new_event_loop
+from kvlink.transport.loop import new_event_loop, run_sync
 from kvlink.transport.receiver import TransferServer
 from kvlink.transport.sender import TransferClient
 
@@ -79,6 +80,7 @@ class PoolClient:
         self._http: aiohttp.ClientSession | None = None
         self._replies: TransferServer | None = None
         self._sender: TransferClient | None = None
+        self._pool_settings: dict | None = None  # the daemon's block_size and checkpoint_every (/health)
         self.reply_port = 0
 
     async def connect(self) -> "PoolClient":
@@ -95,7 +97,7 @@ class PoolClient:
             # Replies land in a preallocated arena (bounds one get's size), copied out per part.
             # Entries are kvlink payloads: replies are verified against their own checksums on arrival.
             self._replies = TransferServer(self.transport, [self.fingerprint], secret=self.secret,
-                                           allocator=arena_allocator(StagingArena(self.reply_arena)),
+                                           allocator=_empty_free(arena_allocator(StagingArena(self.reply_arena))),
                                            part_verifier=payload_intact, part_scanner=PayloadScan,
                                            accept_queue=False, ssl=self.reply_ssl)
             _, self.reply_port = await self._replies.start(self.reply_host, 0)
@@ -103,6 +105,7 @@ class PoolClient:
                                           secret=self.secret, key_id=self.tenant if self.secret else None,
                                           ssl=self.ssl)
             await self._sender.connect()
+            await self._read_pool_settings()
         except BaseException as exc:
             await self.close()
             if isinstance(exc, AuthenticationError):
@@ -111,6 +114,15 @@ class PoolClient:
                 raise PeerUnreachable(f"cannot listen for replies on {self.reply_host}: {exc}") from exc
             raise
         return self
+
+    async def _read_pool_settings(self) -> None:
+        """Once, at connect: the daemon's pool settings, for :meth:`checkpoint_positions`. Best
+        effort: connect does not depend on the HTTP side, so a failure is kept as the reason."""
+        try:
+            health = await self.health()
+            self._pool_settings = {k: health.get(k) for k in ("block_size", "checkpoint_every")}
+        except KvlinkError as exc:
+            self._pool_settings = {"error": f"GET /health failed at connect: {exc}"}
 
     async def close(self) -> None:
         """Close everything this client opened (safe to call twice, or after a failed connect)."""
@@ -182,6 +194,23 @@ class PoolClient:
     async def health(self) -> dict:
         return await self._request("GET", "/health")
 
+    def checkpoint_positions(self, end: int, start: int = 0) -> list[int]:
+        """Token positions in ``(start, end]`` where the daemon's pool wants a state checkpoint:
+        every ``checkpoint_every`` blocks and the last block boundary, from the daemon's pool
+        settings (read once at :meth:`connect`), as a local ``Pool.checkpoint_positions``.
+        Raises :class:`~kvlink.errors.PoolError` before connect or when the daemon did not
+        report valid settings."""
+        settings = self._pool_settings
+        if settings is None:
+            raise PoolError("the client is not connected (use connect() or async with)")
+        if "error" in settings:
+            raise PoolError(f"the daemon's pool settings are unknown ({settings['error']}); reconnect")
+        bs, every = settings["block_size"], settings["checkpoint_every"]
+        if type(bs) is not int or bs <= 0 or not (every is None or (type(every) is int and every > 0)):
+            raise PoolError(f"the daemon reported no valid pool settings (block_size {bs!r}, "
+                            f"checkpoint_every {every!r})")
+        return checkpoint_positions(bs, every, end, start)
+
     # -- data -------------------------------------------------------------------------------------
     async def _call(self, meta: dict, parts: list, verifiable: bool = False):
         """Send a request transfer, wait for the daemon's reply transfer; returns it (release it)."""
@@ -222,9 +251,7 @@ class PoolClient:
         reply = await self._call({"op": "put"}, [proto.encode_put(tokens, names), *values],
                                  verifiable=bool(values) and all(is_payload(v) for v in values))
         reply.release()
-        meta = reply.meta
-        return StoreReport(int(meta.get("stored", 0)), int(meta.get("on_ssd", 0)), int(meta.get("failed", 0)),
-                           [str(e) for e in meta.get("errors", [])])
+        return store_report(reply.meta)
 
     async def get(self, hit: PrefixHit) -> "Fetched":
         """Every entry of ``hit``, ``{(kind, key): memoryview}``, verified by the transport. The
@@ -233,11 +260,38 @@ class PoolClient:
         entry is gone (evicted since the lookup)."""
         keys = proto.hit_keys(hit)
         reply = await self._call({"op": "get"}, [proto.encode_get(keys)])
-        missing = reply.meta.get("missing")
+        buffers = reply.buffers()
+        # The daemon sends an absent entry as an empty part (entries are never empty).
+        missing = sum(1 for _, buf in zip(keys, buffers) if len(buf) == 0) + max(0, len(keys) - len(buffers))
         if missing:
             reply.release()
-            raise EntryMissing(f"{len(missing)} of {len(keys)} entries are no longer in the pool")
-        return Fetched(zip(keys, reply.buffers()), reply.release)
+            raise EntryMissing(f"{missing} of {len(keys)} entries are no longer in the pool")
+        return Fetched(zip(keys, buffers), reply.release)
+
+
+def store_report(meta: dict) -> StoreReport:
+    """A put reply's meta as a :class:`StoreReport`; raises :class:`~kvlink.errors.PoolError` for a
+    malformed one (a reply is the daemon's word, but a bug or another program must not surface as
+    a bare ValueError)."""
+    try:
+        errors = meta.get("errors", [])
+        if not isinstance(errors, list):
+            raise TypeError("errors is not a list")
+        counts = [meta.get(name, 0) for name in ("stored", "on_ssd", "failed")]
+        if not all(type(c) is int and c >= 0 for c in counts):
+            raise TypeError(f"counts {counts} are not non-negative integers")
+        return StoreReport(*counts, [str(e) for e in errors])
+    except (AttributeError, TypeError) as exc:
+        raise PoolError(f"malformed put reply from the daemon: {exc}") from None
+
+
+def _empty_free(allocate):
+    """``allocate``, except that an empty part (an absent entry) takes no arena space."""
+
+    def allocator(nbytes: int):
+        return (memoryview(bytearray(0)), None) if nbytes == 0 else allocate(nbytes)
+
+    return allocator
 
 
 class Fetched(dict):
@@ -285,7 +339,9 @@ class SyncPoolClient:
         if self._loop.is_closed():
             coro.close()
             raise PoolError("the client is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        # Every call is bounded by the client's own timeouts (HTTP, the reply, its arrival); this
+        # outer bound only keeps a stuck loop from hanging the caller forever (TransferTimeout).
+        return run_sync(coro, self._loop, 3 * self._client.timeout + 5)
 
     def lookup(self, tokens: list[int]) -> PrefixHit:
         return self._run(self._client.lookup(tokens))
@@ -304,6 +360,9 @@ class SyncPoolClient:
 
     def health(self) -> dict:
         return self._run(self._client.health())
+
+    def checkpoint_positions(self, end: int, start: int = 0) -> list[int]:
+        return self._client.checkpoint_positions(end, start)
 
     def close(self) -> None:
         if self._loop.is_closed():

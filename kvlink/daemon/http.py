@@ -133,7 +133,7 @@ class HttpApi:
         try:
             return await handler(request)
         except KvlinkError as exc:
-            return web.json_response({"error": type(exc).__name__, "message": str(exc)}, status=_status(exc))
+            return web.json_response({"error": proto.error_name(exc), "message": str(exc)}, status=_status(exc))
         except web.HTTPException:
             raise  # aiohttp's own 4xx (unknown path 404, method 405, body too large 413)
         except _CLIENT_ERRORS:
@@ -176,7 +176,10 @@ class HttpApi:
         # Open to all: says whether the daemon and its tiers work, nothing about tenants' data.
         pools = self.daemon.pools_of(None).values()
         tiers_ok = all(t.get("ok", True) for p in pools for t in _health(p).values())
-        return web.json_response({"ok": tiers_ok, "pools": len(pools), "models": sorted(self.daemon.specs)})
+        # The pool settings engines need to plan state checkpoints (PoolClient.checkpoint_positions).
+        pool = self.daemon.config.pool
+        return web.json_response({"ok": tiers_ok, "pools": len(pools), "models": sorted(self.daemon.specs),
+                                  "block_size": pool.block_size, "checkpoint_every": pool.checkpoint_every})
 
     async def _stats(self, request: web.Request) -> web.Response:
         caller = self._caller(request)

@@ -14,7 +14,7 @@ HTTP control API (``127.0.0.1:7480`` by default)::
 
 Errors are ``{"error": type, "message": text}`` with 400 (bad request), 401 (no or wrong
 credential), 403 (admin calling a tenant's API), 404 (unknown model or path), 405, 413 (body
-over ``DaemonConfig.max_request_bytes``) or 503 (a pool limit).
+over ``DaemonConfig.max_request_bytes``) or 429 (a daemon limit, e.g. ``max_pools``: retry later).
 
 Data path: kvlink transfers to the daemon's transport port, authenticated by the handshake with
 the tenant's secret and its name as key id. Meta is small and fixed: ``{"op", "model",
@@ -29,8 +29,9 @@ parts as it judges payloads, and a put of payloads still travels without chunk h
 
 Kinds are indices into :data:`KINDS`. The daemon answers with a transfer to ``reply_port`` on
 the client's host, id ``reply_id``: for a put one empty part and meta ``{"stored", "on_ssd",
-"failed", "errors"}``; for a get one part per key (empty for a key it no longer has) and meta
-``{"missing": [indices]}``; on failure ``{"error": type, "message": text}``.
+"failed", "errors"}``; for a get one part per key, empty for a key it no longer has (entries are
+never empty, so part lengths say what is missing, however many), and empty meta; on failure
+``{"error": type, "message": text}`` (a public :mod:`kvlink.errors` class name).
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ PUT_MAGIC, GET_MAGIC = b"KVP1", b"KVG1"
 _HEAD = struct.Struct("<4sII")
 _GET_HEAD = struct.Struct("<4sI")
 _SUM = 8  # the xxh3 trailer
+
+
+def error_name(exc: BaseException) -> str:
+    """The public class name an error is reported under (``_Forbidden`` -> ``AccessDenied``):
+    private subclasses stay private, and clients map the name back to a :mod:`kvlink.errors` type."""
+    return next(k.__name__ for k in type(exc).__mro__ if not k.__name__.startswith("_"))
 
 
 def pool_name(model: str, tenant: str) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from kvlink.config import DaemonConfig, TransportConfig, check_name, is_loopback
 from kvlink.daemon import protocol as proto
+from kvlink.daemon.arena import FreeListArena
 from kvlink.daemon.auth import DEFAULT_TENANT, Tenants
 from kvlink.daemon.http import HttpApi
 from kvlink.errors import (ConfigError, HandshakeError, KvlinkError, PeerUnreachable, ResourceLimit,
@@ -28,7 +29,6 @@ from kvlink.pool.pool import Pool
 from kvlink.pool.slab import Landing
 from kvlink.presets import get_preset
 from kvlink.serde.payload import is_payload
-from kvlink.serde.staging import StagingArena
 from kvlink.transport.incoming import arena_allocator
 from kvlink.transport.receiver import TransferServer
 from kvlink.transport.sender import TransferClient
@@ -64,10 +64,11 @@ class PoolDaemon:
         self.budget = HostBudget(config.host_budget)
         self._pools: dict[tuple[str, str], Pool] = {}
         self._pools_lock = threading.Lock()
-        self._repliers: collections.OrderedDict[tuple, TransferClient] = collections.OrderedDict()
+        self._repliers: collections.OrderedDict[tuple, _Replier] = collections.OrderedDict()
         # Puts land in a preallocated, pre-faulted arena (fresh memory would cost a page fault per
-        # 4 KiB on the hot path); each tenant may hold at most tenant_arena_bytes of it.
-        self._arena = arena_allocator(StagingArena(config.receive_arena))
+        # 4 KiB on the hot path); each tenant may hold at most tenant_arena_bytes of it. Leases are
+        # freed in any order (not a ring): a lease one tenant holds never blocks the others.
+        self._arena = arena_allocator(FreeListArena(config.receive_arena))
         self._arena_used: collections.Counter[str] = collections.Counter()
         self._arena_lock = threading.Lock()
         self._server = TransferServer(self.transport, [s.fingerprint for s in self.specs.values()],
@@ -125,6 +126,8 @@ class PoolDaemon:
         share = self.config.tenant_arena_bytes
 
         def allocate(nbytes: int):
+            if nbytes == 0:  # an empty part (e.g. an absent entry) holds nothing
+                return memoryview(bytearray(0)), None
             with self._arena_lock:
                 if self._arena_used[tenant] + nbytes > share:
                     raise TransferRejected(f"tenant {tenant!r} would hold over its {share} bytes of the landing "
@@ -158,9 +161,15 @@ class PoolDaemon:
         if not isinstance(meta, dict) or meta.get("op") != "put":
             return arena
         try:
-            pool = self.pool(proto.model_of(meta), tenant)
+            model = proto.model_of(meta)
         except KvlinkError:
             return arena  # reported when the put is served
+        with self._pools_lock:
+            pool = self._pools.get((model, tenant))
+        if pool is None:
+            # Creating a pool opens RocksDB and scans its SSD index: never on the event loop.
+            # The first put lands in the arena; _serve creates the pool in a thread.
+            return arena
         landings = self._landings[incoming.transfer_id] = {}
 
         def allocate(nbytes: int):
@@ -190,8 +199,9 @@ class PoolDaemon:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for client in self._repliers.values():
-            await client.close()
+        for entry in self._repliers.values():
+            await entry.close()
+        self._repliers.clear()
         await self._server.close()
         if self._http is not None:
             await self._http.close()
@@ -222,18 +232,21 @@ class PoolDaemon:
             op = meta.get("op")
             if op == "put":
                 tokens, names = await asyncio.to_thread(proto.decode_put, parts[0], len(parts) - 1)
+                if any(len(part) == 0 for part in parts[1:]):
+                    raise ConfigError("a piece must not be empty (an empty part means an absent entry in a get)")
                 pieces = {name: _landed(landings, part) for name, part in zip(names, parts[1:])}
                 reply, out = _report(await asyncio.to_thread(pool.store, tokens, pieces)), [b""]
             elif op == "get":
                 keys = await asyncio.to_thread(proto.decode_get, parts[0])
                 # Sent straight from the tier's pages, pinned until the reply is delivered.
                 found, release = await asyncio.to_thread(pool.pin_views, keys)
-                reply = {"missing": [i for i, v in enumerate(found) if v is None]}
-                out = [b"" if v is None else v for v in found] or [b""]
+                # An absent entry is an empty part: its length says so, however many are missing
+                # (a list of them in meta would outgrow the meta limit and the reply never arrive).
+                reply, out = {}, [b"" if v is None else v for v in found] or [b""]
             else:
                 raise ConfigError(f"unknown op {op!r}")
         except KvlinkError as exc:
-            reply, out = {"error": type(exc).__name__, "message": str(exc)}, [b""]
+            reply, out = {"error": proto.error_name(exc), "message": str(exc)}, [b""]
         except Exception as exc:  # a bug must still answer the client, not leave it waiting
             log.exception("serving a %s transfer failed", meta.get("op"))
             reply, out = {"error": "InternalError", "message": type(exc).__name__}, [b""]
@@ -251,26 +264,60 @@ class PoolDaemon:
                      parts: list) -> None:
         # Replies are authenticated with the tenant's own secret: only its client accepts them.
         key = (host, port, tenant, fingerprint)
-        client = self._repliers.get(key)
+        entry = self._repliers.get(key)
+        if entry is None:
+            # One connect per key: concurrent replies to the same client wait on the same task.
+            entry = self._repliers[key] = _Replier(asyncio.ensure_future(self._connect(host, port, tenant,
+                                                                                      fingerprint)))
+        self._repliers.move_to_end(key)
+        entry.users += 1
         try:
-            if client is None:
-                # With TLS the client's reply listener must show a certificate valid for its address.
-                client = TransferClient(host, port, fingerprint, self.transport,
-                                        secret=self.tenants.secrets.get(tenant), ssl=self.reply_ssl)
-                await client.connect()
-                self._repliers[key] = client
-                while len(self._repliers) > _REPLIERS:
-                    await self._repliers.popitem(last=False)[1].close()
-            self._repliers.move_to_end(key)
+            # shield: one waiter being cancelled must not cancel the connect the others wait on.
+            client = await asyncio.shield(entry.connected)
             verifiable = all(p == b"" or is_payload(p) for p in parts)  # b"": an absent entry
             await client.send(parts, meta=meta, transfer_id=tid, verifiable=verifiable)
         except KvlinkError as exc:
             log.warning("reply to %s:%s failed: %s", host, port, exc)
-            # A connection that is gone is dropped; a refused transfer leaves it for the others.
-            if isinstance(exc, (PeerUnreachable, HandshakeError)) and client is not None:
-                if self._repliers.get(key) is client:
-                    del self._repliers[key]
-                await client.close()
+            # A connection that is gone (or never came) is dropped; a refused transfer leaves it.
+            task = entry.connected
+            failed = task.done() and not task.cancelled() and task.exception() is not None
+            if (failed or isinstance(exc, (PeerUnreachable, HandshakeError))) and self._repliers.get(key) is entry:
+                del self._repliers[key]
+                entry.dropped = True
+        finally:
+            entry.users -= 1
+            # Over the limit, the least recently used idle clients go; one in use is never closed
+            # under its sender (busy ones are bounded by the replies in flight).
+            idle = [k for k, e in self._repliers.items() if e.users == 0]
+            closing = [self._repliers.pop(k) for k in idle[:max(0, len(self._repliers) - _REPLIERS)]]
+            if entry.dropped and entry.users == 0 and entry not in closing:
+                closing.append(entry)  # dropped after a failure, and its last user is done
+            for idle_entry in closing:
+                await idle_entry.close()
+
+    async def _connect(self, host: str, port: int, tenant: str, fingerprint: bytes) -> TransferClient:
+        # With TLS the client's reply listener must show a certificate valid for its address.
+        client = TransferClient(host, port, fingerprint, self.transport, secret=self.tenants.secrets.get(tenant),
+                                ssl=self.reply_ssl)
+        try:
+            await client.connect()
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+
+class _Replier:
+    """A reply connection being opened or open, and how many replies are using it now."""
+
+    def __init__(self, connected: asyncio.Future):
+        self.connected, self.users, self.dropped = connected, 0, False
+
+    async def close(self) -> None:
+        self.connected.cancel()  # no-op once connected
+        await asyncio.gather(self.connected, return_exceptions=True)
+        if not self.connected.cancelled() and self.connected.exception() is None:
+            await self.connected.result().close()
 
 
 def _report(report) -> dict:

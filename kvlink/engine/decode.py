@@ -27,7 +27,7 @@ from kvlink.config import TransportConfig
 from kvlink.engine.pieces import pack_pieces, restore_pieces
 from kvlink.engine.prefill import run_sync, stop_loop, transfer_id_for
 from kvlink.errors import ConfigError, EngineError, KvlinkError, LoadFailed, TransferTimeout, TransportError
-from kvlink.pool.index import PrefixHit
+from kvlink.pool.index import PrefixHit, checkpoint_positions
 from kvlink.pool.pool import StoreReport
 from kvlink.serde import CacheRef, PagedCache, Payload, Unpacker
 from kvlink.serde.payload import PayloadScan, payload_intact
@@ -125,14 +125,15 @@ class DecodeSide:
     def checkpoint_positions(self, end: int, start: int = 0) -> list[int]:
         """Token positions in ``(start, end]`` at which the pool wants the linear-attention state
         (see :meth:`store_state`): every ``checkpoint_every`` pool blocks and the last block
-        boundary (a local pool's config; a daemon client's ``checkpoint_positions`` if it has
-        one, else the last block boundary only). Empty without a pool or linear layers."""
+        boundary, as the pool's settings say (a local pool's config; a daemon's, which a
+        :class:`~kvlink.daemon.client.PoolClient` learns when it connects). Nothing is taken
+        automatically: the engine calls :meth:`store_state` when it stands at each position.
+        Empty without a pool or linear layers."""
         if self.pool is None or not self.cache.spec.layer_indices("linear"):
             return []
         if hasattr(self.pool, "checkpoint_positions"):
             return self.pool.checkpoint_positions(end, start)
-        last = end // self.pool_block_size * self.pool_block_size
-        return [last] if last > start else []
+        return checkpoint_positions(self.pool_block_size, None, end, start)  # a pool that says nothing
 
     async def store_state(self, tokens: Sequence[int], ref: CacheRef) -> StoreReport:
         """Hand the pool a state checkpoint: the state in ``ref.state_slot`` as it is *now*, which

@@ -26,6 +26,7 @@ from kvlink.serde import CacheRef, Packer, PagedCache
 from kvlink.serde.layout import layer_segments
 from kvlink.transport import OutgoingTransfer, TransferClient
 from kvlink.transport.adaptive import CodecAdvisor, link_rate
+from kvlink.transport.loop import run_sync  # noqa: F401  (re-exported: kvlink.engine.decode imports it here)
 
 
 def transfer_id_for(request_id: str) -> int:
@@ -192,19 +193,6 @@ class PrefillSide:
             return asyncio.get_running_loop() is self._loop
         except RuntimeError:
             return False
-
-
-def run_sync(coro, loop: asyncio.AbstractEventLoop, timeout: float | None = None):
-    """Run ``coro`` on ``loop`` (another thread's) and wait for its result. Raises
-    :class:`~kvlink.errors.TransferTimeout` (and cancels it) when ``timeout`` passes first."""
-    future = asyncio.run_coroutine_threadsafe(coro, loop)
-    try:
-        return future.result(timeout)
-    except TimeoutError:  # concurrent.futures.TimeoutError is the builtin one since 3.11
-        if not future.done():
-            future.cancel()
-            raise TransferTimeout(f"no result within {timeout} s") from None
-        raise
 
 
 def stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread, timeout: float | None = None) -> None:

@@ -111,6 +111,19 @@ class Lease:
         self.release()
 
 
+def checkpoint_positions(block_size: int, checkpoint_every: int | None, end: int, start: int = 0) -> list[int]:
+    """Token positions in ``(start, end]`` at which a pool with these settings wants the
+    linear-attention state: after every ``checkpoint_every`` blocks (None: none in between) and
+    at the last block boundary up to ``end``. A pure function of the pool's settings, so an
+    engine talking to a daemon computes the same positions as the daemon's pool would."""
+    num_blocks = max(0, end) // block_size
+    if num_blocks == 0:
+        return []
+    every = checkpoint_every or num_blocks
+    blocks = sorted(set(range(every - 1, num_blocks, every)) | {num_blocks - 1})
+    return [(b + 1) * block_size for b in blocks if (b + 1) * block_size > start]
+
+
 class PrefixIndex:
     """Metadata of what a pool holds for one layout and namespace (the bytes live in tiers).
 
@@ -142,10 +155,10 @@ class PrefixIndex:
 
     def checkpoints_for(self, num_blocks: int) -> list[int]:
         """Block indices after which to checkpoint state: every ``checkpoint_every`` and the last."""
-        if not self.needs_state or num_blocks == 0:
+        if not self.needs_state:
             return []
-        every = self.checkpoint_every or num_blocks
-        return sorted({b for b in range(every - 1, num_blocks, every)} | {num_blocks - 1})
+        bs = self.block_size
+        return [p // bs - 1 for p in checkpoint_positions(bs, self.checkpoint_every, num_blocks * bs)]
 
     # -- queries ------------------------------------------------------------------------------------
     def has(self, kind: str, key: bytes) -> bool:

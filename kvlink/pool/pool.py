@@ -13,25 +13,26 @@ opened (damaged index, full or read-only disk) leaves the pool serving its memor
 :meth:`health` reports it.
 
 Host memory is allocated lazily and charged to a :class:`~kvlink.pool.budget.HostBudget` shared
-by every pool of a daemon; ``host_bytes`` is the pool's own quota within it.
+by every pool of a daemon; ``host_bytes`` is the pool's own quota within it, reserved whole when
+the pool is created (so guaranteed) and given back when it is closed.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import threading
 from typing import Sequence
 
 from kvlink.config import PoolConfig
-from kvlink.errors import ChecksumMismatch, EntryMissing, KvlinkError, PoolError, TierUnavailable
+from kvlink.errors import ChecksumMismatch, EntryMissing, PoolError, TierUnavailable
 from kvlink.pool.budget import HostBudget
 from kvlink.pool.eviction import make_policy
-from kvlink.pool.index import FULL, SLIDING, STATE, PrefixHit, PrefixIndex
+from kvlink.pool.index import FULL, SLIDING, STATE, PrefixHit, PrefixIndex, checkpoint_positions
 from kvlink.pool.readahead import ReadAhead
 from kvlink.pool.report import StoreReport
 from kvlink.pool.slab import Landing, SlabTier
 from kvlink.pool.ssd import SsdTier
+from kvlink.pool.ssd_traffic import SsdTraffic, entry_nbytes
 from kvlink.spec import CacheSpec
 
 _CODES = {FULL: b"F", SLIDING: b"W", STATE: b"S"}
@@ -45,23 +46,27 @@ def tier_key(kind: str, key: bytes) -> bytes:
     return code + key
 
 
-def _nbytes(data) -> int:
-    if isinstance(data, Landing):
-        return data.nbytes
-    if isinstance(data, (list, tuple)):  # buffers stored back to back (e.g. Payload.buffers())
-        return sum(_nbytes(d) for d in data)
-    if hasattr(data, "element_size"):
-        return data.numel() * data.element_size()
-    return memoryview(data).nbytes
-
-
-class Pool:
+class Pool(SsdTraffic):
     """A prefix cache pool for one layout. Thread-safe; every method returns promptly except
     :meth:`drain` (waits for background SSD work) and :meth:`close`. ``budget``: the host
-    memory shared with other pools (None: this pool's ``host_bytes`` alone bounds it)."""
+    memory shared with other pools (None: this pool's ``host_bytes`` alone bounds it). Raises
+    :class:`~kvlink.errors.ResourceLimit` when ``budget`` cannot guarantee this pool's quota
+    (the live pools' quotas would exceed it)."""
 
     def __init__(self, spec: CacheSpec, config: PoolConfig | None = None, budget: HostBudget | None = None):
         self.config = cfg = config or PoolConfig()
+        # The host tier charges at most its whole pages of host_bytes: that much is reserved now.
+        self._quota = cfg.host_bytes // cfg.page_bytes * cfg.page_bytes if budget is not None else 0
+        self._budget = budget
+        if budget is not None:
+            budget.reserve_quota(self._quota)
+        try:
+            self._open(spec, cfg, budget)
+        except BaseException:
+            self._give_back_quota()
+            raise
+
+    def _open(self, spec: CacheSpec, cfg: PoolConfig, budget: HostBudget | None) -> None:
         self.index = PrefixIndex(spec, cfg.block_size, cfg.namespace, cfg.checkpoint_every)
         self.levels: list[tuple[str, SlabTier]] = []
         if cfg.gpu_bytes:
@@ -79,9 +84,7 @@ class Pool:
             except TierUnavailable as exc:  # serve the memory tiers; health() says why SSD is off
                 self._errors["ssd"] = str(exc)
         self._lock = threading.RLock()
-        self._pending: dict[bytes, object] = {}  # tier key -> bytes on their way to SSD
-        self._futures: set[concurrent.futures.Future] = set()
-        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvlink-pool-io")
+        self._start_io()
         self.stats = collections.Counter()
         if self.ssd is not None:
             for tkey in self.ssd.keys():
@@ -116,8 +119,9 @@ class Pool:
         models): every ``checkpoint_every`` blocks and the last block boundary. An engine whose
         sequence reaches one hands the state over (``DecodeSide.store_state``); empty when the
         layout has no state."""
-        bs = self.config.block_size
-        return [(b + 1) * bs for b in self.index.checkpoints_for(max(0, end) // bs) if (b + 1) * bs > start]
+        if not self.index.needs_state:
+            return []
+        return checkpoint_positions(self.config.block_size, self.config.checkpoint_every, end, start)
 
     def store(self, tokens: Sequence[int], pieces: dict[tuple[str, int], object]) -> StoreReport:
         """Store ``{(kind, block index): bytes}`` of a prompt (a value may be a list of buffers,
@@ -130,7 +134,7 @@ class Pool:
             if kind not in _CODES or not 0 <= block < len(keys):
                 raise PoolError(f"piece ({kind!r}, {block}) does not fit a prompt of {len(keys)} full blocks")
             try:
-                sizes[(kind, block)] = _nbytes(data)
+                sizes[(kind, block)] = entry_nbytes(data)
             except (TypeError, ValueError) as exc:
                 raise PoolError(f"piece ({kind!r}, {block}) is not bytes: {exc}") from None
         report = StoreReport()
@@ -185,7 +189,7 @@ class Pool:
             if victim is None or victim == tkey:
                 return False
             self._demote(level, victim)
-        policy.admit(tkey, _nbytes(data))
+        policy.admit(tkey, entry_nbytes(data))
         return True
 
     def _demote(self, level: int, tkey: bytes) -> None:
@@ -213,54 +217,6 @@ class Pool:
         if not self.where(_KINDS[tkey[:1]], tkey[1:]):
             self.index.remove(_KINDS[tkey[:1]], tkey[1:], force=True)
             self.stats["dropped"] += 1
-
-    def _to_ssd(self, tkey: bytes, data) -> None:
-        if len(self._futures) >= self.config.io_queue:
-            self.stats["ssd_queue_full"] += 1
-            self._forget(tkey)
-            return
-        self._pending[tkey] = data
-        fut = self._io.submit(self._write_ssd, tkey, data)
-        self._futures.add(fut)
-        fut.add_done_callback(self._futures.discard)
-
-    def _write_ssd(self, tkey: bytes, data) -> None:
-        ok = self._ssd_put(tkey, data)
-        with self._lock:
-            self._pending.pop(tkey, None)
-            if not ok:
-                self._forget(tkey)
-
-    def _ssd_put(self, tkey: bytes, data, report: StoreReport | None = None) -> bool:
-        """Put on SSD; a full tier first drops its oldest entries (pinned ones are kept), and
-        those no other tier holds leave the index. False when it did not get there: the reason
-        goes to ``report`` and to :meth:`health`, never raised (the entry may be in memory)."""
-        nbytes = _nbytes(data)
-        try:
-            if not self.ssd.fits(nbytes):
-                with self._lock:
-                    dropped = self.ssd.make_room(nbytes, keep=self._pinned)
-                    for victim in dropped:
-                        self._forget(victim)
-                    self.stats["ssd_evicted"] += len(dropped)
-            if self.ssd.put(tkey, data):
-                self._errors["ssd"] = None
-                return True
-            error = f"ssd: {self.ssd.last_refusal}"
-        except KvlinkError as exc:  # a failing disk: the memory tiers keep serving
-            error = f"ssd: {exc}"
-        with self._lock:
-            self.stats["ssd_refused"] += 1
-            self._errors["ssd"] = error
-        if report is not None:
-            report.error(error)
-        return False
-
-    def _ssd_delete(self, tkey: bytes) -> None:
-        try:
-            self.ssd.delete(tkey)
-        except KvlinkError as exc:
-            self._errors["ssd"] = f"ssd: {exc}"
 
     # -- fetching ---------------------------------------------------------------------------------
     def fetch(self, hit: PrefixHit) -> dict[tuple[str, bytes], memoryview]:
@@ -367,16 +323,8 @@ class Pool:
                 self._forget(tkey)
             raise PoolError(f"entry {tkey.hex()[:18]} failed verification and was dropped: {exc}") from exc
         self.stats["hit_ssd"] += 1
-        fut = self._io.submit(self._promote, tkey, data)  # a fresh buffer: no copy needed
-        self._futures.add(fut)
-        fut.add_done_callback(self._futures.discard)
+        self._background(self._promote, tkey, data)  # a fresh buffer: no copy needed
         return data
-
-    def _promote(self, tkey: bytes, data) -> None:
-        with self._lock:
-            host = len(self.levels) - 1
-            if tkey not in self.levels[host][1] and self._put_level(host, tkey, data):
-                self.stats["promoted"] += 1
 
     # -- maintenance ------------------------------------------------------------------------------
     def evict(self, nbytes: int) -> int:
@@ -392,11 +340,6 @@ class Pool:
                 self._demote(0, victim)
                 freed += len(entry.pages) * tier.page_bytes if entry else 0
         return freed
-
-    def drain(self) -> None:
-        """Wait for queued SSD writes and promotions."""
-        while self._futures:
-            concurrent.futures.wait(list(self._futures))
 
     def health(self) -> dict[str, dict]:
         """Tier name -> ``{"ok": bool, "error": str | None}``: an SSD tier that could not be
@@ -428,6 +371,12 @@ class Pool:
             self.ssd.close()
         for _, tier in self.levels:
             tier.close()  # memory and its share of the host budget go back
+        self._give_back_quota()
+
+    def _give_back_quota(self) -> None:
+        budget, self._budget = self._budget, None  # once, however often close() is called
+        if budget is not None:
+            budget.release_quota(self._quota)
 
     def __enter__(self) -> "Pool":
         return self

@@ -10,10 +10,11 @@ Crash safety comes from the order of writes: the bytes are appended (and, when d
 synced), and only then is the index record written. A process killed at any point leaves either
 no record (the bytes are dead space in their segment) or a record whose bytes are complete. At
 open, records pointing past the end of their segment are dropped. Reads verify the xxh3 and
-drop an entry that fails. A full disk makes :meth:`put` return False ("not stored"), never
-raise. An index that cannot be opened (damaged, full or read-only disk) raises
-:class:`~kvlink.errors.TierUnavailable`; recovery deletes only this tier's own segment files
-(``seg-<n>.kvs``), never another file it finds. No pickle anywhere: records are a fixed struct.
+drop an entry that fails. A full disk (told by errno: :func:`~kvlink.pool.ssd_io.disk_full`)
+makes :meth:`put` return False ("not stored"), never raise. An index that cannot be opened
+(damaged, full or read-only disk) raises :class:`~kvlink.errors.TierUnavailable`; recovery
+deletes only this tier's own segment files (``seg-<n>.kvs``), never another file it finds. No
+pickle anywhere: records are a fixed struct.
 
 Space: ``capacity`` bounds the live bytes. Bytes of deleted or replaced entries stay in their
 segment until it holds no live entry (then it is deleted) or until dead bytes pass a quarter of
@@ -23,9 +24,7 @@ the capacity (then the sparsest segment's live entries are moved to the head and
 from __future__ import annotations
 
 import collections
-import errno
 import os
-import struct
 import threading
 import time
 from pathlib import Path
@@ -36,24 +35,9 @@ from rocksdict import Options, Rdict, WriteOptions
 from kvlink.errors import ChecksumMismatch, ConfigError, EntryMissing, LengthError, PoolError, TierUnavailable
 from kvlink.pool.readahead import READ_AHEAD_BYTES, ReadAhead
 from kvlink.pool.segments import SegmentFiles, segment_name
-from kvlink.pool.slab import _as_bytes_tensor, _host_view
+from kvlink.pool.ssd_io import (READ_PIECE, RECORD, RECORD_MAGIC, decode_record, disk_full, encode_record,
+                                read_into, views)
 
-_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no room: the put is refused, not an error
-
-
-def _views(data) -> list[memoryview]:
-    """Byte views of ``data`` (bytes-like, a tensor on any device, or a list of them)."""
-    out = []
-    for d in data if isinstance(data, (list, tuple)) else [data]:
-        if hasattr(d, "element_size"):  # a tensor: its bytes (device tensors are copied to the host)
-            d = _host_view(_as_bytes_tensor(d))
-        out.append(memoryview(d).cast("B"))
-    return out
-
-# magic, version, segment, offset, nbytes, xxh3, stored-at (unix seconds)
-RECORD = struct.Struct("<4sBIQQQd")
-RECORD_MAGIC, RECORD_VERSION = b"KVLS", 2
-READ_PIECE = 1 << 20
 SEGMENT_BYTES = 256 << 20
 
 
@@ -101,7 +85,7 @@ class SsdTier:
         sizes = self._segments.sizes()
         for key, raw in list(self._db.items()):
             try:
-                where = self._decode(raw)[:3] if len(raw) == RECORD.size else None
+                where = decode_record(raw)[:3] if len(raw) == RECORD.size else None
             except PoolError:  # another version's record (a file-per-entry layout): dropped
                 where = None
             if where is None or where[1] + where[2] > sizes.get(where[0], -1):
@@ -130,14 +114,6 @@ class SsdTier:
         self.close()
 
     # -- bookkeeping ------------------------------------------------------------------------------
-    @staticmethod
-    def _decode(raw: bytes) -> tuple[int, int, int, int, float]:
-        """(segment, offset, nbytes, xxh3, stored-at) of an index record."""
-        magic, version, seg, offset, nbytes, digest, stamp = RECORD.unpack(raw)
-        if magic != RECORD_MAGIC or version != RECORD_VERSION:
-            raise PoolError("unknown SSD index record")
-        return seg, offset, nbytes, digest, stamp
-
     @property
     def used_bytes(self) -> int:
         """Live bytes (what ``capacity`` bounds)."""
@@ -186,8 +162,8 @@ class SsdTier:
     def _put(self, key: bytes, data, digest: int | None, expect: tuple | None = None) -> bool:
         """Append, then record. With ``expect`` (compaction moving an entry) the record is written
         only if the entry is still where it was: never over a newer put or a delete."""
-        views = _views(data)
-        nbytes = sum(v.nbytes for v in views)
+        pieces = views(data)
+        nbytes = sum(v.nbytes for v in pieces)
         with self._lock:
             old = self._where.get(key)
             if self._total - (old[2] if old else 0) + nbytes > self.capacity:
@@ -202,7 +178,7 @@ class SsdTier:
         h = xxhash.xxh3_64() if digest is None else None
         try:
             try:
-                self._segments.write(seg, offset, views, h, READ_PIECE)
+                self._segments.write(seg, offset, pieces, h, READ_PIECE)
                 if self.durable:
                     self._segments.sync(seg)
             except OSError as exc:
@@ -211,7 +187,7 @@ class SsdTier:
             if h is not None:
                 digest = h.intdigest()
             # The record goes in last: an entry is visible only once its bytes are complete.
-            record = RECORD.pack(RECORD_MAGIC, RECORD_VERSION, seg, offset, nbytes, digest, time.time())
+            record = encode_record(seg, offset, nbytes, digest, time.time())
             with self._lock:  # record and map change together, so puts and deletes of a key are ordered
                 old = self._where.get(key)
                 if expect is not None and old != expect:
@@ -232,8 +208,7 @@ class SsdTier:
         return True
 
     def _write_failed(self, exc: Exception) -> bool:
-        full = getattr(exc, "errno", None) in _FULL or "No space left" in str(exc) or "too large" in str(exc)
-        if full:
+        if disk_full(exc):
             self.stats["disk_full"] += 1
             self.last_refusal = f"disk full ({exc})"
             return False
@@ -251,7 +226,7 @@ class SsdTier:
                 raise PoolError(f"SSD index read failed: {exc}") from exc
             if raw is None or key not in self._where:
                 break
-            seg, offset, nbytes, digest, _ = self._decode(raw)
+            seg, offset, nbytes, digest, _ = decode_record(raw)
             buf = memoryview(bytearray(nbytes)) if out is None else memoryview(out).cast("B")
             if buf.nbytes != nbytes:
                 raise LengthError(f"output holds {buf.nbytes} bytes, entry has {nbytes}")
@@ -263,7 +238,7 @@ class SsdTier:
             if fd is None:
                 continue
             try:
-                got, h = self._read(fd, offset, buf, verify)
+                got, h = read_into(fd, offset, buf, verify)
             except OSError as exc:
                 self._drop(key, (seg, offset, nbytes))
                 raise PoolError(f"SSD entry {key.hex()[:16]} unreadable: {exc}") from exc
@@ -277,21 +252,6 @@ class SsdTier:
             return buf
         self.stats["misses"] += 1
         raise EntryMissing(f"no entry {key.hex()[:16]} on SSD")
-
-    @staticmethod
-    def _read(fd: int, offset: int, buf: memoryview, verify: bool) -> tuple[int, int | None]:
-        """Read ``buf`` from ``offset``; (bytes read, their xxh3 when ``verify``)."""
-        h = xxhash.xxh3_64() if verify else None
-        got = 0
-        while got < buf.nbytes:
-            # Read a cache-sized piece and hash it while it is still in cache.
-            n = os.preadv(fd, [buf[got: got + READ_PIECE]], offset + got)
-            if not n:
-                break
-            if h is not None:
-                h.update(buf[got: got + n])
-            got += n
-        return got, None if h is None else h.intdigest()
 
     def _drop(self, key: bytes, where: tuple[int, int, int]) -> None:
         """Delete a bad entry, unless it was replaced (or moved) since it was read."""

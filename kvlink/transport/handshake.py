@@ -10,7 +10,9 @@ over both nonces, the session id and the layout fingerprint)::
                                          <-  ACCEPT {max_chunk, mac = H(secret, "server" ...)}
 
 HELLO may also carry ``key`` (a key id): a receiver holding several secrets (``TransferServer(secrets=)``)
-checks the MACs with that key's secret and records which key the peer proved.
+checks the MACs with that key's secret and records which key the peer proved. An unknown key id
+is challenged too (with a secret nobody holds) and fails at AUTH exactly like a wrong secret, so
+key ids cannot be enumerated.
 
 A fingerprint the server does not accept ends the handshake with ERROR {"code": "fingerprint"}.
 """

@@ -88,25 +88,27 @@ class IncomingTransfer:
     :class:`~kvlink.errors.TransportError` once it was released.
     """
 
-    def __init__(self, transfer_id: int, owner: bytes, parts: int, chunk: int, meta: dict,
+    def __init__(self, transfer_id: int, owner: tuple, parts: int, chunk: int, meta: dict,
                  release_bytes: Callable[[int], None]):
         loop = asyncio.get_running_loop()
         self.transfer_id = transfer_id
-        self.owner = owner
+        self.owner = owner  # (key id, session id) of the peer that began it: only it may feed it
         self.num_parts = parts
         self.chunk = chunk
         self.meta = meta
         self.peer: tuple | None = None  # (host, port) of the connection that began it
         self.key_id: str | None = None  # the receiver's key id its peer proved (TransferServer secrets)
+        self.peer_id = ""  # whom the receiver charges for it: "key:<key id>", else the peer's address
         self.allocator: Allocator | None = None  # this transfer's own, set by the receiver at BEGIN
         self.scanner: Scanner | None = None  # the receiver's streaming part verifier, set at BEGIN
         self.started = time.monotonic()
         self.finished: float | None = None
         self.last_progress = self.started
         self.bytes_received = 0
-        self.reserved = 0
+        self.reserved = 0  # part bytes
+        self.overhead = 0  # bookkeeping bytes the receiver charged for it (given back with the parts)
         self._release_bytes = release_bytes
-        self._parts: list[_Part | None] = [None] * parts
+        self._parts: dict[int, _Part] = {}  # announced parts only: a BEGIN costs nothing per part
         self._waiting: dict[int, asyncio.Future] = {}  # part -> future, only while someone awaits it
         self._left = parts
         self._done = loop.create_future()
@@ -130,7 +132,7 @@ class IncomingTransfer:
             raise TransferRejected(f"part {index} outside 0..{self.num_parts - 1}")
         if self._release_pending:
             raise TransferRejected(f"transfer {self.transfer_id:#x} was released")
-        part = self._parts[index]
+        part = self._parts.get(index)
         if part is not None:
             if part.length != length:
                 raise TransferRejected(f"part {index} re-announced with {length} bytes, was {part.length}")
@@ -158,7 +160,7 @@ class IncomingTransfer:
         return slice(offset // self.chunk, max(offset // self.chunk + 1, -(-end // self.chunk)))
 
     def announced(self, index: int) -> bool:
-        return 0 <= index < self.num_parts and self._parts[index] is not None
+        return index in self._parts
 
     def target(self, index: int, offset: int, length: int) -> tuple[memoryview | None, bool]:
         """Where a run of grid chunks goes, and whether it was already verified (then: read and
@@ -166,9 +168,9 @@ class IncomingTransfer:
         bytes are in, whether they verified or not. Safe to call from a reader thread.
         """
         with self._lock:
-            if not 0 <= index < self.num_parts or self._parts[index] is None:
+            part = self._parts.get(index)
+            if part is None:
                 raise TransferRejected(f"data for part {index} before it was announced")
-            part = self._parts[index]
             slots = self._slots(part, offset, length)
             if self.error is not None or self._release_pending:
                 return None, False
@@ -224,7 +226,7 @@ class IncomingTransfer:
         the part's scan over its unbroken landed start, now, while the newest bytes are in cache.
         If another thread is advancing it, that one usually goes on past these bytes; whatever
         no reader got to is hashed by :meth:`scan_verdict` once the part is whole."""
-        part = self._parts[index] if 0 <= index < self.num_parts else None
+        part = self._parts.get(index)
         if part is None or part.scan is None:
             return
         with self._lock:
@@ -257,7 +259,7 @@ class IncomingTransfer:
         """The scan's verdict on part ``index`` once all of it is in; None when there is no scan,
         or (``wait`` False) when finishing it would mean hashing or waiting for another thread.
         With ``wait``, hashes what is left (run it off the event loop)."""
-        part = self._parts[index] if 0 <= index < self.num_parts else None
+        part = self._parts.get(index)
         scan = part.scan if part is not None else None
         if scan is None:
             return None
@@ -270,7 +272,7 @@ class IncomingTransfer:
     def verified_whole(self, index: int) -> bool:
         """Whether part ``index`` was judged whole by the receiver's part verifier (for kvlink
         payloads: against their own checksums, so unpacking need not hash them again)."""
-        part = self._parts[index] if 0 <= index < self.num_parts else None
+        part = self._parts.get(index)
         return part is not None and part.verified_whole
 
     def part_view(self, index: int) -> memoryview:
@@ -333,9 +335,9 @@ class IncomingTransfer:
     @property
     def total_bytes(self) -> int | None:
         """Sum of the part lengths once every part is announced."""
-        if any(p is None for p in self._parts):
+        if len(self._parts) < self.num_parts:
             return None
-        return sum(p.length for p in self._parts)
+        return sum(p.length for p in self._parts.values())
 
     async def part(self, index: int) -> memoryview:
         """Wait for part ``index`` to arrive whole and verified; returns its bytes. Raises
@@ -345,7 +347,7 @@ class IncomingTransfer:
         if not 0 <= index < self.num_parts:
             raise PartIndexError(f"part {index} outside 0..{self.num_parts - 1}")
         self._check_usable()
-        part = self._parts[index]
+        part = self._parts.get(index)
         if part is not None and part.completed:
             return part.buf
         future = self._waiting.get(index)
@@ -361,7 +363,7 @@ class IncomingTransfer:
         if not self._done.done():
             raise TransportError(f"transfer {self.transfer_id:#x} is not complete yet")
         self._done.result()
-        return [p.buf for p in self._parts]
+        return [self._parts[i].buf for i in range(self.num_parts)]
 
     async def done(self) -> list[memoryview]:
         """Wait for every part; returns their buffers in part order (errors as :meth:`part`)."""
@@ -398,11 +400,10 @@ class IncomingTransfer:
             if self._freed:
                 return
             self._freed = self._release_pending = True
-            reserved, self.reserved = self.reserved, 0
+            reserved, self.reserved, self.overhead = self.reserved + self.overhead, 0, 0
             releases, self._releases = self._releases, []
-            for part in self._parts:
-                if part is not None:
-                    part.buf = part.scan = None  # no reference to a received byte survives release
+            for part in self._parts.values():
+                part.buf = part.scan = None  # no reference to a received byte survives release
         self.canceller = None
         if reserved:
             self._release_bytes(reserved)

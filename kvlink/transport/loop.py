@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Coroutine
 
+from kvlink.errors import TransferTimeout
+
 
 def run(main: Coroutine[Any, Any, Any], use_uvloop: bool = True) -> Any:
     """``asyncio.run(main)``, on uvloop's event loop when it is installed and wanted."""
@@ -28,3 +30,16 @@ def new_event_loop(use_uvloop: bool = True) -> asyncio.AbstractEventLoop:
         else:
             return uvloop.new_event_loop()
     return asyncio.new_event_loop()
+
+
+def run_sync(coro: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop, timeout: float | None = None) -> Any:
+    """Run ``coro`` on ``loop`` (another thread's) and wait for its result. Raises
+    :class:`~kvlink.errors.TransferTimeout` (and cancels it) when ``timeout`` passes first."""
+    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    try:
+        return future.result(timeout)
+    except TimeoutError:  # concurrent.futures.TimeoutError is the builtin one since 3.11
+        if not future.done():
+            future.cancel()
+            raise TransferTimeout(f"no result within {timeout} s") from None
+        raise

@@ -1,10 +1,11 @@
 """The receiving end: a listener that authenticates peers and lands their transfers in place.
 
 A peer's session is the set of connections that presented the same session id (a sender opens
-several, and reconnects after faults). A transfer belongs to the session that began it; frames
-for it from anyone else are refused. Any frame that cannot be honoured is answered with an
-ERROR for its transfer only, and its body is read and dropped, so other transfers on the same
-connection carry on.
+several, and reconnects after faults). A transfer belongs to the (proven key id, session) that
+began it; frames for it from anyone else are refused. Limits and memory shares apply per peer:
+its proven key id when it has one, else its address. Any frame that cannot be honoured is
+answered with an ERROR for its transfer only, and its body is read and dropped, so other
+transfers on the same connection carry on.
 """
 
 from __future__ import annotations
@@ -12,24 +13,29 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
-import ipaddress
 import logging
+import os
 import ssl as _ssl
 import time
 from typing import Callable, Iterable
 
-from kvlink.config import TransportConfig
+from kvlink.config import TransportConfig, is_loopback
 from kvlink.errors import ConfigError, KvlinkError, TransferRejected, TransferTimeout, TransportError
 from kvlink.transport import handshake as hs
 from kvlink.transport.connection import FrameConnection
 from kvlink.transport.frame import FrameType
 from kvlink.transport.incoming import Allocator, IncomingTransfer, Scanner, default_allocator
-from kvlink.transport.server_conn import ServerConn, peer_host
+from kvlink.transport.ledger import Ledger
+from kvlink.transport.server_conn import ServerConn
 
 _RECENT = 4096  # completed transfer ids remembered, to re-confirm END after a lost one
 # Parts one PART frame may announce (senders send 1024: outgoing.PARTS_PER_FRAME); bounds the
 # event loop's work per frame however many parts a transfer has.
 _PARTS_PER_FRAME = 4096
+# Bookkeeping charged to a peer's share and the budget besides part bytes, so that transfers and
+# parts that reserve no bytes are not free: roughly what a transfer and an announced part cost.
+TRANSFER_OVERHEAD = 4096
+PART_OVERHEAD = 256
 log = logging.getLogger("kvlink.transport")
 
 
@@ -52,7 +58,8 @@ class TransferServer:
     ``secrets`` (key id -> secret), when given, lets peers prove one of several secrets: a peer
     names its key id in HELLO (``TransferClient(key_id=...)``), a peer naming none uses
     ``secret``; each transfer's ``key_id`` records which key its peer proved (e.g. a pool
-    daemon's tenant), None for ``secret`` or no authentication.
+    daemon's tenant), None for ``secret`` or no authentication. Limits and memory shares apply
+    per peer: its proven key id, else its address (see ``TransportConfig``).
 
     A begun transfer waits, unclaimed, until the application takes it with :meth:`accept` or
     :meth:`transfer` (at most ``accept_backlog`` of them; one nobody claims within ``idle_timeout``
@@ -72,6 +79,9 @@ class TransferServer:
         self.fingerprints = None if fingerprints is None else {bytes(f) for f in fingerprints}
         self.secret = secret
         self.secrets = dict(secrets or {})
+        # An unknown key id is challenged with this (nobody holds it), so that it fails at AUTH
+        # exactly as a wrong secret does: key ids cannot be enumerated.
+        self._unknown_key_secret = os.urandom(32)
         self.ssl = ssl
         self.allocator = allocator
         self.allocator_for = allocator_for
@@ -87,9 +97,11 @@ class TransferServer:
         self._unclaimed: collections.OrderedDict[int, IncomingTransfer] = collections.OrderedDict()
         self._unclaimed_ready = asyncio.Event()
         self._waiters: dict[int, list] = {}  # transfer id -> [future, number of waiters]
-        self._reserved = 0
-        self._peer_reserved: collections.Counter[str] = collections.Counter()  # peer address -> bytes
-        self._peer_conns: collections.Counter[str] = collections.Counter()  # peer address -> connections
+        self._ledger = Ledger(self.config)  # reserved bytes, in total and per peer id
+        self._peer_conns: collections.Counter[str] = collections.Counter()  # peer id -> connections
+        # Connections still in the handshake, oldest first (counted apart from _conns).
+        self._handshaking: collections.OrderedDict[ServerConn, None] = collections.OrderedDict()
+        self._live: collections.Counter[str] = collections.Counter()  # peer id -> transfers in _transfers
         self._reaper: asyncio.Task | None = None
         self.stats = collections.Counter()
         self.address: tuple[str, int] | None = None
@@ -108,7 +120,7 @@ class TransferServer:
             lambda: FrameConnection(ServerConn(self), self.config.max_chunk_bytes), host, port, ssl=self.ssl,
             backlog=256, **tls)
         self.address = self._server.sockets[0].getsockname()[:2]
-        if not _is_loopback(host):
+        if not is_loopback(host):
             if self.secret is None and not self.secrets:
                 log.warning("kvlink receiver listens on %s:%d without a secret: any peer that reaches it may "
                             "send transfers", *self.address)
@@ -124,12 +136,13 @@ class TransferServer:
             self._reaper.cancel()
         if self._server is not None:
             self._server.close()
-        conns = list(self._conns)
+        conns = [*self._conns, *self._handshaking]
         for c in conns:
             c.conn.abort()
         for t in list(self._transfers.values()):
             t.fail(TransportError("receiver closed"))
         self._transfers.clear()
+        self._live.clear()
         for t in list(self._unclaimed.values()):
             t.release()  # nobody can claim them any more
         self._unclaimed.clear()
@@ -171,11 +184,12 @@ class TransferServer:
 
     @property
     def reserved_bytes(self) -> int:
-        return self._reserved
+        return self._ledger.reserved
 
-    def reserved_by(self, host: str) -> int:
-        """Bytes the peer at address ``host`` holds reserved (against ``TransportConfig.peer_share``)."""
-        return self._peer_reserved.get(host, 0)
+    def reserved_by(self, peer: str) -> int:
+        """Bytes (parts plus bookkeeping) a peer holds reserved, against ``TransportConfig.peer_share``:
+        ``peer`` is ``"key:<key id>"`` for a peer that proved a key id, else its address."""
+        return self._ledger.by_peer.get(peer, 0)
 
     # -- protocol actions (called by ServerConn) ---------------------------------------------
     def _begin(self, sc: ServerConn, tid: int, body: bytes) -> None:
@@ -185,23 +199,37 @@ class TransferServer:
         begin = hs.decode(body, {"parts": int, "chunk": int, "meta": dict})
         existing = self._transfers.get(tid)
         if existing is not None:
-            if existing.owner != sc.session or (existing.num_parts, existing.chunk) != (begin["parts"], begin["chunk"]):
+            if existing.owner != sc.owner or (existing.num_parts, existing.chunk) != (begin["parts"], begin["chunk"]):
                 raise TransferRejected(f"transfer {tid:#x} already exists with other settings")
             return
         if not 1 <= begin["parts"] <= self.config.max_parts:
             raise TransferRejected(f"{begin['parts']} parts is out of range 1..{self.config.max_parts} (max_parts)")
         if not 4096 <= begin["chunk"] <= self.config.max_chunk_bytes:
             raise TransferRejected(f"chunk size {begin['chunk']} is out of range")
+        peer, cfg = sc.peer_id, self.config
+        if self._live[peer] >= cfg.max_live_transfers_per_peer:
+            raise TransferRejected(f"peer {peer} has {self._live[peer]} unfinished transfers "
+                                   "(max_live_transfers_per_peer); retry later")
+        if len(self._transfers) >= cfg.max_live_transfers:
+            raise TransferRejected(f"receiver holds {len(self._transfers)} unfinished transfers "
+                                   "(max_live_transfers); retry later")
         self._make_room()
-        t = IncomingTransfer(tid, sc.session, begin["parts"], begin["chunk"], begin["meta"],
-                             functools.partial(self._give_back, sc.peer_host))
+        self._ledger.charge(peer, TRANSFER_OVERHEAD)
+        t = IncomingTransfer(tid, sc.owner, begin["parts"], begin["chunk"], begin["meta"],
+                             functools.partial(self._ledger.give_back, peer))
+        t.overhead = TRANSFER_OVERHEAD  # given back with its parts' bytes when it is freed
         t.canceller = self._cancel_to_peer  # called with t: no closure, no reference cycle
         t.peer = sc.conn.transport.get_extra_info("peername")
-        t.key_id = sc.key_id
-        if self.allocator_for is not None:
-            t.allocator = self.allocator_for(t)
+        t.key_id, t.peer_id = sc.key_id, peer
+        try:
+            if self.allocator_for is not None:
+                t.allocator = self.allocator_for(t)
+        except BaseException:
+            t.fail(TransferRejected(f"transfer {tid:#x} refused by the application"))  # gives the charge back
+            raise
         t.scanner = self.part_scanner
         self._transfers[tid] = t
+        self._live[peer] += 1
         self.stats["transfers"] += 1
         if (entry := self._waiters.pop(tid, None)) is not None and not entry[0].done():
             entry[0].set_result(t)  # claimed by id as it begins: never queued
@@ -232,7 +260,7 @@ class TransferServer:
         if tid in self._recent:
             return
         t = self._transfers.get(tid)
-        if t is None or t.owner != sc.session:
+        if t is None or t.owner != sc.owner:
             raise TransferRejected(f"unknown transfer {tid:#x}")
         obj = hs.decode(body, {})
         if "parts" in obj:  # several parts announced at once: [[index, length], ...]
@@ -250,32 +278,39 @@ class TransferServer:
     def _announce(self, t: IncomingTransfer, index: int, length: int) -> None:
         """Reserve and allocate part ``index``. Raises :class:`TransferRejected` for a bad index or
         length, a length beyond the transfer limit, the peer's share or the receive budget (all
-        checked before anything is allocated), or an allocator that fails."""
+        checked before anything is allocated), or an allocator that fails. Each new part costs
+        its length plus ``PART_OVERHEAD`` of the peer's share and the budget."""
         if length < 0:
             raise TransferRejected("negative part length")
         if t.announced(index):
             t.announce(index, length, t.allocator or self.allocator)  # idempotent after a reconnect
             return
-        cfg, host = self.config, peer_host(t.peer)
+        cfg = self.config
         if t.reserved + length > cfg.transfer_limit:
             raise TransferRejected(f"transfer would exceed {cfg.transfer_limit} bytes (max_transfer_bytes)")
-        if self._peer_reserved[host] + length > cfg.peer_share:
-            raise TransferRejected(f"peer {host} would hold more than its {cfg.peer_share}-byte share "
-                                   "(peer_share_bytes); retry later")
-        if self._reserved + length > cfg.receive_budget_bytes:
-            raise TransferRejected("receiver memory budget exhausted (receive_budget_bytes); retry later")
+        cost = length + PART_OVERHEAD
+        self._ledger.charge(t.peer_id, cost)
         try:
             t.announce(index, length, t.allocator or self.allocator)
-        except TransferRejected:
-            raise
-        except (KvlinkError, MemoryError, ValueError, OverflowError, OSError) as exc:
+        except BaseException as exc:
+            self._ledger.give_back(t.peer_id, cost)
+            if isinstance(exc, TransferRejected) or not isinstance(
+                    exc, (KvlinkError, MemoryError, ValueError, OverflowError, OSError)):
+                raise
             # e.g. numpy's MemoryError: refuse this transfer only; the connection carries on
             raise TransferRejected(f"cannot allocate {length} bytes for part {index}: {exc!r}") from None
-        self._reserved += length
-        self._peer_reserved[host] += length
+        t.overhead += PART_OVERHEAD  # its length is in t.reserved: both go back when t is freed
+
+    def _forget(self, t: IncomingTransfer) -> None:
+        """``t`` is no longer live here (finished, failed, cancelled or timed out)."""
+        if self._transfers.get(t.transfer_id) is t:
+            del self._transfers[t.transfer_id]
+            self._live[t.peer_id] -= 1
+            if self._live[t.peer_id] <= 0:
+                del self._live[t.peer_id]  # no entry kept per peer with nothing live
 
     def _finish(self, sc: ServerConn, t: IncomingTransfer) -> None:
-        self._transfers.pop(t.transfer_id, None)
+        self._forget(t)
         self._remember(t.transfer_id)
         self.stats["transfers_done"] += 1
         sc.conn.send(FrameType.END, transfer_id=t.transfer_id)
@@ -288,8 +323,8 @@ class TransferServer:
     def _reject(self, sc: ServerConn, tid: int, exc: KvlinkError) -> None:
         self.stats["rejected"] += 1
         t = self._transfers.get(tid)
-        if t is not None and t.owner == sc.session:
-            self._transfers.pop(tid, None)
+        if t is not None and t.owner == sc.owner:
+            self._forget(t)
             t.fail(exc if isinstance(exc, TransferRejected) else TransferRejected(str(exc)))
         code = "unknown_transfer" if "unknown transfer" in str(exc) else "rejected"
         sc.conn.send(FrameType.ERROR, transfer_id=tid, body=hs.error_body(code, str(exc)))
@@ -298,40 +333,55 @@ class TransferServer:
         from kvlink.errors import TransferCancelled
 
         t = self._transfers.get(tid)
-        if t is not None and t.owner == sc.session:
-            self._transfers.pop(tid)
+        if t is not None and t.owner == sc.owner:
+            self._forget(t)
             t.fail(TransferCancelled(f"transfer {tid:#x} cancelled by the sender"))
 
     def _cancel_to_peer(self, t: IncomingTransfer) -> None:
-        self._transfers.pop(t.transfer_id, None)
+        self._forget(t)
         for c in self._conns:
-            if c.session == t.owner and c.conn.is_open:
+            if c.owner == t.owner and c.conn.is_open:
                 c.conn.send(FrameType.CANCEL, transfer_id=t.transfer_id)
                 break
 
-    def _give_back(self, host: str, nbytes: int) -> None:
-        self._reserved -= nbytes
-        self._peer_reserved[host] -= nbytes
-        if self._peer_reserved[host] <= 0:
-            del self._peer_reserved[host]  # no entry kept per peer that holds nothing
+    def _admit_handshake(self, sc: ServerConn) -> None:
+        """Count a new connection still in the handshake. When its address (``max_handshakes_per_peer``)
+        or everyone (``max_handshakes``) has as many open as allowed, the oldest one, preferring
+        those that sent nothing yet, is dropped: silent connections lose their slot to a real
+        peer instead of keeping it out."""
+        cfg, victims = self.config, []
+        mine = [c for c in self._handshaking if c.peer_host == sc.peer_host]
+        if len(mine) >= cfg.max_handshakes_per_peer:
+            victims = mine
+        elif len(self._handshaking) >= cfg.max_handshakes:
+            victims = list(self._handshaking)
+        if victims:
+            victim = next((c for c in victims if c.session is None), victims[0])
+            del self._handshaking[victim]
+            self.stats["handshakes_dropped"] += 1
+            victim.drop("too many connections in the handshake (max_handshakes, max_handshakes_per_peer)")
+        self._handshaking[sc] = None
 
     def _admit(self, sc: ServerConn) -> str | None:
-        """Count a new connection; the limit it breaks (None: admitted)."""
+        """Count a connection that completed its handshake against the limits of its peer id;
+        the limit it breaks (None: admitted)."""
+        self._handshaking.pop(sc, None)
         cfg = self.config
         if len(self._conns) >= cfg.max_connections:
             return f"receiver holds {cfg.max_connections} connections (max_connections)"
-        if self._peer_conns[sc.peer_host] >= cfg.max_connections_per_peer:
-            return f"peer {sc.peer_host} holds {cfg.max_connections_per_peer} connections (max_connections_per_peer)"
+        if self._peer_conns[sc.peer_id] >= cfg.max_connections_per_peer:
+            return f"peer {sc.peer_id} holds {cfg.max_connections_per_peer} connections (max_connections_per_peer)"
         self._conns.add(sc)
-        self._peer_conns[sc.peer_host] += 1
+        self._peer_conns[sc.peer_id] += 1
         return None
 
     def _release_conn(self, sc: ServerConn) -> None:
+        self._handshaking.pop(sc, None)
         if sc in self._conns:
             self._conns.discard(sc)
-            self._peer_conns[sc.peer_host] -= 1
-            if self._peer_conns[sc.peer_host] <= 0:
-                del self._peer_conns[sc.peer_host]
+            self._peer_conns[sc.peer_id] -= 1
+            if self._peer_conns[sc.peer_id] <= 0:
+                del self._peer_conns[sc.peer_id]
 
     async def _reap_idle(self) -> None:
         # A sender that vanished must not pin receiver memory, nor an idle peer a connection
@@ -347,13 +397,6 @@ class TransferServer:
                     sc.close_idle()
             for t in list(self._transfers.values()):
                 if now - t.last_progress > self.config.idle_timeout:
-                    self._transfers.pop(t.transfer_id, None)
+                    self._forget(t)
                     self.stats["timed_out"] += 1
                     t.fail(TransferTimeout(f"transfer {t.transfer_id:#x}: no data for {self.config.idle_timeout} s"))
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"

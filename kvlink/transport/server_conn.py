@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 
 def peer_host(peername) -> str:
-    """The address part of a peer name: the unit of per-peer limits (connections, memory share)."""
+    """The address part of a peer name: the unit of per-peer limits for connections in the
+    handshake, and after it for peers that proved no key id."""
     return str(peername[0]) if isinstance(peername, tuple) and peername else ""
 
 
@@ -43,6 +44,7 @@ class ServerConn:
         self._timer: asyncio.TimerHandle | None = None
         self.reader: ThreadReader | None = None
         self.peer_host = ""
+        self.peer_id = ""  # set at ACCEPT: "key:<key id>" when the peer proved one, else peer_host
         # Last frame seen (monotonic): the idle reaper closes authenticated connections idle for
         # conn_idle_timeout. Written by a reader thread too (a float store is atomic).
         self.last_active = time.monotonic()
@@ -53,13 +55,21 @@ class ServerConn:
     def on_open(self, conn: FrameConnection) -> None:
         self.conn = conn
         self.peer_host = peer_host(conn.transport.get_extra_info("peername"))
-        refused = self.server._admit(self)
-        if refused is not None:
-            self.server.stats["connections_refused"] += 1
-            self._refuse("busy", f"connection refused: {refused}")
-            return
+        self.server._admit_handshake(self)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.server.config.handshake_timeout, self._handshake_expired)
+
+    @property
+    def owner(self) -> tuple[str | None, bytes | None]:
+        """Who may feed the transfers this connection begins: (proven key id, session id)."""
+        return self.key_id, self.session
+
+    def drop(self, reason: str) -> None:
+        """Close a connection still in the handshake (its slot went to a newer one)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.conn is not None and self.conn.is_open:
+            self._refuse("busy", reason)
 
     def close_idle(self) -> None:
         """Close an authenticated connection that carried no frame for ``conn_idle_timeout``
@@ -111,10 +121,12 @@ class ServerConn:
                 raise FingerprintMismatch(next(iter(server.fingerprints), b""), self.fingerprint)
             key = hello.get("key")
             if key is not None:
-                # A key id names one of several secrets (e.g. a pool daemon's tenants).
-                if not isinstance(key, str) or key not in server.secrets:
-                    raise HandshakeError("unknown key id: no such secret")
-                self.key_id, self.secret = key, server.secrets[key]
+                # A key id names one of several secrets (e.g. a pool daemon's tenants). An unknown
+                # one is challenged with a secret nobody holds: it fails at AUTH like a wrong secret.
+                if not isinstance(key, str):
+                    raise HandshakeError("key id must be a string")
+                self.key_id = key
+                self.secret = server.secrets.get(key, server._unknown_key_secret)
             else:
                 self.secret = server.secret
             if self.secret is None and not server.secrets:
@@ -135,9 +147,15 @@ class ServerConn:
         raise HandshakeError(f"unexpected {header.type.name} frame during the handshake")
 
     def _accept(self, server_mac: str | None) -> None:
-        self.authed = True
         if self._timer is not None:
             self._timer.cancel()
+        self.peer_id = f"key:{self.key_id}" if self.key_id is not None else self.peer_host
+        refused = self.server._admit(self)
+        if refused is not None:
+            self.server.stats["connections_refused"] += 1
+            self._refuse("busy", f"connection refused: {refused}")
+            return
+        self.authed = True
         reply = {"max_chunk": self.server.config.max_chunk_bytes,
                  "verifies_parts": self.server.part_verifier is not None}
         if server_mac is not None:
@@ -177,7 +195,7 @@ class ServerConn:
             return None, None
         transfer = server._transfers.get(tid)
         try:
-            if transfer is None or transfer.owner != self.session:
+            if transfer is None or transfer.owner != self.owner:
                 raise TransferRejected(f"unknown transfer {tid:#x}")
             target, seen = transfer.target(header.stream, header.offset, header.length)
         except TransferRejected as exc:

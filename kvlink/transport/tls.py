@@ -12,6 +12,7 @@ import datetime
 import ipaddress
 import os
 import ssl
+import tempfile
 from pathlib import Path
 
 from kvlink.errors import ConfigError
@@ -145,13 +146,21 @@ def make_dev_certs(out: str | os.PathLike, hosts: list[str] | tuple[str, ...] = 
 
 
 def _write(path: Path, data: bytes, private: bool) -> None:
-    # Keys are created 0600 from the start (never briefly world-readable), then renamed into place.
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    # A fresh temporary name, created exclusively (O_EXCL: never a leftover or planted file or
+    # symlink) with mode 0600, so keys are never briefly readable; then renamed over ``path``
+    # (rename replaces a symlink there, it does not write through it).
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc}") from exc
     try:
         with os.fdopen(fd, "wb") as f:
+            if not private:
+                os.fchmod(f.fileno(), 0o644)
             f.write(data)
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ConfigError(f"cannot write {path}: {exc}") from exc
         raise

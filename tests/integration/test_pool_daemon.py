@@ -44,6 +44,8 @@ async def test_put_lookup_get_metrics_and_restart(tmp_path):
     try:
         async with PoolClient(MODEL, http_port=http_port, data_port=data_port) as client:
             assert (await client.health())["ok"]
+            # The first call creates the pool (in a thread); a put before it would land in the arena.
+            assert (await client.lookup(tokens)).tokens == 0
             assert (await client.put(tokens, stored)).stored == len(stored)
             pools = (await client.stats())["pools"]
             # The put's pieces landed straight in the host tier's pages: stored without a copy.

@@ -14,7 +14,7 @@ import torch
 
 from kvlink.config import PoolConfig
 from kvlink.engine import SyncDecodeSide
-from kvlink.errors import ConfigError, EntryMissing, KvlinkError, TierUnavailable
+from kvlink.errors import ConfigError, EntryMissing, KvlinkError, ResourceLimit, TierUnavailable
 from kvlink.pool.budget import HostBudget
 from kvlink.pool.index import FULL, STATE
 from kvlink.pool.pool import Pool
@@ -67,32 +67,29 @@ def test_creating_a_pool_allocates_nothing_and_is_fast():
 
 def test_64_pools_on_one_budget_never_exceed_it_nor_take_each_others_memory():
     budget = HostBudget(1 << 20)
-    pools = [Pool(HYBRID, cfg(namespace=f"tenant-{i}", host_bytes=128 << 10), budget=budget) for i in range(64)]
+    pools = [Pool(HYBRID, cfg(namespace=f"tenant-{i}", host_bytes=16 << 10), budget=budget) for i in range(64)]
     try:
-        reports = []
+        assert budget.reserved_bytes == budget.total_bytes  # quotas are guaranteed: 64 x 16 KiB
+        with pytest.raises(ResourceLimit, match="host budget"):  # no 65th quota to guarantee
+            Pool(HYBRID, cfg(host_bytes=16 << 10), budget=budget)
         for i, pool in enumerate(pools):
-            tokens = prompt(8 * BS, seed=i)
-            reports.append(pool.store(tokens, pieces(tokens, size=6000)))  # 8 entries of 2 pages each
+            tokens = prompt(2 * BS, seed=i)
+            report = pool.store(tokens, pieces(tokens, size=6000))  # 2 entries of 2 pages: the whole quota
+            assert report.stored == 2 and not report.failed
             assert budget.used_bytes <= budget.total_bytes
             assert budget.used_bytes == sum(p.levels[-1][1].allocated_bytes for p in pools)
-            assert pool.levels[-1][1].allocated_bytes <= pool.config.host_bytes
-        full = [r for r in reports if r.stored == 8 and not r.failed]
-        refused = [r for r in reports if r.failed]
-        assert len(full) == 16 and refused  # 16 x 64 KiB fill the 1 MiB budget
-        assert all(r.stored + r.failed == 8 for r in reports)
-        assert all(any("budget" in e for e in r.errors) for r in refused)
-        # the first pools still hold everything they stored: nobody took their pages
-        assert all(len(p.levels[-1][1]) == 8 for p in pools[:16])
-        # a pool at the budget makes room from its own entries, then stores
-        again = prompt(8 * BS, seed=1000)
+        assert budget.used_bytes == budget.total_bytes
+        # every pool still holds everything it stored: nobody took its pages
+        assert all(len(p.levels[-1][1]) == 2 for p in pools)
+        # a pool at its quota makes room from its own entries, then stores
+        again = prompt(2 * BS, seed=1000)
         report = pools[0].store(again, pieces(again, size=6000))
-        assert report.stored == 8 and not report.failed
-        assert budget.used_bytes <= budget.total_bytes
-        assert all(len(p.levels[-1][1]) == 8 for p in pools[1:16])
+        assert report.stored == 2 and not report.failed
+        assert all(len(p.levels[-1][1]) == 2 for p in pools[1:])
     finally:
         for p in pools:
             p.close()
-    assert budget.used_bytes == 0  # closing gives the memory back
+    assert budget.used_bytes == 0 and budget.reserved_bytes == 0  # closing gives memory and quota back
 
 
 def test_chunks_are_allocated_on_demand_and_runs_never_cross_them():

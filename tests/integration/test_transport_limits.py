@@ -16,11 +16,13 @@ from kvlink.errors import TransferTimeout
 from kvlink.transport import TransferClient, TransferServer
 from kvlink.transport import handshake as hs
 from kvlink.transport.frame import FrameType
+from kvlink.transport.receiver import PART_OVERHEAD, TRANSFER_OVERHEAD
 
 from tests.integration.rawframes import read_frame, send_frame
 
 FP = bytes(range(16))
 BASE = dict(connections=1, grid_bytes=16 << 10, chunk_bytes=64 << 10, window_bytes=256 << 10)
+SLACK = TRANSFER_OVERHEAD + PART_OVERHEAD  # bookkeeping charged for a transfer with one part announced
 
 
 def cfg(**kwargs) -> TransportConfig:
@@ -79,7 +81,10 @@ async def wait_until(predicate, timeout=5.0):
 
 
 # -- item 4: per-frame work and sizes are bounded before anything is allocated ------------------------
-async def test_begin_with_a_million_parts_is_refused_and_max_parts_costs_little():
+BEGINS = 2000
+
+
+async def test_begin_with_a_million_parts_is_refused_and_many_max_parts_begins_cost_little():
     config = cfg()
     server, port = await start(config)
 
@@ -90,20 +95,29 @@ async def test_begin_with_a_million_parts_is_refused_and_max_parts_costs_little(
         begin(sock, 1, 1 << 20)
         error = expect_error(sock, 1)
         assert "max_parts" in str(error) and time.monotonic() - t0 < 1.0
-        # The largest allowed BEGIN is cheap: no per-part object is made up front.
+        # Many of the largest allowed BEGINs are cheap: parts get state only when announced, and
+        # a peer may hold max_live_transfers_per_peer unfinished transfers; the rest are refused.
         tracemalloc.start()
         t0 = time.monotonic()
-        begin(sock, 2, config.max_parts)
-        begin(sock, 3, 0)  # refused: its ERROR says BEGIN 2 was handled (frames are handled in order)
-        expect_error(sock, 3)
+        for tid in range(100, 100 + BEGINS):
+            begin(sock, tid, config.max_parts)
+        begin(sock, 3, 0)  # refused: its ERROR says every BEGIN before it was handled (in order)
+        refused = []
+        while (header := read_frame(sock)[0]).transfer_id != 3:
+            assert header.type is FrameType.ERROR
+            refused.append(header.transfer_id)
         elapsed = time.monotonic() - t0
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         sock.close()
-        return elapsed, peak
+        return elapsed, peak, refused
 
-    elapsed, peak = await asyncio.to_thread(attack)
-    assert elapsed < 0.5 and peak < 4 << 20, (elapsed, peak)
+    elapsed, peak, refused = await asyncio.to_thread(attack)
+    live = config.max_live_transfers_per_peer
+    assert refused == list(range(100 + live, 100 + BEGINS))
+    assert len(server._transfers) == live and server.reserved_by("127.0.0.1") == live * TRANSFER_OVERHEAD
+    # Before: one 1 MiB part table per BEGIN, none refused (GiBs); now a few KiB per live transfer.
+    assert elapsed < 5 and peak < 4 << 20, (elapsed, peak)
     await server.close()
 
 
@@ -141,7 +155,8 @@ async def test_huge_part_gets_a_typed_error_and_the_connection_survives():
 
 # -- item 6: per-peer memory shares, and reservations that expire -----------------------------------
 async def test_a_peer_cannot_reserve_beyond_its_share_and_others_still_get_through():
-    config = cfg(receive_budget_bytes=2 << 20, peer_share_bytes=1 << 20, idle_timeout=30.0)
+    share = 4 * ((256 << 10) + SLACK)
+    config = cfg(receive_budget_bytes=2 * share, peer_share_bytes=share, idle_timeout=30.0)
     server, port = await start(config)
 
     def hog():
@@ -158,13 +173,15 @@ async def test_a_peer_cannot_reserve_beyond_its_share_and_others_still_get_throu
             begin(s, 99, 0)  # a marker: its ERROR comes after any ERROR for tid
             header, body = read_frame(s)
             if header.transfer_id == tid:
-                assert "peer_share_bytes" in body.decode()
-                expect_error(s, 99)
+                assert "peer_share_bytes" in body.decode()  # refused at BEGIN (its bookkeeping) or PART
+                while (header := read_frame(s)[0]).transfer_id == tid:
+                    assert header.type is FrameType.ERROR  # the PART of a refused BEGIN
+                assert header.type is FrameType.ERROR and header.transfer_id == 99
                 return sock, other, tid - 20
             assert header.transfer_id == 99
 
     sock, other, granted = await asyncio.to_thread(hog)
-    assert granted == 4 and server.reserved_bytes == 1 << 20
+    assert granted == 4 and server.reserved_bytes == share == server.reserved_by("127.0.0.2")
     await roundtrip(port, config, nbytes=1 << 20)  # a whole share left for the peer at 127.0.0.1
     sock.close()
     other.close()
@@ -172,7 +189,7 @@ async def test_a_peer_cannot_reserve_beyond_its_share_and_others_still_get_throu
 
 
 async def test_reservations_of_a_silent_peer_expire():
-    config = cfg(receive_budget_bytes=4 << 20, peer_share_bytes=1 << 20, idle_timeout=0.5)
+    config = cfg(receive_budget_bytes=4 << 20, peer_share_bytes=(1 << 20) + SLACK, idle_timeout=0.5)
     server, port = await start(config)
 
     def reserve():
@@ -191,7 +208,7 @@ async def test_reservations_of_a_silent_peer_expire():
     with pytest.raises(TransferTimeout):
         await asyncio.wait_for(incoming.done(), 5)
     assert time.monotonic() - t0 < 3
-    assert server.reserved_bytes == 0 and server.reserved_by("127.0.0.2") == 0 and not server._peer_reserved
+    assert server.reserved_bytes == 0 and server.reserved_by("127.0.0.2") == 0 and not server._ledger.by_peer
 
     def reserve_again():  # the same peer has its whole share back
         begin(sock, 12, 1)
@@ -200,7 +217,7 @@ async def test_reservations_of_a_silent_peer_expire():
         expect_error(sock, 14)
 
     await asyncio.to_thread(reserve_again)
-    assert server.reserved_bytes == 1 << 20
+    assert server.reserved_bytes == (1 << 20) + SLACK
     sock.close()
     await server.close()
 
@@ -223,7 +240,7 @@ async def test_connection_limits_per_peer_and_in_total():
             socks.append(connect(port, source="127.0.0.2"))
             assert hello(socks[-1])[0].type is FrameType.ACCEPT
         extra = connect(port, source="127.0.0.2")
-        header, body = read_frame(extra)  # refused at once, before any handshake
+        header, body = hello(extra)  # refused once it completes its handshake (a peer is known only then)
         assert header.type is FrameType.ERROR and "max_connections_per_peer" in body.decode()
         assert read_frame(extra)[0] is None
         extra.close()
@@ -240,7 +257,7 @@ async def test_connection_limits_per_peer_and_in_total():
         sock = connect(port, source="127.0.0.4")
         _ = hello(sock)  # fills the last slot
         late = connect(port, source="127.0.0.5")
-        header, body = read_frame(late)
+        header, body = hello(late)
         assert header.type is FrameType.ERROR and "max_connections" in body.decode()
         late.close()
         sock.close()
