@@ -163,9 +163,9 @@ class TransportConfig:
     idle_timeout: float = 60.0            # a receiving transfer with no data this long fails, freeing its bytes
     handshake_timeout: float = 5.0        # TCP or TLS handshake plus kvlink handshake, per connection
     conn_idle_timeout: float = 300.0      # an authenticated connection with no frame this long is closed
-    # Connections a receiver holds at once, all peers together (default: a quarter of the
-    # descriptor limit, at most 1024: each costs two descriptors and a reader thread), and from
-    # one peer address.
+    # Authenticated connections a receiver holds at once, all peers together (default: a quarter
+    # of the descriptor limit, at most 1024: each costs two descriptors and a reader thread), and
+    # of one peer (refused with ERROR busy when its handshake completes).
     max_connections: int = field(default_factory=_default_max_connections)
     max_connections_per_peer: int = 128
     # A peer is its proven key id when it has one (a pool daemon's tenant), else its address.

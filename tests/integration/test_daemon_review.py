@@ -9,7 +9,6 @@ import aiohttp
 import pytest
 
 from kvlink.config import DaemonConfig, PoolConfig, is_loopback
-from kvlink.daemon import PoolDaemon
 from kvlink.daemon import server as server_module
 from kvlink.daemon.arena import FreeListArena
 from kvlink.daemon.auth import Tenants
