@@ -360,6 +360,10 @@ class DaemonConfig:
             raise ConfigError("max_request_bytes must be at least 1024")
         if self.host_budget_bytes is not None and self.host_budget_bytes < self.pool.page_bytes:
             raise ConfigError("host_budget_bytes must hold at least one page")
+        if self.host_budget < self.pool.host_bytes:
+            # Each pool reserves its whole quota when created: said now, not as a refusal per tenant later.
+            raise ConfigError(f"host_budget_bytes ({self.host_budget}) cannot hold even one pool's quota "
+                              f"pool.host_bytes ({self.pool.host_bytes}): lower pool.host_bytes or raise the budget")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert and tls_key go together")
         if self.tls_ca is not None and self.tls_cert is None:

@@ -203,3 +203,14 @@ async def test_http_errors_name_public_error_classes():
             async with s.post(url, json={"model": "no-such-model", "tokens": [1]},
                               headers={"Authorization": f"Bearer {SECRETS['alpha']}"}) as r:
                 assert r.status == 404 and (await r.json())["error"] == "ConfigError"
+
+
+def test_a_budget_smaller_than_one_quota_is_refused_at_config():
+    # Pools reserve their whole quota at creation: a daemon whose budget cannot hold one would
+    # start and then refuse every tenant's first call.
+    from kvlink.config import DaemonConfig, PoolConfig
+    from kvlink.errors import ConfigError
+
+    DaemonConfig(host_budget_bytes=64 << 20, pool=PoolConfig(host_bytes=64 << 20))
+    with pytest.raises(ConfigError, match="pool.host_bytes"):
+        DaemonConfig(host_budget_bytes=32 << 20, pool=PoolConfig(host_bytes=64 << 20))
