@@ -30,6 +30,9 @@ from kvlink.transport.loop import run as run_loop
 from kvlink.transport.sender import TransferClient
 
 HOST = "127.0.0.1"
+# The hostile peer is another host: it sends from its own loopback address, so the receivers' per-peer
+# limits (live transfers, memory share, connections) tell it apart from the legitimate senders.
+SOURCE = ("127.0.0.2", 0)
 
 
 def hostile_main(ports: dict) -> None:
@@ -48,7 +51,7 @@ def hostile_main(ports: dict) -> None:
             for i in range(8):
                 try:
                     if conns[i] is None:
-                        conns[i], sent[i] = socket.create_connection((HOST, port), timeout=2), 0
+                        conns[i], sent[i] = socket.create_connection((HOST, port), timeout=2, source_address=SOURCE), 0
                         conns[i].setblocking(False)
                         count("sockets_opened")
                     if i < 4:
@@ -75,7 +78,7 @@ def hostile_main(ports: dict) -> None:
         n = 0
         while not stop.is_set():
             client = TransferClient(HOST, port, fingerprint, TransportConfig(connections=1), secret=secret,
-                                    key_id=key_id)
+                                    key_id=key_id, local_addr=SOURCE)
             try:
                 await client.connect()
                 for _ in range(16):
@@ -128,7 +131,7 @@ def hostile_main(ports: dict) -> None:
         while not stop.wait(0.05):
             i += 1
             try:
-                with socket.create_connection((HOST, ports["http_port"]), timeout=2) as s:
+                with socket.create_connection((HOST, ports["http_port"]), timeout=2, source_address=SOURCE) as s:
                     s.sendall(bad[i % len(bad)])
                     status = s.recv(64).split(b" ")[1:2]
                     count(f"http_{status[0].decode(errors='replace')[:3]}" if status else "http_no_answer")
@@ -137,7 +140,7 @@ def hostile_main(ports: dict) -> None:
             if i % 5 == 0:  # slow bodies: one byte every 250 ms
                 try:
                     while len(slow) < 4:
-                        s = socket.create_connection((HOST, ports["http_port"]), timeout=2)
+                        s = socket.create_connection((HOST, ports["http_port"]), timeout=2, source_address=SOURCE)
                         s.sendall(post(b"").replace(b"Content-Length: 0", b"Content-Length: 100000"))
                         slow.append(s)
                     for s in list(slow):

@@ -46,7 +46,7 @@ class TransferClient:
 
     def __init__(self, host: str, port: int, fingerprint: bytes, config: TransportConfig | None = None,
                  secret: bytes | None = None, ssl: _ssl.SSLContext | None = None, server_hostname: str | None = None,
-                 key_id: str | None = None):
+                 key_id: str | None = None, local_addr: tuple[str, int] | None = None):
         if len(fingerprint) != 16:
             raise ConfigError("fingerprint must be 16 bytes (CacheSpec.fingerprint)")
         self.host, self.port = host, port
@@ -56,6 +56,7 @@ class TransferClient:
         self.key_id = key_id  # names which of a multi-secret receiver's secrets this is (HELLO "key")
         self.ssl = ssl
         self.server_hostname = server_hostname
+        self.local_addr = local_addr  # (address, port) to send from, e.g. the NIC of the inter-DC link
         self.session = os.urandom(16)
         cfg = self.config
         self.controller = RateController(None if cfg.rate_cap is None else cfg.rate_cap / 8, cfg.adaptive,
@@ -100,7 +101,8 @@ class TransferClient:
         try:
             await asyncio.wait_for(loop.create_connection(
                 lambda: FrameConnection(cc, 64 << 10), self.host, self.port, ssl=self.ssl,
-                server_hostname=self.server_hostname if self.ssl else None), self.config.connect_timeout)
+                server_hostname=self.server_hostname if self.ssl else None, local_addr=self.local_addr),
+                self.config.connect_timeout)
         except _ssl.SSLError as exc:
             # An unverifiable certificate or a TLS mismatch stays so: fail now, do not retry. (A TLS
             # EOF/reset is a lost connection like any other.)

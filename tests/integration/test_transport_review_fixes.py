@@ -212,3 +212,22 @@ def test_dev_cert_writer_does_not_follow_planted_symlinks_or_reuse_leftovers(tmp
     assert leftover.read_bytes() == b""  # untouched, not a copy of a key
     assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == [
         "client-key.pem.tmp", "server-key.pem.tmp"]  # only the planted ones: ours were renamed
+
+
+async def test_a_sender_bound_to_its_own_address_is_its_own_peer():
+    # local_addr picks the address a sender connects from (a multi-homed host's inter-DC NIC); the
+    # receiver's per-peer limits then count it apart from other senders on the same machine.
+    config = cfg(max_live_transfers_per_peer=1)
+    server, port = await start(config)
+    try:
+        async with TransferClient("127.0.0.1", port, FP, config, local_addr=("127.0.0.2", 0)) as far, \
+                TransferClient("127.0.0.1", port, FP, config) as near:
+            held = far.open(2, transfer_id=1)  # left unfinished: holds 127.0.0.2's only live slot
+            held.add_part(0, b"x" * 100)
+            first = await asyncio.wait_for(server.transfer(1), 10)
+            assert first.peer[0] == "127.0.0.2"
+            await asyncio.wait_for(near.send([b"y" * 100], transfer_id=2), 10)  # 127.0.0.1 has its own
+            with pytest.raises(TransferRejected, match="max_live_transfers_per_peer"):
+                await asyncio.wait_for(far.send([b"z" * 100], transfer_id=3), 10)
+    finally:
+        await server.close()
