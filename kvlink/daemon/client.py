@@ -28,7 +28,7 @@ from kvlink.presets import get_preset
 from kvlink.serde.payload import PayloadScan, is_payload, payload_intact
 from kvlink.serde.staging import StagingArena
 from kvlink.transport.incoming import arena_allocator
-from kvlink.transport.loop import new_event_loop, run_sync
+from kvlink.transport.loop import new_event_loop, run_sync, stop_loop
 from kvlink.transport.receiver import TransferServer
 from kvlink.transport.sender import TransferClient
 
@@ -330,10 +330,7 @@ class SyncPoolClient:
             raise
 
     def _stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        if not self._thread.is_alive():
-            self._loop.close()
+        stop_loop(self._loop, self._thread, 5)
 
     def _run(self, coro):
         if self._loop.is_closed():

@@ -25,13 +25,14 @@ from typing import Sequence
 
 from kvlink.config import TransportConfig
 from kvlink.engine.pieces import pack_pieces, restore_pieces
-from kvlink.engine.prefill import run_sync, stop_loop, transfer_id_for
+from kvlink.engine.prefill import transfer_id_for
 from kvlink.errors import ConfigError, EngineError, KvlinkError, LoadFailed, TransferTimeout, TransportError
 from kvlink.pool.index import PrefixHit, checkpoint_positions
 from kvlink.pool.pool import StoreReport
 from kvlink.serde import CacheRef, PagedCache, Payload, Unpacker
 from kvlink.serde.payload import PayloadScan, payload_intact
 from kvlink.transport import IncomingTransfer, TransferServer
+from kvlink.transport.loop import new_event_loop, run_sync, stop_loop
 
 
 @dataclass
@@ -282,8 +283,6 @@ class SyncDecodeSide:
         """As :class:`DecodeSide`, listening on ``host:port``; raises what its constructor and
         :meth:`~DecodeSide.start` raise, and then leaves no thread, loop or socket behind."""
         import threading
-
-        from kvlink.transport.loop import new_event_loop
 
         self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kvlink-decode", daemon=True)

@@ -26,7 +26,7 @@ from kvlink.serde import CacheRef, Packer, PagedCache
 from kvlink.serde.layout import layer_segments
 from kvlink.transport import OutgoingTransfer, TransferClient
 from kvlink.transport.adaptive import CodecAdvisor, link_rate
-from kvlink.transport.loop import run_sync  # noqa: F401  (re-exported: kvlink.engine.decode imports it here)
+from kvlink.transport.loop import new_event_loop, run_sync, stop_loop
 
 
 def transfer_id_for(request_id: str) -> int:
@@ -195,15 +195,6 @@ class PrefillSide:
             return False
 
 
-def stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread, timeout: float | None = None) -> None:
-    """Stop ``loop`` (run forever by ``thread``), join the thread and close the loop: what a sync
-    wrapper does at close and when its construction fails, so no thread outlives it."""
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout)
-    if not thread.is_alive():
-        loop.close()
-
-
 class SyncPrefillSide:
     """:class:`PrefillSide` for synchronous engines: its event loop runs in a background thread.
 
@@ -212,8 +203,6 @@ class SyncPrefillSide:
 
     def __init__(self, *args, **kwargs):
         """As :class:`PrefillSide`; raises what it raises, and then leaves no thread or loop behind."""
-        from kvlink.transport.loop import new_event_loop
-
         self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kvlink-prefill", daemon=True)
         self._thread.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any, Coroutine
 
 from kvlink.errors import TransferTimeout
@@ -43,3 +44,12 @@ def run_sync(coro: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop, ti
             future.cancel()
             raise TransferTimeout(f"no result within {timeout} s") from None
         raise
+
+
+def stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread, timeout: float | None = None) -> None:
+    """Stop ``loop`` (run forever by ``thread``), join the thread and close the loop: what a sync
+    wrapper does at close and when its construction fails, so no thread outlives it."""
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout)
+    if not thread.is_alive():
+        loop.close()
