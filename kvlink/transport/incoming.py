@@ -199,7 +199,9 @@ class IncomingTransfer:
                 fresh = 0
             else:
                 fresh = states.count(2)
-                part.done[slots] = b"\x01" * len(states)
+                # Only this write's own slots (2) become done: a slot reset to 0 meanwhile (the
+                # part failed verification and is being resent) must take the resend, not drop it.
+                part.done[slots] = bytes(1 if v == 2 else v for v in states)
                 part.left -= fresh
                 part.unchecked |= unchecked and fresh > 0
         if release_now:

@@ -199,3 +199,24 @@ def test_parse_rate_and_config_checks():
         TransportConfig(grid_bytes=1 << 20, chunk_bytes=256 << 10)
     with pytest.raises(ConfigError):
         TransportConfig(connections=0)
+
+
+async def test_a_write_finishing_after_its_part_was_reset_leaves_the_slots_to_the_resend():
+    # A run reserved before its part failed verification and was reset used to be marked done
+    # when its write finished, without counting: the resend of those chunks was then dropped as a
+    # duplicate and the part never completed (the transfer stalled until idle_timeout).
+    import numpy as np
+
+    from kvlink.transport.incoming import IncomingTransfer
+
+    t = IncomingTransfer(1, (None, b"s"), 1, 4096, {}, lambda n: None)
+    t.announce(0, 2 * 4096, lambda n: (memoryview(np.zeros(n, np.uint8)), None))
+    view, _ = t.target(0, 0, 4096)
+    assert view is not None
+    t.reset_part(0)
+    assert t.write_done(0, 0, 4096, ok=True) is False  # a stale write: counts for nothing
+    for offset in (0, 4096):  # the resend of the whole part lands and completes it
+        view, dup = t.target(0, offset, 4096)
+        assert view is not None and not dup
+        t.write_done(0, offset, 4096, ok=True)
+    assert t.complete
