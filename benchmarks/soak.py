@@ -171,12 +171,10 @@ class Soak:
         """Bytes equal / different between the request's source and destination (or zero the latter)."""
         good = bad = 0
         si, di = torch.tensor(list(src_ref.block_ids)), torch.tensor(list(dst_ref.block_ids))
-        for layer, kind in enumerate(self.spec.layers):
-            if kind.kind == "linear":
-                pairs = [(a[src_ref.state_slot], b, (dst_ref.state_slot,))
-                         for (_, a), (_, b) in zip(self.src.states(layer), self.dst.states(layer))]
-            else:
-                pairs = [(a[si], b, (di,)) for (_, a), (_, b) in zip(self.src.planes(layer), self.dst.planes(layer))]
+        for layer in range(self.spec.num_layers):
+            pairs = [(a[src_ref.state_slot], b, (dst_ref.state_slot,))
+                     for (_, a), (_, b) in zip(self.src.states(layer), self.dst.states(layer))]
+            pairs += [(a[si], b, (di,)) for (_, a), (_, b) in zip(self.src.planes(layer), self.dst.planes(layer))]
             for want, pool, index in pairs:
                 if zero:
                     pool[index] = 0

@@ -41,11 +41,11 @@ def copy_request(cache: PagedCache, ref: CacheRef, buf: torch.Tensor, to_packed:
     for seg in payload_segments(cache.spec, range(cache.spec.num_layers), ref.token_start, ref.num_tokens):
         part = buf[off : off + seg.nbytes].view(seg.torch_dtype)
         off += seg.nbytes
-        if seg.kind.is_state:
-            pool = dict(cache.states(seg.layer))[seg.kind][ref.state_slot]
+        if seg.is_state:
+            pool = cache.tensor(seg.layer, seg.component)[ref.state_slot]
             (part.view(seg.shape).copy_(pool) if to_packed else pool.copy_(part.view(seg.shape)))
         else:
-            rows = dict(cache.planes(seg.layer))[seg.kind]
+            rows = cache.tensor(seg.layer, seg.component)
             t0 = seg.token_start
             copy_tokens(rows, ids, ids_host, t0, t0 + seg.shape[0], cache.block_size, part, to_packed)
 
@@ -53,10 +53,9 @@ def copy_request(cache: PagedCache, ref: CacheRef, buf: torch.Tensor, to_packed:
 def realistic_cache(spec, num_blocks: int, block_size: int, num_slots: int) -> PagedCache:
     """A CPU cache for ``spec`` filled with KV-like values and state-like state (benchmarks, demos)."""
     cache = PagedCache.allocate(spec, num_blocks, block_size, num_slots, fill="empty")
-    for layer in spec.layer_indices("mla", "full", "sliding"):
+    for layer in range(spec.num_layers):
         for _, rows in cache.planes(layer):
-            rows.copy_(realistic_kv(rows.shape[0], rows.shape[1], seed=layer))
-    for layer in spec.layer_indices("linear"):
+            rows.copy_(realistic_kv(rows.shape[0], rows.shape[1], seed=layer).to(rows.dtype))
         for _, pool in cache.states(layer):
             pool.copy_(realistic_state(pool.numel(), seed=layer).view(pool.shape).to(pool.dtype))
     return cache

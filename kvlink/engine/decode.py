@@ -130,7 +130,7 @@ class DecodeSide:
         :class:`~kvlink.daemon.client.PoolClient` learns when it connects). Nothing is taken
         automatically: the engine calls :meth:`store_state` when it stands at each position.
         Empty without a pool or linear layers."""
-        if self.pool is None or not self.cache.spec.layer_indices("linear"):
+        if self.pool is None or not self.cache.spec.state_bytes:
             return []
         if hasattr(self.pool, "checkpoint_positions"):
             return self.pool.checkpoint_positions(end, start)
@@ -143,7 +143,7 @@ class DecodeSide:
         blocks' KV is stored by :meth:`store` (now or at the request's end). Returns the
         :class:`~kvlink.pool.pool.StoreReport`. Raises :class:`ConfigError` off a boundary."""
         bs = self.pool_block_size
-        if self.pool is None or not self.cache.spec.layer_indices("linear"):
+        if self.pool is None or not self.cache.spec.state_bytes:
             return StoreReport()
         if ref.num_tokens <= 0 or ref.num_tokens % bs or ref.num_tokens > len(tokens):
             raise ConfigError(f"a state checkpoint must lie on a pool block boundary ({bs} tokens) "

@@ -1,8 +1,10 @@
 """Pool entries of a request, packed out of and restored into a paged cache.
 
 A pool block of ``P`` tokens (a multiple of the cache's block size) is stored as self-describing
-payloads: its full-attention/MLA KV (one ``full`` entry), its sliding-window KV (a ``sliding``
-entry) and, when a state checkpoint lies at its end, the linear layers' state (a ``state`` entry).
+payloads: its full-window token tensors (one ``full`` entry: K/V, MLA latents, indexer keys),
+its windowed ones (a ``sliding`` entry: sliding and chunked windows) and, when a state checkpoint
+lies at its end, every state tensor (a ``state`` entry). A layer holding attention and an SSM
+contributes to both.
 Every entry carries its own checksums and the spec fingerprint, so a restore from any tier (or
 from the daemon) is verified before a byte lands in the cache.
 """
@@ -14,10 +16,12 @@ from kvlink.pool.index import FULL, SLIDING, STATE, PrefixHit
 from kvlink.serde import CacheRef, Packer, PagedCache, Unpacker
 
 
+_GROUP = {FULL: "full", SLIDING: "window", STATE: "state"}  # pool entry kind -> spec component group
+
+
 def _groups(cache: PagedCache) -> dict[str, list[int]]:
-    spec = cache.spec
-    return {FULL: spec.layer_indices("full", "mla"), SLIDING: spec.layer_indices("sliding"),
-            STATE: spec.layer_indices("linear")}
+    """Layers holding components of each entry kind."""
+    return {kind: sorted({layer for layer, _ in cache.spec.group(group)}) for kind, group in _GROUP.items()}
 
 
 def check_block_size(cache: PagedCache, pool_block: int) -> None:
@@ -42,10 +46,10 @@ def pack_pieces(cache: PagedCache, ref: CacheRef, pool_block: int, first_block: 
         span = CacheRef(ref.block_ids, (b + 1) * pool_block, ref.state_slot, b * pool_block)
         for kind in (FULL, SLIDING):
             if groups[kind]:
-                pieces[(kind, b)] = packer.pack(span, groups[kind]).buffers()
+                pieces[(kind, b)] = packer.pack(span, groups[kind], group=_GROUP[kind]).buffers()
     if groups[STATE] and nblocks and nblocks * pool_block == ref.num_tokens:
         end = CacheRef(ref.block_ids, ref.num_tokens, ref.state_slot, ref.num_tokens)
-        pieces[(STATE, nblocks - 1)] = packer.pack(end, groups[STATE]).buffers()
+        pieces[(STATE, nblocks - 1)] = packer.pack(end, groups[STATE], group="state").buffers()
     return pieces
 
 
@@ -62,7 +66,9 @@ def restore_pieces(cache: PagedCache, hit: PrefixHit, entries: dict, ref: CacheR
     for kind, keys, first in ((FULL, hit.full, 0), (SLIDING, hit.sliding, start)):
         for i, key in enumerate(keys):
             b = first + i
-            unpacker.unpack(entries[(kind, key)], CacheRef(ref.block_ids, (b + 1) * pool_block, ref.state_slot))
+            unpacker.unpack(entries[(kind, key)], CacheRef(ref.block_ids, (b + 1) * pool_block, ref.state_slot),
+                            whole_layers=False)
     if hit.state is not None:
-        unpacker.unpack(entries[(STATE, hit.state)], CacheRef(ref.block_ids, hit.tokens, ref.state_slot))
+        unpacker.unpack(entries[(STATE, hit.state)], CacheRef(ref.block_ids, hit.tokens, ref.state_slot),
+                        whole_layers=False)
     return hit.tokens

@@ -141,12 +141,12 @@ class PrefixIndex:
         self.namespace = namespace
         self.checkpoint_every = checkpoint_every
         self.root = prefix_root(spec, namespace)
-        kinds = {layer.kind for layer in spec.layers}
-        self.needs_full = bool(kinds & {"full", "mla"})
-        self.needs_state = "linear" in kinds
-        windows = [layer.window for layer in spec.layers if layer.kind == "sliding"]
-        # Blocks a boundary needs for the sliding layers: those holding its last `window` tokens.
-        self.window_blocks = -(-max(windows) // block_size) if windows else 0
+        # A boundary is restorable when every component of every layer is: full-window token
+        # tensors from every block before it, windowed ones (sliding, chunked) from the blocks
+        # holding its last `window_tokens` tokens, states from a checkpoint exactly at it.
+        self.needs_full = bool(spec.group("full"))
+        self.needs_state = bool(spec.group("state"))
+        self.window_blocks = -(-spec.window_tokens // block_size) if spec.group("window") else 0
         self._entries: dict[tuple[str, bytes], Entry] = {}
 
     # -- planning ---------------------------------------------------------------------------------

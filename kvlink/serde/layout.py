@@ -1,4 +1,4 @@
-"""What a payload holds for each layer: segment kinds, dtypes and shapes for a token range.
+"""What a payload holds for each layer: one segment per component, with dtype and shape for a token range.
 
 Packer and unpacker both derive their expectations from here, so a payload is checked against the
 destination's spec segment by segment before any byte is written.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import IntEnum
 
 import torch
 
@@ -18,36 +17,24 @@ from kvlink.spec import CacheSpec
 TORCH_DTYPES = {
     "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
     "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2, "int8": torch.int8, "uint8": torch.uint8,
+    "int32": torch.int32, "int64": torch.int64, "bool": torch.bool,
 }
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 # Wire codes of dtypes; never renumber.
-DTYPE_CODES = {"bfloat16": 1, "float16": 2, "float32": 3, "float8_e4m3fn": 4, "float8_e5m2": 5, "int8": 6, "uint8": 7}
+DTYPE_CODES = {"bfloat16": 1, "float16": 2, "float32": 3, "float8_e4m3fn": 4, "float8_e5m2": 5, "int8": 6, "uint8": 7,
+               "int32": 8, "int64": 9, "bool": 10}
 DTYPE_BY_CODE = {code: name for name, code in DTYPE_CODES.items()}
-
-
-class SegmentKind(IntEnum):
-    """What a segment holds. Wire codes; never renumber."""
-
-    K = 1
-    V = 2
-    LATENT = 3
-    CONV = 4
-    RECURRENT = 5
-
-    @property
-    def is_state(self) -> bool:
-        return self in (SegmentKind.CONV, SegmentKind.RECURRENT)
-
-
-_PLANE_KINDS = {"k": SegmentKind.K, "v": SegmentKind.V, "latent": SegmentKind.LATENT}
-_STATE_KINDS = {"conv": SegmentKind.CONV, "recurrent": SegmentKind.RECURRENT}
 
 
 @dataclass(frozen=True)
 class SegmentLayout:
-    """One expected segment: KV segments cover tokens [token_start, token_start + shape[0])."""
+    """One expected segment: component ``component`` of ``layer``. Token segments cover tokens
+    [token_start, token_start + shape[0]); state segments hold the state at ``token_start``."""
 
     layer: int
-    kind: SegmentKind
+    component: int
+    label: str  # the component's name in the spec
+    is_state: bool
     dtype: str
     shape: tuple[int, ...]
     token_start: int
@@ -66,29 +53,33 @@ class SegmentLayout:
 
     @property
     def name(self) -> str:
-        return f"layer {self.layer} {self.kind.name.lower()}"
+        return f"layer {self.layer} {self.label}"
 
 
-def layer_segments(spec: CacheSpec, layer: int, token_start: int, token_end: int) -> list[SegmentLayout]:
-    """Segments of ``layer`` for a payload covering tokens [token_start, token_end).
+def layer_segments(spec: CacheSpec, layer: int, token_start: int, token_end: int,
+                   group: str | None = None) -> list[SegmentLayout]:
+    """Segments of ``layer`` for a payload covering tokens [token_start, token_end), in component order.
 
-    Sliding-window layers hold only the live window ending at ``token_end``; linear layers hold
-    their state at ``token_end`` (conv first, then recurrent).
+    Windowed token tensors hold only what is live at ``token_end``; states hold their value at
+    ``token_end``. ``group`` (``full``, ``window``, ``state``) keeps only that group's components.
     """
     if not 0 <= layer < spec.num_layers:
         raise SpecError(f"layer {layer} out of range for {spec.name} ({spec.num_layers} layers)")
     if not 0 <= token_start <= token_end:
         raise SpecError(f"bad token range [{token_start}, {token_end})")
-    spec_layer = spec.layers[layer]
-    if spec_layer.kind == "linear":
-        return [SegmentLayout(layer, _STATE_KINDS[name], dtype, shape, token_end)
-                for name, shape, dtype in spec_layer.states]
-    start = token_start
-    if spec_layer.kind == "sliding":
-        start = max(token_start, token_end - spec_layer.window)
-    return [SegmentLayout(layer, _PLANE_KINDS[name], spec_layer.dtype, (token_end - start, *shape), start)
-            for name, shape in spec_layer.token_planes]
+    out = []
+    for index, comp in enumerate(spec.layers[layer].components):
+        if comp.is_state:
+            if group in (None, "state"):
+                out.append(SegmentLayout(layer, index, comp.name, True, comp.dtype, comp.shape, token_end))
+            continue
+        if group is not None and group != ("full" if comp.window == "full" else "window"):
+            continue
+        start = max(token_start, comp.live_start(token_end))
+        out.append(SegmentLayout(layer, index, comp.name, False, comp.dtype, (token_end - start, *comp.shape), start))
+    return out
 
 
-def payload_segments(spec: CacheSpec, layers, token_start: int, token_end: int) -> list[SegmentLayout]:
-    return [seg for layer in layers for seg in layer_segments(spec, layer, token_start, token_end)]
+def payload_segments(spec: CacheSpec, layers, token_start: int, token_end: int,
+                     group: str | None = None) -> list[SegmentLayout]:
+    return [seg for layer in layers for seg in layer_segments(spec, layer, token_start, token_end, group)]

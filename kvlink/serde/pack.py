@@ -20,9 +20,9 @@ from kvlink.serde.wire import PayloadHeader, SegmentHeader
 
 def choose_codec(seg: SegmentLayout, config: CodecConfig) -> Codec:
     """The configured codec for a segment; lossy codecs never apply to state."""
-    codec = Codec.parse(config.state_codec if seg.kind.is_state else config.kv_codec)
-    if codec.lossy and (seg.kind.is_state or not config.allow_lossy):
-        why = "state is never lossy" if seg.kind.is_state else "set allow_lossy to use it on KV"
+    codec = Codec.parse(config.state_codec if seg.is_state else config.kv_codec)
+    if codec.lossy and (seg.is_state or not config.allow_lossy):
+        why = "state is never lossy" if seg.is_state else "set allow_lossy to use it on KV"
         raise ConfigError(f"lossy codec {codec.label} refused for {seg.name}: {why}")
     if codec.lossy and seg.dtype not in ("bfloat16", "float16", "float32"):
         raise ConfigError(f"fp8 cannot encode {seg.dtype} ({seg.name})")
@@ -43,19 +43,23 @@ class Packer:
         self.staging = staging
         self.backend = backend
 
-    def pack(self, ref: CacheRef, layers: Iterable[int] | None = None, codecs: dict[int, Codec] | None = None) -> Payload:
+    def pack(self, ref: CacheRef, layers: Iterable[int] | None = None, codecs: dict[int, Codec] | None = None,
+             group: str | None = None) -> Payload:
         """Pack tokens [ref.token_start, ref.num_tokens) of the given layers (all by default).
 
-        ``codecs`` optionally overrides the codec per segment index. Raises :class:`ConfigError`
-        for a bad reference and :class:`StagingExhausted` when the staging area is full.
+        Every component of each layer goes in, or with ``group`` (``full``, ``window``, ``state``;
+        see :meth:`CacheSpec.group`) only that group's. ``codecs`` optionally overrides the codec
+        per segment index. Raises :class:`ConfigError` for a bad reference or a layer listed twice,
+        :class:`SpecError` for a bad layer or group and :class:`StagingExhausted` when the staging
+        area is full.
         """
         cache, spec = self.cache, self.cache.spec
         layers = list(range(spec.num_layers) if layers is None else layers)
         if len(set(layers)) != len(layers):
             raise ConfigError("a layer is listed twice")
         ids, ids_host = ref.block_ids_checked(cache)
-        layouts = payload_segments(spec, layers, ref.token_start, ref.num_tokens)
-        slot = ref.slot(cache) if any(s.kind.is_state for s in layouts) else -1
+        layouts = payload_segments(spec, layers, ref.token_start, ref.num_tokens, group)
+        slot = ref.slot(cache) if any(s.is_state for s in layouts) else -1
         offsets, total = [], 0
         for seg in layouts:
             offsets.append(total)
@@ -86,7 +90,7 @@ class Packer:
         for seg, codec, (data, digest) in zip(layouts, codecs, results):
             length = memoryview(data).nbytes
             cparam = self.codec.fp8_group.bit_length() - 1 if codec is Codec.FP8_E4M3 else 0
-            headers.append(SegmentHeader(seg.layer, seg.kind, seg.dtype, codec, cparam, seg.token_start, seg.shape,
+            headers.append(SegmentHeader(seg.layer, seg.component, seg.is_state, seg.dtype, codec, cparam, seg.token_start, seg.shape,
                                          offset, length, seg.nbytes, digest))
             datas.append(data)
             offset += length
@@ -99,11 +103,11 @@ class Packer:
 
     def _gather(self, seg: SegmentLayout, buf: torch.Tensor, off: int, ids, ids_host, slot: int) -> torch.Tensor:
         out = buf[off : off + seg.nbytes].view(seg.torch_dtype)
-        if seg.kind.is_state:
-            pool = dict(self.cache.states(seg.layer))[seg.kind]
+        if seg.is_state:
+            pool = self.cache.tensor(seg.layer, seg.component)
             out.view(seg.shape).copy_(pool[slot], non_blocking=out.is_pinned())
         else:
-            rows = dict(self.cache.planes(seg.layer))[seg.kind]
+            rows = self.cache.tensor(seg.layer, seg.component)
             t0 = seg.token_start
             copy_tokens(rows, ids, ids_host, t0, t0 + seg.shape[0], self.cache.block_size, out, True, self.backend)
         return out.view(seg.shape)

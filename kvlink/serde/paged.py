@@ -1,14 +1,14 @@
 """Engine-native paged caches and the request references into them.
 
-KV layouts (per full-attention or sliding layer):
+KV layouts (a layer's ``k`` and ``v`` token tensors):
 
 - ``blocks_first``: ``[num_blocks, 2, block_size, kv_heads, head_dim]`` (FlashInfer style);
 - ``kv_first``: ``[2, num_blocks, block_size, kv_heads, head_dim]`` (vLLM FlashAttention style);
 - ``split``: a ``(k, v)`` pair of ``[num_blocks, block_size, kv_heads, head_dim]``; needed when K and
   V head dims differ.
 
-MLA layers are ``[num_blocks, block_size, kv_lora_rank + rope_dim]``; linear layers keep a pool per
-state tensor, ``[num_slots, *state_shape]``.
+Other token tensors (an MLA latent, indexer keys) are ``[num_blocks, block_size, *shape]``; states
+keep a pool per tensor, ``[num_slots, *state_shape]``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 import torch
 
 from kvlink.errors import ConfigError, IncompatibleLayoutError
-from kvlink.serde.layout import TORCH_DTYPES, SegmentKind
+from kvlink.serde.layout import TORCH_DTYPES
 from kvlink.spec import CacheSpec
 
 
@@ -48,7 +48,19 @@ def _block_rows(plane: torch.Tensor, what: str) -> torch.Tensor:
 
 @dataclass
 class PagedCache:
-    """An engine's cache tensors for one spec, by layer index; validated on construction."""
+    """An engine's cache tensors for one spec, by layer index; validated on construction.
+
+    Each token tensor of a layer is ``[num_blocks, block_size, *shape]`` (each block contiguous),
+    each state a pool ``[num_slots, *shape]``. Where they come from, by component name:
+
+    - ``tensors[(layer, name)]``: any component;
+    - ``kv[layer]``: ``k`` and ``v`` together in ``layout`` (a pair for ``split``), or the one
+      token tensor of a single-tensor layer (an MLA latent);
+    - ``conv[layer]`` / ``recurrent[layer]``: states named ``conv`` / ``recurrent``.
+
+    A tensor given for no component, or a component without a tensor, is an
+    :class:`IncompatibleLayoutError`, as is any shape, dtype or device mismatch.
+    """
 
     spec: CacheSpec
     block_size: int
@@ -56,109 +68,155 @@ class PagedCache:
     conv: Mapping[int, torch.Tensor] = field(default_factory=dict)
     recurrent: Mapping[int, torch.Tensor] = field(default_factory=dict)
     layout: KVLayout = KVLayout.BLOCKS_FIRST
+    tensors: Mapping[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.layout = KVLayout(self.layout)
         if self.block_size <= 0:
             raise ConfigError(f"block_size must be positive, got {self.block_size}")
-        self._planes: dict[int, list[tuple[SegmentKind, torch.Tensor]]] = {}
-        self._states: dict[int, list[tuple[SegmentKind, torch.Tensor]]] = {}
+        self._planes: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        self._states: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        self._by_component: dict[tuple[int, int], torch.Tensor] = {}
         self.num_blocks = self.num_slots = 0
+        used: set = set()
         for i, layer in enumerate(self.spec.layers):
-            if layer.kind == "linear":
-                self._states[i] = self._check_states(i, layer)
-            else:
-                self._planes[i] = self._check_planes(i, layer)
-        tensors = [t for group in (*self._planes.values(), *self._states.values()) for _, t in group]
-        self.device = tensors[0].device
+            given = self._token_sources(i, layer, used)
+            self._planes[i] = [(c, self._check_plane(i, t, given[t.name])) for c, t in enumerate(layer.tokens)]
+            base = len(layer.tokens)
+            self._states[i] = [(base + c, self._check_state(i, s, used)) for c, s in enumerate(layer.states)]
+            for c, t in (*self._planes[i], *self._states[i]):
+                self._by_component[(i, c)] = t
+        unused = [f"kv[{k}]" for k in self.kv if ("kv", k) not in used]
+        unused += [f"{src}[{k}]" for src in ("conv", "recurrent") for k in getattr(self, src) if (src, k) not in used]
+        unused += [f"tensors[{k!r}]" for k in self.tensors if ("tensors", k) not in used]
+        if unused:
+            raise IncompatibleLayoutError(f"{', '.join(unused[:5])}: given for no component of {self.spec.name}")
+        tensors = list(self._by_component.values())
+        self.device = tensors[0].device if tensors else torch.device("cpu")
         if any(t.device != self.device for t in tensors):
             raise IncompatibleLayoutError("all cache tensors must be on one device")
 
-    def _check_planes(self, i: int, layer) -> list[tuple[SegmentKind, torch.Tensor]]:
-        if i not in self.kv:
-            raise IncompatibleLayoutError(f"layer {i} ({layer.kind}): no KV tensor given")
-        dtype = TORCH_DTYPES[layer.dtype]
-        t = self.kv[i]
-        if isinstance(t, tuple):
-            nb = t[0].shape[0] if t else 0
-        else:
-            nb = t.shape[1] if self.layout is KVLayout.KV_FIRST and layer.kind != "mla" else t.shape[0]
-        self.num_blocks = self.num_blocks or nb  # every layer must then agree (checked by _expect)
-        nb, bs, what = self.num_blocks, self.block_size, f"layer {i} ({layer.kind})"
-        if layer.kind == "mla":
-            _expect(t, (nb, bs, layer.latent_dim), dtype, what)
-            return [(SegmentKind.LATENT, _block_rows(t, what))]
-        h, dk, dv = layer.kv_heads, layer.head_dim, layer.v_dim
+    def _token_sources(self, i: int, layer, used: set) -> dict[str, torch.Tensor]:
+        """``{token tensor name: [num_blocks, block_size, *shape] tensor}`` for layer ``i``."""
+        given = {}
+        for t in layer.tokens:
+            if (i, t.name) in self.tensors:
+                given[t.name] = self.tensors[(i, t.name)]
+                used.add(("tensors", (i, t.name)))
+        rest = [t for t in layer.tokens if t.name not in given]
+        if i in self.kv and rest:
+            used.add(("kv", i))
+            what, t = f"layer {i} ({layer.kind})", self.kv[i]
+            names = sorted(r.name for r in rest)
+            if names == ["k", "v"]:
+                given.update(zip(("k", "v"), self._split_kv(t, layer, what)))
+            elif len(rest) == 1 and not isinstance(t, tuple):
+                given[rest[0].name] = t
+            else:
+                raise IncompatibleLayoutError(f"{what}: kv[{i}] cannot hold components {names}; pass tensors[(layer, name)]")
+        missing = [t.name for t in layer.tokens if t.name not in given]
+        if missing:
+            raise IncompatibleLayoutError(f"layer {i} ({layer.kind}): no tensor given for {missing}")
+        return given
+
+    def _split_kv(self, t, layer, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        k_spec, v_spec = (next(x for x in layer.tokens if x.name == n) for n in ("k", "v"))
         if self.layout is KVLayout.SPLIT:
             if not isinstance(t, tuple) or len(t) != 2:
                 raise IncompatibleLayoutError(f"{what}: split layout needs a (k, v) pair")
-            _expect(t[0], (nb, bs, h, dk), dtype, what + " k")
-            _expect(t[1], (nb, bs, h, dv), dtype, what + " v")
-            k, v = t
+            return t
+        if isinstance(t, tuple):
+            raise IncompatibleLayoutError(f"{what}: a (k, v) pair needs layout='split'")
+        if k_spec.shape != v_spec.shape or k_spec.dtype != v_spec.dtype:
+            raise IncompatibleLayoutError(f"{what}: K and V differ ({k_spec.shape}, {v_spec.shape}); use the split layout")
+        if self.layout is KVLayout.BLOCKS_FIRST:
+            if t.dim() < 2 or t.shape[1] != 2:
+                raise IncompatibleLayoutError(f"{what}: blocks_first KV is [num_blocks, 2, block_size, ...], got {tuple(t.shape)}")
+            return t[:, 0], t[:, 1]
+        if t.dim() < 1 or t.shape[0] != 2:
+            raise IncompatibleLayoutError(f"{what}: kv_first KV is [2, num_blocks, block_size, ...], got {tuple(t.shape)}")
+        return t[0], t[1]
+
+    def _check_plane(self, i: int, comp, t: torch.Tensor) -> torch.Tensor:
+        what = f"layer {i} {comp.name}"
+        if t.dim() < 1:
+            raise IncompatibleLayoutError(f"{what}: expected [num_blocks, block_size, ...], got a scalar")
+        self.num_blocks = self.num_blocks or t.shape[0]  # every tensor must then agree (checked by _expect)
+        _expect(t, (self.num_blocks, self.block_size, *comp.shape), TORCH_DTYPES[comp.dtype], what)
+        return _block_rows(t, what)
+
+    def _check_state(self, i: int, comp, used: set) -> torch.Tensor:
+        what = f"layer {i} {comp.name} state"
+        if (i, comp.name) in self.tensors:
+            pool = self.tensors[(i, comp.name)]
+            used.add(("tensors", (i, comp.name)))
+        elif comp.name in ("conv", "recurrent") and i in getattr(self, comp.name):
+            pool = getattr(self, comp.name)[i]
+            used.add((comp.name, i))
         else:
-            if dk != dv:
-                raise IncompatibleLayoutError(f"{what}: K and V head dims differ ({dk}, {dv}); use the split layout")
-            if self.layout is KVLayout.BLOCKS_FIRST:
-                _expect(t, (nb, 2, bs, h, dk), dtype, what)
-                k, v = t[:, 0], t[:, 1]
-            else:
-                _expect(t, (2, nb, bs, h, dk), dtype, what)
-                k, v = t[0], t[1]
-        return [(SegmentKind.K, _block_rows(k, what + " k")), (SegmentKind.V, _block_rows(v, what + " v"))]
+            raise IncompatibleLayoutError(f"{what}: no state pool given")
+        if pool.dim() < 1:
+            raise IncompatibleLayoutError(f"{what}: expected [num_slots, ...], got a scalar")
+        self.num_slots = self.num_slots or pool.shape[0]
+        _expect(pool, (self.num_slots, *comp.shape), TORCH_DTYPES[comp.dtype], what)
+        if not pool[0].is_contiguous():
+            raise IncompatibleLayoutError(f"{what}: each slot must be contiguous")
+        return pool
 
-    def _check_states(self, i: int, layer) -> list[tuple[SegmentKind, torch.Tensor]]:
-        out = []
-        for name, shape, dtype in layer.states:
-            pool = (self.conv if name == "conv" else self.recurrent).get(i)
-            what = f"layer {i} {name} state"
-            if pool is None:
-                raise IncompatibleLayoutError(f"{what}: no state pool given")
-            self.num_slots = self.num_slots or pool.shape[0]
-            _expect(pool, (self.num_slots, *shape), TORCH_DTYPES[dtype], what)
-            if not pool[0].is_contiguous():
-                raise IncompatibleLayoutError(f"{what}: each slot must be contiguous")
-            out.append((SegmentKind.CONV if name == "conv" else SegmentKind.RECURRENT, pool))
-        return out
-
-    def planes(self, layer: int) -> list[tuple[SegmentKind, torch.Tensor]]:
-        """Block-row views ``[num_blocks, block_size * token_elems]`` of an attention layer."""
+    def planes(self, layer: int) -> list[tuple[int, torch.Tensor]]:
+        """``(component, rows)`` of a layer's token tensors: block-row views ``[num_blocks, block_size * token_elems]``."""
         return self._planes[layer]
 
-    def states(self, layer: int) -> list[tuple[SegmentKind, torch.Tensor]]:
-        """State pools ``[num_slots, *shape]`` of a linear layer."""
+    def states(self, layer: int) -> list[tuple[int, torch.Tensor]]:
+        """``(component, pool)`` of a layer's states: pools ``[num_slots, *shape]``."""
         return self._states[layer]
+
+    def tensor(self, layer: int, component: int) -> torch.Tensor:
+        """Block rows of a token tensor, or the slot pool of a state, by component index."""
+        return self._by_component[(layer, component)]
 
     @classmethod
     def allocate(cls, spec: CacheSpec, num_blocks: int, block_size: int, num_slots: int = 1,
                  layout: KVLayout | str = KVLayout.BLOCKS_FIRST, device: str | torch.device = "cpu",
                  fill: str = "empty") -> "PagedCache":
-        """Allocate a cache for ``spec`` (tests, benchmarks, demos). ``fill``: empty, zeros or randn."""
+        """Allocate a cache for ``spec`` (tests, benchmarks, demos). ``fill``: empty, zeros or randn.
+
+        K and V go together in ``layout`` (``split`` when some layer's K and V differ in shape);
+        other token tensors and states are given by name."""
         layout = KVLayout(layout)
-        if any(l.kind in ("full", "sliding") and l.head_dim != l.v_dim for l in spec.layers):
-            layout = KVLayout.SPLIT  # one tensor cannot hold K and V of different head dims
+
+        def kv_pair(layer):
+            names = {t.name: t for t in layer.tokens}
+            return (names["k"], names["v"]) if "k" in names and "v" in names else None
+
+        if any((p := kv_pair(l)) and (p[0].shape, p[0].dtype) != (p[1].shape, p[1].dtype) for l in spec.layers):
+            layout = KVLayout.SPLIT  # one tensor cannot hold K and V of different shapes
 
         def new(shape, dtype_name):
             dtype = TORCH_DTYPES[dtype_name]
-            if fill == "randn":
+            if fill == "randn" and dtype.is_floating_point:
                 return torch.randn(shape, device=device).to(dtype)
+            if fill == "randn":
+                return torch.randint(0, 2 if dtype == torch.bool else 100, shape, device=device).to(dtype)
             return (torch.zeros if fill == "zeros" else torch.empty)(shape, dtype=dtype, device=device)
 
-        kv, conv, rec = {}, {}, {}
+        kv, tensors = {}, {}
         for i, layer in enumerate(spec.layers):
-            if layer.kind == "mla":
-                kv[i] = new((num_blocks, block_size, layer.latent_dim), layer.dtype)
-            elif layer.kind in ("full", "sliding"):
-                h, dk, dv = layer.kv_heads, layer.head_dim, layer.v_dim
+            pair = kv_pair(layer)
+            if pair:
+                k, v = pair
                 if layout is KVLayout.SPLIT:
-                    kv[i] = (new((num_blocks, block_size, h, dk), layer.dtype), new((num_blocks, block_size, h, dv), layer.dtype))
+                    kv[i] = (new((num_blocks, block_size, *k.shape), k.dtype), new((num_blocks, block_size, *v.shape), v.dtype))
                 elif layout is KVLayout.BLOCKS_FIRST:
-                    kv[i] = new((num_blocks, 2, block_size, h, dk), layer.dtype)
+                    kv[i] = new((num_blocks, 2, block_size, *k.shape), k.dtype)
                 else:
-                    kv[i] = new((2, num_blocks, block_size, h, dk), layer.dtype)
-            else:
-                for name, shape, dtype in layer.states:
-                    (conv if name == "conv" else rec)[i] = new((num_slots, *shape), dtype)
-        return cls(spec, block_size, kv, conv, rec, layout)
+                    kv[i] = new((2, num_blocks, block_size, *k.shape), k.dtype)
+            for t in layer.tokens:
+                if not pair or t.name not in ("k", "v"):
+                    tensors[(i, t.name)] = new((num_blocks, block_size, *t.shape), t.dtype)
+            for s in layer.states:
+                tensors[(i, s.name)] = new((num_slots, *s.shape), s.dtype)
+        return cls(spec, block_size, kv, layout=layout, tensors=tensors)
 
 
 @dataclass(frozen=True)

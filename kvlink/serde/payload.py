@@ -40,14 +40,15 @@ class Payload:
         """The whole payload as one ``bytes`` (copies: for tests and small payloads)."""
         return b"".join(self.buffers())
 
-    def verify(self) -> None:
-        """Check every segment's checksum; raises :class:`~kvlink.errors.ChecksumMismatch` naming it."""
+    def verify(self, names: list[str] | None = None) -> None:
+        """Check every segment's checksum; raises :class:`~kvlink.errors.ChecksumMismatch` naming it
+        (by ``names[i]`` when given: the unpacker passes the spec's component names)."""
         for seg, data in zip(self.header.segments, self.datas):
             if data.nbytes != seg.length:
                 raise LengthError(f"{seg.name}: {data.nbytes} bytes, expected {seg.length}")
-        for seg, got in zip(self.header.segments, checksums(self.datas)):
+        for i, (seg, got) in enumerate(zip(self.header.segments, checksums(self.datas))):
             if got != seg.checksum:
-                raise ChecksumMismatch(seg.name, seg.checksum, got)
+                raise ChecksumMismatch(names[i] if names else seg.name, seg.checksum, got)
 
     def release(self) -> None:
         """Give the staging space back; the segment buffers must not be used afterwards."""

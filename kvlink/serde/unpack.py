@@ -17,8 +17,13 @@ from kvlink.serde.payload import Payload
 from kvlink.serde.tokens import copy_tokens
 
 
-def check_compatible(payload: Payload, cache: PagedCache, ref: CacheRef) -> None:
-    """Raise unless every segment of ``payload`` is exactly what ``cache``'s spec expects at ``ref``."""
+def check_compatible(payload: Payload, cache: PagedCache, ref: CacheRef, whole_layers: bool = True) -> None:
+    """Raise unless every segment of ``payload`` is exactly what ``cache``'s spec expects at ``ref``.
+
+    With ``whole_layers`` every layer present must carry all its components (a peer's payload);
+    without it a layer may carry a subset, in component order (the pool's per-group entries).
+    Raises :class:`FingerprintMismatch` or :class:`IncompatibleLayoutError` naming the segment.
+    """
     spec, header = cache.spec, payload.header
     if header.fingerprint != spec.fingerprint:
         raise FingerprintMismatch(spec.fingerprint, header.fingerprint)
@@ -32,16 +37,24 @@ def check_compatible(payload: Payload, cache: PagedCache, ref: CacheRef) -> None
     for layer, segs in by_layer.items():
         if layer >= spec.num_layers:
             raise IncompatibleLayoutError(f"layer {layer} beyond the destination's {spec.num_layers} layers")
-        expected = layer_segments(spec, layer, header.token_start, header.token_end)
-        if len(segs) != len(expected):
-            raise IncompatibleLayoutError(f"layer {layer}: {len(segs)} segments, expected {len(expected)}")
-        for seg, exp in zip(segs, expected):
-            got = (seg.kind, seg.dtype, seg.shape, seg.token_start)
-            want = (exp.kind, exp.dtype, exp.shape, exp.token_start)
+        expected = {exp.component: exp for exp in layer_segments(spec, layer, header.token_start, header.token_end)}
+        components = [seg.component for seg in segs]
+        if components != sorted(set(components)):
+            raise IncompatibleLayoutError(f"layer {layer}: components {components} repeat or are out of order")
+        if whole_layers and components != sorted(expected):
+            missing = [spec.layers[layer].components[c].name for c in sorted(set(expected) - set(components))]
+            raise IncompatibleLayoutError(f"layer {layer}: payload lacks components {missing}" if missing else
+                                          f"layer {layer}: components {components}, expected {sorted(expected)}")
+        for seg in segs:
+            exp = expected.get(seg.component)
+            if exp is None:
+                raise IncompatibleLayoutError(f"{seg.name}: layer {layer} has no component {seg.component}")
+            got = (seg.is_state, seg.dtype, seg.shape, seg.token_start)
+            want = (exp.is_state, exp.dtype, exp.shape, exp.token_start)
             if got != want:
-                raise IncompatibleLayoutError(f"{seg.name}: got kind/dtype/shape/start {got}, expected {want}")
-            if seg.codec.lossy and seg.kind.is_state:
-                raise IncompatibleLayoutError(f"{seg.name}: lossy codec on state is never accepted")
+                raise IncompatibleLayoutError(f"{exp.name}: got state/dtype/shape/start {got}, expected {want}")
+            if seg.codec.lossy and seg.is_state:
+                raise IncompatibleLayoutError(f"{exp.name}: lossy codec on state is never accepted")
 
 
 class Unpacker:
@@ -51,8 +64,13 @@ class Unpacker:
         self.cache = cache
         self.backend = backend
 
-    def unpack(self, payload: Payload | bytes | bytearray | memoryview, ref: CacheRef, verify: bool = True) -> list[int]:
+    def unpack(self, payload: Payload | bytes | bytearray | memoryview, ref: CacheRef, verify: bool = True,
+               whole_layers: bool = True) -> list[int]:
         """Write ``payload`` into ``ref``'s blocks and slot; returns the layers written.
+
+        ``whole_layers`` (default) refuses a payload that carries only some components of a layer,
+        so "layer written" always means every component of it; the pool's per-group entries pass
+        False.
 
         ``ref.block_ids`` must cover tokens [0, payload end); only tokens from the payload's start
         are written. Raises (writing nothing) :class:`~kvlink.errors.WireFormatError` subclasses for
@@ -66,22 +84,23 @@ class Unpacker:
         if not isinstance(payload, Payload):
             payload = Payload.from_buffer(payload)
         cache, header = self.cache, payload.header
-        check_compatible(payload, cache, ref)
+        check_compatible(payload, cache, ref, whole_layers)
         ref = CacheRef(ref.block_ids, header.token_end, ref.state_slot, header.token_start)
         ids, ids_host = ref.block_ids_checked(cache)
-        slot = ref.slot(cache) if any(s.kind.is_state for s in header.segments) else -1
+        slot = ref.slot(cache) if any(s.is_state for s in header.segments) else -1
         if verify:
-            payload.verify()
+            payload.verify([f"layer {s.layer} {cache.spec.layers[s.layer].components[s.component].name}"
+                            for s in header.segments])
         decoded = parallel_map(
             lambda job: decode(job[0].codec, job[1], TORCH_DTYPES[job[0].dtype], job[0].numel,
                                fp8_group=1 << job[0].codec_param).view(job[0].shape),
             zip(header.segments, payload.datas),
             sum(s.raw_nbytes for s in header.segments if s.codec is not Codec.NONE))
         for seg, values in zip(header.segments, decoded):
-            if seg.kind.is_state:
-                dict(cache.states(seg.layer))[seg.kind][slot].copy_(values, non_blocking=values.is_pinned())
+            if seg.is_state:
+                cache.tensor(seg.layer, seg.component)[slot].copy_(values, non_blocking=values.is_pinned())
             else:
-                rows = dict(cache.planes(seg.layer))[seg.kind]
+                rows = cache.tensor(seg.layer, seg.component)
                 copy_tokens(rows, ids, ids_host, seg.token_start, seg.token_start + seg.shape[0], cache.block_size,
                             values, False, self.backend)
         if cache.device.type == "cuda":

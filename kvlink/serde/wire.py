@@ -1,4 +1,4 @@
-"""Wire format v1 of a payload: header, segment table, segment bytes. See docs/wire-format.md.
+"""Wire format v2 of a payload: header, segment table, segment bytes. See docs/wire-format.md.
 
 All integers little-endian. Parsing checks every length against its limit and the buffer before
 using it, and never allocates from a length it read.
@@ -11,27 +11,29 @@ from dataclasses import dataclass
 
 from kvlink.codec import Codec, checksum, encoded_bound
 from kvlink.errors import BadMagic, ChecksumMismatch, LengthError, UnknownCodec, UnsupportedVersion, WireFormatError
-from kvlink.serde.layout import DTYPE_BY_CODE, DTYPE_CODES, TORCH_DTYPES, SegmentKind
+from kvlink.serde.layout import DTYPE_BY_CODE, DTYPE_CODES, TORCH_DTYPES
 
 MAGIC = b"KVLK"
-VERSION = 1
+VERSION = 2  # v2: segments name a component of their layer (v1 named one of five fixed kinds)
 # magic, version, flags, header_len, num_segments, header_checksum, fingerprint, token_start,
 # token_end, block_size, reserved, body_len
 PREFIX = struct.Struct("<4sHHIIQ16sQQIIQ")
-# layer, kind, dtype, codec, ndim, codec_param, token_start, reserved, shape[6], offset, length,
-# raw_nbytes, checksum
-ENTRY = struct.Struct("<HBBBBHII6IQQQQ")
+# layer, component, role, dtype, codec, ndim, codec_param, reserved, token_start, shape[6], offset,
+# length, raw_nbytes, checksum
+ENTRY = struct.Struct("<HHBBBBHHI6IQQQQ")
+ROLE_TOKENS, ROLE_STATE = 1, 2
 MAX_DIMS = 6
 MAX_SEGMENTS = 1 << 17
 MAX_SEGMENT_BYTES = 1 << 40
 CHECKSUM_OFFSET = 16  # byte offset of header_checksum inside PREFIX
-DEFINED_FLAGS = 0  # v1 defines no header flags; any set bit is refused, as are non-zero reserved fields
+DEFINED_FLAGS = 0  # v2 defines no header flags; any set bit is refused, as are non-zero reserved fields
 
 
 @dataclass(frozen=True)
 class SegmentHeader:
     layer: int
-    kind: SegmentKind
+    component: int  # index into the layer's components (token tensors, then states)
+    is_state: bool
     dtype: str
     codec: Codec
     codec_param: int
@@ -44,7 +46,7 @@ class SegmentHeader:
 
     @property
     def name(self) -> str:
-        return f"layer {self.layer} {self.kind.name.lower()}"
+        return f"layer {self.layer} component {self.component}"
 
     @property
     def numel(self) -> int:
@@ -77,8 +79,8 @@ class PayloadHeader:
         pos = PREFIX.size
         for s in self.segments:
             shape = tuple(s.shape) + (0,) * (MAX_DIMS - len(s.shape))
-            ENTRY.pack_into(out, pos, s.layer, s.kind, DTYPE_CODES[s.dtype], s.codec, len(s.shape), s.codec_param,
-                            s.token_start, 0, *shape, s.offset, s.length, s.raw_nbytes, s.checksum)
+            ENTRY.pack_into(out, pos, s.layer, s.component, ROLE_STATE if s.is_state else ROLE_TOKENS,
+                            DTYPE_CODES[s.dtype], s.codec, len(s.shape), s.codec_param, 0, s.token_start, *shape, s.offset, s.length, s.raw_nbytes, s.checksum)
             pos += ENTRY.size
         struct.pack_into("<Q", out, CHECKSUM_OFFSET, checksum(out))
         return bytes(out)
@@ -88,13 +90,17 @@ def peek_lengths(prefix: bytes | memoryview) -> tuple[int, int]:
     """(header_len, body_len) from the first ``PREFIX.size`` bytes, validated against the limits.
 
     Raises :class:`BadMagic`, :class:`UnsupportedVersion`, :class:`LengthError`, or
-    :class:`WireFormatError` when flags or the reserved field are non-zero (v1 defines none).
+    :class:`WireFormatError` when flags or the reserved field are non-zero (v2 defines none).
+    A v1 payload (kvlink before the general layer spec) is refused with :class:`UnsupportedVersion`.
     """
     if len(prefix) < PREFIX.size:
         raise LengthError(f"need {PREFIX.size} bytes for the payload prefix, got {len(prefix)}")
     magic, version, flags, header_len, nseg, _, _, _, _, _, reserved, body_len = PREFIX.unpack_from(prefix, 0)
     if magic != MAGIC:
         raise BadMagic(f"bad payload magic {bytes(magic)!r}")
+    if version == 1:
+        raise UnsupportedVersion("payload version 1 (written before the general layer spec) is not read by this "
+                                 f"build, which reads version {VERSION}: pack it again with this build")
     if version != VERSION:
         raise UnsupportedVersion(f"payload version {version}; this build reads {VERSION}")
     if flags & ~DEFINED_FLAGS or reserved:
@@ -126,16 +132,14 @@ def parse_header(buf) -> PayloadHeader:
         raise WireFormatError(f"token range [{t0}, {t1}) is reversed")
     segments, offset = [], 0
     for i in range(nseg):
-        (layer, kind, dtype, codec, ndim, cparam, seg_t0, reserved, *rest) = ENTRY.unpack_from(
+        (layer, component, role, dtype, codec, ndim, cparam, reserved, seg_t0, *rest) = ENTRY.unpack_from(
             head, PREFIX.size + i * ENTRY.size)
         shape_raw, (off, length, raw_nbytes, seg_sum) = rest[:MAX_DIMS], rest[MAX_DIMS:]
         where = f"segment {i}"
         if reserved:
             raise WireFormatError(f"{where}: reserved field {reserved:#x} set")
-        try:
-            kind = SegmentKind(kind)
-        except ValueError:
-            raise WireFormatError(f"{where}: unknown segment kind {kind}") from None
+        if role not in (ROLE_TOKENS, ROLE_STATE):
+            raise WireFormatError(f"{where}: unknown segment role {role}")
         if dtype not in DTYPE_BY_CODE:
             raise WireFormatError(f"{where}: unknown dtype code {dtype}")
         try:
@@ -145,7 +149,7 @@ def parse_header(buf) -> PayloadHeader:
         if not 1 <= ndim <= MAX_DIMS or any(shape_raw[ndim:]):
             raise WireFormatError(f"{where}: bad rank {ndim}")
         shape = tuple(shape_raw[:ndim])
-        seg = SegmentHeader(layer, kind, DTYPE_BY_CODE[dtype], codec, cparam, seg_t0, shape, off, length, raw_nbytes, seg_sum)
+        seg = SegmentHeader(layer, component, role == ROLE_STATE, DTYPE_BY_CODE[dtype], codec, cparam, seg_t0, shape, off, length, raw_nbytes, seg_sum)
         if raw_nbytes != seg.numel * TORCH_DTYPES[seg.dtype].itemsize or raw_nbytes > MAX_SEGMENT_BYTES:
             raise LengthError(f"{where} ({seg.name}): raw length {raw_nbytes} does not match shape {shape}")
         if codec is Codec.FP8_E4M3 and not 0 <= cparam <= 16:

@@ -34,7 +34,7 @@ class CodecProfile:
 
 
 def _key(seg: SegmentLayout) -> tuple[str, str]:
-    return ("state" if seg.kind.is_state else "kv", seg.dtype)
+    return ("state" if seg.is_state else "kv", seg.dtype)
 
 
 def link_rate(snapshot) -> float | None:
@@ -66,7 +66,7 @@ class CodecAdvisor:
         nbytes = sample.numel() * sample.element_size()
         out = []
         for codec in self.candidates:
-            if codec.lossy and (seg.kind.is_state or not self.allow_lossy):
+            if codec.lossy and (seg.is_state or not self.allow_lossy):
                 continue
             t0 = time.perf_counter()
             data = encode(codec, sample, zstd_level=self.zstd_level)
@@ -89,10 +89,9 @@ class CodecAdvisor:
             segs = layer_segments(spec, layer, ref.token_start, ref.num_tokens)
             if all(_key(seg) in self.profiles for seg in segs):
                 continue
-            if spec.layers[layer].kind == "linear":
-                tensors = [pool[ref.state_slot or 0] for _, pool in cache.states(layer)]
-            else:
-                tensors = [rows[ids] for _, rows in cache.planes(layer)]
+            # in component order, as the segments: token tensors, then states
+            tensors = [rows[ids] for _, rows in cache.planes(layer)]
+            tensors += [pool[ref.state_slot or 0] for _, pool in cache.states(layer)]
             for seg, tensor in zip(segs, tensors):
                 if _key(seg) not in self.profiles:
                     self.calibrate(seg, tensor.detach().to("cpu").reshape(-1))

@@ -184,10 +184,11 @@ def patch_and_seal(wire: bytes, offset: int, fmt: str, value) -> bytes:
 
 
 @pytest.mark.parametrize("where,fmt,value", [
-    (6, "<H", 1), (6, "<H", 0x8000),          # header flags: v1 defines none
+    (6, "<H", 1), (6, "<H", 0x8000),          # header flags: v2 defines none
     (60, "<I", 1),                             # header reserved
-    (PREFIX.size + 12, "<I", 1 << 31),         # segment 0 reserved
-    (PREFIX.size + 6, "<H", 3),                # codec parameter on a zstd segment
+    (PREFIX.size + 10, "<H", 1 << 15),         # segment 0 reserved
+    (PREFIX.size + 4, "<B", 3),                # segment 0 role: neither tokens nor state
+    (PREFIX.size + 8, "<H", 3),                # codec parameter on a zstd segment
 ])
 def test_undefined_bits_are_refused(where, fmt, value):
     wire = source_wire()

@@ -50,7 +50,14 @@ def _patch_header(wire: bytes, offset: int, fmt: str, value) -> bytes:
 
 def test_bad_magic_and_version():
     _rejected(b"XXXX" + WIRE[4:], BadMagic)
-    _rejected(WIRE[:4] + struct.pack("<H", 2) + WIRE[6:], UnsupportedVersion)
+    _rejected(WIRE[:4] + struct.pack("<H", 3) + WIRE[6:], UnsupportedVersion)
+
+
+def test_v1_payload_is_refused_with_a_clear_error():
+    dst, before = _dest()
+    with pytest.raises(UnsupportedVersion, match="version 1 .*pack it again"):
+        Unpacker(dst).unpack(WIRE[:4] + struct.pack("<H", 1) + WIRE[6:], REF)
+    assert same(before, snapshot(dst))
 
 
 def test_empty_and_short():
@@ -75,7 +82,7 @@ def test_segment_length_beyond_limit():
 
 
 def test_unknown_codec():
-    _rejected(_patch_header(WIRE, PREFIX.size + 4, "<B", 99), UnknownCodec)
+    _rejected(_patch_header(WIRE, PREFIX.size + 6, "<B", 99), UnknownCodec)
 
 
 def test_checksum_names_segment():
@@ -97,7 +104,8 @@ def test_fingerprint_mismatch():
 def test_shape_or_dtype_mismatch_with_same_fingerprint_is_rejected():
     # a lying sender: right fingerprint, wrong shape (re-sealed header)
     _rejected(_patch_header(WIRE, PREFIX.size + 16, "<I", 3), (IncompatibleLayoutError, LengthError))
-    _rejected(_patch_header(WIRE, PREFIX.size + 2, "<B", 1), (IncompatibleLayoutError, LengthError))
+    _rejected(_patch_header(WIRE, PREFIX.size + 2, "<H", 1), (IncompatibleLayoutError, LengthError))
+    _rejected(_patch_header(WIRE, PREFIX.size + 4, "<B", 1), (IncompatibleLayoutError, LengthError))  # role
 
 
 def test_wrong_token_count_or_table():

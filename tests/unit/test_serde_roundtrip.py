@@ -7,7 +7,6 @@ from kvlink.codec import Codec
 from kvlink.config import CodecConfig
 from kvlink.errors import ConfigError, StagingExhausted
 from kvlink.serde import CacheRef, Packer, PagedCache, Payload, StagingArena, Unpacker
-from kvlink.serde.layout import SegmentKind
 
 from .helpers import HYBRID, filled, random_ref, same, snapshot, tokens_of
 
@@ -26,11 +25,11 @@ def _roundtrip(src, dst, src_ref, dst_ref, **kw):
 def _assert_request_equal(src, src_ref, dst, dst_ref, t0=0):
     spec, t1 = src.spec, src_ref.num_tokens
     for layer, spec_layer in enumerate(spec.layers):
-        if spec_layer.kind == "linear":
-            for (_, a), (_, b) in zip(src.states(layer), dst.states(layer)):
-                assert torch.equal(a[src_ref.state_slot], b[dst_ref.state_slot]), f"layer {layer} state"
+        for (_, a), (_, b) in zip(src.states(layer), dst.states(layer)):
+            assert torch.equal(a[src_ref.state_slot], b[dst_ref.state_slot]), f"layer {layer} state"
+        if not spec_layer.tokens:
             continue
-        lo = max(t0, t1 - spec_layer.window) if spec_layer.kind == "sliding" else t0
+        lo = max(t0, spec_layer.tokens[0].live_start(t1))
         for a, b in zip(tokens_of(src, src_ref, layer, lo, t1), tokens_of(dst, dst_ref, layer, lo, t1)):
             assert torch.equal(a, b), f"layer {layer}"
 
@@ -89,7 +88,7 @@ def test_increment_from_token_start():
 def test_sliding_layer_ships_only_window():
     payload = Packer(filled(HYBRID, 16, BS)).pack(random_ref(16, BS, 25, seed=1), layers=[2])
     k, v = payload.segments
-    assert (k.kind, k.token_start, k.shape[0]) == (SegmentKind.K, 25 - 6, 6)
+    assert (k.component, k.is_state, k.token_start, k.shape[0]) == (0, False, 25 - 6, 6)
     assert v.shape == (6, 2, 8)
 
 
@@ -133,7 +132,7 @@ def test_fp8_on_kv_is_bounded_and_never_on_state():
         Packer(src, codec=CodecConfig(state_codec="fp8-e4m3", allow_lossy=True)).pack(ref)
     dst = PagedCache.allocate(HYBRID, 16, BS, 2, fill="zeros")
     payload = Packer(src, codec=CodecConfig(kv_codec="fp8-e4m3", allow_lossy=True)).pack(ref)
-    assert {s.codec for s in payload.segments if s.kind.is_state} == {Codec.NONE}
+    assert {s.codec for s in payload.segments if s.is_state} == {Codec.NONE}
     Unpacker(dst).unpack(payload.tobytes(), ref)
     for layer in (1, 3):
         for a, b in zip(tokens_of(src, ref, layer, 0, 40), tokens_of(dst, ref, layer, 0, 40)):

@@ -38,7 +38,7 @@ def test_every_segment_class_is_profiled(calibrated):
 
 def test_slow_link_compresses_fast_link_sends_raw(calibrated):
     advisor, segments = calibrated
-    kv = next(s for s in segments if not s.kind.is_state)
+    kv = next(s for s in segments if not s.is_state)
     assert advisor.choose(kv, 1e6) is Codec.SHUFFLE_ZSTD  # 1 Mbit/s: the wire is everything
     assert advisor.choose(kv, 1e13) is Codec.NONE         # 10 Tbit/s: no codec keeps up
     assert advisor.choose(kv, None) is Codec.NONE         # no estimate yet
@@ -48,7 +48,7 @@ def test_slow_link_compresses_fast_link_sends_raw(calibrated):
 
 def test_choice_minimises_modelled_delivery_time(calibrated):
     advisor, segments = calibrated
-    kv = next(s for s in segments if not s.kind.is_state)
+    kv = next(s for s in segments if not s.is_state)
     for rate in (1e8, 1e9, 1e10, 1e11):
         chosen = advisor.choose(kv, rate)
         times = {p.codec: advisor.delivery_time(p, kv.nbytes, rate) for p in advisor.profiles[("kv", kv.dtype)]}

@@ -41,20 +41,19 @@ def snapshot_views(cache) -> list:
     """The tensors :func:`snapshot` copies, in its order (views, to restore them)."""
     out = []
     for layer in range(cache.spec.num_layers):
-        group = cache.states(layer) if cache.spec.layers[layer].kind == "linear" else cache.planes(layer)
-        out.extend(t for _, t in group)
+        out.extend(t for _, t in (*cache.planes(layer), *cache.states(layer)))
     return out
 
 
 PREFIX_FIELDS = [(4, "<H"), (6, "<H"), (8, "<I"), (12, "<I"), (40, "<Q"), (48, "<Q"), (56, "<I"), (60, "<I"),
                  (64, "<Q")]
-ENTRY_FIELDS = [(0, "<H"), (2, "<B"), (3, "<B"), (4, "<B"), (5, "<B"), (6, "<H"), (8, "<I"), (12, "<I"),
+ENTRY_FIELDS = [(0, "<H"), (2, "<H"), (4, "<B"), (5, "<B"), (6, "<B"), (7, "<B"), (8, "<H"), (10, "<H"), (12, "<I"),
                 *[(16 + 4 * k, "<I") for k in range(6)], (40, "<Q"), (48, "<Q"), (56, "<Q"), (64, "<Q")]
 
 
 def undefined_bits(wire: bytes) -> bool:
     """Whether the header flags, the header's or a segment's reserved field, or a non-fp8 codec
-    parameter are set: v1 defines none of them, so such a payload must never be accepted."""
+    parameter are set: v2 defines none of them, so such a payload must never be accepted."""
     if len(wire) < PREFIX.size:
         return False
     _, _, flags, header_len, nseg, *_, reserved, _ = PREFIX.unpack_from(wire, 0)
@@ -63,7 +62,7 @@ def undefined_bits(wire: bytes) -> bool:
     if header_len != PREFIX.size + nseg * ENTRY.size or header_len > len(wire):
         return False
     entries = (ENTRY.unpack_from(wire, PREFIX.size + i * ENTRY.size) for i in range(nseg))
-    return any(e[7] or (e[5] and e[3] != Codec.FP8_E4M3) for e in entries)
+    return any(e[7] or (e[6] and e[4] != Codec.FP8_E4M3) for e in entries)
 
 
 def sealed(buf: bytearray) -> bytes:
