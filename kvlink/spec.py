@@ -45,6 +45,14 @@ def _check_shape(shape: tuple, what: str) -> None:
             raise SpecError(f"{what}: dims must be positive ints, got {shape}")
 
 
+def _tuple(value, what: str) -> tuple:
+    """``value`` as a tuple; a bare int or a lone component is a SpecError, not a TypeError."""
+    try:
+        return tuple(value)
+    except TypeError:
+        raise SpecError(f"{what}: expected a sequence, got {type(value).__name__}") from None
+
+
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not name or len(name) > 64 or not name.isascii() or not name.isprintable():
         raise SpecError(f"component names are 1..64 printable ASCII characters, got {name!r}")
@@ -65,13 +73,15 @@ class TokenTensor:
     size: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(self.shape))
+        object.__setattr__(self, "shape", _tuple(self.shape, f"token tensor {self.name!r} shape"))
         _check_name(self.name)
         _check_shape(self.shape, f"token tensor {self.name!r}")
         _check_dtype(self.dtype, f"token tensor {self.name!r}")
         if self.window not in WINDOWS:
             raise SpecError(f"token tensor {self.name!r}: window must be one of {WINDOWS}, got {self.window!r}")
-        if (self.window == "full") != (self.size == 0) or not isinstance(self.size, int) or self.size < 0:
+        # bool is refused: size=True would fingerprint as `true`, unlike the same layout with size=1
+        if (not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 0
+                or (self.window == "full") != (self.size == 0)):
             raise SpecError(f"token tensor {self.name!r}: a {self.window} window needs "
                             f"{'size 0' if self.window == 'full' else 'a positive size'}, got {self.size!r}")
 
@@ -109,7 +119,7 @@ class StateTensor:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(self.shape))
+        object.__setattr__(self, "shape", _tuple(self.shape, f"state tensor {self.name!r} shape"))
         _check_name(self.name)
         if not self.shape:
             raise SpecError(f"state tensor {self.name!r}: needs at least one dim (use (1,) for a scalar)")
@@ -141,8 +151,8 @@ class Layer:
     variant: str = ""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "tokens", tuple(self.tokens))
-        object.__setattr__(self, "states", tuple(self.states))
+        object.__setattr__(self, "tokens", _tuple(self.tokens, "a layer's tokens"))
+        object.__setattr__(self, "states", _tuple(self.states, "a layer's states"))
         if any(not isinstance(t, TokenTensor) for t in self.tokens) or any(
                 not isinstance(s, StateTensor) for s in self.states):
             raise SpecError("a layer's tokens are TokenTensor and its states StateTensor")
@@ -232,7 +242,9 @@ class CacheSpec:
     notes: str = ""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "layers", _tuple(self.layers, "a cache spec's layers"))
+        if not isinstance(self.name, str):  # to_dict/from_dict would turn it into a str: another fingerprint
+            raise SpecError(f"a cache spec's name is a str, got {type(self.name).__name__}")
         if not self.layers:
             raise SpecError("a cache spec needs at least one layer")
         if len(self.layers) > 65535:

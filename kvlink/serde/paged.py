@@ -139,8 +139,8 @@ class PagedCache:
 
     def _check_plane(self, i: int, comp, t: torch.Tensor) -> torch.Tensor:
         what = f"layer {i} {comp.name}"
-        if t.dim() < 1:
-            raise IncompatibleLayoutError(f"{what}: expected [num_blocks, block_size, ...], got a scalar")
+        if t.dim() < 1 or t.shape[0] == 0:  # no blocks: nothing to address (and no block-row view)
+            raise IncompatibleLayoutError(f"{what}: expected [num_blocks >= 1, block_size, ...], got {tuple(t.shape)}")
         self.num_blocks = self.num_blocks or t.shape[0]  # every tensor must then agree (checked by _expect)
         _expect(t, (self.num_blocks, self.block_size, *comp.shape), TORCH_DTYPES[comp.dtype], what)
         return _block_rows(t, what)
@@ -155,8 +155,8 @@ class PagedCache:
             used.add((comp.name, i))
         else:
             raise IncompatibleLayoutError(f"{what}: no state pool given")
-        if pool.dim() < 1:
-            raise IncompatibleLayoutError(f"{what}: expected [num_slots, ...], got a scalar")
+        if pool.dim() < 1 or pool.shape[0] == 0:  # 0 slots would also make the other pools' count unchecked
+            raise IncompatibleLayoutError(f"{what}: expected [num_slots >= 1, ...], got {tuple(pool.shape)}")
         self.num_slots = self.num_slots or pool.shape[0]
         _expect(pool, (self.num_slots, *comp.shape), TORCH_DTYPES[comp.dtype], what)
         if not pool[0].is_contiguous():

@@ -1,0 +1,123 @@
+"""The kvlink spec of a transformers model's cache: from its config alone, or from a filled cache.
+
+:func:`spec_from_config` builds the model on PyTorch's ``meta`` device (no memory, no weights, no
+compute) and runs a three-token prefill there: the cache transformers fills is the one it fills for
+real, so every layer's tensors, shapes and dtypes come from the model's own code rather than from
+per-model guesses about config fields. :func:`spec_from_cache` reads the same off a real cache.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from kvlink.errors import IncompatibleLayoutError, SpecError
+from kvlink.engine.hf.layers import Slot, inventory, slots
+from kvlink.serde.layout import DTYPE_NAMES
+from kvlink.spec import CacheSpec, Layer, StateTensor, TokenTensor
+
+TRACE_TOKENS = 3
+
+
+def text_config(config):
+    return config.get_text_config(decoder=True)
+
+
+def num_layers(config) -> int:
+    text = text_config(config)
+    for field in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(text, field, None), int):
+            return getattr(text, field)
+    raise SpecError(f"{type(config).__name__} has no num_hidden_layers")
+
+
+def default_dtype(config) -> torch.dtype:
+    """The model's dtype from its config (``dtype``), float32 when it names none."""
+    dtype = getattr(config, "dtype", None) or getattr(text_config(config), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def trace_cache(config, dtype: torch.dtype | None = None):
+    """A cache as the model fills it on a prefill of :data:`TRACE_TOKENS` tokens, on the meta device.
+
+    Raises :class:`SpecError` when the model cannot be built or run there (the message names
+    the model type and the failure)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or default_dtype(config)
+    model_type = getattr(text_config(config), "model_type", type(config).__name__)
+    try:
+        with torch.device("meta"):
+            # batched_mm: the default grouped-mm MoE kernel has no meta implementation in float32
+            # a copy: from_config records its choices on the config, which the caller's model shares
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype,
+                                                     experts_implementation="batched_mm")
+            ids = torch.zeros(1, TRACE_TOKENS, dtype=torch.long)
+            with torch.no_grad():
+                out = model(input_ids=ids, use_cache=True)
+    except Exception as exc:  # transformers raises anything; the caller gets one typed error
+        raise SpecError(f"{model_type}: cannot trace the cache on the meta device "
+                        f"({type(exc).__name__}: {str(exc)[:300]}); build the spec with spec_from_cache "
+                        "from a real prefill") from exc
+    cache = getattr(out, "past_key_values", None)
+    if cache is None or not hasattr(cache, "layers"):
+        raise SpecError(f"{model_type}: the model returned no transformers Cache (got {type(cache).__name__}); "
+                        "its state is not reachable")
+    return cache
+
+
+def spec_from_config(config, dtype: torch.dtype | None = None, name: str | None = None) -> CacheSpec:
+    """The cache layout of a transformers model from its config alone (a decode side sizes its
+    cache before any prefill). ``dtype``: the model's dtype (default: the config's, else float32).
+
+    Raises :class:`SpecError` when the model cannot be traced, and
+    :class:`IncompatibleLayoutError` when its cache holds a tensor kvlink cannot carry (named).
+    """
+    cache = trace_cache(config, dtype)
+    return spec_from_cache(cache, name or f"hf:{text_config(config).model_type}", num_layers(config))
+
+
+def spec_from_cache(cache, name: str, layers: int | None = None) -> CacheSpec:
+    """The layout of a filled transformers cache (any class transformers builds), read off its
+    tensors: one component per tensor, per-token shapes without batch and token dims.
+
+    Raises :class:`IncompatibleLayoutError` for a tensor kvlink cannot carry (named), and
+    :class:`SpecError` for an empty cache.
+    """
+    layers = len(cache.layers) if layers is None else layers
+    inventory(cache, layers)
+    return CacheSpec(name, tuple(layer_spec(cache, i) for i in range(layers)),
+                     notes=f"from a transformers {type(cache).__name__}")
+
+
+def layer_spec(cache, i: int) -> Layer:
+    obj = cache.layers[i] if i < len(cache.layers) else None
+    tokens, states = [], []
+    for slot in slots(cache, i):
+        t = slot.read(cache, i)
+        dtype = _dtype_name(t, i, slot)
+        if slot.token_dim is None:
+            states.append(StateTensor(slot.name, tuple(t.shape[1:]), dtype))
+            continue
+        shape = tuple(d for k, d in enumerate(t.shape) if k not in (0, slot.token_dim))
+        window, size = window_of(obj)
+        tokens.append(TokenTensor(slot.name, shape, dtype, window, size))
+    return Layer(tuple(tokens), tuple(states), type(obj).__name__ if obj is not None else "")
+
+
+def window_of(obj) -> tuple[str, int]:
+    """A sliding layer keeps its last ``sliding_window - 1`` tokens (chunked-attention layers too:
+    transformers caches them as sliding windows of the chunk size)."""
+    if getattr(obj, "is_sliding", False):
+        return "sliding", int(obj.sliding_window) - 1
+    return "full", 0
+
+
+def _dtype_name(t: torch.Tensor, layer: int, slot: Slot) -> str:
+    try:
+        return DTYPE_NAMES[t.dtype]
+    except KeyError:
+        raise IncompatibleLayoutError(f"layer {layer} {slot.name}: dtype {t.dtype} is not carried") from None
