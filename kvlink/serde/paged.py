@@ -59,7 +59,8 @@ class PagedCache:
     - ``conv[layer]`` / ``recurrent[layer]``: states named ``conv`` / ``recurrent``.
 
     A tensor given for no component, or a component without a tensor, is an
-    :class:`IncompatibleLayoutError`, as is any shape, dtype or device mismatch.
+    :class:`IncompatibleLayoutError`, as is any shape, dtype or device mismatch, or a tensor
+    with no blocks (no slots).
     """
 
     spec: CacheSpec

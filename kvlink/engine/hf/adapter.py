@@ -14,7 +14,7 @@ import torch
 
 from kvlink.engine.hf.layers import Slot, from_token_rows, inventory, slots, token_rows
 from kvlink.engine.hf.spec import num_layers, trace_cache, window_of
-from kvlink.errors import ConfigError, IncompatibleLayoutError
+from kvlink.errors import ConfigError, IncompatibleLayoutError, SpecError
 from kvlink.serde.layout import TORCH_DTYPES
 from kvlink.serde.paged import CacheRef, PagedCache
 from kvlink.serde.tokens import copy_tokens
@@ -128,8 +128,7 @@ class HFCacheAdapter:
 
     def _new_cache(self):
         if self._cache_factory is None:
-            cls = type(trace_cache(self.config, TORCH_DTYPES.get(self._model_dtype() or "")))
-            self._cache_factory = lambda: _construct(cls, self.config)
+            self._cache_factory = self._default_factory()
         cache = self._cache_factory()
         replicate = getattr(cache, "layer_class_to_replicate", None)
         while len(cache.layers) < self.num_layers and replicate is not None:
@@ -138,6 +137,18 @@ class HFCacheAdapter:
             raise IncompatibleLayoutError(f"{type(cache).__name__} has {len(cache.layers)} layers, the model "
                                           f"{self.num_layers}")
         return cache
+
+    def _default_factory(self):
+        """The cache class the model builds (traced once); transformers' ``DynamicCache`` when the
+        model cannot be traced and the spec needs nothing a ``DynamicCache`` lacks."""
+        try:
+            cls = type(trace_cache(self.config, TORCH_DTYPES.get(self._model_dtype() or "")))
+        except SpecError:
+            if any(_slot_for(None, i, c.name).where == "cache" for i, layer in enumerate(self.spec.layers)
+                   for c in layer.components):
+                raise
+            from transformers import DynamicCache as cls
+        return lambda: _construct(cls, self.config)
 
     def _model_dtype(self) -> str | None:
         dtypes = [t.dtype for layer in self.spec.layers for t in layer.tokens]
@@ -167,8 +178,8 @@ def _restore(cache, layer: int, name: str, batch: torch.Tensor, n: int) -> None:
             obj.lazy_initialization_indexer(value)
             obj.indexer_keys = value
             return
-        if not getattr(obj, "is_initialized", False) or getattr(obj, slot.attr, None) is None:
-            obj.lazy_initialization(value, value)  # sets device and dtype; both replaced below
+        if slot.attr in ("keys", "values") and not getattr(obj, "is_initialized", False):
+            obj.lazy_initialization(value, value)  # sets device and dtype; keys and values replaced below
         setattr(obj, slot.attr, value)
         if getattr(obj, "is_sliding", False):
             obj.cumulative_length = n

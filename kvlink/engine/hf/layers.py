@@ -17,7 +17,8 @@ import torch
 from kvlink.errors import IncompatibleLayoutError
 
 # Per-token attributes of a layer object: attribute -> (component name, dim of the tokens).
-TOKEN_ATTRS = {"keys": ("k", 2), "values": ("v", 2), "indexer_keys": ("indexer_k", 1)}
+TOKEN_ATTRS = {"keys": ("k", 2), "values": ("v", 2), "indexer_keys": ("indexer_k", 1),
+               "idx_keys": ("idx_k", 2)}  # idx_keys: MiniMax-M3's sparse-attention index keys [batch, 1, tokens, dim]
 # Per-state dicts of a layer object (index -> tensor or None): attribute -> component name prefix.
 STATE_DICTS = {"conv_states": "conv", "recurrent_states": "recurrent"}
 # Per-layer state lists held by the cache object itself: attribute -> component name.

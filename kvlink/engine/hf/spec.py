@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.fx.experimental._config  # noqa: F401  (the meta nonzero switch)
 
 from kvlink.errors import IncompatibleLayoutError, SpecError
 from kvlink.engine.hf.layers import Slot, inventory, slots
@@ -50,7 +51,9 @@ def trace_cache(config, dtype: torch.dtype | None = None):
     dtype = dtype or default_dtype(config)
     model_type = getattr(text_config(config), "model_type", type(config).__name__)
     try:
-        with torch.device("meta"):
+        # MoE routers call nonzero(), which has no shape on meta tensors; any shape will do, as
+        # routing does not change what the cache holds
+        with torch.device("meta"), torch.fx.experimental._config.patch(meta_nonzero_assume_all_nonzero=True):
             # batched_mm: the default grouped-mm MoE kernel has no meta implementation in float32
             # a copy: from_config records its choices on the config, which the caller's model shares
             model = AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype,
@@ -60,9 +63,9 @@ def trace_cache(config, dtype: torch.dtype | None = None):
                 out = model(input_ids=ids, use_cache=True)
     except Exception as exc:  # transformers raises anything; the caller gets one typed error
         raise SpecError(f"{model_type}: cannot trace the cache on the meta device "
-                        f"({type(exc).__name__}: {str(exc)[:300]}); build the spec with spec_from_cache "
+                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); build the spec with spec_from_cache "
                         "from a real prefill") from exc
-    cache = getattr(out, "past_key_values", None)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     if cache is None or not hasattr(cache, "layers"):
         raise SpecError(f"{model_type}: the model returned no transformers Cache (got {type(cache).__name__}); "
                         "its state is not reachable")
