@@ -4,19 +4,21 @@ Prompts are cut into blocks of ``block_size`` tokens; each full block gets a cha
 hash (the previous block's hash and the block's token ids), rooted in the layout fingerprint and
 an optional namespace, so different models or tenants never share an entry.
 
-Two kinds of entries, with different reuse rules:
+Entries follow the spec's component groups (:meth:`~kvlink.spec.CacheSpec.group`), whatever
+layer holds them (one layer may hold attention KV and an SSM state):
 
-- **KV per block.** Full-attention (and MLA) KV of a block is reusable by any prompt sharing
-  the prefix up to that block. Sliding-window layers need only the blocks inside the window
-  that ends at the restore point, so a block may hold its full-attention KV and not its
-  sliding KV (stored apart, evicted apart).
-- **State per boundary.** Linear-attention state (conv + recurrent) summarises *all* tokens
-  before it, so a checkpoint taken after block ``b`` restores exactly ``(b + 1) * block_size``
-  tokens and nothing else.
+- **Full-window token tensors per block** (K/V, MLA latents, indexer keys): reusable by any prompt
+  sharing the prefix up to that block.
+- **Windowed token tensors per block** (sliding and chunked windows): a restore point needs only
+  the blocks holding its last ``window_tokens`` tokens, so a block may keep its full-window
+  entry and lose its windowed one (stored apart, evicted apart).
+- **States per boundary** (conv, recurrent, any fixed-shape tensor): a state summarises *all*
+  tokens before it, so a checkpoint taken after block ``b`` restores exactly
+  ``(b + 1) * block_size`` tokens and nothing else.
 
-A hit is the longest boundary where everything the model needs exists: every full-attention
-block before it, the sliding blocks of the window ending at it, and (hybrid models) a state
-checkpoint exactly at it. Restoring KV without the matching state would silently corrupt the
+A hit is the longest boundary where every component of every layer can be restored: every
+full-window block before it, the windowed blocks ending at it, and a state checkpoint exactly at
+it. Restoring KV without the matching state would silently corrupt the
 output, so a boundary with KV but no state is never returned.
 """
 

@@ -27,6 +27,9 @@ class HFCacheAdapter:
     ``export`` / ``export_layer`` (cheap enough for a forward hook, as each layer finishes) write
     one batch row of a filled cache into a request's blocks and state slot; ``build_cache``
     makes a new cache (of the class the model itself builds) holding one request per batch row.
+    ``cache_factory`` (no arguments, returns an empty cache) overrides that class; without it the
+    class is found by tracing the model once, falling back to ``DynamicCache(config=...)``.
+    Raises :class:`IncompatibleLayoutError` when the config and spec disagree on the layer count.
     """
 
     def __init__(self, spec: CacheSpec, config, cache_factory=None):
