@@ -262,6 +262,9 @@ class DecodeSide:
             # a layer holding nothing (an MLP-only layer) arrives as a payload without segments
             if got != ({layer} if self.cache.spec.layers[layer].components else set()):
                 raise EngineError(f"part {index} carries layers {sorted(got)}, expected {layer}")
+            if payload.header.token_start != load.ref.token_start:  # else the tokens between stay stale
+                raise EngineError(f"part {index} starts at token {payload.header.token_start}, "
+                                  f"expected {load.ref.token_start}")
             # A part the transport verified against the payload's own checksums is not hashed again.
             await asyncio.to_thread(self.unpacker.unpack, payload, load.ref,
                                     not load.incoming.verified_whole(index))

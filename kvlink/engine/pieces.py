@@ -11,9 +11,9 @@ from the daemon) is verified before a byte lands in the cache.
 
 from __future__ import annotations
 
-from kvlink.errors import ConfigError
+from kvlink.errors import ConfigError, PoolError
 from kvlink.pool.index import FULL, SLIDING, STATE, PrefixHit
-from kvlink.serde import CacheRef, Packer, PagedCache, Unpacker
+from kvlink.serde import CacheRef, Packer, PagedCache, Payload, Unpacker, check_compatible
 
 
 _GROUP = {FULL: "full", SLIDING: "window", STATE: "state"}  # pool entry kind -> spec component group
@@ -57,18 +57,41 @@ def restore_pieces(cache: PagedCache, hit: PrefixHit, entries: dict, ref: CacheR
     """Write the entries of ``hit`` (``{(kind, key): bytes}``, from ``Pool.fetch`` or the daemon)
     into ``ref``'s blocks and slot; returns the tokens restored (``hit.tokens``).
 
-    Every entry is verified before it is written; a corrupt or mismatched one raises its typed
-    error (:class:`~kvlink.errors.ChecksumMismatch`, :class:`~kvlink.errors.FingerprintMismatch`).
+    Everything is checked before anything is written: the hit against the spec (a full entry per
+    block, the window's blocks, a state exactly when the model has states), each entry's token
+    range, layers and components against its group, and every checksum. Raises :class:`PoolError`
+    for a hit or entry of the wrong shape, and the entry's typed error otherwise
+    (:class:`~kvlink.errors.ChecksumMismatch`, :class:`~kvlink.errors.FingerprintMismatch`,
+    :class:`~kvlink.errors.IncompatibleLayoutError`).
     """
     check_block_size(cache, pool_block)
-    unpacker = Unpacker(cache)
-    start = hit.tokens // pool_block - len(hit.sliding)
-    for kind, keys, first in ((FULL, hit.full, 0), (SLIDING, hit.sliding, start)):
-        for i, key in enumerate(keys):
-            b = first + i
-            unpacker.unpack(entries[(kind, key)], CacheRef(ref.block_ids, (b + 1) * pool_block, ref.state_slot),
-                            whole_layers=False)
+    groups = _groups(cache)
+    blocks = hit.tokens // pool_block
+    window = -(-cache.spec.window_tokens // pool_block) if groups[SLIDING] else 0
+    want = {FULL: blocks if groups[FULL] else 0, SLIDING: min(window, blocks),
+            STATE: 1 if groups[STATE] and blocks else 0}
+    got = {FULL: len(hit.full), SLIDING: len(hit.sliding), STATE: int(hit.state is not None)}
+    if hit.tokens % pool_block or got != want:
+        raise PoolError(f"a hit of {hit.tokens} tokens with {got} entries cannot restore {cache.spec.name}: "
+                        f"it needs {want}")
+    jobs = [(FULL, key, b * pool_block, (b + 1) * pool_block) for b, key in enumerate(hit.full)]
+    jobs += [(SLIDING, key, b * pool_block, (b + 1) * pool_block)
+             for b, key in enumerate(hit.sliding, start=blocks - len(hit.sliding))]
     if hit.state is not None:
-        unpacker.unpack(entries[(STATE, hit.state)], CacheRef(ref.block_ids, hit.tokens, ref.state_slot),
-                        whole_layers=False)
+        jobs.append((STATE, hit.state, hit.tokens, hit.tokens))
+    checked = []
+    for kind, key, start, end in jobs:
+        payload = Payload.from_buffer(entries[(kind, key)])
+        header, span = payload.header, CacheRef(ref.block_ids, end, ref.state_slot, start)
+        layers = sorted({seg.layer for seg in header.segments})
+        if (header.token_start, header.token_end) != (start, end) or layers != groups[kind]:
+            raise PoolError(f"{kind} entry {key.hex()[:16]}: tokens [{header.token_start}, {header.token_end}) of "
+                            f"layers {layers}, expected [{start}, {end}) of layers {groups[kind]}")
+        check_compatible(payload, cache, span, _GROUP[kind])
+        checked.append((payload, span, _GROUP[kind]))
+    unpacker = Unpacker(cache)
+    for payload, span, group in checked:
+        payload.verify()  # all of them before the first write
+    for payload, span, group in checked:
+        unpacker.unpack(payload, span, verify=False, group=group)
     return hit.tokens

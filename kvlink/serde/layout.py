@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kvlink.errors import SpecError
-from kvlink.spec import CacheSpec
+from kvlink.spec import GROUPS, CacheSpec
 
 TORCH_DTYPES = {
     "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
@@ -67,6 +67,8 @@ def layer_segments(spec: CacheSpec, layer: int, token_start: int, token_end: int
         raise SpecError(f"layer {layer} out of range for {spec.name} ({spec.num_layers} layers)")
     if not 0 <= token_start <= token_end:
         raise SpecError(f"bad token range [{token_start}, {token_end})")
+    if group is not None and group not in GROUPS:
+        raise SpecError(f"unknown component group {group!r}; expected one of {GROUPS}")
     out = []
     for index, comp in enumerate(spec.layers[layer].components):
         if comp.is_state:

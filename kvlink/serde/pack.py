@@ -18,10 +18,17 @@ from kvlink.serde.tokens import copy_tokens
 from kvlink.serde.wire import PayloadHeader, SegmentHeader
 
 
-def choose_codec(seg: SegmentLayout, config: CodecConfig) -> Codec:
-    """The configured codec for a segment; lossy codecs never apply to state."""
-    codec = Codec.parse(config.state_codec if seg.is_state else config.kv_codec)
-    if codec.lossy and (seg.is_state or not config.allow_lossy):
+def choose_codec(seg: SegmentLayout, config: CodecConfig, codec: Codec | None = None) -> Codec:
+    """The codec for a segment: ``codec`` when given (``Codec.NONE`` too), else the configured one.
+
+    Either way lossy codecs never apply to state and only to float dtypes; a configured lossy
+    codec applies to KV only with ``allow_lossy`` (a given one was chosen by a caller that opted
+    in, e.g. a :class:`~kvlink.transport.adaptive.CodecAdvisor` with its own ``allow_lossy``).
+    Raises :class:`ConfigError` otherwise.
+    """
+    chosen = codec is not None
+    codec = Codec.parse(codec if chosen else config.state_codec if seg.is_state else config.kv_codec)
+    if codec.lossy and (seg.is_state or not (chosen or config.allow_lossy)):
         why = "state is never lossy" if seg.is_state else "set allow_lossy to use it on KV"
         raise ConfigError(f"lossy codec {codec.label} refused for {seg.name}: {why}")
     if codec.lossy and seg.dtype not in ("bfloat16", "float16", "float32"):
@@ -64,7 +71,7 @@ class Packer:
         for seg in layouts:
             offsets.append(total)
             total += -(-seg.nbytes // ALIGN) * ALIGN
-        codecs = [(codecs or {}).get(i) or choose_codec(seg, self.codec) for i, seg in enumerate(layouts)]
+        codecs = [choose_codec(seg, self.codec, (codecs or {}).get(i)) for i, seg in enumerate(layouts)]
         lease = self.staging.lease(total) if self.staging else StagingLease.standalone(total)
         try:
             jobs = []

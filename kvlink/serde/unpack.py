@@ -17,12 +17,13 @@ from kvlink.serde.payload import Payload
 from kvlink.serde.tokens import copy_tokens
 
 
-def check_compatible(payload: Payload, cache: PagedCache, ref: CacheRef, whole_layers: bool = True) -> None:
+def check_compatible(payload: Payload, cache: PagedCache, ref: CacheRef, group: str | None = None) -> None:
     """Raise unless every segment of ``payload`` is exactly what ``cache``'s spec expects at ``ref``.
 
-    With ``whole_layers`` every layer present must carry all its components (a peer's payload);
-    without it a layer may carry a subset, in component order (the pool's per-group entries).
-    Raises :class:`FingerprintMismatch` or :class:`IncompatibleLayoutError` naming the segment.
+    Every layer present must carry all its components (a peer's payload), or with ``group``
+    (``full``, ``window``, ``state``: a pool entry) exactly its components of that group, in
+    component order. Raises :class:`FingerprintMismatch` or :class:`IncompatibleLayoutError` naming
+    the segment or the missing component, :class:`SpecError` for an unknown group.
     """
     spec, header = cache.spec, payload.header
     if header.fingerprint != spec.fingerprint:
@@ -37,14 +38,16 @@ def check_compatible(payload: Payload, cache: PagedCache, ref: CacheRef, whole_l
     for layer, segs in by_layer.items():
         if layer >= spec.num_layers:
             raise IncompatibleLayoutError(f"layer {layer} beyond the destination's {spec.num_layers} layers")
-        expected = {exp.component: exp for exp in layer_segments(spec, layer, header.token_start, header.token_end)}
+        expected = {exp.component: exp for exp in layer_segments(spec, layer, header.token_start, header.token_end,
+                                                                 group)}
         components = [seg.component for seg in segs]
         if components != sorted(set(components)):
             raise IncompatibleLayoutError(f"layer {layer}: components {components} repeat or are out of order")
-        if whole_layers and components != sorted(expected):
+        if components != sorted(expected):
             missing = [spec.layers[layer].components[c].name for c in sorted(set(expected) - set(components))]
             raise IncompatibleLayoutError(f"layer {layer}: payload lacks components {missing}" if missing else
-                                          f"layer {layer}: components {components}, expected {sorted(expected)}")
+                                          f"layer {layer}: components {components}, expected {sorted(expected)}"
+                                          + (f" (group {group})" if group else ""))
         for seg in segs:
             exp = expected.get(seg.component)
             if exp is None:
@@ -65,12 +68,11 @@ class Unpacker:
         self.backend = backend
 
     def unpack(self, payload: Payload | bytes | bytearray | memoryview, ref: CacheRef, verify: bool = True,
-               whole_layers: bool = True) -> list[int]:
+               group: str | None = None) -> list[int]:
         """Write ``payload`` into ``ref``'s blocks and slot; returns the layers written.
 
-        ``whole_layers`` (default) refuses a payload that carries only some components of a layer,
-        so "layer written" always means every component of it; the pool's per-group entries pass
-        False.
+        Each layer present must carry every component (so "layer written" means all of it), or
+        with ``group`` exactly its components of that group (the pool's per-group entries).
 
         ``ref.block_ids`` must cover tokens [0, payload end); only tokens from the payload's start
         are written. Raises (writing nothing) :class:`~kvlink.errors.WireFormatError` subclasses for
@@ -84,7 +86,7 @@ class Unpacker:
         if not isinstance(payload, Payload):
             payload = Payload.from_buffer(payload)
         cache, header = self.cache, payload.header
-        check_compatible(payload, cache, ref, whole_layers)
+        check_compatible(payload, cache, ref, group)
         ref = CacheRef(ref.block_ids, header.token_end, ref.state_slot, header.token_start)
         ids, ids_host = ref.block_ids_checked(cache)
         slot = ref.slot(cache) if any(s.is_state for s in header.segments) else -1

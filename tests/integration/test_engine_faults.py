@@ -155,6 +155,22 @@ async def test_payload_for_other_tokens_fails_every_layer_and_writes_nothing(dec
                        range(SPEC.num_layers))
 
 
+async def test_payload_starting_after_the_held_prefix_fails_and_writes_nothing(decode):
+    # Regression: a payload for tokens [4 blocks, end) into a request that holds no prefix was
+    # accepted, and the first 4 blocks kept whatever they held.
+    before = make_cache(seed=9)
+    side = PrefillSide(make_cache(seed=6))
+    decode.start_load("late", CacheRef(DST_BLOCKS, TOKENS, 0))
+    await send(side, "late", decode.server.address, CacheRef(SRC_BLOCKS, TOKENS, 1, token_start=4 * BS))
+    await side.close()
+    with pytest.raises(LoadFailed) as info:
+        await decode.wait_all("late")
+    assert info.value.invalid_layers == [0, 1, 2, 3]
+    assert all("starts at token 64, expected 0" in str(c) for c in info.value.causes.values())
+    assert same_layers(before, CacheRef(DST_BLOCKS, TOKENS, 0), decode.cache, CacheRef(DST_BLOCKS, TOKENS, 0),
+                       range(SPEC.num_layers))
+
+
 async def test_receiver_killed_mid_load_fails_that_send_only(decode):
     proc = subprocess.Popen([sys.executable, "-m", "tests.integration.engine_worker", "decode"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])

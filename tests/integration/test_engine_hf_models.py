@@ -121,11 +121,11 @@ class CountingUnpacker(Unpacker):
         self.raw_nbytes = 0
         self._lock = threading.Lock()  # layers land in worker threads
 
-    def unpack(self, payload, ref, verify=True, whole_layers=True):
+    def unpack(self, payload, ref, verify=True, group=None):
         payload = payload if isinstance(payload, Payload) else Payload.from_buffer(payload)
         with self._lock:
             self.raw_nbytes += sum(s.raw_nbytes for s in payload.segments)
-        return super().unpack(payload, ref, verify, whole_layers)
+        return super().unpack(payload, ref, verify, group)
 
 
 def corrupt(spec, paged: PagedCache, ref: CacheRef, name: str | None = None) -> str:

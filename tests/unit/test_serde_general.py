@@ -119,7 +119,7 @@ def test_group_filter(group):
     ref = random_ref(NUM_BLOCKS, BS, 29, slot=1, seed=5)
     payload = Packer(src).pack(ref, group=group)
     assert [(s.layer, s.component) for s in payload.segments] == MIXED.group(group)
-    Unpacker(dst).unpack(payload.tobytes(), ref, whole_layers=False)
+    Unpacker(dst).unpack(payload.tobytes(), ref, group=group)
     assert_components_equal(src, ref, dst, ref, MIXED.group(group))
     assert_components_zero(dst, ref, [p for p in ALL if p not in MIXED.group(group)])
 
@@ -130,7 +130,7 @@ def test_groups_together_equal_the_whole_request():
     whole, parts = filled(seed=4, fill="zeros"), filled(seed=4, fill="zeros")
     Unpacker(whole).unpack(Packer(src).pack(ref).tobytes(), ref)
     for group in ("state", "window", "full"):
-        Unpacker(parts).unpack(Packer(src).pack(ref, group=group).tobytes(), ref, whole_layers=False)
+        Unpacker(parts).unpack(Packer(src).pack(ref, group=group).tobytes(), ref, group=group)
     assert same(snapshot(whole), snapshot(parts))
 
 

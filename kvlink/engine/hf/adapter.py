@@ -29,10 +29,14 @@ class HFCacheAdapter:
     makes a new cache (of the class the model itself builds) holding one request per batch row.
     ``cache_factory`` (no arguments, returns an empty cache) overrides that class; without it the
     class is found by tracing the model once, falling back to ``DynamicCache(config=...)``.
-    Raises :class:`IncompatibleLayoutError` when the config and spec disagree on the layer count.
+    Raises :class:`IncompatibleLayoutError` when the config and spec disagree on the layer count,
+    :class:`SpecError` for a ``config`` that is not a transformers config, and
+    :class:`ConfigError` for a ``spec`` that is not a :class:`CacheSpec`.
     """
 
     def __init__(self, spec: CacheSpec, config, cache_factory=None):
+        if not isinstance(spec, CacheSpec):
+            raise ConfigError(f"expected a CacheSpec, got {type(spec).__name__}")
         self.spec = spec
         self.config = config
         self.num_layers = num_layers(config)
@@ -44,22 +48,54 @@ class HFCacheAdapter:
     def export(self, cache, paged: PagedCache, ref: CacheRef, row: int = 0) -> None:
         """Write batch row ``row`` of ``cache`` (every layer) into ``ref``'s blocks and slot.
 
-        Raises :class:`IncompatibleLayoutError` when the cache holds anything the spec does not
-        carry (or lacks something it does), and :class:`ConfigError` for a bad row or reference.
+        Every layer is checked before any is written: when it refuses, ``paged`` is untouched.
+        Raises :class:`IncompatibleLayoutError` when ``cache`` is not a transformers Cache, holds
+        anything the spec does not carry (or lacks something it does), or ``paged`` was built for
+        another layout; :class:`ConfigError` for a bad row, ``paged`` or reference.
         """
+        target = self._check_target(paged, ref)
         inventory(cache, self.num_layers)
-        for layer in range(self.spec.num_layers):
-            self.export_layer(cache, layer, paged, ref, row, checked=True)
+        jobs = [self._layer_jobs(cache, layer, paged, ref, row) for layer in range(self.spec.num_layers)]
+        for layer, layer_jobs in enumerate(jobs):
+            self._write(paged, ref, layer, layer_jobs, target)
 
     def export_layer(self, cache, layer: int, paged: PagedCache, ref: CacheRef, row: int = 0,
                      checked: bool = False) -> None:
         """Write tokens [ref.token_start, ref.num_tokens) of ``layer`` and its states into ``paged``.
 
-        Raises as :meth:`export`; writes nothing of the layer when it refuses.
+        ``checked``: the caller already ran :func:`inventory` on ``cache``. Raises as
+        :meth:`export`, and :class:`ConfigError` for a layer out of range; writes nothing of the
+        layer when it refuses.
         """
+        target = self._check_target(paged, ref)
         if not checked:
             inventory(cache, self.num_layers)
+        self._write(paged, ref, layer, self._layer_jobs(cache, layer, paged, ref, row), target)
+
+    def _check_target(self, paged: PagedCache, ref: CacheRef) -> tuple:
+        """``paged`` and ``ref`` are of the right types and ``ref`` fits ``paged`` (else
+        :class:`ConfigError`): ``(block ids, host block ids, state slot or -1)``."""
+        if not isinstance(paged, PagedCache):
+            raise ConfigError(f"expected a PagedCache, got {type(paged).__name__}")
+        if not isinstance(ref, CacheRef):
+            raise ConfigError(f"expected a CacheRef, got {type(ref).__name__}")
+        ids, ids_host = ref.block_ids_checked(paged)
+        return ids, ids_host, ref.slot(paged) if any(layer.states for layer in self.spec.layers) else -1
+
+    def _layer_jobs(self, cache, layer: int, paged: PagedCache, ref: CacheRef, row: int) -> list:
+        """Every check of one layer's export, writing nothing: ``[(component index, source)]``.
+
+        Raises :class:`ConfigError` for a layer or row out of range, and
+        :class:`IncompatibleLayoutError` for anything the spec, ``paged`` and the cache disagree on.
+        """
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.spec.num_layers:
+            raise ConfigError(f"layer {layer!r} out of range [0, {self.spec.num_layers})")
+        if not isinstance(row, int) or isinstance(row, bool):
+            raise ConfigError(f"row must be an int, got {row!r}")
         spec_layer = self.spec.layers[layer]
+        if paged.spec.num_layers != self.spec.num_layers or paged.spec.layers[layer].canon() != spec_layer.canon():
+            raise IncompatibleLayoutError(f"layer {layer}: the paged cache was built for another layout "
+                                          f"({paged.spec.name}) than the adapter's ({self.spec.name})")
         held = slots(cache, layer)
         want = [c.name for c in spec_layer.components]
         if [s.name for s in held] != want:
@@ -87,8 +123,13 @@ class HFCacheAdapter:
                     raise IncompatibleLayoutError(f"{what}: the cache holds {src.shape[0]} tokens, "
                                                   f"expected {expect} for a request of {n}")
             jobs.append((index, src))
-        ids, ids_host = ref.block_ids_checked(paged)
-        slot_index = ref.slot(paged) if spec_layer.states else -1
+        return jobs
+
+    def _write(self, paged: PagedCache, ref: CacheRef, layer: int, jobs: list, target: tuple) -> None:
+        """Copy checked ``jobs`` of ``layer`` (see :meth:`_layer_jobs`) into ``paged``."""
+        spec_layer = self.spec.layers[layer]
+        n = ref.num_tokens
+        ids, ids_host, slot_index = target
         for index, src in jobs:
             comp = spec_layer.components[index]
             dst = paged.tensor(layer, index)
@@ -105,13 +146,26 @@ class HFCacheAdapter:
         """A new cache holding ``refs`` (one request per batch row), ready to continue decoding.
 
         Rows must be the same length (transformers caches are not ragged); raises
-        :class:`ConfigError` otherwise or for a bad reference.
+        :class:`ConfigError` otherwise, for a ``paged`` that is not a PagedCache or for a bad
+        reference. Raises :class:`IncompatibleLayoutError`, before writing anything, when a layer
+        object of the new cache cannot hold what the spec carries as the spec carries it (e.g. a
+        ``cache_factory`` whose full-attention layer would get a sliding window's tokens, or a
+        plain attention layer a linear-attention state), naming the layer and component.
         """
-        refs = [refs] if isinstance(refs, CacheRef) else list(refs)
+        try:
+            refs = [refs] if isinstance(refs, CacheRef) else list(refs)
+        except TypeError:
+            raise ConfigError(f"expected a CacheRef or a sequence of them, got {type(refs).__name__}") from None
+        for ref in refs:
+            self._check_target(paged, ref)
         if not refs or len({r.num_tokens for r in refs}) != 1:
             raise ConfigError(f"one or more requests of one length per cache, got {[r.num_tokens for r in refs]}")
+        if [layer.canon() for layer in paged.spec.layers] != [layer.canon() for layer in self.spec.layers]:
+            raise IncompatibleLayoutError(f"the paged cache was built for another layout ({paged.spec.name}) than "
+                                          f"the adapter's ({self.spec.name})")
         n = refs[0].num_tokens
         cache = self._new_cache()
+        _check_layer_objects(cache, self.spec)
         for layer, spec_layer in enumerate(self.spec.layers):
             for index, comp in enumerate(spec_layer.components):
                 batch = torch.stack([self._read(paged, ref, layer, index, comp) for ref in refs])
@@ -163,6 +217,39 @@ def _construct(cls, config):
         return cls(config=config)
     except TypeError:  # caches such as MiniMaxCache take no config
         return cls()
+
+
+def _check_layer_objects(cache, spec: CacheSpec) -> None:
+    """Refuse a cache whose layer objects cannot take what ``spec`` carries, as it carries it.
+
+    Raises :class:`IncompatibleLayoutError` naming the layer and component: a token tensor for a
+    layer object without it, or with another window (a sliding window's last W-1 tokens in a full
+    layer would continue silently wrong); a state for a layer object without that state index; a
+    cache-level state for a cache that keeps none."""
+    for layer, spec_layer in enumerate(spec.layers):
+        obj = cache.layers[layer]
+        for comp in spec_layer.components:
+            slot = _slot_for(cache, layer, comp.name)
+            what = f"layer {layer} {comp.name}: the new cache's {type(obj).__name__}"
+            if slot.where == "cache":
+                items = getattr(cache, slot.attr, None)
+                if not callable(getattr(cache, "set_linear_cache", None)) and not (
+                        isinstance(items, list) and layer < len(items)):
+                    raise IncompatibleLayoutError(f"layer {layer} {comp.name}: {type(cache).__name__} keeps no "
+                                                  f"{slot.attr} (the model's own cache class does)")
+            elif slot.token_dim is not None:
+                init = "lazy_initialization_indexer" if slot.attr == "indexer_keys" else "lazy_initialization"
+                if not hasattr(obj, slot.attr) or not callable(getattr(obj, init, None)):
+                    raise IncompatibleLayoutError(f"{what} keeps no {slot.attr}")
+                window = window_of(obj)
+                if window != (comp.window, comp.size):
+                    raise IncompatibleLayoutError(f"{what} keeps a {window} window, the spec carries a {comp.window} "
+                                                  f"{comp.size} one")
+            else:
+                held = getattr(obj, slot.attr, None)
+                if not (isinstance(held, dict) and slot.key in held and callable(getattr(obj, "lazy_initialization", None))
+                        and isinstance(getattr(obj, "has_previous_state", None), dict)):
+                    raise IncompatibleLayoutError(f"{what} has no {slot.attr}[{slot.key}] state")
 
 
 def _restore(cache, layer: int, name: str, batch: torch.Tensor, n: int) -> None:

@@ -74,13 +74,23 @@ def slots(cache, layer: int) -> list[Slot]:
     return tokens + states
 
 
+def check_is_cache(cache) -> None:
+    """Raises :class:`IncompatibleLayoutError` unless ``cache`` looks like a transformers ``Cache``
+    (an object with a ``layers`` list), e.g. for ``None`` or a legacy tuple of tuples."""
+    if not isinstance(getattr(cache, "layers", None), (list, tuple)):
+        raise IncompatibleLayoutError(f"not a transformers Cache (a {type(cache).__name__} with no layers list)")
+
+
 def inventory(cache, num_layers: int) -> None:
     """Refuse a cache holding a tensor kvlink would not carry.
 
-    Raises :class:`IncompatibleLayoutError` naming the object and attribute: a tensor (or a list,
-    tuple or dict holding tensors) that is neither a known per-token tensor, a known state, nor a
-    config-derived constant; or cache layers beyond the model's ``num_layers``.
+    Raises :class:`IncompatibleLayoutError` naming the object and attribute: ``cache`` is not a
+    transformers Cache; a tensor (or a list, tuple or dict holding tensors) that is neither a known
+    per-token tensor, a known state, nor a config-derived constant; a known attribute holding
+    tensors in a form :func:`slots` does not read (keys with too few dims, a state that is a tuple
+    of tensors, a ``linear_cache`` entry that is a list); or cache layers beyond ``num_layers``.
     """
+    check_is_cache(cache)
     if len(cache.layers) > num_layers:
         raise IncompatibleLayoutError(f"{type(cache).__name__} holds {len(cache.layers)} layers, the model {num_layers}")
     known_cache = set(CACHE_STATE_LISTS) | {"layers"}
@@ -96,6 +106,40 @@ def inventory(cache, num_layers: int) -> None:
         items = getattr(cache, attr, None)
         if isinstance(items, list) and len(items) > num_layers:
             raise IncompatibleLayoutError(f"{type(cache).__name__}.{attr} has {len(items)} entries for {num_layers} layers")
+    for i in range(len(cache.layers)):
+        _refuse_unread(cache, i)
+
+
+def _refuse_unread(cache, layer: int) -> None:
+    """A known attribute holding tensors that :func:`slots` does not read would be dropped: refuse.
+
+    Checked per entry (a state dict's index, a ``linear_cache`` layer), so that one readable
+    entry does not hide an unreadable one beside it."""
+    read = {(s.where, s.attr, s.key) for s in slots(cache, layer)}
+    obj = cache.layers[layer]
+    what = f"layer {layer} ({type(obj).__name__})"
+    for attr, (_, dim) in TOKEN_ATTRS.items():
+        value = getattr(obj, attr, None)
+        if _holds_tensor(value) and ("layer", attr, None) not in read:
+            form = f"a {value.dim()}-dim tensor" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+            raise IncompatibleLayoutError(f"{what}.{attr}: {form}, not [batch, ..., tokens, ...] with tokens at dim "
+                                          f"{dim}; kvlink cannot carry it")
+    for attr in STATE_DICTS:
+        held = getattr(obj, attr, None)
+        entries = held.items() if isinstance(held, dict) else [(None, held)]
+        for key, value in entries:
+            if _holds_tensor(value) and ("layer", attr, key) not in read:
+                raise IncompatibleLayoutError(f"{what}.{attr}[{key}]: a {type(value).__name__} holding tensors, not "
+                                              "a tensor; kvlink cannot carry it")
+    for attr in CACHE_STATE_LISTS:
+        items = getattr(cache, attr, None)
+        if not isinstance(items, list) and _holds_tensor(items):
+            raise IncompatibleLayoutError(f"{type(cache).__name__}.{attr}: a {type(items).__name__}, not a list of "
+                                          "per-layer tensors; kvlink cannot carry it")
+        value = items[layer] if isinstance(items, list) and layer < len(items) else None
+        if _holds_tensor(value) and ("cache", attr, None) not in read:
+            raise IncompatibleLayoutError(f"{type(cache).__name__}.{attr}[{layer}]: a {type(value).__name__} holding "
+                                          "tensors, not a tensor; kvlink cannot carry it")
 
 
 def _holds_tensor(value) -> bool:

@@ -14,7 +14,7 @@ import torch
 import torch.fx.experimental._config  # noqa: F401  (the meta nonzero switch)
 
 from kvlink.errors import IncompatibleLayoutError, SpecError
-from kvlink.engine.hf.layers import Slot, inventory, slots
+from kvlink.engine.hf.layers import Slot, check_is_cache, inventory, slots
 from kvlink.serde.layout import DTYPE_NAMES
 from kvlink.spec import CacheSpec, Layer, StateTensor, TokenTensor
 
@@ -22,7 +22,18 @@ TRACE_TOKENS = 3
 
 
 def text_config(config):
-    return config.get_text_config(decoder=True)
+    """The decoder's text config. Raises :class:`SpecError` for anything that is not a transformers
+    ``PretrainedConfig`` (e.g. a plain dict)."""
+    get = getattr(config, "get_text_config", None)
+    if not callable(get):
+        raise SpecError(f"not a transformers PretrainedConfig: a {type(config).__name__}")
+    return get(decoder=True)
+
+
+def default_name(config) -> str:
+    """``hf:<text model_type>``: the spec name both :func:`spec_from_config` and
+    :func:`spec_from_cache` give a model's layout, so that both routes fingerprint alike."""
+    return f"hf:{getattr(text_config(config), 'model_type', type(config).__name__)}"
 
 
 def num_layers(config) -> int:
@@ -76,21 +87,35 @@ def spec_from_config(config, dtype: torch.dtype | None = None, name: str | None 
     """The cache layout of a transformers model from its config alone (a decode side sizes its
     cache before any prefill). ``dtype``: the model's dtype (default: the config's, else float32).
 
-    Raises :class:`SpecError` when the model cannot be traced, and
-    :class:`IncompatibleLayoutError` when its cache holds a tensor kvlink cannot carry (named).
+    Raises :class:`SpecError` when the model cannot be traced or ``config`` is not a transformers
+    config, and :class:`IncompatibleLayoutError` when its cache holds a tensor kvlink cannot carry
+    (named).
     """
     cache = trace_cache(config, dtype)
-    return spec_from_cache(cache, name or f"hf:{text_config(config).model_type}", num_layers(config))
+    return spec_from_cache(cache, name, config=config)
 
 
-def spec_from_cache(cache, name: str, layers: int | None = None) -> CacheSpec:
+def spec_from_cache(cache, name: str | None = None, layers: int | None = None, config=None) -> CacheSpec:
     """The layout of a filled transformers cache (any class transformers builds), read off its
     tensors: one component per tensor, per-token shapes without batch and token dims.
 
-    Raises :class:`IncompatibleLayoutError` for a tensor kvlink cannot carry (named), and
-    :class:`SpecError` for an empty cache.
+    ``config`` (the model's) names the spec ``hf:<model_type>`` when ``name`` is None, as
+    :func:`spec_from_config` does, so both routes give one fingerprint; it also gives ``layers``
+    (default: the config's layer count, else the cache's).
+
+    Raises :class:`IncompatibleLayoutError` for something that is not a transformers Cache or a
+    tensor kvlink cannot carry (named), and :class:`SpecError` for an empty cache, no ``name``
+    and no ``config``, a ``config`` that is not a transformers config, or a bad ``layers``.
     """
-    layers = len(cache.layers) if layers is None else layers
+    check_is_cache(cache)
+    if name is None:
+        if config is None:
+            raise SpecError("spec_from_cache needs a name or the model's config (which names it hf:<model_type>)")
+        name = default_name(config)
+    if layers is None:
+        layers = num_layers(config) if config is not None else len(cache.layers)
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 0:
+        raise SpecError(f"layers must be a non-negative int, got {layers!r}")
     inventory(cache, layers)
     return CacheSpec(name, tuple(layer_spec(cache, i) for i in range(layers)),
                      notes=f"from a transformers {type(cache).__name__}")
