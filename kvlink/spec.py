@@ -21,6 +21,7 @@ import functools
 import hashlib
 import json
 import math
+import operator
 from dataclasses import dataclass
 
 from kvlink.errors import SpecError
@@ -33,7 +34,7 @@ MAX_COMPONENTS = 255
 
 
 def _check_dtype(dtype: str, what: str) -> None:
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # a list or dict is unhashable: no TypeError
         raise SpecError(f"{what}: unknown dtype {dtype!r}; expected one of {sorted(DTYPE_SIZES)}")
 
 
@@ -64,6 +65,7 @@ class TokenTensor:
 
     ``window``: ``"full"`` keeps every token; ``"sliding"`` the last ``size`` tokens;
     ``"chunked"`` the tokens since the last multiple of ``size`` (chunked-local attention).
+    Raises :class:`SpecError` for a bad name, shape, dtype (of any type), window or size.
     """
 
     name: str
@@ -112,7 +114,9 @@ class TokenTensor:
 
 @dataclass(frozen=True)
 class StateTensor:
-    """A fixed-shape per-request component (conv or recurrent state, buffer, counter)."""
+    """A fixed-shape per-request component (conv or recurrent state, buffer, counter).
+
+    Raises :class:`SpecError` for a bad name, shape or dtype (of any type)."""
 
     name: str
     shape: tuple[int, ...]
@@ -296,9 +300,15 @@ class CacheSpec:
                                       for t in layer.tokens if t.window != "full")
 
     def bytes_at(self, tokens: int) -> int:
-        """Total cache bytes of one request of ``tokens`` tokens."""
-        if tokens < 0:
-            raise SpecError(f"tokens must be >= 0, got {tokens}")
+        """Total cache bytes of one request of ``tokens`` tokens. Raises :class:`SpecError` unless
+        ``tokens`` is an int >= 0."""
+        try:
+            count = operator.index(tokens)  # ints and numpy ints; "3" or 3.0 would raise TypeError below
+        except TypeError:
+            count = -1
+        if count < 0 or isinstance(tokens, bool):
+            raise SpecError(f"tokens must be an int >= 0, got {tokens!r}")
+        tokens = count
         return self.kv_bytes_per_token * tokens + self.window_bytes(tokens) + self.state_bytes
 
     def to_dict(self) -> dict:

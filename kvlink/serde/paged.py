@@ -13,7 +13,7 @@ keep a pool per tensor, ``[num_slots, *state_shape]``.
 
 from __future__ import annotations
 
-import math
+import operator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Mapping, Sequence
@@ -29,6 +29,30 @@ class KVLayout(str, Enum):
     BLOCKS_FIRST = "blocks_first"
     KV_FIRST = "kv_first"
     SPLIT = "split"
+
+
+def _layout(value) -> KVLayout:
+    """``value`` as a :class:`KVLayout`; anything else is a :class:`ConfigError`."""
+    try:
+        return KVLayout(value)
+    except ValueError:
+        raise ConfigError(f"unknown KV layout {value!r}; expected one of {[v.value for v in KVLayout]}") from None
+
+
+def _index(value, what: str) -> int:
+    """``value`` as an int (ints, numpy ints); a bool, float or str is a :class:`ConfigError`."""
+    try:
+        if not isinstance(value, bool):
+            return operator.index(value)
+    except TypeError:
+        pass
+    raise ConfigError(f"{what} must be an int, got {value!r}")
+
+
+def _tensor(t, what: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise IncompatibleLayoutError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
+    return t
 
 
 def _expect(t: torch.Tensor, shape: tuple, dtype: torch.dtype, what: str) -> None:
@@ -59,8 +83,10 @@ class PagedCache:
     - ``conv[layer]`` / ``recurrent[layer]``: states named ``conv`` / ``recurrent``.
 
     A tensor given for no component, or a component without a tensor, is an
-    :class:`IncompatibleLayoutError`, as is any shape, dtype or device mismatch, or a tensor
-    with no blocks (no slots).
+    :class:`IncompatibleLayoutError`, as is anything but a tensor where one is expected, any
+    shape, dtype or device mismatch, or a tensor with no blocks (no slots). A ``spec`` that is
+    not a :class:`CacheSpec`, an unknown ``layout`` or a ``block_size`` that is not a positive int
+    is a :class:`ConfigError`.
     """
 
     spec: CacheSpec
@@ -72,7 +98,10 @@ class PagedCache:
     tensors: Mapping[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.layout = KVLayout(self.layout)
+        if not isinstance(self.spec, CacheSpec):
+            raise ConfigError(f"expected a CacheSpec, got {type(self.spec).__name__}")
+        self.layout = _layout(self.layout)
+        self.block_size = _index(self.block_size, "block_size")
         if self.block_size <= 0:
             raise ConfigError(f"block_size must be positive, got {self.block_size}")
         self._planes: dict[int, list[tuple[int, torch.Tensor]]] = {}
@@ -128,6 +157,7 @@ class PagedCache:
             return t
         if isinstance(t, tuple):
             raise IncompatibleLayoutError(f"{what}: a (k, v) pair needs layout='split'")
+        t = _tensor(t, f"{what} kv")
         if k_spec.shape != v_spec.shape or k_spec.dtype != v_spec.dtype:
             raise IncompatibleLayoutError(f"{what}: K and V differ ({k_spec.shape}, {v_spec.shape}); use the split layout")
         if self.layout is KVLayout.BLOCKS_FIRST:
@@ -140,6 +170,7 @@ class PagedCache:
 
     def _check_plane(self, i: int, comp, t: torch.Tensor) -> torch.Tensor:
         what = f"layer {i} {comp.name}"
+        t = _tensor(t, what)
         if t.dim() < 1 or t.shape[0] == 0:  # no blocks: nothing to address (and no block-row view)
             raise IncompatibleLayoutError(f"{what}: expected [num_blocks >= 1, block_size, ...], got {tuple(t.shape)}")
         self.num_blocks = self.num_blocks or t.shape[0]  # every tensor must then agree (checked by _expect)
@@ -156,6 +187,7 @@ class PagedCache:
             used.add((comp.name, i))
         else:
             raise IncompatibleLayoutError(f"{what}: no state pool given")
+        pool = _tensor(pool, what)
         if pool.dim() < 1 or pool.shape[0] == 0:  # 0 slots would also make the other pools' count unchecked
             raise IncompatibleLayoutError(f"{what}: expected [num_slots >= 1, ...], got {tuple(pool.shape)}")
         self.num_slots = self.num_slots or pool.shape[0]
@@ -165,26 +197,42 @@ class PagedCache:
         return pool
 
     def planes(self, layer: int) -> list[tuple[int, torch.Tensor]]:
-        """``(component, rows)`` of a layer's token tensors: block-row views ``[num_blocks, block_size * token_elems]``."""
-        return self._planes[layer]
+        """``(component, rows)`` of a layer's token tensors: block-row views ``[num_blocks, block_size * token_elems]``.
+
+        Raises :class:`IncompatibleLayoutError` for a layer the spec does not have."""
+        return self._lookup(self._planes, layer)
 
     def states(self, layer: int) -> list[tuple[int, torch.Tensor]]:
-        """``(component, pool)`` of a layer's states: pools ``[num_slots, *shape]``."""
-        return self._states[layer]
+        """``(component, pool)`` of a layer's states: pools ``[num_slots, *shape]``.
+
+        Raises :class:`IncompatibleLayoutError` for a layer the spec does not have."""
+        return self._lookup(self._states, layer)
 
     def tensor(self, layer: int, component: int) -> torch.Tensor:
-        """Block rows of a token tensor, or the slot pool of a state, by component index."""
-        return self._by_component[(layer, component)]
+        """Block rows of a token tensor, or the slot pool of a state, by component index.
+
+        Raises :class:`IncompatibleLayoutError` for a (layer, component) the spec does not have:
+        asking for it means the caller's layout is not this cache's."""
+        return self._lookup(self._by_component, (layer, component))
+
+    def _lookup(self, table: dict, key):
+        try:
+            return table[key]
+        except (KeyError, TypeError):  # TypeError: an unhashable key
+            raise IncompatibleLayoutError(f"{self.spec.name} has no layer/component {key!r}") from None
 
     @classmethod
     def allocate(cls, spec: CacheSpec, num_blocks: int, block_size: int, num_slots: int = 1,
                  layout: KVLayout | str = KVLayout.BLOCKS_FIRST, device: str | torch.device = "cpu",
                  fill: str = "empty") -> "PagedCache":
         """Allocate a cache for ``spec`` (tests, benchmarks, demos). ``fill``: empty, zeros or randn.
+        Raises :class:`ConfigError` for an unknown ``layout`` or a count that is not an int.
 
         K and V go together in ``layout`` (``split`` when some layer's K and V differ in shape);
         other token tensors and states are given by name."""
-        layout = KVLayout(layout)
+        layout = _layout(layout)
+        num_blocks, block_size = _index(num_blocks, "num_blocks"), _index(block_size, "block_size")
+        num_slots = _index(num_slots, "num_slots")
 
         def kv_pair(layer):
             names = {t.name: t for t in layer.tokens}
@@ -236,13 +284,18 @@ class CacheRef:
     def block_ids_checked(self, cache: PagedCache) -> tuple[torch.Tensor, list[int]]:
         """Validated block ids covering [0, num_tokens): on the cache's device, and as a host list.
 
-        Checked on the host so that a CUDA cache needs no device round trip.
+        Checked on the host so that a CUDA cache needs no device round trip. Raises
+        :class:`ConfigError` for block ids that are not integers (``["a"]``, ``[0.5]``: never
+        truncated), too few or repeated ids, an id out of range, or a bad ``num_tokens`` or
+        ``token_start``.
         """
-        ids = torch.as_tensor(self.block_ids, dtype=torch.int64).reshape(-1).cpu()
+        ids = _block_ids(self.block_ids)
+        num_tokens = _index(self.num_tokens, "num_tokens")
+        _index(self.token_start, "token_start")
         bs = cache.block_size
         if not cache.num_blocks:  # a spec without attention layers has no blocks to address
             return ids[:0].to(cache.device), []
-        need = math.ceil(self.num_tokens / bs)
+        need = -(-num_tokens // bs)  # exact for any int (a float ceil rounds huge counts)
         if self.num_tokens < 0 or ids.numel() < need:
             raise ConfigError(f"{ids.numel()} blocks cannot hold {self.num_tokens} tokens of block size {bs}")
         if not 0 <= self.token_start <= self.num_tokens or self.token_start % bs:
@@ -255,8 +308,22 @@ class CacheRef:
         return ids.to(cache.device), ids.tolist()
 
     def slot(self, cache: PagedCache) -> int:
+        """The request's state slot (-1 when the cache keeps no states). Raises
+        :class:`ConfigError` when it is missing, not an int or out of range."""
         if cache.num_slots == 0:
             return -1
-        if self.state_slot is None or not 0 <= self.state_slot < cache.num_slots:
+        slot = None if self.state_slot is None else _index(self.state_slot, "state_slot")
+        if slot is None or not 0 <= slot < cache.num_slots:
             raise ConfigError(f"state_slot {self.state_slot} out of range [0, {cache.num_slots})")
-        return self.state_slot
+        return slot
+
+
+def _block_ids(block_ids) -> torch.Tensor:
+    """Block ids as a flat int64 host tensor; non-integer ids are a :class:`ConfigError`."""
+    try:
+        ids = torch.as_tensor(block_ids)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise ConfigError(f"block ids must be integers: {exc}") from None
+    if ids.numel() and (ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool):
+        raise ConfigError(f"block ids must be integers, got {ids.dtype}")
+    return ids.reshape(-1).to(device="cpu", dtype=torch.int64)

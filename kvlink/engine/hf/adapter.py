@@ -243,8 +243,8 @@ def _check_layer_objects(cache, spec: CacheSpec) -> None:
                     raise IncompatibleLayoutError(f"{what} keeps no {slot.attr}")
                 window = window_of(obj)
                 if window != (comp.window, comp.size):
-                    raise IncompatibleLayoutError(f"{what} keeps a {window} window, the spec carries a {comp.window} "
-                                                  f"{comp.size} one")
+                    raise IncompatibleLayoutError(f"{what} keeps a {window[0]} {window[1]} window, the spec carries a "
+                                                  f"{comp.window} {comp.size} one")
             else:
                 held = getattr(obj, slot.attr, None)
                 if not (isinstance(held, dict) and slot.key in held and callable(getattr(obj, "lazy_initialization", None))
