@@ -53,7 +53,8 @@ def test_sliding_window_into_a_full_layer_is_refused():
     good = HFCacheAdapter(spec, config).build_cache(paged, REF)  # the model's own class: bit-exact
     assert torch.equal(next_logits(model, good), want)
     bad = HFCacheAdapter(spec, config, cache_factory=lambda: DynamicCache())
-    typed(IncompatibleLayoutError, lambda: bad.build_cache(paged, REF), "layer 0 k: .*DynamicLayer keeps a full 0 window")
+    typed(IncompatibleLayoutError, lambda: bad.build_cache(paged, REF),
+          "layer 0 k: .*DynamicLayer keeps a full 0 window")
 
 
 @pytest.mark.parametrize("model_type,match", [

@@ -93,7 +93,8 @@ class HFCacheAdapter:
         if not isinstance(row, int) or isinstance(row, bool):
             raise ConfigError(f"row must be an int, got {row!r}")
         spec_layer = self.spec.layers[layer]
-        if paged.spec.num_layers != self.spec.num_layers or paged.spec.layers[layer].canon() != spec_layer.canon():
+        if paged.spec is not self.spec and (paged.spec.num_layers != self.spec.num_layers
+                                            or paged.spec.layers[layer].canon() != spec_layer.canon()):
             raise IncompatibleLayoutError(f"layer {layer}: the paged cache was built for another layout "
                                           f"({paged.spec.name}) than the adapter's ({self.spec.name})")
         held = slots(cache, layer)
@@ -160,7 +161,8 @@ class HFCacheAdapter:
             self._check_target(paged, ref)
         if not refs or len({r.num_tokens for r in refs}) != 1:
             raise ConfigError(f"one or more requests of one length per cache, got {[r.num_tokens for r in refs]}")
-        if [layer.canon() for layer in paged.spec.layers] != [layer.canon() for layer in self.spec.layers]:
+        if paged.spec is not self.spec and [layer.canon() for layer in paged.spec.layers] != [
+                layer.canon() for layer in self.spec.layers]:
             raise IncompatibleLayoutError(f"the paged cache was built for another layout ({paged.spec.name}) than "
                                           f"the adapter's ({self.spec.name})")
         n = refs[0].num_tokens
@@ -247,7 +249,8 @@ def _check_layer_objects(cache, spec: CacheSpec) -> None:
                                                   f"{comp.window} {comp.size} one")
             else:
                 held = getattr(obj, slot.attr, None)
-                if not (isinstance(held, dict) and slot.key in held and callable(getattr(obj, "lazy_initialization", None))
+                if not (isinstance(held, dict) and slot.key in held
+                        and callable(getattr(obj, "lazy_initialization", None))
                         and isinstance(getattr(obj, "has_previous_state", None), dict)):
                     raise IncompatibleLayoutError(f"{what} has no {slot.attr}[{slot.key}] state")
 
