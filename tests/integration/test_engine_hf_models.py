@@ -211,6 +211,23 @@ def transfer_direct(model, config, adapter, prompt, dst, dst_ref):
     return cache, logits, sum(s.raw_nbytes for s in received.segments)
 
 
+def direct_round_trip(model, config, adapter, spec):
+    """transfer_direct, then: bit-exact continuation, payload bytes == spec == the cache, and a
+    negative control that breaks it. Returns the destination and its reference."""
+    prompt, extra = prompts()
+    _, ref_first = prefill(model, config, prompt)
+    reference = continuations(model, lambda: prefill(model, config, prompt)[0], ref_first, extra)
+    dst = PagedCache.allocate(spec, 16, BS, num_slots=3, fill="randn")
+    dst_ref = CacheRef(DST_BLOCKS, PROMPT, 2)
+    cache, first, received = transfer_direct(model, config, adapter, prompt, dst, dst_ref)
+    assert torch.equal(first, ref_first) and received == spec.bytes_at(PROMPT) == held_bytes(cache)
+    assert same(continuations(model, lambda: adapter.build_cache(dst, dst_ref), ref_first, extra), reference)
+    built = adapter.build_cache(dst, dst_ref)
+    corrupt(spec, dst, dst_ref)
+    assert not same(continuations(model, lambda: adapter.build_cache(dst, dst_ref), ref_first, extra), reference)
+    return built
+
+
 @pytest.mark.parametrize("model_type", STREAMED + DIRECT)
 async def test_continues_bit_exact_and_payload_is_the_cache(model_type):
     config, model = build(model_type)
@@ -293,21 +310,10 @@ def test_bfloat16_model_by_default_and_a_cast_model_is_refused():
     spec = spec_from_config(config)
     dtypes = {c.name: c.dtype for c in spec.layers[0].components}
     assert dtypes == {"k": "bfloat16", "v": "bfloat16", "conv": "bfloat16", "recurrent": "float32"}
-    adapter = HFCacheAdapter(spec, config)
-    prompt, extra = prompts()
-    _, ref_first = prefill(model, config, prompt)
-    reference = continuations(model, lambda: prefill(model, config, prompt)[0], ref_first, extra)
-
-    dst = PagedCache.allocate(spec, 16, BS, num_slots=3, fill="randn")
-    dst_ref = CacheRef(DST_BLOCKS, PROMPT, 2)
-    cache, first, received = transfer_direct(model, config, adapter, prompt, dst, dst_ref)
-    assert torch.equal(first, ref_first) and received == spec.bytes_at(PROMPT) == held_bytes(cache)
-    restored_cache = adapter.build_cache(dst, dst_ref)
+    restored_cache = direct_round_trip(model, config, HFCacheAdapter(spec, config), spec)
     assert restored_cache.layers[0].keys.dtype == torch.bfloat16
     assert restored_cache.layers[0].recurrent_states[0].dtype == torch.float32
-    assert same(continuations(model, lambda: adapter.build_cache(dst, dst_ref), ref_first, extra), reference)
-    corrupt(spec, dst, dst_ref)
-    assert not same(continuations(model, lambda: adapter.build_cache(dst, dst_ref), ref_first, extra), reference)
+    prompt = prompts()[0]
 
     # model.to(bfloat16) leaves config.dtype unset: the default spec is float32, and export says so.
     cast_config, cast_model = build(model_type, torch.bfloat16)
@@ -335,17 +341,7 @@ def test_spec_from_cache_fallback_continues_bit_exact(model_type):
     """LongCat-Flash (torch.nonzero) and Moshi (Tensor.item) cannot run on the meta device; with the
     spec from a real cache and a cache factory, they round-trip bit-exact."""
     config, model, spec = fallback_spec(model_type)
-    adapter = HFCacheAdapter(spec, config, cache_factory=lambda: new_cache(config))
-    prompt, extra = prompts()
-    _, ref_first = prefill(model, config, prompt)
-    reference = continuations(model, lambda: prefill(model, config, prompt)[0], ref_first, extra)
-    dst = PagedCache.allocate(spec, 16, BS, num_slots=3, fill="randn")
-    dst_ref = CacheRef(DST_BLOCKS, PROMPT, 2)
-    cache, first, received = transfer_direct(model, config, adapter, prompt, dst, dst_ref)
-    assert torch.equal(first, ref_first) and received == spec.bytes_at(PROMPT) == held_bytes(cache)
-    assert same(continuations(model, lambda: adapter.build_cache(dst, dst_ref), ref_first, extra), reference)
-    corrupt(spec, dst, dst_ref)
-    assert not same(continuations(model, lambda: adapter.build_cache(dst, dst_ref), ref_first, extra), reference)
+    direct_round_trip(model, config, HFCacheAdapter(spec, config, cache_factory=lambda: new_cache(config)), spec)
 
 
 def test_spec_from_cache_fallback_rebuilds_without_a_cache_factory():
