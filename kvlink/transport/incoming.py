@@ -27,7 +27,7 @@ class PartScan(Protocol):
 
     @property
     def scanned(self) -> int:
-        """How far it has been advanced (bytes)."""
+        """How far it has been advanced (bytes); one that found the part bad may stop short."""
 
 
 Scanner = Callable[[memoryview], PartScan]
@@ -253,7 +253,10 @@ class IncomingTransfer:
                     scan = part.scan
                 if scan is None or end <= scan.scanned:
                     return
+                before = scan.scanned
                 scan.advance(end)
+                if scan.scanned <= before:  # it found the part bad and stopped: looping on
+                    return  # would spin for ever, holding scan_lock, and the part go unjudged
         finally:
             part.scan_lock.release()
 
@@ -269,7 +272,8 @@ class IncomingTransfer:
             self._advance_scan(part, wait=True, to_end=True)
         elif part.scan_lock.locked() or scan.scanned < part.length:
             return None
-        return scan.verdict()
+        # A scan that stopped short of the end (it found the part bad) vouches for nothing.
+        return scan.verdict() and scan.scanned >= part.length
 
     def verified_whole(self, index: int) -> bool:
         """Whether part ``index`` was judged whole by the receiver's part verifier (for kvlink

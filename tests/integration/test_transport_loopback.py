@@ -534,6 +534,38 @@ async def test_payload_parts_are_judged_as_they_land_and_a_corrupt_one_goes_agai
     await server.close()
 
 
+async def test_a_part_whose_scan_fails_before_its_end_is_judged_and_resent_not_stalled():
+    # The flaky stall of the test above, made certain: a PayloadScan that finds a segment bad
+    # stops advancing, and a reader thread landing the part's next frame used to loop on it for
+    # ever (holding the scan's lock), so the part was never judged and the transfer failed with
+    # TransferTimeout after idle_timeout. Above, that happened only when frame 40 fell in a
+    # part's first segment; here one connection makes frame 1 (part 0's first 64 KiB) the bad one.
+    from kvlink.bench.transfer import model_payloads
+    from kvlink.serde.payload import PayloadScan, payload_intact
+    from kvlink.serde.wire import parse_header as parse_payload_header
+
+    _, payloads = model_payloads("kimi-linear-48b-a3b", 2048)
+    data = [p.tobytes() for p in payloads[:2]]
+    header = parse_payload_header(data[0])
+    first_end = header.header_len + header.segments[0].offset + header.segments[0].length
+    assert 32 << 10 < first_end < len(data[0]) - (128 << 10)  # the flipped byte fails the scan early
+    server = TransferServer(TransportConfig(idle_timeout=8.0), None, part_verifier=payload_intact,
+                            part_scanner=PayloadScan)
+    _, port = await server.start()
+    proxy = FaultProxy(port, corrupt_data_frame=1)
+    proxy_port = await proxy.start()
+    one = TransportConfig(connections=1, grid_bytes=16 << 10, chunk_bytes=64 << 10, window_bytes=512 << 10)
+    try:
+        async with TransferClient("127.0.0.1", proxy_port, FP, one) as client:
+            t, incoming, parts = await asyncio.wait_for(send_parts(client, server, data), 30)
+        assert [bytes(p) for p in parts] == data
+        assert proxy.corrupted == 1 and server.stats["parts_corrupt"] == 1
+        assert t.bytes_resent >= len(data[0])  # part 0 went again, whole
+    finally:
+        await proxy.close()
+        await server.close()
+
+
 @pytest.mark.parametrize("reader_threads", [True, False], ids=["reader-threads", "event-loop-reader"])
 @pytest.mark.parametrize("verify", ["chunks", "parts"])
 async def test_connection_cut_inside_a_data_frame_resumes(verify, reader_threads):
