@@ -65,7 +65,7 @@ def layer_segments(spec: CacheSpec, layer: int, token_start: int, token_end: int
     """
     if not 0 <= layer < spec.num_layers:
         raise SpecError(f"layer {layer} out of range for {spec.name} ({spec.num_layers} layers)")
-    if not 0 <= token_start <= token_end:
+    if not 0 <= token_start <= token_end < 1 << 32:  # segment token starts are u32 on the wire
         raise SpecError(f"bad token range [{token_start}, {token_end})")
     if group is not None and group not in GROUPS:
         raise SpecError(f"unknown component group {group!r}; expected one of {GROUPS}")

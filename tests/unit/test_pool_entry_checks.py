@@ -13,7 +13,7 @@ from kvlink.engine.pieces import pack_pieces, restore_pieces
 from kvlink.errors import ConfigError, IncompatibleLayoutError, PoolError, SpecError
 from kvlink.pool.index import FULL, SLIDING, STATE, PrefixHit
 from kvlink.serde import CacheRef, Packer, PagedCache, Payload, Unpacker
-from kvlink.spec import CacheSpec, FullAttention, Layer, SlidingWindow, StateTensor, TokenTensor
+from kvlink.spec import CacheSpec, FullAttention, Layer, LinearAttention, SlidingWindow, StateTensor, TokenTensor
 from tests.unit.helpers import same, snapshot
 
 # layer 0: attention and an SSM in one layer (Falcon-H1 style); 1: full; 2: sliding window of 4
@@ -116,3 +116,9 @@ def test_an_explicit_none_codec_is_honoured_and_overrides_keep_the_rules():
     assert [s.codec for s in payload.segments] == [Codec.NONE, Codec.NONE]  # regression: NONE is falsy
     with pytest.raises(ConfigError, match="state is never lossy"):
         Packer(src).pack(REF, [0], codecs={2: Codec.FP8_E4M3})
+
+
+def test_token_counts_beyond_the_wire_field_are_typed():
+    states_only = PagedCache.allocate(CacheSpec("states", (LinearAttention((2, 2)),)), 0, P, fill="zeros")
+    with pytest.raises(SpecError, match="bad token range"):  # was struct.error from the header encoder
+        Packer(states_only).pack(CacheRef([], 1 << 32, 0, 1 << 32))
