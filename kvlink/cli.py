@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from kvlink.errors import KvlinkError
+from kvlink.errors import KvlinkError, SpecError
 
 
 def _tokens(text: str) -> list[int]:
@@ -32,7 +32,9 @@ def cmd_spec(args) -> int:
     if args.name == "list":
         print("\n".join(sorted(PRESETS)))
         return 0
-    summary = get_preset(args.name).summary(args.tokens)
+    if (args.name is None) == (args.hf_config is None):
+        raise SpecError("name a preset or give --hf-config, not both")
+    summary = (_hf_spec(args.hf_config) if args.hf_config else get_preset(args.name)).summary(args.tokens)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -45,6 +47,22 @@ def cmd_spec(args) -> int:
     if summary["notes"]:
         print(f"  notes                {summary['notes']}")
     return 0
+
+
+def _hf_spec(path: str):
+    """The spec of a transformers model from its local config (a directory or a config.json), as
+    ``spec_from_config`` traces it: what a transformers-based prefill or decode side will use."""
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        raise SpecError("--hf-config needs the transformers package") from None
+    from kvlink.engine.hf import spec_from_config
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SpecError(f"cannot read a transformers config at {path}: {exc}") from exc
+    return spec_from_config(config)
 
 
 def cmd_bench_serde(args) -> int:
@@ -215,8 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvlink", description="Move and store LLM KV caches over Ethernet.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    spec = sub.add_parser("spec", help="print a preset's cache layout figures")
-    spec.add_argument("name", help="preset name, or 'list'")
+    spec = sub.add_parser("spec", help="print a preset's (or a transformers model's) cache layout figures")
+    spec.add_argument("name", nargs="?", help="preset name, or 'list'")
+    spec.add_argument("--hf-config", metavar="PATH", help="a transformers model directory or config.json (local) "
+                      "instead of a preset: the layout kvlink's transformers adapter carries")
     spec.add_argument("--tokens", type=_tokens, default=[1024, 32768, 131072])
     spec.add_argument("--json", action="store_true")
     spec.set_defaults(func=cmd_spec)

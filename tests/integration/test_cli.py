@@ -56,3 +56,21 @@ def test_sim_prfaas_case_prints_the_papers_figures(tmp_path):
     assert (tmp_path / "ttft_cdf.png").stat().st_size > 1000
     data = json.loads(kvlink("sim", "--duration", "300", "--json").stdout)
     assert abs(data["systems"]["prfaas"]["model"]["lambda_max"] - 3.24) / 3.24 < 0.05
+
+
+def test_spec_of_a_transformers_config_is_the_adapter_spec(tmp_path):
+    from transformers import MistralConfig
+
+    from kvlink.engine.hf import spec_from_config
+
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=8)
+    config.save_pretrained(tmp_path)
+    proc = kvlink("spec", "--hf-config", str(tmp_path), "--tokens", "100", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["fingerprint"] == spec_from_config(config).fingerprint.hex()
+    assert data["totals"]["100"] == 2 * 7 * 1 * 16 * 2 * 4  # 2 layers keep 7 tokens of K and V, 1 head of 16, fp32
+    bad = kvlink("spec", "--hf-config", str(tmp_path / "nowhere"))
+    assert bad.returncode == 2 and "cannot read a transformers config" in bad.stderr
+    assert kvlink("spec").returncode == 2
