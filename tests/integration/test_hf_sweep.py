@@ -21,28 +21,40 @@ PROMPT, APPEND, STEPS, BS = 13, 3, 2, 4
 # Data-dependent ops (nonzero, .item()) stop the meta-device trace: spec_from_config refuses and
 # says to read the spec off a real prefill, which then carries the cache like any other.
 TRACE_FALLBACK = {"longcat_flash", "moshi"}
+# Models that keep states on their modules and return no cache: prefill is given a DynamicCache, and
+# export / build_cache the model (model=).
+MODULE_HELD = {"recurrent_gemma"}
 # model type -> (error class, words of its message): what kvlink cannot carry, and says so.
 REFUSED = {
     "deepseek_v4": (IncompatibleLayoutError, "buffer_kv"),
     "dory": (IncompatibleLayoutError, "holds 6 layers, the model 4"),
     "qwen4_exp_text": (IncompatibleLayoutError, "indexer_position_ids"),
-    "xlstm": (SpecError, "no transformers Cache"),
-    "rwkv": (SpecError, "no transformers Cache"),
-    "recurrent_gemma": (SpecError, "no transformers Cache"),
 }
+
+
+def continue_kwargs(model_type: str, cache) -> dict:
+    """The keyword a model continues from its cache with: RWKV takes its state list as ``state``."""
+    return {"state": cache} if model_type == "rwkv" else {"cache": cache}
+
+
+def cache_of(out):
+    """The cache a prefill returned: ``.cache``, or RWKV's ``.state`` list."""
+    return out.cache if getattr(out, "cache", None) is not None else getattr(out, "state", None)
 
 
 def continuations(model, new_cache, append, vocab: int) -> list:
     """Logits of STEPS greedy decode steps from one fresh cache, and of appending ``append`` at once
     to another (pure-SSM models take the two paths differently)."""
     out = []
+    model_type = model.config.model_type
     with torch.no_grad():
         cache, tok = new_cache(), append[:, :1]
         for _ in range(STEPS):
-            logits = model(input_ids=tok, cache=cache, use_cache=True).logits
-            out.append(logits)
-            tok = logits[:, -1:, :vocab].argmax(-1)
-        out.append(model(input_ids=append, cache=new_cache(), use_cache=True).logits)
+            result = model(input_ids=tok, use_cache=True, **continue_kwargs(model_type, cache))
+            cache = result.state if model_type == "rwkv" else cache  # RWKV hands its state back
+            out.append(result.logits)
+            tok = result.logits[:, -1:, :vocab].argmax(-1)
+        out.append(model(input_ids=append, use_cache=True, **continue_kwargs(model_type, new_cache())).logits)
     return out
 
 
@@ -50,12 +62,14 @@ def same(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def held_bytes(cache, layers: int) -> int:
-    """Bytes of batch row 0 of every tensor the cache holds (what a request's cache is)."""
-    from kvlink.engine.hf.layers import slots
+def held_bytes(cache, layers: int, model=None) -> int:
+    """Bytes of batch row 0 of every tensor the cache (and ``model``'s modules) holds (what a
+    request's cache is)."""
+    from kvlink.engine.hf.layers import decoder_layers, slots
 
+    modules = decoder_layers(model)
     return sum(t[0].numel() * t.element_size() for i in range(layers)
-               for t in (s.read(cache, i) for s in slots(cache, i)))
+               for t in (s.read(cache, i, modules) for s in slots(cache, i, modules)))
 
 
 def corrupt(spec, paged: PagedCache, ref: CacheRef) -> str:
@@ -80,9 +94,15 @@ def test_round_trips_bit_exact_or_is_refused(model_type):
     append = torch.randint(3, vocab, (1, APPEND), generator=torch.Generator().manual_seed(1))
     expected = REFUSED.get(model_type)
 
+    holder = {"model": model} if model_type in MODULE_HELD else {}
+
     def prefill():
         with torch.no_grad():
-            return model(input_ids=prompt, use_cache=True).cache
+            if holder:  # returns no cache: give it one; the rest of its state stays on its modules
+                cache = transformers.DynamicCache(config=config)
+                model(input_ids=prompt, cache=cache, use_cache=True)
+                return cache
+            return cache_of(model(input_ids=prompt, use_cache=True))
 
     try:
         if model_type in TRACE_FALLBACK:
@@ -96,7 +116,7 @@ def test_round_trips_bit_exact_or_is_refused(model_type):
         adapter = HFCacheAdapter(spec, config)
         src = PagedCache.allocate(spec, 8, BS, num_slots=2, fill="zeros")
         src_ref = CacheRef([5, 1, 7, 0], PROMPT, 1)
-        adapter.export(cache, src, src_ref)
+        adapter.export(cache, src, src_ref, **holder)
     except (SpecError, IncompatibleLayoutError) as exc:
         assert expected is not None, f"{model_type} refused unexpectedly: {exc!r}"
         assert isinstance(exc, expected[0]) and expected[1] in str(exc), repr(exc)
@@ -104,13 +124,13 @@ def test_round_trips_bit_exact_or_is_refused(model_type):
     assert expected is None, f"{model_type} was expected to be refused ({expected}) but went through"
 
     payload = Packer(src).pack(src_ref)
-    assert sum(s.raw_nbytes for s in payload.segments) == spec.bytes_at(PROMPT) == held_bytes(cache, spec.num_layers)
+    assert sum(s.raw_nbytes for s in payload.segments) == spec.bytes_at(PROMPT) == held_bytes(cache, spec.num_layers, **holder)
     dst = PagedCache.allocate(spec, 8, BS, num_slots=3, fill="randn")
     dst_ref = CacheRef([2, 6, 3, 4], PROMPT, 2)
     Unpacker(dst).unpack(payload.tobytes(), dst_ref)
 
     def restore():
-        return adapter.build_cache(dst, dst_ref)
+        return adapter.build_cache(dst, dst_ref, **holder)
 
     reference = continuations(model, prefill, append, vocab)
     restored = continuations(model, restore, append, vocab)

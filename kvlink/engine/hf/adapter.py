@@ -3,7 +3,9 @@
 Export compares what the cache object holds with what the spec carries, tensor by tensor, and
 refuses (naming the layer and component) rather than drop anything. Rebuilding restores the
 tensors and the bookkeeping transformers needs to continue without a re-prefill: sliding layers'
-``cumulative_length``, linear layers' ``has_previous_state`` and conv kernel sizes.
+``cumulative_length``, linear layers' ``has_previous_state`` and conv kernel sizes. RWKV's state
+list and xLSTM's ``xLSTMCache`` (no transformers Cache) are carried and rebuilt as the model makes them;
+RecurrentGemma's states, kept on its modules, are read from and restored into the ``model=`` given.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from typing import Sequence
 
 import torch
 
-from kvlink.engine.hf.layers import Slot, from_token_rows, inventory, slots, token_rows
-from kvlink.engine.hf.spec import num_layers, trace_cache, window_of
+from kvlink.engine.hf.layers import (MODULE_STATES, RWKV_STATES, XLSTM_STATES, Slot, cache_form, check_length,
+                                     decoder_layers, from_token_rows, inventory, module_owner, num_cache_layers, slots,
+                                     token_rows)
+from kvlink.engine.hf.spec import num_layers, text_config, trace_cache, window_of
 from kvlink.errors import ConfigError, IncompatibleLayoutError, SpecError
 from kvlink.serde.layout import TORCH_DTYPES
 from kvlink.serde.paged import CacheRef, PagedCache
@@ -28,7 +32,12 @@ class HFCacheAdapter:
     one batch row of a filled cache into a request's blocks and state slot; ``build_cache``
     makes a new cache (of the class the model itself builds) holding one request per batch row.
     ``cache_factory`` (no arguments, returns an empty cache) overrides that class; without it the
-    class is found by tracing the model once, falling back to ``DynamicCache(config=...)``.
+    class is found by tracing the model once, falling back to ``DynamicCache(config=...)``. For
+    RWKV (a list of five state tensors; continue with ``state=``) and xLSTM (an ``xLSTMCache``;
+    continue with ``cache=``) ``build_cache`` makes the state itself, or ``cache_factory`` returns
+    one already sized for the batch. A model keeping states on its modules (RecurrentGemma: its
+    spec has ``conv1d`` / ``rg_lru`` states) needs ``model=`` in ``export`` and ``build_cache``:
+    they are read from, and restored into, that model's decoder layers.
     Raises :class:`IncompatibleLayoutError` when the config and spec disagree on the layer count,
     :class:`SpecError` for a ``config`` that is not a transformers config, and
     :class:`ConfigError` for a ``spec`` that is not a :class:`CacheSpec`.
@@ -45,22 +54,26 @@ class HFCacheAdapter:
         self._cache_factory = cache_factory
 
     # -- export ----------------------------------------------------------------------------------
-    def export(self, cache, paged: PagedCache, ref: CacheRef, row: int = 0) -> None:
-        """Write batch row ``row`` of ``cache`` (every layer) into ``ref``'s blocks and slot.
+    def export(self, cache, paged: PagedCache, ref: CacheRef, row: int = 0, model=None) -> None:
+        """Write batch row ``row`` of ``cache`` (every layer) into ``ref``'s blocks and slot;
+        ``model``: the model that filled it, for states it keeps on its modules.
 
         Every layer is checked before any is written: when it refuses, ``paged`` is untouched.
         Raises :class:`IncompatibleLayoutError` when ``cache`` is not a transformers Cache, holds
-        anything the spec does not carry (or lacks something it does), or ``paged`` was built for
-        another layout; :class:`ConfigError` for a bad row, ``paged`` or reference.
+        anything the spec does not carry (or lacks something it does), counts other tokens than
+        ``ref`` (an xLSTM cache's ``seqlen_offset``), or ``paged`` was built for another layout;
+        :class:`ConfigError` for a bad row, ``paged`` or reference.
         """
         target = self._check_target(paged, ref)
-        inventory(cache, self.num_layers)
-        jobs = [self._layer_jobs(cache, layer, paged, ref, row) for layer in range(self.spec.num_layers)]
+        modules = decoder_layers(model)
+        inventory(cache, self.num_layers, modules)
+        check_length(cache, ref.num_tokens)
+        jobs = [self._layer_jobs(cache, layer, paged, ref, row, modules) for layer in range(self.spec.num_layers)]
         for layer, layer_jobs in enumerate(jobs):
             self._write(paged, ref, layer, layer_jobs, target)
 
     def export_layer(self, cache, layer: int, paged: PagedCache, ref: CacheRef, row: int = 0,
-                     checked: bool = False) -> None:
+                     checked: bool = False, model=None) -> None:
         """Write tokens [ref.token_start, ref.num_tokens) of ``layer`` and its states into ``paged``.
 
         ``checked``: the caller already ran :func:`inventory` on ``cache``. Raises as
@@ -68,9 +81,11 @@ class HFCacheAdapter:
         layer when it refuses.
         """
         target = self._check_target(paged, ref)
+        modules = decoder_layers(model)
         if not checked:
-            inventory(cache, self.num_layers)
-        self._write(paged, ref, layer, self._layer_jobs(cache, layer, paged, ref, row), target)
+            inventory(cache, self.num_layers, modules)
+            check_length(cache, ref.num_tokens)
+        self._write(paged, ref, layer, self._layer_jobs(cache, layer, paged, ref, row, modules), target)
 
     def _check_target(self, paged: PagedCache, ref: CacheRef) -> tuple:
         """``paged`` and ``ref`` are of the right types and ``ref`` fits ``paged`` (else
@@ -82,7 +97,7 @@ class HFCacheAdapter:
         ids, ids_host = ref.block_ids_checked(paged)
         return ids, ids_host, ref.slot(paged) if any(layer.states for layer in self.spec.layers) else -1
 
-    def _layer_jobs(self, cache, layer: int, paged: PagedCache, ref: CacheRef, row: int) -> list:
+    def _layer_jobs(self, cache, layer: int, paged: PagedCache, ref: CacheRef, row: int, modules: list) -> list:
         """Every check of one layer's export, writing nothing: ``[(component index, source)]``.
 
         Raises :class:`ConfigError` for a layer or row out of range, and
@@ -97,15 +112,17 @@ class HFCacheAdapter:
                                             or paged.spec.layers[layer].canon() != spec_layer.canon()):
             raise IncompatibleLayoutError(f"layer {layer}: the paged cache was built for another layout "
                                           f"({paged.spec.name}) than the adapter's ({self.spec.name})")
-        held = slots(cache, layer)
+        held = slots(cache, layer, modules)
         want = [c.name for c in spec_layer.components]
         if [s.name for s in held] != want:
+            hint = " (states kept on the model's modules need model=)" if not modules and set(want) & set(
+                MODULE_STATES) else ""
             raise IncompatibleLayoutError(f"layer {layer}: the cache holds {[s.name for s in held]}, the spec carries "
-                                          f"{want}; a tensor would be dropped or missing")
+                                          f"{want}; a tensor would be dropped or missing{hint}")
         n = ref.num_tokens
         jobs = []
         for index, (slot, comp) in enumerate(zip(held, spec_layer.components)):
-            t = slot.read(cache, layer)
+            t = slot.read(cache, layer, modules)
             if not 0 <= row < t.shape[0]:
                 raise ConfigError(f"row {row} out of range for a batch of {t.shape[0]}")
             src = t[row] if slot.token_dim is None else token_rows(t, slot.token_dim, row)
@@ -143,15 +160,18 @@ class HFCacheAdapter:
             copy_tokens(dst, ids, ids_host, start, n, paged.block_size, part, False)
 
     # -- rebuild ---------------------------------------------------------------------------------
-    def build_cache(self, paged: PagedCache, refs: CacheRef | Sequence[CacheRef]):
+    def build_cache(self, paged: PagedCache, refs: CacheRef | Sequence[CacheRef], model=None):
         """A new cache holding ``refs`` (one request per batch row), ready to continue decoding.
+        ``model``: the model that will continue, for states it keeps on its modules (restored into
+        its decoder layers: one model serves one such batch at a time).
 
         Rows must be the same length (transformers caches are not ragged); raises
         :class:`ConfigError` otherwise, for a ``paged`` that is not a PagedCache or for a bad
         reference. Raises :class:`IncompatibleLayoutError`, before writing anything, when a layer
         object of the new cache cannot hold what the spec carries as the spec carries it (e.g. a
         ``cache_factory`` whose full-attention layer would get a sliding window's tokens, or a
-        plain attention layer a linear-attention state), naming the layer and component.
+        plain attention layer a linear-attention state, or an RWKV / xLSTM state of other shapes
+        than the spec's or the config's), naming the layer and component.
         """
         try:
             refs = [refs] if isinstance(refs, CacheRef) else list(refs)
@@ -166,12 +186,43 @@ class HFCacheAdapter:
             raise IncompatibleLayoutError(f"the paged cache was built for another layout ({paged.spec.name}) than "
                                           f"the adapter's ({self.spec.name})")
         n = refs[0].num_tokens
-        cache = self._new_cache()
-        _check_layer_objects(cache, self.spec)
+        form = spec_form(self.spec)
+        modules = decoder_layers(model)
+        if form == "layers":
+            cache = self._new_cache()
+            _check_layer_objects(cache, self.spec, modules)
+        else:
+            cache = self._new_state(form, len(refs), paged)
         for layer, spec_layer in enumerate(self.spec.layers):
             for index, comp in enumerate(spec_layer.components):
                 batch = torch.stack([self._read(paged, ref, layer, index, comp) for ref in refs])
-                _restore(cache, layer, comp.name, batch, n)
+                _restore(cache, layer, comp.name, batch, n, modules)
+        if form == "xlstm":
+            cache.seqlen_offset.fill_(n)
+            cache.rnn_state_initial = False  # as the model leaves it after a prefill
+        return cache
+
+    def _new_state(self, form: str, batch: int, paged: PagedCache):
+        """An RWKV state list or an ``xLSTMCache`` for ``batch`` rows, checked against the spec."""
+        comps = self.spec.layers[0].components
+        device = paged.tensor(0, 0).device
+        if self._cache_factory is not None:
+            cache = self._cache_factory()
+        elif form == "rwkv":  # as RwkvModel.forward makes it: [batch, hidden, layers] per state
+            cache = [torch.zeros(batch, *c.shape, self.num_layers, dtype=TORCH_DTYPES[c.dtype], device=device)
+                     for c in comps]
+            hidden = getattr(text_config(self.config), "hidden_size", None)
+            if any(c.shape != (hidden,) for c in comps):
+                raise IncompatibleLayoutError(f"the spec's RWKV states are {[c.shape for c in comps]}, the config's "
+                                              f"hidden_size {hidden}")
+        else:  # as xLSTMModel.forward makes it
+            from transformers.models.xlstm.modeling_xlstm import xLSTMCache
+
+            try:
+                cache = xLSTMCache(self.config, batch, dtype=TORCH_DTYPES[comps[0].dtype], device=device)
+            except (AttributeError, TypeError, ValueError) as exc:
+                raise IncompatibleLayoutError(f"cannot build an xLSTMCache from the config: {exc}") from exc
+        _check_state_target(cache, form, self.spec, batch)
         return cache
 
     def _read(self, paged: PagedCache, ref: CacheRef, layer: int, index: int, comp) -> torch.Tensor:
@@ -221,19 +272,23 @@ def _construct(cls, config):
         return cls()
 
 
-def _check_layer_objects(cache, spec: CacheSpec) -> None:
+def _check_layer_objects(cache, spec: CacheSpec, modules: list = ()) -> None:
     """Refuse a cache whose layer objects cannot take what ``spec`` carries, as it carries it.
 
     Raises :class:`IncompatibleLayoutError` naming the layer and component: a token tensor for a
     layer object without it, or with another window (a sliding window's last W-1 tokens in a full
     layer would continue silently wrong); a state for a layer object without that state index; a
-    cache-level state for a cache that keeps none."""
+    cache-level state for a cache that keeps none; a module state for a model (``modules``) without it."""
     for layer, spec_layer in enumerate(spec.layers):
         obj = cache.layers[layer]
         for comp in spec_layer.components:
             slot = _slot_for(cache, layer, comp.name)
             what = f"layer {layer} {comp.name}: the new cache's {type(obj).__name__}"
-            if slot.where == "cache":
+            if slot.where == "module":
+                if layer >= len(modules) or module_owner(modules[layer], comp.name) is None:
+                    raise IncompatibleLayoutError(f"layer {layer} {comp.name}: a state the model keeps on its modules; "
+                                                  "pass model= (the model that continues, with that state)")
+            elif slot.where == "cache":
                 items = getattr(cache, slot.attr, None)
                 if not callable(getattr(cache, "set_linear_cache", None)) and not (
                         isinstance(items, list) and layer < len(items)):
@@ -255,10 +310,45 @@ def _check_layer_objects(cache, spec: CacheSpec) -> None:
                     raise IncompatibleLayoutError(f"{what} has no {slot.attr}[{slot.key}] state")
 
 
-def _restore(cache, layer: int, name: str, batch: torch.Tensor, n: int) -> None:
+def spec_form(spec: CacheSpec) -> str:
+    """``"rwkv"`` or ``"xlstm"`` when every layer carries exactly that model's states (the
+    :func:`~kvlink.engine.hf.layers.cache_form` the spec was read from), else ``"layers"``."""
+    names = {tuple(c.name for c in layer.components) for layer in spec.layers}
+    for form, states in (("rwkv", RWKV_STATES), ("xlstm", XLSTM_STATES)):
+        if names == {states} and all(not layer.tokens for layer in spec.layers):
+            return form
+    return "layers"
+
+
+def _check_state_target(cache, form: str, spec: CacheSpec, batch: int) -> None:
+    """Refuse a new RWKV / xLSTM state that cannot take what ``spec`` carries: another form, layer
+    count, or a state of another shape or dtype (:class:`IncompatibleLayoutError`, naming it)."""
+    if cache_form(cache) != form:
+        raise IncompatibleLayoutError(f"the new cache is a {type(cache).__name__}, not the {form} state the spec "
+                                      "carries")
+    inventory(cache, spec.num_layers)
+    if num_cache_layers(cache) != spec.num_layers:
+        raise IncompatibleLayoutError(f"the new {type(cache).__name__} holds {num_cache_layers(cache)} layers, the "
+                                      f"spec {spec.num_layers}")
+    for layer, spec_layer in enumerate(spec.layers):
+        for slot, comp in zip(slots(cache, layer), spec_layer.components):
+            t = slot.read(cache, layer)
+            want = (batch, *comp.shape)
+            if tuple(t.shape) != want or t.dtype != TORCH_DTYPES[comp.dtype]:
+                raise IncompatibleLayoutError(f"layer {layer} {comp.name}: the new {type(cache).__name__} holds "
+                                              f"{tuple(t.shape)} {t.dtype}, the spec carries {want} {comp.dtype}")
+
+
+def _restore(cache, layer: int, name: str, batch: torch.Tensor, n: int, modules: list = ()) -> None:
     """Put one component back where transformers keeps it, with the bookkeeping around it."""
-    obj = cache.layers[layer]
     slot = _slot_for(cache, layer, name)
+    if slot.where == "module":
+        setattr(*module_owner(modules[layer], name), batch)
+        return
+    if slot.where in ("rwkv", "xlstm"):
+        slot.read(cache, layer).copy_(batch)
+        return
+    obj = cache.layers[layer]
     if slot.where == "cache":
         if hasattr(cache, "set_linear_cache"):
             cache.set_linear_cache(layer, batch)
@@ -292,6 +382,12 @@ def _slot_for(cache, layer: int, name: str) -> Slot:
     for attr, cname in CACHE_STATE_LISTS.items():
         if name == cname:
             return Slot(name, attr, where="cache")
+    if name in MODULE_STATES:
+        return Slot(name, ".".join(MODULE_STATES[name]), where="module")
+    if name in RWKV_STATES and cache_form(cache) == "rwkv":
+        return Slot(name, "state", RWKV_STATES.index(name), where="rwkv")
+    if name in XLSTM_STATES and cache_form(cache) == "xlstm":
+        return Slot(name, "rnn_state", XLSTM_STATES.index(name), where="xlstm")
     for attr, prefix in STATE_DICTS.items():
         if name == prefix:
             return Slot(name, attr, 0)

@@ -14,7 +14,8 @@ import torch
 import torch.fx.experimental._config  # noqa: F401  (the meta nonzero switch)
 
 from kvlink.errors import IncompatibleLayoutError, SpecError
-from kvlink.engine.hf.layers import Slot, check_is_cache, inventory, slots
+from kvlink.engine.hf.layers import (MODULE_STATES, STATE_DICTS, Slot, cache_form, check_is_cache, decoder_layers, inventory,
+                                     module_owner, num_cache_layers, slots)
 from kvlink.serde.layout import DTYPE_NAMES
 from kvlink.spec import CacheSpec, Layer, StateTensor, TokenTensor
 
@@ -53,11 +54,19 @@ def default_dtype(config) -> torch.dtype:
 
 
 def trace_cache(config, dtype: torch.dtype | None = None):
-    """A cache as the model fills it on a prefill of :data:`TRACE_TOKENS` tokens, on the meta device.
+    """A cache as the model fills it on a prefill of :data:`TRACE_TOKENS` tokens, on the meta device:
+    a transformers Cache, RWKV's ``state`` list or an ``xLSTMCache`` (see :func:`~kvlink.engine.hf.layers.cache_form`).
 
     Raises :class:`SpecError` when the model cannot be built or run there (the message names
-    the model type and the failure)."""
-    from transformers import AutoModelForCausalLM
+    the model type and the failure), or returns none of these."""
+    return _trace(config, dtype)[0]
+
+
+def _trace(config, dtype: torch.dtype | None) -> tuple:
+    """``(cache, decoder layers holding module states or [])``: see :func:`trace_cache`. A model that
+    keeps states on its modules and returns no cache (RecurrentGemma) is run again with a
+    ``DynamicCache`` of its own config for the rest of its state."""
+    from transformers import AutoModelForCausalLM, DynamicCache
 
     dtype = dtype or default_dtype(config)
     model_type = getattr(text_config(config), "model_type", type(config).__name__)
@@ -72,15 +81,35 @@ def trace_cache(config, dtype: torch.dtype | None = None):
             ids = torch.zeros(1, TRACE_TOKENS, dtype=torch.long)
             with torch.no_grad():
                 out = model(input_ids=ids, use_cache=True)
+                modules = _module_holders(model) if _cache_of(out) is None else []
+                if modules:
+                    cache = DynamicCache(config=model.config)
+                    model(input_ids=ids, cache=cache, use_cache=True)
+                    return cache, modules
     except Exception as exc:  # transformers raises anything; the caller gets one typed error
         raise SpecError(f"{model_type}: cannot trace the cache on the meta device "
                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); build the spec with spec_from_cache "
                         "from a real prefill") from exc
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-    if cache is None or not hasattr(cache, "layers"):
+    cache = _cache_of(out)
+    if cache_form(cache) is None:
         raise SpecError(f"{model_type}: the model returned no transformers Cache (got {type(cache).__name__}); "
                         "its state is not reachable")
-    return cache
+    return cache, []
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    return cache if cache is not None else getattr(out, "state", None)  # RWKV: a list of state tensors
+
+
+def _module_holders(model) -> list:
+    """``model``'s decoder layers when any holds a :data:`MODULE_STATES` tensor, else []."""
+    try:
+        layers = decoder_layers(model)
+    except IncompatibleLayoutError:
+        return []
+    found = [module_owner(layer, name) for layer in layers for name in MODULE_STATES]
+    return layers if any(f and isinstance(getattr(*f), torch.Tensor) for f in found) else []
 
 
 def spec_from_config(config, dtype: torch.dtype | None = None, name: str | None = None) -> CacheSpec:
@@ -89,13 +118,15 @@ def spec_from_config(config, dtype: torch.dtype | None = None, name: str | None 
 
     Raises :class:`SpecError` when the model cannot be traced or ``config`` is not a transformers
     config, and :class:`IncompatibleLayoutError` when its cache holds a tensor kvlink cannot carry
-    (named).
+    (named). A model keeping states on its modules (RecurrentGemma) gets them in its spec: its
+    adapter then needs ``model=`` to export and rebuild.
     """
-    cache = trace_cache(config, dtype)
-    return spec_from_cache(cache, name, config=config)
+    cache, modules = _trace(config, dtype)
+    return _spec(cache, name, None, config, modules)
 
 
-def spec_from_cache(cache, name: str | None = None, layers: int | None = None, config=None) -> CacheSpec:
+def spec_from_cache(cache, name: str | None = None, layers: int | None = None, config=None,
+                    model=None) -> CacheSpec:
     """The layout of a filled transformers cache (any class transformers builds), read off its
     tensors: one component per tensor, per-token shapes without batch and token dims.
 
@@ -103,29 +134,43 @@ def spec_from_cache(cache, name: str | None = None, layers: int | None = None, c
     :func:`spec_from_config` does, so both routes give one fingerprint; it also gives ``layers``
     (default: the config's layer count, else the cache's).
 
-    Raises :class:`IncompatibleLayoutError` for something that is not a transformers Cache or a
-    tensor kvlink cannot carry (named), and :class:`SpecError` for an empty cache, no ``name``
+    ``model``: the model that filled ``cache``, for the states it keeps on its modules
+    (RecurrentGemma). Without it, a state-keeping layer object (``conv_states`` /
+    ``recurrent_states``) left empty by the prefill is refused: its state is kept elsewhere.
+
+    Raises :class:`IncompatibleLayoutError` for something that is not a transformers Cache, a
+    tensor kvlink cannot carry (named) or a state-keeping layer left empty, and :class:`SpecError` for an empty cache, no ``name``
     and no ``config``, a ``config`` that is not a transformers config, or a bad ``layers``.
     """
+    return _spec(cache, name, layers, config, decoder_layers(model))
+
+
+def _spec(cache, name: str | None, layers: int | None, config, modules: list) -> CacheSpec:
     check_is_cache(cache)
     if name is None:
         if config is None:
             raise SpecError("spec_from_cache needs a name or the model's config (which names it hf:<model_type>)")
         name = default_name(config)
     if layers is None:
-        layers = num_layers(config) if config is not None else len(cache.layers)
+        layers = num_layers(config) if config is not None else num_cache_layers(cache)
     if not isinstance(layers, int) or isinstance(layers, bool) or layers < 0:
         raise SpecError(f"layers must be a non-negative int, got {layers!r}")
-    inventory(cache, layers)
-    return CacheSpec(name, tuple(layer_spec(cache, i) for i in range(layers)),
+    inventory(cache, layers, modules)
+    if cache_form(cache) == "layers":
+        for i, obj in enumerate(cache.layers):
+            if any(isinstance(getattr(obj, a, None), dict) for a in STATE_DICTS) and not slots(cache, i, modules):
+                raise IncompatibleLayoutError(f"layer {i} ({type(obj).__name__}) holds no state after the prefill: "
+                                              "the model keeps it elsewhere (on its modules: pass model=)")
+    return CacheSpec(name, tuple(layer_spec(cache, i, modules) for i in range(layers)),
                      notes=f"from a transformers {type(cache).__name__}")
 
 
-def layer_spec(cache, i: int) -> Layer:
-    obj = cache.layers[i] if i < len(cache.layers) else None
+def layer_spec(cache, i: int, modules: list = ()) -> Layer:
+    form = cache_form(cache)
+    obj = cache.layers[i] if form == "layers" and i < len(cache.layers) else None
     tokens, states = [], []
-    for slot in slots(cache, i):
-        t = slot.read(cache, i)
+    for slot in slots(cache, i, modules):
+        t = slot.read(cache, i, modules)
         dtype = _dtype_name(t, i, slot)
         if slot.token_dim is None:
             states.append(StateTensor(slot.name, tuple(t.shape[1:]), dtype))
@@ -133,7 +178,8 @@ def layer_spec(cache, i: int) -> Layer:
         shape = tuple(d for k, d in enumerate(t.shape) if k not in (0, slot.token_dim))
         window, size = window_of(obj)
         tokens.append(TokenTensor(slot.name, shape, dtype, window, size))
-    return Layer(tuple(tokens), tuple(states), type(obj).__name__ if obj is not None else "")
+    variant = type(obj).__name__ if obj is not None else {"rwkv": "rwkv", "xlstm": "mlstm"}.get(form, "")
+    return Layer(tuple(tokens), tuple(states), variant)
 
 
 def window_of(obj) -> tuple[str, int]:
