@@ -273,7 +273,7 @@ class CacheSpec:
         if name not in GROUPS:
             raise SpecError(f"unknown component group {name!r}; expected one of {GROUPS}")
         return [(i, c) for i, layer in enumerate(self.layers) for c, comp in enumerate(layer.components)
-                if _group_of(comp) == name]
+                if group_of(comp) == name]
 
     @property
     def window_tokens(self) -> int:
@@ -354,7 +354,8 @@ class CacheSpec:
         }
 
 
-def _group_of(comp: Component) -> str:
+def group_of(comp: Component) -> str:
+    """The group (:data:`GROUPS`) a component travels in."""
     if comp.is_state:
         return "state"
     return "full" if comp.window == "full" else "window"

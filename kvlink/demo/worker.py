@@ -19,8 +19,9 @@ import torch
 from kvlink.config import PoolConfig, TransportConfig, parse_rate
 from kvlink.engine import DecodeSide, PrefillSide
 from kvlink.engine.hf import HFCacheAdapter, spec_from_config
+from kvlink.engine.hf.layers import decoder_layers
 from kvlink.engine.pieces import pack_pieces, restore_pieces
-from kvlink.engine.tiny import decoder_layers, tiny_model
+from kvlink.engine.tiny import tiny_model
 from kvlink.pool import Pool
 from kvlink.serde import CacheRef, PagedCache
 

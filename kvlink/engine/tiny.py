@@ -39,8 +39,3 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, *
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
     return model, config
-
-
-def decoder_layers(model) -> list:
-    """The decoder layer modules in order (their forward hooks fire as each layer finishes)."""
-    return list(model.model.layers)

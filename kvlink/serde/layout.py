@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kvlink.errors import SpecError
-from kvlink.spec import GROUPS, CacheSpec
+from kvlink.spec import GROUPS, CacheSpec, group_of
 
 TORCH_DTYPES = {
     "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
@@ -71,11 +71,10 @@ def layer_segments(spec: CacheSpec, layer: int, token_start: int, token_end: int
         raise SpecError(f"unknown component group {group!r}; expected one of {GROUPS}")
     out = []
     for index, comp in enumerate(spec.layers[layer].components):
-        if comp.is_state:
-            if group in (None, "state"):
-                out.append(SegmentLayout(layer, index, comp.name, True, comp.dtype, comp.shape, token_end))
+        if group is not None and group != group_of(comp):
             continue
-        if group is not None and group != ("full" if comp.window == "full" else "window"):
+        if comp.is_state:
+            out.append(SegmentLayout(layer, index, comp.name, True, comp.dtype, comp.shape, token_end))
             continue
         start = max(token_start, comp.live_start(token_end))
         out.append(SegmentLayout(layer, index, comp.name, False, comp.dtype, (token_end - start, *comp.shape), start))

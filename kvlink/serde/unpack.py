@@ -41,17 +41,13 @@ def check_compatible(payload: Payload, cache: PagedCache, ref: CacheRef, group: 
         expected = {exp.component: exp for exp in layer_segments(spec, layer, header.token_start, header.token_end,
                                                                  group)}
         components = [seg.component for seg in segs]
-        if components != sorted(set(components)):
-            raise IncompatibleLayoutError(f"layer {layer}: components {components} repeat or are out of order")
-        if components != sorted(expected):
+        if components != sorted(expected):  # also refuses repeats and disorder
             missing = [spec.layers[layer].components[c].name for c in sorted(set(expected) - set(components))]
             raise IncompatibleLayoutError(f"layer {layer}: payload lacks components {missing}" if missing else
                                           f"layer {layer}: components {components}, expected {sorted(expected)}"
                                           + (f" (group {group})" if group else ""))
         for seg in segs:
-            exp = expected.get(seg.component)
-            if exp is None:
-                raise IncompatibleLayoutError(f"{seg.name}: layer {layer} has no component {seg.component}")
+            exp = expected[seg.component]
             got = (seg.is_state, seg.dtype, seg.shape, seg.token_start)
             want = (exp.is_state, exp.dtype, exp.shape, exp.token_start)
             if got != want:

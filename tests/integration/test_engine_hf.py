@@ -1,17 +1,17 @@
 """Real hybrid model code end to end: prefill streams its cache layer by layer through the real
 transport (loopback), decode rebuilds a transformers cache and continues; logits bit for bit."""
 
-import asyncio
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from kvlink.engine import DecodeSide, PrefillSide  # noqa: E402
+from kvlink.engine import DecodeSide  # noqa: E402
 from kvlink.engine.hf import HFCacheAdapter, spec_from_cache, spec_from_config  # noqa: E402
-from kvlink.engine.tiny import decoder_layers, tiny_model  # noqa: E402
+from kvlink.engine.tiny import tiny_model  # noqa: E402
 from kvlink.serde import CacheRef, PagedCache  # noqa: E402
+from tests.integration.hf_stream import stream_prefill as streamed  # noqa: E402
 
 BS = 16
 STEPS = 4
@@ -29,30 +29,11 @@ def greedy(model, cache, first_logits, steps=STEPS):
 
 
 async def stream_prefill(model, config, spec, prompt, dst_ref, decode, request_id):
-    """Run prefill in a worker thread; a forward hook exports and saves each layer as it finishes."""
-    adapter = HFCacheAdapter(spec, config)
+    """Prefill streamed layer by layer from forward hooks (see hf_stream)."""
     src = PagedCache.allocate(spec, 16, BS, num_slots=2, fill="zeros")
     src_ref = CacheRef([9, 2, 14, 5, 11][: -(-prompt.shape[1] // BS)], prompt.shape[1], 1)
-    prefill = PrefillSide(src)
-    await prefill.begin(request_id, src_ref, decode.server.address)
-    cache = transformers.DynamicCache(config=config)
-
-    def hook(i):
-        def on_layer_done(module, args, output):
-            adapter.export_layer(cache, i, src, src_ref)
-            prefill.save_layer(request_id, i)
-        return on_layer_done
-
-    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(decoder_layers(model))]
-    try:
-        with torch.no_grad():
-            logits = await asyncio.to_thread(lambda: model(prompt, cache=cache, use_cache=True).logits)
-    finally:
-        for h in handles:
-            h.remove()
-    report = await prefill.finish(request_id, timeout=60)
-    await prefill.close()
-    return logits, report
+    return await streamed(model, HFCacheAdapter(spec, config), transformers.DynamicCache(config=config), prompt,
+                          src, src_ref, decode.server.address, request_id, list(range(spec.num_layers)))
 
 
 @pytest.mark.parametrize("family,dtype", [("kimi_linear", torch.float32), ("kimi_linear", torch.bfloat16),

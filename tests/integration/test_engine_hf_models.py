@@ -9,7 +9,6 @@ exactly what the transformers cache row holds, and zeroing one carried component
 continuation (so the comparison can fail).
 """
 
-import asyncio
 import threading
 
 import pytest
@@ -17,10 +16,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from kvlink.engine import DecodeSide, PrefillSide  # noqa: E402
+from kvlink.engine import DecodeSide  # noqa: E402
 from kvlink.engine.hf import HFCacheAdapter, spec_from_cache, spec_from_config  # noqa: E402
 from kvlink.errors import ConfigError, IncompatibleLayoutError, LoadFailed, SpecError  # noqa: E402
 from kvlink.serde import CacheRef, Packer, PagedCache, Payload, Unpacker  # noqa: E402
+from tests.integration.hf_stream import stream_prefill as streamed  # noqa: E402
 from tests.integration.hf_zoo import ZOO, build, one_torch_thread  # noqa: E402,F401  (autouse fixture)
 
 BS = 8
@@ -145,31 +145,11 @@ def corrupt(spec, paged: PagedCache, ref: CacheRef, name: str | None = None) -> 
 
 
 async def stream_prefill(model, config, adapter, prompt, layers, decode_side, request_id):
-    """Prefill in a worker thread; a forward hook exports each layer into the prefill side's paged
-    cache and saves it (packs and queues it on the transport) as soon as the layer is done."""
-    spec = adapter.spec
-    src = PagedCache.allocate(spec, 16, BS, num_slots=2, fill="zeros")
-    src_ref = CacheRef(SRC_BLOCKS, prompt.shape[1], 1)
-    prefill_side = PrefillSide(src)
-    await prefill_side.begin(request_id, src_ref, decode_side.server.address, layers=layers)
+    """Prefill streamed layer by layer from forward hooks (see hf_stream); also returns the cache."""
+    src = PagedCache.allocate(adapter.spec, 16, BS, num_slots=2, fill="zeros")
     cache = new_cache(config)
-
-    def hook(i):
-        def on_layer_done(module, args, output):
-            adapter.export_layer(cache, i, src, src_ref)
-            if i in layers:
-                prefill_side.save_layer(request_id, i)
-        return on_layer_done
-
-    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
-    try:
-        with torch.no_grad():
-            logits = await asyncio.to_thread(lambda: model(prompt, cache=cache, use_cache=True).logits)
-    finally:
-        for h in handles:
-            h.remove()
-    report = await prefill_side.finish(request_id, timeout=60)
-    await prefill_side.close()
+    logits, report = await streamed(model, adapter, cache, prompt, src, CacheRef(SRC_BLOCKS, prompt.shape[1], 1),
+                                    decode_side.server.address, request_id, layers)
     return cache, logits, report
 
 

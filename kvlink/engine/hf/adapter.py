@@ -14,9 +14,9 @@ from typing import Sequence
 
 import torch
 
-from kvlink.engine.hf.layers import (MODULE_STATES, RWKV_STATES, XLSTM_STATES, Slot, cache_form, check_length,
-                                     decoder_layers, from_token_rows, inventory, module_owner, num_cache_layers, slots,
-                                     token_rows)
+from kvlink.engine.hf.layers import (MODULE_STATES, RWKV_STATES, XLSTM_STATES, cache_form, check_length,
+                                     decoder_layers, from_token_rows, inventory, module_owner, num_cache_layers,
+                                     slot_for, slots, token_rows)
 from kvlink.engine.hf.spec import num_layers, text_config, trace_cache, window_of
 from kvlink.errors import ConfigError, IncompatibleLayoutError, SpecError
 from kvlink.serde.layout import TORCH_DTYPES
@@ -88,12 +88,17 @@ class HFCacheAdapter:
         self._write(paged, ref, layer, self._layer_jobs(cache, layer, paged, ref, row, modules), target)
 
     def _check_target(self, paged: PagedCache, ref: CacheRef) -> tuple:
-        """``paged`` and ``ref`` are of the right types and ``ref`` fits ``paged`` (else
-        :class:`ConfigError`): ``(block ids, host block ids, state slot or -1)``."""
+        """``paged`` and ``ref`` are of the right types, ``paged`` of the adapter's layout
+        (else :class:`IncompatibleLayoutError`) and ``ref`` fits it (else :class:`ConfigError`):
+        ``(block ids, host block ids, state slot or -1)``."""
         if not isinstance(paged, PagedCache):
             raise ConfigError(f"expected a PagedCache, got {type(paged).__name__}")
         if not isinstance(ref, CacheRef):
             raise ConfigError(f"expected a CacheRef, got {type(ref).__name__}")
+        if paged.spec is not self.spec and [layer.canon() for layer in paged.spec.layers] != [
+                layer.canon() for layer in self.spec.layers]:
+            raise IncompatibleLayoutError(f"the paged cache was built for another layout ({paged.spec.name}) than "
+                                          f"the adapter's ({self.spec.name})")
         ids, ids_host = ref.block_ids_checked(paged)
         return ids, ids_host, ref.slot(paged) if any(layer.states for layer in self.spec.layers) else -1
 
@@ -108,10 +113,6 @@ class HFCacheAdapter:
         if not isinstance(row, int) or isinstance(row, bool):
             raise ConfigError(f"row must be an int, got {row!r}")
         spec_layer = self.spec.layers[layer]
-        if paged.spec is not self.spec and (paged.spec.num_layers != self.spec.num_layers
-                                            or paged.spec.layers[layer].canon() != spec_layer.canon()):
-            raise IncompatibleLayoutError(f"layer {layer}: the paged cache was built for another layout "
-                                          f"({paged.spec.name}) than the adapter's ({self.spec.name})")
         held = slots(cache, layer, modules)
         want = [c.name for c in spec_layer.components]
         if [s.name for s in held] != want:
@@ -177,14 +178,9 @@ class HFCacheAdapter:
             refs = [refs] if isinstance(refs, CacheRef) else list(refs)
         except TypeError:
             raise ConfigError(f"expected a CacheRef or a sequence of them, got {type(refs).__name__}") from None
-        for ref in refs:
-            self._check_target(paged, ref)
+        targets = [self._check_target(paged, ref) for ref in refs]
         if not refs or len({r.num_tokens for r in refs}) != 1:
             raise ConfigError(f"one or more requests of one length per cache, got {[r.num_tokens for r in refs]}")
-        if paged.spec is not self.spec and [layer.canon() for layer in paged.spec.layers] != [
-                layer.canon() for layer in self.spec.layers]:
-            raise IncompatibleLayoutError(f"the paged cache was built for another layout ({paged.spec.name}) than "
-                                          f"the adapter's ({self.spec.name})")
         n = refs[0].num_tokens
         form = spec_form(self.spec)
         modules = decoder_layers(model)
@@ -195,8 +191,7 @@ class HFCacheAdapter:
             cache = self._new_state(form, len(refs), paged)
         for layer, spec_layer in enumerate(self.spec.layers):
             for index, comp in enumerate(spec_layer.components):
-                batch = torch.stack([self._read(paged, ref, layer, index, comp) for ref in refs])
-                _restore(cache, layer, comp.name, batch, n, modules)
+                _restore(cache, layer, comp.name, self._gather(paged, targets, n, layer, index, comp), n, modules)
         if form == "xlstm":
             cache.seqlen_offset.fill_(n)
             cache.rnn_state_initial = False  # as the model leaves it after a prefill
@@ -225,15 +220,20 @@ class HFCacheAdapter:
         _check_state_target(cache, form, self.spec, batch)
         return cache
 
-    def _read(self, paged: PagedCache, ref: CacheRef, layer: int, index: int, comp) -> torch.Tensor:
+    def _gather(self, paged: PagedCache, targets: list, n: int, layer: int, index: int, comp) -> torch.Tensor:
+        """Component ``index`` of ``layer`` for every request (``targets``: see :meth:`_check_target`),
+        one batch row each, copied once out of ``paged``: ``[batch, *state shape]`` or
+        ``[batch, live tokens, *token shape]``."""
         src = paged.tensor(layer, index)
-        if comp.is_state:
-            return src[ref.slot(paged)].clone()
-        n = ref.num_tokens
-        start = comp.live_start(n)
-        ids, ids_host = ref.block_ids_checked(paged)
-        out = torch.empty(n - start, *comp.shape, dtype=src.dtype, device=src.device)
-        copy_tokens(src, ids, ids_host, start, n, paged.block_size, out, True)
+        start = 0 if comp.is_state else comp.live_start(n)
+        shape = comp.shape if comp.is_state else (n - start, *comp.shape)
+        out = torch.empty(len(targets), *shape, dtype=src.dtype, device=src.device)
+        for i, (ids, ids_host, slot) in enumerate(targets):
+            # out[i], not iterating ``out``: unbind's views refuse in-place writes outside no_grad
+            if comp.is_state:
+                out[i].copy_(src[slot])
+            else:
+                copy_tokens(src, ids, ids_host, start, n, paged.block_size, out[i], True)
         return out
 
     def _new_cache(self):
@@ -254,7 +254,7 @@ class HFCacheAdapter:
         try:
             cls = type(trace_cache(self.config, TORCH_DTYPES.get(self._model_dtype() or "")))
         except SpecError:
-            if any(_slot_for(None, i, c.name).where == "cache" for i, layer in enumerate(self.spec.layers)
+            if any(slot_for(None, i, c.name).where == "cache" for i, layer in enumerate(self.spec.layers)
                    for c in layer.components):
                 raise
             from transformers import DynamicCache as cls
@@ -282,7 +282,7 @@ def _check_layer_objects(cache, spec: CacheSpec, modules: list = ()) -> None:
     for layer, spec_layer in enumerate(spec.layers):
         obj = cache.layers[layer]
         for comp in spec_layer.components:
-            slot = _slot_for(cache, layer, comp.name)
+            slot = slot_for(cache, layer, comp.name)
             what = f"layer {layer} {comp.name}: the new cache's {type(obj).__name__}"
             if slot.where == "module":
                 if layer >= len(modules) or module_owner(modules[layer], comp.name) is None:
@@ -341,7 +341,7 @@ def _check_state_target(cache, form: str, spec: CacheSpec, batch: int) -> None:
 
 def _restore(cache, layer: int, name: str, batch: torch.Tensor, n: int, modules: list = ()) -> None:
     """Put one component back where transformers keeps it, with the bookkeeping around it."""
-    slot = _slot_for(cache, layer, name)
+    slot = slot_for(cache, layer, name)
     if slot.where == "module":
         setattr(*module_owner(modules[layer], name), batch)
         return
@@ -367,30 +367,6 @@ def _restore(cache, layer: int, name: str, batch: torch.Tensor, n: int, modules:
         if getattr(obj, "is_sliding", False):
             obj.cumulative_length = n
         return
-    kwarg = {"conv_states": "conv_states", "recurrent_states": "recurrent_states"}[slot.attr]
-    obj.lazy_initialization(**{kwarg: batch, "state_idx": slot.key})
+    obj.lazy_initialization(**{slot.attr: batch, "state_idx": slot.key})  # conv_states= or recurrent_states=
     getattr(obj, slot.attr)[slot.key].copy_(batch)
     obj.has_previous_state[slot.key] = True
-
-
-def _slot_for(cache, layer: int, name: str) -> Slot:
-    from kvlink.engine.hf.layers import CACHE_STATE_LISTS, STATE_DICTS, TOKEN_ATTRS
-
-    for attr, (token_name, dim) in TOKEN_ATTRS.items():
-        if name == token_name:
-            return Slot(name, attr, token_dim=dim)
-    for attr, cname in CACHE_STATE_LISTS.items():
-        if name == cname:
-            return Slot(name, attr, where="cache")
-    if name in MODULE_STATES:
-        return Slot(name, ".".join(MODULE_STATES[name]), where="module")
-    if name in RWKV_STATES and cache_form(cache) == "rwkv":
-        return Slot(name, "state", RWKV_STATES.index(name), where="rwkv")
-    if name in XLSTM_STATES and cache_form(cache) == "xlstm":
-        return Slot(name, "rnn_state", XLSTM_STATES.index(name), where="xlstm")
-    for attr, prefix in STATE_DICTS.items():
-        if name == prefix:
-            return Slot(name, attr, 0)
-        if name.startswith(prefix) and name[len(prefix):].isdigit():
-            return Slot(name, attr, int(name[len(prefix):]))
-    raise IncompatibleLayoutError(f"layer {layer} {name}: not a component a transformers cache holds")

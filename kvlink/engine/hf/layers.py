@@ -159,6 +159,29 @@ def slots(cache, layer: int, modules: list = ()) -> list[Slot]:
     return tokens + states
 
 
+def slot_for(cache, layer: int, name: str) -> Slot:
+    """Where component ``name`` of layer ``layer`` lives in ``cache``: the inverse of :func:`slots`'
+    naming. Raises :class:`IncompatibleLayoutError` for a name no cache form holds."""
+    for attr, (token_name, dim) in TOKEN_ATTRS.items():
+        if name == token_name:
+            return Slot(name, attr, token_dim=dim)
+    for attr, cname in CACHE_STATE_LISTS.items():
+        if name == cname:
+            return Slot(name, attr, where="cache")
+    if name in MODULE_STATES:
+        return Slot(name, ".".join(MODULE_STATES[name]), where="module")
+    if name in RWKV_STATES and cache_form(cache) == "rwkv":
+        return Slot(name, "state", RWKV_STATES.index(name), where="rwkv")
+    if name in XLSTM_STATES and cache_form(cache) == "xlstm":
+        return Slot(name, "rnn_state", XLSTM_STATES.index(name), where="xlstm")
+    for attr, prefix in STATE_DICTS.items():
+        if name == prefix:
+            return Slot(name, attr, 0)
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return Slot(name, attr, int(name[len(prefix):]))
+    raise IncompatibleLayoutError(f"layer {layer} {name}: not a component a transformers cache holds")
+
+
 def check_is_cache(cache) -> str:
     """The :func:`cache_form` of ``cache``. Raises :class:`IncompatibleLayoutError` unless it is a
     transformers ``Cache`` (an object with a ``layers`` list), an RWKV state list or an xLSTM
