@@ -307,6 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="CA that signs clients' reply-listener certificates (default: the system's trust store)")
     ps.set_defaults(func=cmd_pool_serve)
 
+    px = sub.add_parser("proxy", help="P/D proxy for vLLM servers running KvlinkConnector")
+    px.add_argument("--prefill", action="append", required=True, help="prefill server API URL (repeatable)")
+    px.add_argument("--decode", action="append", required=True,
+                    help="decode server as URL=HOST:PORT (its API, then its connector's kvlink listen address)")
+    px.add_argument("--host", default="127.0.0.1")
+    px.add_argument("--port", type=int, default=8000)
+    px.add_argument("--prefill-timeout", type=float, default=600.0,
+                    help="seconds to wait for a prefill server before the decode server computes the prompt")
+    px.set_defaults(func=cmd_proxy)
+
     tls = sub.add_parser("tls-cert", help="write a self-signed dev CA, server and client certificates for TLS")
     tls.add_argument("--out", required=True, help="directory for ca.pem, server(-key).pem, client(-key).pem")
     tls.add_argument("--host", action="append", default=None,
@@ -337,6 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run over the link lab (auto: when root)")
     demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def cmd_proxy(args) -> int:
+    from kvlink.engine.vllm.proxy import serve
+
+    serve(args.prefill, args.decode, args.host, args.port, args.prefill_timeout)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

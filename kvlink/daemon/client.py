@@ -83,6 +83,11 @@ class PoolClient:
         self._pool_settings: dict | None = None  # the daemon's block_size and checkpoint_every (/health)
         self.reply_port = 0
 
+    @property
+    def block_size(self) -> int | None:
+        """The daemon pool's block size in tokens (read from ``/health`` at :meth:`connect`)."""
+        return (self._pool_settings or {}).get("block_size")
+
     async def connect(self) -> "PoolClient":
         """Open the HTTP session, the reply listener and the data connections. On failure
         everything opened is closed again; raises :class:`~kvlink.errors.AccessDenied`

@@ -148,7 +148,7 @@ class DecodeSide:
         if ref.num_tokens <= 0 or ref.num_tokens % bs or ref.num_tokens > len(tokens):
             raise ConfigError(f"a state checkpoint must lie on a pool block boundary ({bs} tokens) "
                               f"within the tokens, got {ref.num_tokens}")
-        at = CacheRef(ref.block_ids, ref.num_tokens, ref.state_slot)
+        at = ref.span(ref.num_tokens)
         # From the boundary's block on, pack_pieces packs only the state: no KV blocks.
         pieces = await asyncio.to_thread(pack_pieces, self.cache, at, bs, ref.num_tokens // bs)
         prefix = list(tokens[: ref.num_tokens])

@@ -43,12 +43,12 @@ def pack_pieces(cache: PagedCache, ref: CacheRef, pool_block: int, first_block: 
     nblocks = ref.num_tokens // pool_block
     pieces = {}
     for b in range(first_block, nblocks):
-        span = CacheRef(ref.block_ids, (b + 1) * pool_block, ref.state_slot, b * pool_block)
+        span = ref.span((b + 1) * pool_block, b * pool_block)
         for kind in (FULL, SLIDING):
             if groups[kind]:
                 pieces[(kind, b)] = packer.pack(span, groups[kind], group=_GROUP[kind]).buffers()
     if groups[STATE] and nblocks and nblocks * pool_block == ref.num_tokens:
-        end = CacheRef(ref.block_ids, ref.num_tokens, ref.state_slot, ref.num_tokens)
+        end = ref.span(ref.num_tokens, ref.num_tokens)
         pieces[(STATE, nblocks - 1)] = packer.pack(end, groups[STATE], group="state").buffers()
     return pieces
 
@@ -82,7 +82,7 @@ def restore_pieces(cache: PagedCache, hit: PrefixHit, entries: dict, ref: CacheR
     checked = []
     for kind, key, start, end in jobs:
         payload = Payload.from_buffer(entries[(kind, key)])
-        header, span = payload.header, CacheRef(ref.block_ids, end, ref.state_slot, start)
+        header, span = payload.header, ref.span(end, start)
         layers = sorted({seg.layer for seg in header.segments})
         if (header.token_start, header.token_end) != (start, end) or layers != groups[kind]:
             raise PoolError(f"{kind} entry {key.hex()[:16]}: tokens [{header.token_start}, {header.token_end}) of "

@@ -66,7 +66,7 @@ class Packer:
             raise ConfigError("a layer is listed twice")
         ids, ids_host = ref.block_ids_checked(cache)
         layouts = payload_segments(spec, layers, ref.token_start, ref.num_tokens, group)
-        slot = ref.slot(cache) if any(s.is_state for s in layouts) else -1
+        slots = {s.layer: ref.slot(cache, s.layer) for s in layouts if s.is_state}
         offsets, total = [], 0
         for seg in layouts:
             offsets.append(total)
@@ -76,7 +76,7 @@ class Packer:
         try:
             jobs = []
             for seg, off, codec in zip(layouts, offsets, codecs):
-                raw = self._gather(seg, lease.tensor, off, ids, ids_host, slot)
+                raw = self._gather(seg, lease.tensor, off, ids, ids_host, slots.get(seg.layer, -1))
                 ready = None
                 if cache.device.type == "cuda":
                     # Encoding and hashing of this segment start as soon as its copy is done,

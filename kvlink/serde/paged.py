@@ -9,12 +9,16 @@ KV layouts (a layer's ``k`` and ``v`` token tensors):
 
 Other token tensors (an MLA latent, indexer keys) are ``[num_blocks, block_size, *shape]``; states
 keep a pool per tensor, ``[num_slots, *state_shape]``.
+
+A token tensor may be any strided view of that shape (an engine's own block interior, e.g. vLLM's
+CPU cache with K transposed per block and head): contiguous blocks are copied as rows, other views
+element-wise through the view, never by reshaping the engine's tensor.
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Mapping, Sequence
 
@@ -60,12 +64,13 @@ def _expect(t: torch.Tensor, shape: tuple, dtype: torch.dtype, what: str) -> Non
         raise IncompatibleLayoutError(f"{what}: expected {tuple(shape)} {dtype}, got {tuple(t.shape)} {t.dtype}")
 
 
-def _block_rows(plane: torch.Tensor, what: str) -> torch.Tensor:
-    """View [num_blocks, block_size, *token] as [num_blocks, block_size * token_elems]."""
+def _block_rows(plane: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, block_size, *token] as block rows [num_blocks, block_size * token_elems] when
+    each block is contiguous; else the strided plane itself (copied through the view)."""
     expected = 1
     for size, stride in reversed(list(zip(plane.shape[1:], plane.stride()[1:]))):
         if size != 1 and stride != expected:
-            raise IncompatibleLayoutError(f"{what}: each block must be contiguous (strides {plane.stride()})")
+            return plane
         expected *= size
     return plane.view(plane.shape[0], -1)  # a view, never a copy: writes must reach the cache
 
@@ -175,7 +180,7 @@ class PagedCache:
             raise IncompatibleLayoutError(f"{what}: expected [num_blocks >= 1, block_size, ...], got {tuple(t.shape)}")
         self.num_blocks = self.num_blocks or t.shape[0]  # every tensor must then agree (checked by _expect)
         _expect(t, (self.num_blocks, self.block_size, *comp.shape), TORCH_DTYPES[comp.dtype], what)
-        return _block_rows(t, what)
+        return _block_rows(t)
 
     def _check_state(self, i: int, comp, used: set) -> torch.Tensor:
         what = f"layer {i} {comp.name} state"
@@ -197,7 +202,8 @@ class PagedCache:
         return pool
 
     def planes(self, layer: int) -> list[tuple[int, torch.Tensor]]:
-        """``(component, rows)`` of a layer's token tensors: block-row views ``[num_blocks, block_size * token_elems]``.
+        """``(component, rows)`` of a layer's token tensors: block-row views ``[num_blocks, block_size * token_elems]``
+        (or the strided ``[num_blocks, block_size, *shape]`` plane when blocks are not contiguous).
 
         Raises :class:`IncompatibleLayoutError` for a layer the spec does not have."""
         return self._lookup(self._planes, layer)
@@ -273,13 +279,19 @@ class CacheRef:
     """Where one request's cache lives: block ids covering tokens [0, num_tokens), and a state slot.
 
     ``token_start`` (a multiple of the block size) is the first token a payload carries; tokens
-    before it are the prefix the receiver already holds.
+    before it are the prefix the receiver already holds. ``state_slot`` is one slot for every
+    layer, or ``{layer: slot}`` when each layer's state lives elsewhere (vLLM's hybrid allocator
+    gives each group of linear-attention layers its own block).
     """
 
     block_ids: Sequence[int] | torch.Tensor
     num_tokens: int
-    state_slot: int | None = None
+    state_slot: int | Mapping[int, int] | None = None
     token_start: int = 0
+
+    def span(self, num_tokens: int, token_start: int = 0) -> "CacheRef":
+        """The same blocks and slots for tokens ``[token_start, num_tokens)``."""
+        return replace(self, num_tokens=num_tokens, token_start=token_start)
 
     def block_ids_checked(self, cache: PagedCache) -> tuple[torch.Tensor, list[int]]:
         """Validated block ids covering [0, num_tokens): on the cache's device, and as a host list.
@@ -307,14 +319,18 @@ class CacheRef:
             raise ConfigError("block ids repeat")
         return ids.to(cache.device), ids.tolist()
 
-    def slot(self, cache: PagedCache) -> int:
-        """The request's state slot (-1 when the cache keeps no states). Raises
-        :class:`ConfigError` when it is missing, not an int or out of range."""
+    def slot(self, cache: PagedCache, layer: int | None = None) -> int:
+        """The request's state slot for ``layer`` (-1 when the cache keeps no states). Raises
+        :class:`ConfigError` when it is missing (per-layer slots without this layer), not an int
+        or out of range."""
         if cache.num_slots == 0:
             return -1
-        slot = None if self.state_slot is None else _index(self.state_slot, "state_slot")
+        slot = self.state_slot
+        if isinstance(slot, Mapping):
+            slot = slot.get(layer)
+        slot = None if slot is None else _index(slot, "state_slot")
         if slot is None or not 0 <= slot < cache.num_slots:
-            raise ConfigError(f"state_slot {self.state_slot} out of range [0, {cache.num_slots})")
+            raise ConfigError(f"state_slot {slot if slot is not None else self.state_slot} (layer {layer}) out of range [0, {cache.num_slots})")
         return slot
 
 

@@ -15,10 +15,14 @@ def copy_tokens(rows: torch.Tensor, ids: torch.Tensor, ids_host: list[int], t0: 
                 block_size: int, packed: torch.Tensor, to_packed: bool, backend: str | None = None) -> None:
     """Copy tokens [t0, t1) of the request whose blocks are ``ids`` between ``rows`` and ``packed``.
 
-    ``rows`` is a plane ``[num_blocks, block_size * elems]``; ``packed`` a contiguous tensor of
+    ``rows`` is a plane ``[num_blocks, block_size * elems]``, or a strided ``[num_blocks,
+    block_size, *shape]`` view (:func:`_copy_strided`); ``packed`` a contiguous tensor of
     ``(t1 - t0) * elems`` values. Token ``t`` lives in block ``ids[t // block_size]``.
     """
     if t1 <= t0:
+        return
+    if rows.dim() > 2:
+        _copy_strided(rows, ids, ids_host, t0, t1, block_size, packed, to_packed)
         return
     elems = rows.shape[1] // block_size
     flat = packed.reshape(-1)
@@ -49,3 +53,31 @@ def copy_tokens(rows: torch.Tensor, ids: torch.Tensor, ids_host: list[int], t0: 
         t += nfull * block_size
     if t < t1:
         partial(t // block_size, 0, t1 - t, t - t0)
+
+
+def _copy_strided(plane: torch.Tensor, ids: torch.Tensor, ids_host: list[int], t0: int, t1: int,
+                  block_size: int, packed: torch.Tensor, to_packed: bool) -> None:
+    """:func:`copy_tokens` through a strided plane ``[num_blocks, block_size, *shape]``: one
+    ``index_select`` / ``index_copy_`` for the whole blocks, so the engine's layout is read and
+    written in place and the packed side stays token-major."""
+    tokens = packed.reshape(-1).view(t1 - t0, *plane.shape[2:])
+    t = t0
+    while t < t1:
+        b, a = divmod(t, block_size)
+        if a or t1 - t < block_size:  # a partial block: at most the first and the last
+            z = min(block_size, a + t1 - t)
+            part = tokens[t - t0 : t - t0 + z - a]
+            if to_packed:
+                part.copy_(plane[ids_host[b], a:z])
+            else:
+                plane[ids_host[b], a:z].copy_(part)
+            t += z - a
+            continue
+        nfull = (t1 - t) // block_size
+        region = tokens[t - t0 : t - t0 + nfull * block_size].view(nfull, block_size, *plane.shape[2:])
+        block_ids = ids[b : b + nfull]
+        if to_packed:
+            torch.index_select(plane, 0, block_ids, out=region)
+        else:
+            plane.index_copy_(0, block_ids, region)
+        t += nfull * block_size

@@ -83,9 +83,9 @@ class Unpacker:
             payload = Payload.from_buffer(payload)
         cache, header = self.cache, payload.header
         check_compatible(payload, cache, ref, group)
-        ref = CacheRef(ref.block_ids, header.token_end, ref.state_slot, header.token_start)
+        ref = ref.span(header.token_end, header.token_start)
         ids, ids_host = ref.block_ids_checked(cache)
-        slot = ref.slot(cache) if any(s.is_state for s in header.segments) else -1
+        slots = {s.layer: ref.slot(cache, s.layer) for s in header.segments if s.is_state}
         if verify:
             payload.verify([f"layer {s.layer} {cache.spec.layers[s.layer].components[s.component].name}"
                             for s in header.segments])
@@ -96,7 +96,7 @@ class Unpacker:
             sum(s.raw_nbytes for s in header.segments if s.codec is not Codec.NONE))
         for seg, values in zip(header.segments, decoded):
             if seg.is_state:
-                cache.tensor(seg.layer, seg.component)[slot].copy_(values, non_blocking=values.is_pinned())
+                cache.tensor(seg.layer, seg.component)[slots[seg.layer]].copy_(values, non_blocking=values.is_pinned())
             else:
                 rows = cache.tensor(seg.layer, seg.component)
                 copy_tokens(rows, ids, ids_host, seg.token_start, seg.token_start + seg.shape[0], cache.block_size,
