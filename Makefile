@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-vllm demo test bench clean
+.PHONY: setup setup-vllm setup-sglang demo test bench clean
 
 setup: $(VENV)/.kvlink-installed
 
@@ -32,13 +32,13 @@ $(VLLM_VENV)/.kvlink-installed: pyproject.toml Makefile
 	$(VLLM_PY) -c "import vllm" 2>/dev/null || $(VLLM_PY) -m pip install -q "$(VLLM)"
 	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	$(VLLM_PY) -m pip install -q --no-deps -e .
-	$(VLLM_PY) -m pip install -q lz4 zstandard xxhash rocksdict prometheus_client
+	$(VLLM_PY) -m pip install -q lz4 zstandard xxhash rocksdict prometheus_client \
+		pytest pytest-timeout pytest-asyncio hypothesis
 	$(VLLM_PY) -c "import vllm, kvlink"
 	touch $@
 
 # SGLang's HiCache storage classes (tests/sglang): sglang without its GPU dependencies, then only
-# the pure-Python packages its storage and host-pool modules import. Its tests: make setup-sglang,
-# then .venv-sglang/bin/python -m pytest -q tests/sglang
+# the pure-Python packages its storage and host-pool modules import (its tests run in `make test`).
 SGL_VENV ?= .venv-sglang
 SGL_PY := $(SGL_VENV)/bin/python
 SGL_IMPORT_DEPS := orjson psutil pybase64 requests triton pillow starlette msgspec pydantic pyzmq tqdm \
@@ -61,11 +61,15 @@ $(SGL_VENV)/.kvlink-installed: pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/kvlink demo
 
-test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+# All tests: kvlink's own (the vLLM P/D tests start servers from .venv-vllm), then the connector
+# unit tests against vLLM's and SGLang's real classes, each in its engine's venv.
+test: setup setup-vllm setup-sglang
+	$(PY) -m pytest -q --ignore=tests/vllm --ignore=tests/sglang $(PYTEST_ARGS)
+	$(VLLM_PY) -m pytest -q -p no:cacheprovider tests/vllm
+	$(SGL_PY) -m pytest -q -p no:cacheprovider tests/sglang
 
 bench: setup
 	$(VENV)/bin/kvlink bench serde
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) $(SGL_VENV) build *.egg-info .pytest_cache .hypothesis

@@ -6,7 +6,7 @@ Load it with::
                            "kv_connector_module_path": "kvlink.engine.vllm.connector",
                            "kv_role": "kv_producer" | "kv_consumer" | "kv_both",
                            "kv_load_failure_policy": "recompute",
-                           "kv_connector_extra_config": {"listen": "127.0.0.1:7200", "pool": "127.0.0.1:7480:7481"}}'
+                           "kv_connector_extra_config": {"listen": "127.0.0.1:7200"}}'
 
 A producer (prefill server) pushes each request it is asked to (``kv_transfer_params``, see
 :mod:`kvlink.engine.vllm.meta`) to the named decode server; a consumer (decode server) receives
@@ -16,7 +16,7 @@ class only dispatches. vLLM's compatibility check is kvlink's: both servers' spe
 caches vLLM registers) must have one fingerprint, checked at the transport handshake.
 
 With ``kv_load_failure_policy: "recompute"`` a load that fails (the prefill server died, a
-corrupt or missing transfer, an evicted pool entry) is recomputed by the decode server; with
+corrupt or missing transfer) is recomputed by the decode server; with
 vLLM's default ``"fail"`` the request ends with an error.
 """
 
@@ -59,13 +59,6 @@ class KvlinkMetadata(KVConnectorMetadata):
         self.jobs = jobs
 
 
-def _pool_client(config: ConnectorConfig, model: str):
-    from kvlink.daemon.client import SyncPoolClient
-
-    host, http_port, data_port = config.pool
-    return SyncPoolClient(model, host, http_port, data_port, secret=config.secret)
-
-
 class KvlinkConnector(KVConnectorBase_V1, SupportsHMA):
     """kvlink's connector. Raises :class:`~kvlink.errors.ConfigError` at construction for bad
     ``kv_connector_extra_config``, and :class:`~kvlink.errors.IncompatibleLayoutError` at
@@ -75,7 +68,6 @@ class KvlinkConnector(KVConnectorBase_V1, SupportsHMA):
         super().__init__(vllm_config, role, kv_cache_config)
         _log_like_vllm()
         self.config = ConnectorConfig.from_extra(self._kv_transfer_config.kv_connector_extra_config)
-        self.model = self.config.pool_model or f"vllm:{vllm_config.model_config.hf_config.model_type}"
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         self._requests: dict[str, Any] = {}
@@ -83,8 +75,7 @@ class KvlinkConnector(KVConnectorBase_V1, SupportsHMA):
             if self._kv_transfer_config.kv_load_failure_policy != "recompute":
                 log.warning("kv_load_failure_policy is %r: a failed kvlink load ends its request with an error; "
                             "set it to 'recompute' to have it recomputed", self._kv_transfer_config.kv_load_failure_policy)
-            pool = _pool_client(self.config, self.model) if self.config.pool else None
-            self._scheduler = SchedulerSide(self.config, kv_cache_config.has_mamba_layers, pool)
+            self._scheduler = SchedulerSide(self.config, kv_cache_config.has_mamba_layers)
 
     # ---------------------------------------------------------------- worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -93,7 +84,7 @@ class KvlinkConnector(KVConnectorBase_V1, SupportsHMA):
         groups = [(list(g.layer_names), g.kv_cache_spec) for g in self._kv_cache_config.transfer_groups]
         layout = build_layout(kv_caches, groups, self._vllm_config.model_config.hf_config.model_type)
         listen = self._kv_transfer_config.kv_role in ("kv_consumer", "kv_both")
-        self._worker = WorkerSide(layout, self.config, listen, self.model)
+        self._worker = WorkerSide(layout, self.config, listen)
         log.info("kvlink: %s, %d layers, fingerprint %s, listening on %s", layout.spec.name, layout.spec.num_layers,
                  layout.spec.fingerprint.hex()[:16], self._worker.address)
 
@@ -106,8 +97,7 @@ class KvlinkConnector(KVConnectorBase_V1, SupportsHMA):
         """Nothing: loads start when the step's metadata is bound (before the forward)."""
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Nothing: an async load is complete before vLLM schedules its request; a pool load
-        is done before the forward."""
+        """Nothing: an async load is complete before vLLM schedules its request."""
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
         """Send this layer of every request whose prompt completes in this step."""

@@ -7,8 +7,8 @@
   "kvlink_decode": "host:port"}``: compute the prompt and push its cache to that decode server's
   kvlink receiver as transfer ``ID``;
 - back from the prefill server, forwarded to the decode server: ``{"do_remote_prefill": true,
-  "kvlink_transfer": ID, "kvlink_tokens": N, "kvlink_start": S}``: tokens ``[S, N)`` arrive as
-  ``ID``; tokens ``[0, S)`` are in the shared pool (the prefill server loaded them from it).
+  "kvlink_transfer": ID, "kvlink_tokens": N, "kvlink_start": 0}``: tokens ``[0, N)`` arrive as
+  ``ID`` (``kvlink_start`` is reserved for a pool-held prefix; a decode server refuses one > 0).
 """
 
 from __future__ import annotations
@@ -40,8 +40,6 @@ class ConnectorConfig:
 
     - ``listen``: ``host:port`` of the decode side's kvlink receiver (default ``127.0.0.1:0``,
       loopback; a consumer needs a fixed port for the proxy to name);
-    - ``pool``: ``host:http_port:data_port`` of a ``kvlink pool serve`` daemon shared by the servers
-      (prefix reuse); ``pool_model`` names the pool (default: the spec's name);
     - ``begin_timeout``: seconds the decode side waits for a transfer to begin (default 30);
     - ``load_timeout``: seconds a whole load may take (default 120);
     - ``send_timeout``: seconds the prefill side waits for the receiver to verify a request (default 120).
@@ -51,8 +49,6 @@ class ConnectorConfig:
     """
 
     listen: tuple[str, int] = ("127.0.0.1", 0)
-    pool: tuple[str, int, int] | None = None
-    pool_model: str | None = None
     begin_timeout: float = 30.0
     load_timeout: float = 120.0
     send_timeout: float = 120.0
@@ -61,21 +57,13 @@ class ConnectorConfig:
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> "ConnectorConfig":
         extra = dict(extra or {})
-        known = {"listen", "pool", "pool_model", "begin_timeout", "load_timeout", "send_timeout"}
+        known = {"listen", "begin_timeout", "load_timeout", "send_timeout"}
         unknown = sorted(set(extra) - known)
         if unknown:
             raise ConfigError(f"kv_connector_extra_config: unknown keys {unknown}; known: {sorted(known)}")
         kwargs: dict[str, Any] = {"secret": TransportConfig.secret_from_env()}
         if "listen" in extra:
             kwargs["listen"] = parse_address(extra["listen"], "listen")
-        if "pool" in extra:
-            parts = str(extra["pool"]).rsplit(":", 2)
-            try:
-                kwargs["pool"] = (parts[0], int(parts[1]), int(parts[2]))
-            except (IndexError, ValueError):
-                raise ConfigError(f"pool: expected 'host:http_port:data_port', got {extra['pool']!r}") from None
-        if "pool_model" in extra:
-            kwargs["pool_model"] = str(extra["pool_model"])
         for key in ("begin_timeout", "load_timeout", "send_timeout"):
             if key in extra:
                 try:
@@ -90,38 +78,23 @@ class ConnectorConfig:
 
 @dataclass
 class SendJob:
-    """Prefill side: push tokens ``[token_start, num_tokens)`` of a request to ``destination``."""
+    """Prefill side: push tokens ``[0, num_tokens)`` of a request to ``destination``."""
 
     req_id: str
     transfer: str
     destination: tuple[str, int]
     blocks: tuple[list[int], ...]
     num_tokens: int
-    token_start: int
 
 
 @dataclass
 class LoadJob:
-    """Decode side: restore ``[pool_from, token_start)`` from the pool (when ``pool_from <
-    token_start``), then receive ``[token_start, num_tokens)`` as ``transfer`` (when set). Prefill
-    side, a pool hit: ``transfer`` is None and the pool part is all there is."""
+    """Decode side: receive tokens ``[0, num_tokens)`` of a request as ``transfer``."""
 
     req_id: str
-    transfer: str | None
+    transfer: str
     blocks: tuple[list[int], ...]
-    tokens: list[int]
     num_tokens: int
-    token_start: int
-    pool_from: int = 0
-
-
-@dataclass
-class StoreJob:
-    """Keep a finished request's computed tokens in the pool."""
-
-    req_id: str
-    blocks: tuple[list[int], ...]
-    tokens: list[int]
 
 
 @dataclass
@@ -130,4 +103,3 @@ class StepJobs:
 
     sends: list[SendJob] = field(default_factory=list)
     loads: list[LoadJob] = field(default_factory=list)
-    stores: list[StoreJob] = field(default_factory=list)

@@ -4,13 +4,12 @@ Runs in vLLM's engine-core process. It never touches a tensor: it decides per re
 the worker-side half (:mod:`kvlink.engine.vllm.worker`) one :class:`StepJobs` per step.
 
 - Prefill server (``do_remote_decode``): a hybrid model's prompt loses its last token here (vLLM's
-  own rule for recurrent state: the decode server computes that token on the state after N-1), a
-  pool hit loads instead of recomputing, and once the last prompt chunk is scheduled the worker
-  streams each layer to the decode server as it is computed. The request's blocks stay held until
-  the receiver verified every layer (``request_finished`` returns True).
-- Decode server (``do_remote_prefill``): the prompt's tokens but the last load asynchronously
-  (pool prefix, then the pushed increment); vLLM computes the last token and decodes.
-- With a pool, a finished decode request's computed tokens are kept in it for later turns.
+  own rule for recurrent state: the decode server computes that token on the state after N-1), and
+  once the last prompt chunk is scheduled the worker streams each layer to the decode server as it
+  is computed. The request's blocks stay held until the receiver verified every layer
+  (``request_finished`` returns True).
+- Decode server (``do_remote_prefill``): the pushed tokens load asynchronously; vLLM computes the
+  prompt's last token and decodes.
 """
 
 from __future__ import annotations
@@ -18,8 +17,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from kvlink.engine.vllm.meta import ConnectorConfig, LoadJob, SendJob, StepJobs, StoreJob, parse_address
-from kvlink.errors import ConfigError, KvlinkError
+from kvlink.engine.vllm.meta import ConnectorConfig, LoadJob, SendJob, StepJobs, parse_address
+from kvlink.errors import ConfigError
 
 log = logging.getLogger("kvlink.vllm")
 
@@ -31,21 +30,20 @@ def _ours(params: dict | None) -> bool:
 class SchedulerSide:
     """Per-request decisions; ``has_state`` says the model keeps recurrent state (hybrid)."""
 
-    def __init__(self, config: ConnectorConfig, has_state: bool, pool=None):
+    def __init__(self, config: ConnectorConfig, has_state: bool):
         self.config = config
         self.backoff = 1 if has_state else 0
-        self.pool = pool  # a SyncPoolClient, or None
         self._jobs = StepJobs()
-        self._pool_hits: dict[str, int] = {}      # prefill side: req -> tokens the pool restores
-        self._loads: dict[str, LoadJob] = {}      # decode side, waiting for their blocks
-        self._sending: set[str] = set()           # prefill side: send jobs issued
-        self._storing: set[str] = set()
+        self._sending: set[str] = set()  # prefill side: send jobs issued
 
     # -- arrival -------------------------------------------------------------------------
     def on_new_request(self, request) -> None:
         """Prefill server: drop a hybrid prompt's last token (once), so the state sent is h(N-1)."""
         params = request.kv_transfer_params
         if not _ours(params) or not params.get("do_remote_decode"):
+            return
+        if request.prompt_token_ids is None:  # prompt embeddings: not a kvlink prefill (the decode side refuses it)
+            params.pop("do_remote_decode", None)
             return
         if self.backoff and not params.get("kvlink_truncated") and request.num_prompt_tokens > self.backoff:
             del request.prompt_token_ids[-self.backoff:]
@@ -59,12 +57,6 @@ class SchedulerSide:
         params = request.kv_transfer_params
         if _ours(params) and params.get("do_remote_prefill"):
             return self._decode_match(request, params, num_computed)
-        if _ours(params) and params.get("do_remote_decode") and self.pool is not None and num_computed == 0:
-            hit = self._pool_hits.get(request.request_id)
-            if hit is None:
-                hit = self._pool_hit(list(request.prompt_token_ids))
-                self._pool_hits[request.request_id] = hit
-            return (hit, False) if hit > 0 else (0, False)
         return 0, False
 
     def _decode_match(self, request, params: dict, num_computed: int) -> tuple[int, bool]:
@@ -78,36 +70,25 @@ class SchedulerSide:
             log.warning("request %s: the prefill server sent tokens [%d, %d), expected [.., %d); computing locally",
                         request.request_id, start, end, expected)
             return 0, False
-        if num_computed > 0 or (start > 0 and self.pool is None):
-            # vLLM's own prefix hit (or a pool this server cannot reach): compute the rest here
-            # rather than write pushed tokens over blocks other requests share.
+        if num_computed > 0 or start > 0:
+            # vLLM's own prefix hit: compute the rest here rather than write pushed tokens over
+            # blocks other requests share (and a payload not from token 0 needs a prefix source).
             return 0, False
         return (end, True) if end > 0 else (0, False)
-
-    def _pool_hit(self, tokens: list[int]) -> int:
-        """Tokens of ``tokens`` the pool restores, leaving at least one to compute."""
-        try:
-            hit = self.pool.lookup(tokens).tokens
-        except KvlinkError as exc:
-            log.warning("pool lookup failed (%s); computing", exc)
-            return 0
-        return hit if hit < len(tokens) else 0
 
     # -- allocation ----------------------------------------------------------------------
     def update_state_after_alloc(self, request, blocks, num_external: int) -> None:
         if num_external <= 0:
             return
         params = request.kv_transfer_params or {}
+        if not (_ours(params) and params.get("do_remote_prefill")):
+            return
         groups = tuple(list(g) for g in blocks.get_block_ids())
-        tokens = list(request.prompt_token_ids)
-        if params.get("do_remote_prefill"):
-            start = int(params.get("kvlink_start", 0))
-            job = LoadJob(request.request_id, str(params["kvlink_transfer"]), groups, tokens,
-                          int(params["kvlink_tokens"]), start, pool_from=0)
-        else:  # prefill side pool hit: restore [0, hit) now, before the forward
-            hit = self._pool_hits.get(request.request_id, 0)
-            job = LoadJob(request.request_id, None, groups, tokens, hit, hit, pool_from=0)
-        self._jobs.loads.append(job)
+        self._jobs.loads.append(LoadJob(request.request_id, str(params["kvlink_transfer"]), groups,
+                                        int(params["kvlink_tokens"])))
+        # One load per request: if it fails, vLLM recomputes the request from scratch and must not
+        # wait for the same transfer again (a retry would wait and fail forever).
+        params["do_remote_prefill"] = False
 
     # -- per step ------------------------------------------------------------------------
     def build_meta(self, scheduler_output, requests: dict[str, Any]) -> StepJobs:
@@ -128,18 +109,16 @@ class SchedulerSide:
                 log.warning("request %s: %s; not sending", req_id, exc)
                 continue
             groups = tuple(list(g) for g in state.get_block_ids(req_id))
-            start = self._pool_hits.get(req_id, 0)
             jobs.sends.append(SendJob(req_id, str(params["kvlink_transfer"]), destination, groups,
-                                      request.num_prompt_tokens, start))
-            params["kvlink_tokens"], params["kvlink_start"] = request.num_prompt_tokens, start
+                                      request.num_prompt_tokens))
+            params["kvlink_tokens"], params["kvlink_start"] = request.num_prompt_tokens, 0
             self._sending.add(req_id)
         return jobs
 
     def request_finished(self, request, block_ids: tuple[list[int], ...]) -> tuple[bool, dict | None]:
         """Prefill side: hold the blocks until the receiver verified them, and tell the decode
-        server what arrives. Decode side with a pool: hold them until stored."""
+        server what arrives."""
         req_id = request.request_id
-        self._pool_hits.pop(req_id, None)
         params = request.kv_transfer_params
         if req_id in self._sending:
             self._sending.discard(req_id)
@@ -147,8 +126,4 @@ class SchedulerSide:
                    "kvlink_transfer": params["kvlink_transfer"], "kvlink_tokens": params["kvlink_tokens"],
                    "kvlink_start": params["kvlink_start"]}
             return True, out
-        if self.pool is not None and not (params or {}).get("do_remote_decode") and request.num_computed_tokens > 0:
-            tokens = list(request.all_token_ids[: request.num_computed_tokens])
-            self._jobs.stores.append(StoreJob(req_id, tuple(list(g) for g in block_ids), tokens))
-            return True, None
         return False, None

@@ -3,9 +3,9 @@
 Runs in vLLM's worker process, on its main thread; kvlink's transport runs on an event loop in a
 background thread. Per step:
 
-- ``bind`` (before the forward): pool loads (sync, before the forward needs them); a decode
-  request's pool prefix and then its pushed increment (async: reported through
-  :meth:`transfer_results` when every layer is written, or failed); each send opens its transfer.
+- ``bind`` (before the forward): a decode request's pushed tokens start loading (async: reported
+  through :meth:`transfer_results` when every layer is written, or failed); each send opens its
+  transfer.
 - ``save_layer`` (after each attention layer): packs that layer of every request sending this
   step and hands it to the transport, which sends while the next layers compute.
 - ``finish_step`` (after the forward): the layers with no attention hook (recurrent state) are
@@ -22,13 +22,11 @@ import concurrent.futures
 import logging
 import threading
 
-from kvlink.daemon.client import PoolClient
 from kvlink.engine.decode import DecodeSide
-from kvlink.engine.pieces import check_block_size
 from kvlink.engine.prefill import PrefillSide
 from kvlink.engine.vllm.layout import VllmLayout
-from kvlink.engine.vllm.meta import ConnectorConfig, LoadJob, SendJob, StepJobs, StoreJob
-from kvlink.errors import KvlinkError, LoadFailed
+from kvlink.engine.vllm.meta import ConnectorConfig, LoadJob, SendJob, StepJobs
+from kvlink.errors import KvlinkError
 from kvlink.serde import CacheRef
 from kvlink.transport.loop import new_event_loop, run_sync, stop_loop
 
@@ -39,23 +37,14 @@ class WorkerSide:
     """Owns the transport for one worker's cache (``layout``): a prefill side, and a decode side
     listening on ``config.listen`` when ``listen`` is true."""
 
-    def __init__(self, layout: VllmLayout, config: ConnectorConfig, listen: bool, pool_model: str | None = None):
+    def __init__(self, layout: VllmLayout, config: ConnectorConfig, listen: bool):
         self.layout, self.config = layout, config
         self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kvlink-vllm", daemon=True)
         self._thread.start()
         try:
-            pool = block = None
-            if config.pool is not None:
-                host, http_port, data_port = config.pool
-                pool = PoolClient(pool_model or layout.spec.name, host, http_port, data_port, secret=config.secret)
-                self._run(pool.connect(), 30)
-                block = int(pool.block_size)
             self.prefill = PrefillSide(layout.paged, secret=config.secret)
-            self.decode = DecodeSide(layout.paged, secret=config.secret, pool=pool, pool_block_size=block,
-                                     begin_timeout=config.begin_timeout)
-            if pool is not None:
-                check_block_size(layout.paged, block)
+            self.decode = DecodeSide(layout.paged, secret=config.secret, begin_timeout=config.begin_timeout)
             self.address = self._run(self.decode.start(*config.listen)) if listen else None
         except BaseException:
             stop_loop(self._loop, self._thread, 5)
@@ -64,10 +53,9 @@ class WorkerSide:
         self._saved: dict[str, set[int]] = {}
         self._finishing: dict[str, concurrent.futures.Future | None] = {}  # req -> finish (None: failed early)
         self._loading: dict[str, concurrent.futures.Future] = {}
-        self._storing: dict[str, concurrent.futures.Future] = {}
         self._failed_loads: set[str] = set()
         self._finished_seen: set[str] = set()
-        self.stats = {"sent_bytes": 0, "loaded_bytes": 0, "pool_tokens": 0, "failed_loads": 0, "failed_sends": 0}
+        self.stats = {"sent_bytes": 0, "loaded_bytes": 0, "failed_loads": 0, "failed_sends": 0}
 
     def _run(self, coro, timeout: float | None = None):
         return run_sync(coro, self._loop, timeout)
@@ -75,52 +63,25 @@ class WorkerSide:
     def _submit(self, coro) -> concurrent.futures.Future:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
-    def _ref(self, blocks, num_tokens: int, token_start: int) -> CacheRef:
-        return CacheRef(self.layout.token_blocks(blocks), num_tokens, self.layout.state_slots(blocks), token_start)
+    def _ref(self, blocks, num_tokens: int) -> CacheRef:
+        return CacheRef(self.layout.token_blocks(blocks), num_tokens, self.layout.state_slots(blocks))
 
     # -- before the forward ----------------------------------------------------------------
     def bind(self, jobs: StepJobs) -> None:
         for job in jobs.loads:
-            if job.transfer is None:
-                self._pool_load_now(job)
-            else:
-                self._loading[job.req_id] = self._submit(self._load(job))
-        for job in jobs.stores:
-            self._storing[job.req_id] = self._submit(self._store(job))
+            self._loading[job.req_id] = self._submit(self._load(job))
         for job in jobs.sends:
             self._begin(job)
 
-    def _pool_load_now(self, job: LoadJob) -> None:
-        """Prefill side pool hit: restore ``[0, hit)`` before the forward reads it. A failure
-        cannot be undone by vLLM here (it counts the tokens as computed), so it is logged and the
-        send is skipped: the decode side's load then fails and that server recomputes."""
-        try:
-            hit = self._run(self.decode.lookup(job.tokens[: job.token_start]), self.config.load_timeout)
-            if hit.tokens < job.token_start:
-                raise LoadFailed(job.req_id, [], [], {-1: KvlinkError(f"pool holds {hit.tokens} of {job.token_start} tokens")})
-            self._run(self.decode.load_from_pool(hit, self._ref(job.blocks, job.token_start, 0)), self.config.load_timeout)
-            self._zero_after(job.blocks, job.token_start)
-            self.stats["pool_tokens"] += job.token_start
-        except KvlinkError as exc:
-            log.error("request %s: pool load failed (%s); its transfer will be refused", job.req_id, exc)
-            self._finishing[job.req_id] = None
-
     async def _load(self, job: LoadJob) -> None:
-        if job.pool_from < job.token_start:
-            hit = await self.decode.lookup(job.tokens[: job.token_start])
-            if hit.tokens < job.token_start:
-                raise LoadFailed(job.req_id, [], [], {-1: KvlinkError(f"pool holds {hit.tokens} of {job.token_start} tokens")})
-            await self.decode.load_from_pool(hit, self._ref(job.blocks, job.token_start, 0))
-            self.stats["pool_tokens"] += job.token_start
-        ref = self._ref(job.blocks, job.num_tokens, job.token_start)
+        ref = self._ref(job.blocks, job.num_tokens)
         self.decode.start_load(job.transfer, ref, timeout=self.config.load_timeout)
         try:
             report = await self.decode.wait_all(job.transfer)
             self._zero_after(job.blocks, job.num_tokens)
             self.stats["loaded_bytes"] += report.bytes
-            log.info("kvlink: request %s loaded tokens [%d, %d) (%d bytes, %.1f ms), pool tokens %d", job.req_id,
-                     job.token_start, job.num_tokens, report.bytes, 1e3 * (report.finished - report.began),
-                     job.token_start)
+            log.info("kvlink: request %s loaded tokens [0, %d) (%d bytes, %.1f ms)", job.req_id,
+                     job.num_tokens, report.bytes, 1e3 * (report.finished - report.began))
         finally:
             self.decode.release(job.transfer)
 
@@ -140,23 +101,14 @@ class WorkerSide:
                 for b in ids[first:]:
                     rows[b].zero_()
 
-    async def _store(self, job: StoreJob) -> None:
-        ref = self._ref(job.blocks, len(job.tokens), 0)
-        report = await self.decode.store(job.tokens, ref)
-        log.info("kvlink: request %s stored %d tokens in the pool (%s)", job.req_id, len(job.tokens), report)
-
     def _begin(self, job: SendJob) -> None:
-        pool_failed = job.req_id in self._finishing and self._finishing[job.req_id] is None
-        ref = self._ref(job.blocks, job.num_tokens, job.token_start)
+        ref = self._ref(job.blocks, job.num_tokens)
         try:
             self._run(self.prefill.begin(job.transfer, ref, job.destination), self.config.send_timeout)
         except KvlinkError as exc:
             log.error("request %s: cannot open its transfer to %s (%s)", job.req_id, job.destination, exc)
             self.stats["failed_sends"] += 1
             self._finishing[job.req_id] = None
-            return
-        if pool_failed:  # its prefix is not what the pool held: cancel, so the decode side recomputes now
-            self._run(self.prefill.abort(job.transfer), self.config.send_timeout)
             return
         self._sends[job.req_id] = job
         self._saved[job.req_id] = set()
@@ -196,7 +148,7 @@ class WorkerSide:
     # -- reporting ---------------------------------------------------------------------------
     def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str], set[str]]:
         """``(finished sending, finished receiving, failed receiving)`` as vLLM wants them: a
-        send (or store) is reported once done and once vLLM said the request finished; a failed
+        send is reported once done and once vLLM said the request finished; a failed
         load is reported both as finished and failed, so vLLM recomputes it."""
         self._finished_seen |= set(finished_req_ids)
         sending, recving, failed = set(), set(), set()
@@ -210,13 +162,6 @@ class WorkerSide:
                     self.stats["sent_bytes"] += report.bytes
                     log.info("kvlink: request %s sent (%d bytes)", req_id, report.bytes)
                 del self._finishing[req_id]
-                self._finished_seen.discard(req_id)
-                sending.add(req_id)
-        for req_id, fut in list(self._storing.items()):
-            if fut.done():
-                if fut.exception() is not None:
-                    log.warning("request %s: pool store failed (%s)", req_id, fut.exception())
-                del self._storing[req_id]
                 self._finished_seen.discard(req_id)
                 sending.add(req_id)
         for req_id, fut in list(self._loading.items()):
