@@ -24,8 +24,10 @@ Run it with the main venv's python; vLLM runs from its own venv (``KVLINK_VLLM_P
   total latency; mean/p50/p90 TTFT, output tokens/s over the replay, bytes moved (the decode log's
   ``loaded tokens [a, b) (N bytes`` lines matched by request id, the prefill log's ``sent (N bytes)``
   summed), routes (proxy ``GET /stats``), and whether baseline and P/D generated the same token ids.
-- Not covered yet: the prefix pool (``kvlink pool serve`` + the connector's ``pool``) and the
-  1 Gbit/s netns link lab; everything runs over loopback.
+- ``--pool``: the P/D pair shares a ``kvlink pool serve`` daemon (block 512, the trace's): the
+  decode server stores each finished request, the prefill server restores a pooled prefix instead
+  of recomputing it and sends only the rest; reports pool hits and the share of prompt tokens
+  restored. Not covered yet: the 1 Gbit/s netns link lab; everything runs over loopback.
 
 JSON goes to stdout with ``--json`` and always to ``--out`` (default under /tmp, not the repo); a
 PNG of per-request TTFT with and without kvlink to ``--plot``. Ports: ``--port-base`` .. +40 for
@@ -56,6 +58,7 @@ TRACE = REPO.parent / "shared" / "traces" / "mooncake-conversation.jsonl"
 BLOCK = 512
 LOADED = re.compile(r"kvlink: request (\S+) loaded tokens \[(\d+), (\d+)\) \((\d+) bytes")
 SENT = re.compile(r"kvlink: request (\S+) sent \((\d+) bytes\)")
+RESTORED = re.compile(r"kvlink: request \S+ restored (\d+) tokens from the pool")
 
 
 # ---------------------------------------------------------------- workload
@@ -194,15 +197,27 @@ def run_baseline(model: Path, reqs: list[dict], args, logs: Path) -> dict:
 def run_pd(model: Path, reqs: list[dict], args, logs: Path) -> dict:
     p_port, d_port, x_port = args.port_base + 20, args.port_base + 30, args.port_base
     p_extra = [] if args.prefix_caching else ["--no-enable-prefix-caching"]
-    prefill = start_server(model, p_port, kv_config=kv_config("kv_producer", {}), cpu=0,
+    p_kv, d_kv = {}, {"listen": f"127.0.0.1:{args.kv_port}"}
+    if args.pool:
+        p_kv = {"pool": f"127.0.0.1:{args.port_base + 38}:{args.port_base + 39}"}
+        d_kv.update(p_kv, spec_file=str(logs / "spec.json"))
+    prefill = start_server(model, p_port, kv_config=kv_config("kv_producer", p_kv), cpu=0,
                            extra_args=p_extra, log_path=logs / "prefill.log")
-    decode = start_server(model, d_port, kv_config=kv_config("kv_consumer", {"listen": f"127.0.0.1:{args.kv_port}"}),
+    decode = start_server(model, d_port, kv_config=kv_config("kv_consumer", d_kv),
                           cpu=1, extra_args=["--no-enable-prefix-caching"], log_path=logs / "decode.log")
-    proxy = None
+    proxy = daemon = None
+    kvlink = str(Path(sys.executable).with_name("kvlink"))
     try:
         prefill.wait_ready(600)
         decode.wait_ready(600)
-        kvlink = str(Path(sys.executable).with_name("kvlink"))
+        if args.pool:  # the decode server wrote its layout: the daemon serves it
+            (logs / "pool.toml").write_text(f"[pool]\nblock_size = {args.pool_block}\n")
+            with open(logs / "daemon.log", "wb") as fh:
+                daemon = subprocess.Popen([kvlink, "pool", "serve", "--config", str(logs / "pool.toml"),
+                                           "--http-port", str(args.port_base + 38), "--data-port",
+                                           str(args.port_base + 39), "--spec", f"vllm-{args.model}={logs / 'spec.json'}"],
+                                          stdout=fh, stderr=subprocess.STDOUT)
+            wait_http(args.port_base + 38, daemon)
         with open(logs / "proxy.log", "wb") as fh:
             proxy = subprocess.Popen([kvlink, "proxy", "--prefill", f"http://127.0.0.1:{p_port}", "--decode",
                                       f"http://127.0.0.1:{d_port}=127.0.0.1:{args.kv_port}", "--port", str(x_port)],
@@ -213,9 +228,10 @@ def run_pd(model: Path, reqs: list[dict], args, logs: Path) -> dict:
         results, wall = replay(x_port, reqs, args.time_scale)
         after = get_json(x_port, "/stats")
     finally:
-        if proxy is not None:
-            proxy.terminate()
-            proxy.wait()
+        for proc in (proxy, daemon):
+            if proc is not None:
+                proc.terminate()
+                proc.wait()
         prefill.stop()
         decode.stop()
     routes = {k: after.get(k, 0) - before.get(k, 0) for k in after}
@@ -233,6 +249,9 @@ def attach_bytes(pd: dict, logs: Path) -> None:
     pd["bytes_loaded"] = sum(r["loaded_bytes"] for r in pd["results"])
     # The warm-up ran alone before the replay, so its send (if it went P/D) is the log's first.
     pd["bytes_sent"] = sum(sent[1:] if pd["warmup_route"] == "pd" else sent)
+    restored = [int(m[1]) for m in RESTORED.finditer((logs / "prefill.log").read_text(errors="replace"))]
+    pd["pool_tokens"] = sum(restored)
+    pd["pool_hits"] = len(restored)
 
 
 # ---------------------------------------------------------------- report
@@ -282,6 +301,10 @@ def main() -> int:
     parser.add_argument("--time-scale", type=float, default=None,
                         help="send at timestamp*S ms (open loop); default: one at a time in trace order")
     parser.add_argument("--prefix-caching", action="store_true", help="vLLM prefix caching on baseline + prefill")
+    parser.add_argument("--pool", action="store_true",
+                        help="P/D with a shared kvlink pool daemon: follow-up turns reuse the prefix")
+    parser.add_argument("--pool-block", type=int, default=512,
+                        help="the pool's block size: a multiple of vLLM's (llama 32; qwen3_next 160: use 640)")
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/kvlink-engine-trace/models"))
     parser.add_argument("--out", type=Path, default=Path("/tmp/kvlink-engine-trace/engine_trace.json"))
     parser.add_argument("--plot", type=Path, default=Path("/tmp/kvlink-engine-trace/engine_trace.png"))
@@ -310,9 +333,12 @@ def main() -> int:
         "config": {"model": args.model, "requests": len(reqs), "max_input": args.max_input,
                    "max_output": args.max_output, "arrivals": "concurrency 1, trace order" if args.time_scale is None
                    else f"open loop, timestamp x {args.time_scale}", "prefix_caching": args.prefix_caching,
-                   "pool": None, "link": "loopback", "trace": str(args.trace)},
+                   "pool": f"kvlink pool serve, block {args.pool_block}" if args.pool else None, "link": "loopback",
+                   "trace": str(args.trace)},
         "baseline": sb,
-        "pd": {**sp, "routes": pd["routes"], "bytes_loaded": pd["bytes_loaded"], "bytes_sent": pd["bytes_sent"]},
+        "pd": {**sp, "routes": pd["routes"], "bytes_loaded": pd["bytes_loaded"], "bytes_sent": pd["bytes_sent"],
+               "pool_hits": pd["pool_hits"], "pool_tokens": pd["pool_tokens"],
+               "pool_token_hit_rate": pd["pool_tokens"] / max(1, sum(len(r["prompt"]) for r in reqs))},
         "ratios": {"ttft_mean_pd_vs_baseline": sp["ttft_mean_s"] / sb["ttft_mean_s"],
                    "ttft_p50_pd_vs_baseline": sp["ttft_p50_s"] / sb["ttft_p50_s"],
                    "throughput_pd_vs_baseline": sp["output_tokens_per_s"] / sb["output_tokens_per_s"]},
@@ -329,7 +355,8 @@ def main() -> int:
         for name, s in (("baseline", sb), ("P/D", sp)):
             print(f"  {name:8s} TTFT mean {1000 * s['ttft_mean_s']:.1f} ms p50 {1000 * s['ttft_p50_s']:.1f} "
                   f"p90 {1000 * s['ttft_p90_s']:.1f}; {s['output_tokens_per_s']:.1f} tok/s")
-        print(f"  bytes loaded {pd['bytes_loaded']} sent {pd['bytes_sent']}; ratios {result['ratios']}")
+        print(f"  bytes loaded {pd['bytes_loaded']} sent {pd['bytes_sent']}; pool hits {pd['pool_hits']} "
+              f"({pd['pool_tokens']} tokens); ratios {result['ratios']}")
         print(f"  JSON {args.out}  plot {args.plot}")
     return 0
 

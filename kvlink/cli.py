@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from kvlink.errors import KvlinkError, SpecError
+from kvlink.errors import ConfigError, KvlinkError, SpecError
 
 
 def _tokens(text: str) -> list[int]:
@@ -174,6 +174,16 @@ def cmd_bench_transfer(args) -> int:
     return 0
 
 
+def _spec_files(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--spec: expected NAME=FILE, got {item!r}")
+        out[name] = path
+    return out
+
+
 def cmd_pool_serve(args) -> int:
     from kvlink.config import DaemonConfig, TransportConfig
     from kvlink.daemon.server import serve_forever
@@ -181,6 +191,7 @@ def cmd_pool_serve(args) -> int:
 
     overrides = {"host": args.host, "http_port": args.http_port, "data_port": args.data_port, "root": args.root,
                  "models": tuple(args.model) if args.model else None,
+                 "spec_files": _spec_files(args.spec) if args.spec else None,
                  "allow_insecure": True if args.allow_insecure else None,
                  "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_ca": args.tls_ca}
     if args.config:
@@ -299,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--data-port", type=int, default=None, help="transport port (default 7481)")
     ps.add_argument("--root", default=None, help="directory for the SSD tiers (default: memory only)")
     ps.add_argument("--model", action="append", default=None, help="preset to serve (repeatable)")
+    ps.add_argument("--spec", action="append", default=None, metavar="NAME=FILE",
+                    help="also serve model NAME with the layout in a spec JSON file, e.g. the one a vLLM "
+                         "KvlinkConnector writes (spec_file) (repeatable)")
     ps.add_argument("--allow-insecure", action="store_true",
                     help="listen on a non-loopback address without any secret (tenants or KVLINK_SECRET)")
     ps.add_argument("--tls-cert", default=None, help="serve HTTP and data over TLS with this certificate (PEM)")

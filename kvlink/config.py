@@ -315,6 +315,9 @@ class DaemonConfig:
     http_port: int = 7480
     data_port: int = 7481
     models: tuple[str, ...] = ("kimi-linear-48b-a3b",)
+    # More models, each from a spec JSON file (CacheSpec.to_dict, e.g. what an engine connector
+    # writes for its own layout): model name -> path.
+    spec_files: dict[str, str] = field(default_factory=dict)
     root: str | None = None
     pool: PoolConfig = field(default_factory=PoolConfig)
     max_pools: int = 64
@@ -336,8 +339,11 @@ class DaemonConfig:
     tls_ca: str | None = None
 
     def __post_init__(self) -> None:
-        for model in self.models:
+        for model in (*self.models, *self.spec_files):
             check_name("model", model)
+        both = set(self.models) & set(self.spec_files)
+        if both:
+            raise ConfigError(f"models {sorted(both)} are given both as a preset and as a spec file")
         for name, secret in self.tenants.items():
             check_name("tenant", name)
             if not isinstance(secret, str) or len(secret) < 8 or not secret.isprintable() or not secret.isascii() \
@@ -376,8 +382,8 @@ class DaemonConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "DaemonConfig":
-        """Read ``[daemon]``, ``[pool]`` and ``[tenants]`` (name = "secret") tables; keyword overrides
-        (CLI flags) win. Raises :class:`ConfigError`."""
+        """Read ``[daemon]``, ``[pool]``, ``[tenants]`` (name = "secret") and ``[specs]`` (model =
+        "spec.json") tables; keyword overrides (CLI flags) win. Raises :class:`ConfigError`."""
         import tomllib
 
         try:
@@ -386,9 +392,10 @@ class DaemonConfig:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read {path}: {exc}") from None
         daemon, pool = dict(doc.get("daemon", {})), dict(doc.get("pool", {}))
-        unknown = set(daemon) - {f for f in cls.__dataclass_fields__ if f not in ("pool", "tenants")}
-        unknown |= set(doc) - {"daemon", "pool", "tenants"}
+        unknown = set(daemon) - {f for f in cls.__dataclass_fields__ if f not in ("pool", "tenants", "spec_files")}
+        unknown |= set(doc) - {"daemon", "pool", "tenants", "specs"}
         daemon["tenants"] = dict(doc.get("tenants", {}))
+        daemon["spec_files"] = {str(k): str(v) for k, v in doc.get("specs", {}).items()}
         unknown |= {f"pool.{k}" for k in set(pool) - set(PoolConfig.__dataclass_fields__)}
         if unknown:
             raise ConfigError(f"unknown settings in {path}: {sorted(unknown)}")

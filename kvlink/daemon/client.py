@@ -25,6 +25,7 @@ from kvlink.errors import (AccessDenied, AuthenticationError, ConfigError, Entry
 from kvlink.pool.index import PrefixHit, checkpoint_positions
 from kvlink.pool.pool import StoreReport
 from kvlink.presets import get_preset
+from kvlink.spec import CacheSpec
 from kvlink.serde.payload import PayloadScan, is_payload, payload_intact
 from kvlink.serde.staging import StagingArena
 from kvlink.transport.incoming import arena_allocator
@@ -53,6 +54,11 @@ class PoolClient:
     :class:`~kvlink.errors.HandshakeError` when TLS fails (e.g. the daemon's certificate is not
     signed by a CA ``ssl`` trusts, or not valid for ``host``).
 
+    ``model`` is a preset the daemon serves, or a layout it loaded from a spec file (``kvlink pool
+    serve --spec NAME=FILE``): then pass that ``spec`` too (its fingerprint guards the data path).
+    ``lookup_only`` opens HTTP only (lookups, settings; an engine's scheduler), and its data calls
+    raise :class:`~kvlink.errors.ConfigError`.
+
     TLS (a daemon with ``tls_cert``): ``ssl`` is a client context that verifies the daemon
     (``tls.client_context(ca)``), used for HTTP and data connections; ``reply_ssl`` is a server
     context for the reply listener (``tls.server_context(cert, key)``, a certificate valid for
@@ -62,7 +68,8 @@ class PoolClient:
     def __init__(self, model: str, host: str = "127.0.0.1", http_port: int = 7480, data_port: int = 7481,
                  secret: bytes | None = None, tenant: str = DEFAULT_TENANT, transport: TransportConfig | None = None,
                  reply_host: str = "127.0.0.1", timeout: float = 60.0, reply_arena: int = 256 << 20,
-                 ssl: _ssl.SSLContext | None = None, reply_ssl: _ssl.SSLContext | None = None):
+                 ssl: _ssl.SSLContext | None = None, reply_ssl: _ssl.SSLContext | None = None,
+                 spec: CacheSpec | None = None, lookup_only: bool = False):
         self.model, self.tenant = model, tenant
         if (ssl is None) != (reply_ssl is None):
             raise ConfigError("ssl and reply_ssl go together: a TLS daemon replies over TLS to the reply listener")
@@ -75,7 +82,10 @@ class PoolClient:
         self.reply_host = reply_host
         self.timeout = timeout
         self.reply_arena = reply_arena
-        self.fingerprint = get_preset(model).fingerprint
+        # The layout the daemon serves as ``model``: a preset's, or ``spec`` (a layout the daemon
+        # loaded from a spec file). A lookup-only client (an engine's scheduler) opens no data path.
+        self.lookup_only = lookup_only
+        self.fingerprint = None if lookup_only else (spec or get_preset(model)).fingerprint
         self._ids = itertools.count(int.from_bytes(os.urandom(6), "little") << 16 | 1)
         self._http: aiohttp.ClientSession | None = None
         self._replies: TransferServer | None = None
@@ -99,6 +109,9 @@ class PoolClient:
             self._http = aiohttp.ClientSession(base_url=f"{scheme}://{self.host}:{self.http_port}", headers=headers,
                                                timeout=aiohttp.ClientTimeout(total=self.timeout),
                                                connector=aiohttp.TCPConnector(ssl=self.ssl or True))
+            if self.lookup_only:  # HTTP only: no reply listener, no data connection
+                await self._read_pool_settings()
+                return self
             # Replies land in a preallocated arena (bounds one get's size), copied out per part.
             # Entries are kvlink payloads: replies are verified against their own checksums on arrival.
             self._replies = TransferServer(self.transport, [self.fingerprint], secret=self.secret,
@@ -219,6 +232,8 @@ class PoolClient:
     # -- data -------------------------------------------------------------------------------------
     async def _call(self, meta: dict, parts: list, verifiable: bool = False):
         """Send a request transfer, wait for the daemon's reply transfer; returns it (release it)."""
+        if self.lookup_only:
+            raise ConfigError("a lookup-only PoolClient carries no data (give spec= for the model's layout)")
         if self._sender is None or self._replies is None:
             raise PoolError("the client is not connected (use connect() or async with)")
         reply_id = next(self._ids)

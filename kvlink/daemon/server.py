@@ -29,6 +29,7 @@ from kvlink.pool.pool import Pool
 from kvlink.pool.slab import Landing
 from kvlink.presets import get_preset
 from kvlink.serde.payload import is_payload
+from kvlink.spec import CacheSpec
 from kvlink.transport.incoming import arena_allocator
 from kvlink.transport.receiver import TransferServer
 from kvlink.transport.sender import TransferClient
@@ -61,6 +62,7 @@ class PoolDaemon:
         self.tenants = Tenants.from_config(config, secret)
         self.transport = transport or TransportConfig()
         self.specs = {name: get_preset(name) for name in config.models}
+        self.specs.update({name: load_spec_file(path) for name, path in config.spec_files.items()})
         self.budget = HostBudget(config.host_budget)
         self._pools: dict[tuple[str, str], Pool] = {}
         self._pools_lock = threading.Lock()
@@ -318,6 +320,17 @@ class _Replier:
         await asyncio.gather(self.connected, return_exceptions=True)
         if not self.connected.cancelled() and self.connected.exception() is None:
             await self.connected.result().close()
+
+
+def load_spec_file(path: str) -> CacheSpec:
+    """A :class:`CacheSpec` from a JSON file (:meth:`CacheSpec.to_dict`); :class:`ConfigError` when
+    it cannot be read or is not a spec (at most 16 MiB: a spec, not a payload)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(16 << 20)
+        return CacheSpec.from_dict(json.loads(raw))
+    except (OSError, ValueError, KvlinkError) as exc:
+        raise ConfigError(f"spec file {path}: {exc}") from None
 
 
 def _report(report) -> dict:

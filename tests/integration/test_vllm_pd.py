@@ -36,19 +36,34 @@ def _free_port() -> int:
 
 
 class PD:
-    def __init__(self, kind: str, tmp: Path):
+    """A prefill server, a decode server and ``kvlink proxy``; with ``pool``, also a ``kvlink pool
+    serve`` daemon both servers share, serving the layout the decode server wrote (``spec_file``)."""
+
+    def __init__(self, kind: str, tmp: Path, pool: bool = False):
         self.kind = kind
         model = build_tiny_model(kind, tmp / "models")
         self.p_port, self.d_port, self.kv_port, self.proxy_port = (_free_port() for _ in range(4))
+        p_extra, d_extra = {}, {"listen": f"127.0.0.1:{self.kv_port}", "begin_timeout": 5}
+        self.daemon = None
+        if pool:
+            http, data = _free_port(), _free_port()
+            self.spec_file = tmp / "spec.json"
+            p_extra = {"pool": f"127.0.0.1:{http}:{data}"}
+            d_extra.update(p_extra, spec_file=str(self.spec_file))
         self.prefill = start_server(model, self.p_port, cpu=0, extra_args=FLAGS, log_path=tmp / f"{kind}-p.log",
-                                    kv_config={**CONNECTOR, "kv_role": "kv_producer"})
+                                    kv_config={**CONNECTOR, "kv_role": "kv_producer", "kv_connector_extra_config": p_extra})
         self.decode = start_server(model, self.d_port, cpu=1, extra_args=FLAGS, log_path=tmp / f"{kind}-d.log",
-                                   kv_config={**CONNECTOR, "kv_role": "kv_consumer", "kv_connector_extra_config": {
-                                       "listen": f"127.0.0.1:{self.kv_port}", "begin_timeout": 5}})
+                                   kv_config={**CONNECTOR, "kv_role": "kv_consumer", "kv_connector_extra_config": d_extra})
         self.proxy = None
         try:
             self.prefill.wait_ready(300)
             self.decode.wait_ready(300)
+            if pool:
+                self.daemon = subprocess.Popen(
+                    [sys.executable, "-m", "kvlink.cli", "pool", "serve", "--http-port", str(http), "--data-port",
+                     str(data), "--spec", f"vllm-{kind}={self.spec_file}"],
+                    cwd=REPO, stdout=open(tmp / "daemon.log", "wb"), stderr=subprocess.STDOUT)
+                _wait_http(f"http://127.0.0.1:{http}/health", 60)
             self.proxy = subprocess.Popen(
                 [sys.executable, "-m", "kvlink.cli", "proxy", "--port", str(self.proxy_port),
                  "--prefill", f"http://127.0.0.1:{self.p_port}",
@@ -60,18 +75,30 @@ class PD:
             raise
 
     def close(self) -> None:
-        if self.proxy is not None:
-            self.proxy.kill()
-            self.proxy.wait(10)
+        for proc in (self.proxy, self.daemon):
+            if proc is not None:
+                proc.kill()
+                proc.wait(10)
         self.prefill.stop()
         self.decode.stop()
 
     def decode_log(self) -> str:
         return self.decode.log_path.read_text(errors="replace")
 
+    def prefill_log(self) -> str:
+        return self.prefill.log_path.read_text(errors="replace")
+
     def stats(self) -> dict:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.proxy_port}/stats", timeout=10) as r:
             return json.load(r)
+
+
+def _wait_for(condition, timeout: float) -> None:
+    """Poll ``condition`` (a server's log, written by another process: nothing to wait on instead)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
 
 
 def _wait_http(url: str, timeout: float) -> None:
@@ -179,3 +206,29 @@ def test_prefill_server_killed(pd):
     assert _tokens(complete(pd.proxy_port, prompt, 6)) == alone
     assert time.monotonic() - t0 < 60
     assert pd.stats()["decode-only"] >= 1
+
+
+@pytest.fixture(scope="module")
+def pd_pool(tmp_path_factory):
+    servers = PD("llama", tmp_path_factory.mktemp("pool"), pool=True)
+    yield servers
+    servers.close()
+
+
+def test_follow_up_turn_hits_the_pool(pd_pool):
+    """A conversation's second turn: the decode server kept the first turn's tokens in the pool
+    daemon, so the prefill server restores that prefix instead of recomputing it and pushes only
+    the rest, and the decode server takes the prefix from the pool. Same answer as one server."""
+    pd = pd_pool
+    first = _prompt(300, 50)
+    answer = _tokens(complete(pd.proxy_port, first, 8))
+    assert answer == _tokens(complete(pd.d_port, first, 8))
+    # The decode server stores a request's tokens just after answering it: wait until both are in.
+    _wait_for(lambda: pd.decode_log().count("tokens in the pool (") >= 2, 60)
+    second = first + answer + _prompt(100, 51)
+    moved = _tokens(complete(pd.proxy_port, second, 8))
+    restored = [line for line in pd.prefill_log().splitlines() if "tokens from the pool" in line]
+    assert restored and "restored 256 tokens" in restored[-1], restored  # 300 + 7 computed: 4 blocks of 64
+    loads = [line for line in pd.decode_log().splitlines() if " loaded tokens [0, 408)" in line]
+    assert loads and loads[-1].endswith("pool tokens 256"), loads
+    assert moved == _tokens(complete(pd.d_port, second, 8))

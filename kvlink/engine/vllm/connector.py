@@ -6,7 +6,7 @@ Load it with::
                            "kv_connector_module_path": "kvlink.engine.vllm.connector",
                            "kv_role": "kv_producer" | "kv_consumer" | "kv_both",
                            "kv_load_failure_policy": "recompute",
-                           "kv_connector_extra_config": {"listen": "127.0.0.1:7200"}}'
+                           "kv_connector_extra_config": {"listen": "127.0.0.1:7200", "pool": "127.0.0.1:7480:7481"}}'
 
 A producer (prefill server) pushes each request it is asked to (``kv_transfer_params``, see
 :mod:`kvlink.engine.vllm.meta`) to the named decode server; a consumer (decode server) receives
@@ -42,6 +42,17 @@ from kvlink.engine.vllm.worker import WorkerSide
 log = logging.getLogger("kvlink.vllm")
 
 
+def write_spec(spec, path: str) -> None:
+    """The spec as JSON at ``path`` (written whole, then renamed: a reader never sees half)."""
+    import json
+    import os
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(spec.to_dict(), f)
+    os.replace(tmp, path)
+
+
 def _log_like_vllm() -> None:
     """kvlink's log lines go where vLLM's go (its handlers sit on the ``vllm`` logger only)."""
     ours = logging.getLogger("kvlink")
@@ -68,6 +79,7 @@ class KvlinkConnector(KVConnectorBase_V1, SupportsHMA):
         super().__init__(vllm_config, role, kv_cache_config)
         _log_like_vllm()
         self.config = ConnectorConfig.from_extra(self._kv_transfer_config.kv_connector_extra_config)
+        self.pool_model = self.config.pool_model or f"vllm-{vllm_config.model_config.hf_config.model_type}"
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         self._requests: dict[str, Any] = {}
@@ -75,7 +87,7 @@ class KvlinkConnector(KVConnectorBase_V1, SupportsHMA):
             if self._kv_transfer_config.kv_load_failure_policy != "recompute":
                 log.warning("kv_load_failure_policy is %r: a failed kvlink load ends its request with an error; "
                             "set it to 'recompute' to have it recomputed", self._kv_transfer_config.kv_load_failure_policy)
-            self._scheduler = SchedulerSide(self.config, kv_cache_config.has_mamba_layers)
+            self._scheduler = SchedulerSide(self.config, kv_cache_config.has_mamba_layers, self.pool_model)
 
     # ---------------------------------------------------------------- worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -84,7 +96,9 @@ class KvlinkConnector(KVConnectorBase_V1, SupportsHMA):
         groups = [(list(g.layer_names), g.kv_cache_spec) for g in self._kv_cache_config.transfer_groups]
         layout = build_layout(kv_caches, groups, self._vllm_config.model_config.hf_config.model_type)
         listen = self._kv_transfer_config.kv_role in ("kv_consumer", "kv_both")
-        self._worker = WorkerSide(layout, self.config, listen)
+        if self.config.spec_file:
+            write_spec(layout.spec, self.config.spec_file)
+        self._worker = WorkerSide(layout, self.config, listen, self.pool_model)
         log.info("kvlink: %s, %d layers, fingerprint %s, listening on %s", layout.spec.name, layout.spec.num_layers,
                  layout.spec.fingerprint.hex()[:16], self._worker.address)
 

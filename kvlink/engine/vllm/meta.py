@@ -7,8 +7,8 @@
   "kvlink_decode": "host:port"}``: compute the prompt and push its cache to that decode server's
   kvlink receiver as transfer ``ID``;
 - back from the prefill server, forwarded to the decode server: ``{"do_remote_prefill": true,
-  "kvlink_transfer": ID, "kvlink_tokens": N, "kvlink_start": 0}``: tokens ``[0, N)`` arrive as
-  ``ID`` (``kvlink_start`` is reserved for a pool-held prefix; a decode server refuses one > 0).
+  "kvlink_transfer": ID, "kvlink_tokens": N, "kvlink_start": S}``: tokens ``[S, N)`` arrive as
+  ``ID``; tokens ``[0, S)`` are in the shared pool (the prefill server loaded them from it).
 """
 
 from __future__ import annotations
@@ -40,6 +40,11 @@ class ConnectorConfig:
 
     - ``listen``: ``host:port`` of the decode side's kvlink receiver (default ``127.0.0.1:0``,
       loopback; a consumer needs a fixed port for the proxy to name);
+    - ``pool``: ``host:http_port:data_port`` of a ``kvlink pool serve`` daemon both servers share
+      (prefix reuse across turns); ``pool_model`` is the model name the daemon serves this layout
+      under (default ``vllm-<model_type>``); connected on first use, a pool that cannot be reached
+      is a miss;
+    - ``spec_file``: where the worker writes its spec JSON at start-up (for the daemon's ``--spec``);
     - ``begin_timeout``: seconds the decode side waits for a transfer to begin (default 30);
     - ``load_timeout``: seconds a whole load may take (default 120);
     - ``send_timeout``: seconds the prefill side waits for the receiver to verify a request (default 120).
@@ -49,6 +54,9 @@ class ConnectorConfig:
     """
 
     listen: tuple[str, int] = ("127.0.0.1", 0)
+    pool: tuple[str, int, int] | None = None
+    pool_model: str | None = None
+    spec_file: str | None = None
     begin_timeout: float = 30.0
     load_timeout: float = 120.0
     send_timeout: float = 120.0
@@ -57,13 +65,27 @@ class ConnectorConfig:
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> "ConnectorConfig":
         extra = dict(extra or {})
-        known = {"listen", "begin_timeout", "load_timeout", "send_timeout"}
+        known = {"listen", "pool", "pool_model", "spec_file", "begin_timeout", "load_timeout", "send_timeout"}
         unknown = sorted(set(extra) - known)
         if unknown:
             raise ConfigError(f"kv_connector_extra_config: unknown keys {unknown}; known: {sorted(known)}")
         kwargs: dict[str, Any] = {"secret": TransportConfig.secret_from_env()}
         if "listen" in extra:
             kwargs["listen"] = parse_address(extra["listen"], "listen")
+        if "pool" in extra:
+            host, sep, ports = str(extra["pool"]).partition(":")
+            http_port, sep2, data_port = ports.partition(":")
+            try:
+                kwargs["pool"] = (host, int(http_port), int(data_port))
+            except ValueError:
+                raise ConfigError(f"pool: expected 'host:http_port:data_port', got {extra['pool']!r}") from None
+            if not (host and sep and sep2 and 0 < kwargs["pool"][1] < 65536 and 0 < kwargs["pool"][2] < 65536):
+                raise ConfigError(f"pool: expected 'host:http_port:data_port', got {extra['pool']!r}")
+        for key in ("pool_model", "spec_file"):
+            if key in extra:
+                if not isinstance(extra[key], str) or not extra[key]:
+                    raise ConfigError(f"{key}: expected a non-empty string, got {extra[key]!r}")
+                kwargs[key] = extra[key]
         for key in ("begin_timeout", "load_timeout", "send_timeout"):
             if key in extra:
                 try:
@@ -78,23 +100,37 @@ class ConnectorConfig:
 
 @dataclass
 class SendJob:
-    """Prefill side: push tokens ``[0, num_tokens)`` of a request to ``destination``."""
+    """Prefill side: push tokens ``[token_start, num_tokens)`` of a request to ``destination``."""
 
     req_id: str
     transfer: str
     destination: tuple[str, int]
     blocks: tuple[list[int], ...]
     num_tokens: int
+    token_start: int = 0
 
 
 @dataclass
 class LoadJob:
-    """Decode side: receive tokens ``[0, num_tokens)`` of a request as ``transfer``."""
+    """Restore ``[0, token_start)`` from the pool (when ``token_start`` > 0), then receive
+    ``[token_start, num_tokens)`` as ``transfer`` (decode side). A prefill server's pool hit has no
+    transfer: ``token_start == num_tokens``."""
 
     req_id: str
-    transfer: str
+    transfer: str | None
     blocks: tuple[list[int], ...]
     num_tokens: int
+    token_start: int = 0
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class StoreJob:
+    """Keep a finished request's computed tokens (their full pool blocks) in the pool."""
+
+    req_id: str
+    blocks: tuple[list[int], ...]
+    tokens: list[int]
 
 
 @dataclass
@@ -103,3 +139,4 @@ class StepJobs:
 
     sends: list[SendJob] = field(default_factory=list)
     loads: list[LoadJob] = field(default_factory=list)
+    stores: list[StoreJob] = field(default_factory=list)
