@@ -192,11 +192,14 @@ def test_config_defaults_and_good_values(monkeypatch):
     assert cfg.listen == ("0.0.0.0", 7200)
     assert (cfg.begin_timeout, cfg.load_timeout, cfg.send_timeout) == (2.5, 10.0, 1e-3)
     assert ConnectorConfig.from_extra({"listen": "[::1]:7200"}).listen == ("::1", 7200)
+    pooled = ConnectorConfig.from_extra({"pool": "127.0.0.1:7480:7481", "pool_model": "m", "spec_file": "/s.json"})
+    assert (pooled.pool, pooled.pool_model, pooled.spec_file) == (("127.0.0.1", 7480, 7481), "m", "/s.json")
 
 
 @pytest.mark.parametrize("extra", [
     {"lisen": "127.0.0.1:1"}, {"listen": "7200"}, {"listen": 7200}, {"listen": "h:port"}, {"listen": ":7200"},
-    {"listen": "h:70000"}, {"listen": "h:-1"}, {"pool": "host:7480:7481"},  # no pool in this connector
+    {"listen": "h:70000"}, {"listen": "h:-1"}, {"pool": "host:7480"}, {"pool": "host:x:7481"},
+    {"pool": ":7480:7481"}, {"pool": "h:0:7481"}, {"pool_model": ""}, {"spec_file": 3},
     {"begin_timeout": 0}, {"load_timeout": -1}, {"send_timeout": "soon"}, {"send_timeout": None},
     {"begin_timeout": float("nan")},
 ])
