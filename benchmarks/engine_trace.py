@@ -18,8 +18,9 @@ Run it with the main venv's python; vLLM runs from its own venv (``KVLINK_VLLM_P
 - Baseline: ONE vLLM server, no connector, pinned to cpu 0. P/D: a prefill server (cpu 0) and a
   decode server (cpu 1) with ``KvlinkConnector``, behind ``kvlink proxy``; they run one after the
   other, never at once. vLLM's prefix caching is off on all servers unless ``--prefix-caching``
-  (then on for the baseline and the prefill server; the decode server keeps it off, as a local hit
-  there makes it compute rather than load). One unmeasured warm-up request per setup.
+  (then on for the baseline, and for the prefill server unless ``--pool``; the decode server keeps
+  it off, as a local hit there makes it compute rather than load). One unmeasured warm-up request
+  per setup.
 - Measured per request: TTFT (``stream=True``; time to the first SSE chunk carrying a token) and
   total latency; mean/p50/p90 TTFT, output tokens/s over the replay, bytes moved (the decode log's
   ``loaded tokens [a, b) (N bytes`` lines matched by request id, the prefill log's ``sent (N bytes)``
@@ -196,7 +197,8 @@ def run_baseline(model: Path, reqs: list[dict], args, logs: Path) -> dict:
 
 def run_pd(model: Path, reqs: list[dict], args, logs: Path) -> dict:
     p_port, d_port, x_port = args.port_base + 20, args.port_base + 30, args.port_base
-    p_extra = [] if args.prefix_caching else ["--no-enable-prefix-caching"]
+    # With the pool, the prefill server's own prefix hits would hide it (a vLLM hit comes first).
+    p_extra = [] if args.prefix_caching and not args.pool else ["--no-enable-prefix-caching"]
     p_kv, d_kv = {}, {"listen": f"127.0.0.1:{args.kv_port}"}
     if args.pool:
         p_kv = {"pool": f"127.0.0.1:{args.port_base + 38}:{args.port_base + 39}"}

@@ -321,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="CA that signs clients' reply-listener certificates (default: the system's trust store)")
     ps.set_defaults(func=cmd_pool_serve)
 
-    px = sub.add_parser("proxy", help="P/D proxy for vLLM servers running KvlinkConnector")
+    px = sub.add_parser("proxy", help="P/D proxy for vLLM servers running KvlinkConnector "
+                                      "(KVLINK_PROXY_KEY: the API key it requires from clients)")
     px.add_argument("--prefill", action="append", required=True, help="prefill server API URL (repeatable)")
     px.add_argument("--decode", action="append", required=True,
                     help="decode server as URL=HOST:PORT (its API, then its connector's kvlink listen address)")
@@ -366,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_proxy(args) -> int:
     from kvlink.engine.vllm.proxy import serve
 
-    serve(args.prefill, args.decode, args.host, args.port, args.prefill_timeout)
+    from kvlink.config import TransportConfig
+
+    serve(args.prefill, args.decode, args.host, args.port, args.prefill_timeout, TransportConfig.proxy_key_from_env())
     return 0
 
 

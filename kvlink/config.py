@@ -223,6 +223,11 @@ class TransportConfig:
         return min(limit, self.peer_share)
 
     @staticmethod
+    def proxy_key_from_env() -> str | None:
+        """The API key ``kvlink proxy`` requires from clients, from ``KVLINK_PROXY_KEY`` (None when unset)."""
+        return os.environ.get("KVLINK_PROXY_KEY") or None
+
+    @staticmethod
     def secret_from_env() -> bytes | None:
         """The shared secret from ``KVLINK_SECRET`` (None when unset or empty)."""
         value = os.environ.get("KVLINK_SECRET", "")

@@ -328,3 +328,22 @@ def test_parse_decode_good():
 def test_parse_decode_bad(text):
     with pytest.raises(ConfigError):
         parse_decode(text)
+
+
+# ---------------------------------------------------------------------------- GPU layout (no GPU here)
+def test_flash_attention_layout_round_trips_in_place():
+    """vLLM's CUDA FlashAttention cache ``[2, blocks, block, kv_heads, head_dim]`` (NHD) is kvlink's
+    ``kv_first``: built and carried through the same path (a CPU tensor of that shape; no GPU in CI)."""
+    blocks, block = 6, 16
+    groups = [(["l0"], _attn_spec(block))]
+    src = {"l0": torch.randn(2, blocks, block, HEADS, HEAD_DIM).to(torch.bfloat16)}
+    dst = {"l0": torch.zeros(2, blocks, block, HEADS, HEAD_DIM, dtype=torch.bfloat16)}
+    a, b = build_layout(src, groups, "llama"), build_layout(dst, groups, "llama")
+    assert a.spec.fingerprint == b.spec.fingerprint
+    n = 2 * block + 3
+    payload = Packer(a.paged).pack(CacheRef([4, 0, 5], n))
+    Unpacker(b.paged).unpack(payload, CacheRef([1, 3, 2], n))
+    for t in range(n):
+        s, d = [4, 0, 5][t // block], [1, 3, 2][t // block]
+        assert torch.equal(dst["l0"][:, d, t % block], src["l0"][:, s, t % block])
+    assert int((dst["l0"] != 0).sum()) == 2 * n * HEADS * HEAD_DIM  # nothing else written

@@ -22,6 +22,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 
 from kvlink.daemon.client import PoolClient
 from kvlink.engine.decode import DecodeSide
@@ -109,10 +110,12 @@ class WorkerSide:
         """A prefill request's pool hit, before the forward reads it. vLLM already counts these
         tokens as computed, so a failure cannot be recomputed here: the request's transfer is
         cancelled instead (the decode server then recomputes the prompt)."""
+        began = time.monotonic()
         try:
             self._run(self._restore(job), self.config.load_timeout)
             self._zero_after(job.blocks, job.token_start)
-            log.info("kvlink: request %s restored %d tokens from the pool", job.req_id, job.token_start)
+            log.info("kvlink: request %s restored %d tokens from the pool (%.1f ms)", job.req_id, job.token_start,
+                     1e3 * (time.monotonic() - began))
         except KvlinkError as exc:
             log.error("request %s: pool restore failed (%s); its transfer will be cancelled", job.req_id, exc)
             self._finishing[job.req_id] = None
@@ -125,7 +128,10 @@ class WorkerSide:
 
     async def _load(self, job: LoadJob) -> None:
         if job.token_start:
+            began = time.monotonic()
             await self._restore(job)
+            log.info("kvlink: request %s restored %d tokens from the pool (%.1f ms)", job.req_id, job.token_start,
+                     1e3 * (time.monotonic() - began))
         ref = self._ref(job.blocks, job.num_tokens, job.token_start)
         self.decode.start_load(job.transfer, ref, timeout=self.config.load_timeout)
         try:
