@@ -88,6 +88,7 @@ class KvlinkConnector(KVConnectorBase_V1, SupportsHMA):
                 log.warning("kv_load_failure_policy is %r: a failed kvlink load ends its request with an error; "
                             "set it to 'recompute' to have it recomputed", self._kv_transfer_config.kv_load_failure_policy)
             self._scheduler = SchedulerSide(self.config, kv_cache_config.has_mamba_layers, self.pool_model)
+            self._scheduler.connect_pool()
             if self.config.secret is None and self._kv_transfer_config.kv_role in ("kv_producer", "kv_both"):
                 log.warning("KVLINK_SECRET is not set: a client that reaches this prefill server directly can have "
                             "it push a request's cache to any address it names; set the secret on both servers")

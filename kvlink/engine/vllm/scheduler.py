@@ -47,19 +47,31 @@ class SchedulerSide:
         self._sending: set[str] = set()  # prefill side: send jobs issued
         self._pool_hits: dict[str, int] = {}  # prefill side: tokens the pool restores, per request
 
+    def _client(self):
+        """The daemon's (lookup-only) client, connected once. Raises what connecting raises."""
+        if self._pool is None:
+            from kvlink.daemon.client import SyncPoolClient
+
+            host, http_port, data_port = self.config.pool
+            self._pool = SyncPoolClient(self.pool_model, host, http_port, data_port, secret=self.config.secret,
+                                        lookup_only=True)
+        return self._pool
+
+    def connect_pool(self) -> None:
+        """Connect now rather than at the first lookup (a daemon not up yet is tried again then)."""
+        if self.config.pool is not None:
+            try:
+                self._client()
+            except KvlinkError as exc:
+                log.info("pool %s not reachable yet (%s); connecting at first use", self.config.pool, exc)
+
     def _pool_tokens(self, tokens: list[int]) -> int:
         """Tokens of ``tokens`` the pool restores, leaving at least one to compute (0 without a
         pool, or when it cannot be reached: a miss, never an error)."""
         if self.config.pool is None or time.monotonic() < self._pool_retry:
             return 0
         try:
-            if self._pool is None:
-                from kvlink.daemon.client import SyncPoolClient
-
-                host, http_port, data_port = self.config.pool
-                self._pool = SyncPoolClient(self.pool_model, host, http_port, data_port, secret=self.config.secret,
-                                            lookup_only=True)
-            hit = self._pool.lookup(tokens).tokens
+            hit = self._client().lookup(tokens).tokens
         except KvlinkError as exc:
             log.warning("pool %s: %s; computing (retry in %.0f s)", self.config.pool, exc, self.RECONNECT_AFTER)
             self._pool_retry = time.monotonic() + self.RECONNECT_AFTER

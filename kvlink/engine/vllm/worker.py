@@ -37,6 +37,11 @@ from kvlink.transport.loop import new_event_loop, run_sync, stop_loop
 log = logging.getLogger("kvlink.vllm")
 
 
+def _log_pool_connect(fut: concurrent.futures.Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.info("pool not reachable yet (%s); connecting at first use", fut.exception())
+
+
 class WorkerSide:
     """Owns the transport for one worker's cache (``layout``): a prefill side, and a decode side
     listening on ``config.listen`` when ``listen`` is true."""
@@ -60,6 +65,8 @@ class WorkerSide:
         self._storing: dict[str, concurrent.futures.Future] = {}
         self._pool_lock = asyncio.Lock()
         self._finished_seen: set[str] = set()
+        if config.pool is not None:  # connect in the background now rather than at the first request
+            self._submit(self._pool()).add_done_callback(_log_pool_connect)
         self.stats = {"sent_bytes": 0, "loaded_bytes": 0, "pool_tokens": 0, "failed_loads": 0, "failed_sends": 0}
 
     def _run(self, coro, timeout: float | None = None):
