@@ -28,7 +28,11 @@ Run it with the main venv's python; vLLM runs from its own venv (``KVLINK_VLLM_P
 - ``--pool``: the P/D pair shares a ``kvlink pool serve`` daemon (block 512, the trace's): the
   decode server stores each finished request, the prefill server restores a pooled prefix instead
   of recomputing it and sends only the rest; reports pool hits and the share of prompt tokens
-  restored. Not covered yet: the 1 Gbit/s netns link lab; everything runs over loopback.
+  restored.
+- ``--lab auto|on|off`` (auto: when root): the decode server runs in a network namespace behind a
+  veth pair shaped by ``tc tbf`` to ``--lab-rate`` (default 1gbit), the prefill server, proxy,
+  baseline and client in the other (kvlink's link lab); the cache crosses the shaped link, with
+  ``KVLINK_SECRET`` set on both servers. Otherwise everything runs over loopback.
 
 JSON goes to stdout with ``--json`` and always to ``--out`` (default under /tmp, not the repo); a
 PNG of per-request TTFT with and without kvlink to ``--plot``. Ports: ``--port-base`` .. +40 for
@@ -40,6 +44,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import random
 import re
 import statistics
@@ -148,19 +153,19 @@ def replay(port: int, reqs: list[dict], time_scale: float | None) -> tuple[list[
     return results, time.perf_counter() - t0
 
 
-def get_json(port: int, path: str) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+def get_json(port: int, path: str, host: str = "127.0.0.1") -> dict:
+    with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=10) as resp:
         return json.loads(resp.read())
 
 
-def wait_http(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+def wait_http(port: int, proc: subprocess.Popen, timeout: float = 30.0, host: str = "127.0.0.1") -> None:
     """Poll ``GET /health`` (a readiness probe) until 200 or ``proc`` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise VllmHarnessError(f"process on port {port} exited with {proc.returncode}")
         try:
-            get_json(port, "/health")
+            get_json(port, "/health", host)
             return
         except (urllib.error.URLError, OSError):
             try:
@@ -197,16 +202,21 @@ def run_baseline(model: Path, reqs: list[dict], args, logs: Path) -> dict:
 
 def run_pd(model: Path, reqs: list[dict], args, logs: Path) -> dict:
     p_port, d_port, x_port = args.port_base + 20, args.port_base + 30, args.port_base
+    lab = json.loads(args.in_lab) if args.in_lab else None
+    d_host, p_host = (lab["addr_b"], lab["addr_a"]) if lab else ("127.0.0.1", "127.0.0.1")
+    wrap = ["ip", "netns", "exec", lab["ns_b"]] if lab else []
+    env = {"KVLINK_SECRET": lab["secret"]} if lab else None
     # With the pool, the prefill server's own prefix hits would hide it (a vLLM hit comes first).
     p_extra = [] if args.prefix_caching and not args.pool else ["--no-enable-prefix-caching"]
-    p_kv, d_kv = {}, {"listen": f"127.0.0.1:{args.kv_port}"}
+    p_kv, d_kv = {}, {"listen": f"{d_host}:{args.kv_port}"}
     if args.pool:
-        p_kv = {"pool": f"127.0.0.1:{args.port_base + 38}:{args.port_base + 39}"}
+        p_kv = {"pool": f"{p_host}:{args.port_base + 38}:{args.port_base + 39}"}
         d_kv.update(p_kv, spec_file=str(logs / "spec.json"))
     prefill = start_server(model, p_port, kv_config=kv_config("kv_producer", p_kv), cpu=0,
-                           extra_args=p_extra, log_path=logs / "prefill.log")
-    decode = start_server(model, d_port, kv_config=kv_config("kv_consumer", d_kv),
-                          cpu=1, extra_args=["--no-enable-prefix-caching"], log_path=logs / "decode.log")
+                           extra_args=p_extra, log_path=logs / "prefill.log", env_extra=env)
+    decode = start_server(model, d_port, kv_config=kv_config("kv_consumer", d_kv), cpu=1,
+                          extra_args=["--no-enable-prefix-caching"], log_path=logs / "decode.log", env_extra=env,
+                          host=d_host, wrap=wrap)
     proxy = daemon = None
     kvlink = str(Path(sys.executable).with_name("kvlink"))
     try:
@@ -216,13 +226,13 @@ def run_pd(model: Path, reqs: list[dict], args, logs: Path) -> dict:
             (logs / "pool.toml").write_text(f"[pool]\nblock_size = {args.pool_block}\n")
             with open(logs / "daemon.log", "wb") as fh:
                 daemon = subprocess.Popen([kvlink, "pool", "serve", "--config", str(logs / "pool.toml"),
-                                           "--http-port", str(args.port_base + 38), "--data-port",
+                                           "--host", p_host, "--http-port", str(args.port_base + 38), "--data-port",
                                            str(args.port_base + 39), "--spec", f"vllm-{args.model}={logs / 'spec.json'}"],
-                                          stdout=fh, stderr=subprocess.STDOUT)
-            wait_http(args.port_base + 38, daemon)
+                                          stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+            wait_http(args.port_base + 38, daemon, host=p_host)
         with open(logs / "proxy.log", "wb") as fh:
             proxy = subprocess.Popen([kvlink, "proxy", "--prefill", f"http://127.0.0.1:{p_port}", "--decode",
-                                      f"http://127.0.0.1:{d_port}=127.0.0.1:{args.kv_port}", "--port", str(x_port)],
+                                      f"http://{d_host}:{d_port}={d_host}:{args.kv_port}", "--port", str(x_port)],
                                      stdout=fh, stderr=subprocess.STDOUT)
         wait_http(x_port, proxy)
         warm = warmup(x_port)
@@ -293,6 +303,26 @@ def plot(path: Path, reqs: list[dict], base: dict, pd: dict, model: str) -> None
     plt.close(fig)
 
 
+def run_in_lab(args) -> int | None:
+    """Re-run this script inside the link lab's first namespace (None: the lab cannot run here
+    and ``--lab auto``: run on loopback). The decode server goes into the second namespace."""
+    import secrets as _secrets
+
+    from kvlink.config import parse_rate
+    from kvlink.transport.lab import LinkLab, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        if args.lab == "on":
+            raise SystemExit(f"--lab on: {reason}")
+        print(f"link lab unavailable ({reason}); loopback", file=sys.stderr)
+        return None
+    with LinkLab(parse_rate(args.lab_rate)) as lab:
+        info = {"ns_b": lab.ns_b, "addr_a": lab.addr_a, "addr_b": lab.addr_b, "secret": _secrets.token_hex(16)}
+        argv = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--in-lab", json.dumps(info)]
+        return subprocess.run(lab.command("a", argv)).returncode
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=("llama", "qwen3_next"), default="llama")
@@ -313,7 +343,15 @@ def main() -> int:
     parser.add_argument("--port-base", type=int, default=8400)
     parser.add_argument("--kv-port", type=int, default=7400)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--lab", choices=("auto", "on", "off"), default="auto",
+                        help="decode server behind kvlink's tbf-shaped netns link (auto: when root)")
+    parser.add_argument("--lab-rate", default="1gbit")
+    parser.add_argument("--in-lab", default=None, help=argparse.SUPPRESS)  # set by the lab's re-run of this script
     args = parser.parse_args()
+    if args.in_lab is None and args.lab != "off":
+        code = run_in_lab(args)
+        if code is not None:
+            return code
 
     logs = args.out.parent
     logs.mkdir(parents=True, exist_ok=True)
@@ -335,7 +373,8 @@ def main() -> int:
         "config": {"model": args.model, "requests": len(reqs), "max_input": args.max_input,
                    "max_output": args.max_output, "arrivals": "concurrency 1, trace order" if args.time_scale is None
                    else f"open loop, timestamp x {args.time_scale}", "prefix_caching": args.prefix_caching,
-                   "pool": f"kvlink pool serve, block {args.pool_block}" if args.pool else None, "link": "loopback",
+                   "pool": f"kvlink pool serve, block {args.pool_block}" if args.pool else None,
+                   "link": f"netns veth, tbf {args.lab_rate}" if args.in_lab else "loopback",
                    "trace": str(args.trace)},
         "baseline": sb,
         "pd": {**sp, "routes": pd["routes"], "bytes_loaded": pd["bytes_loaded"], "bytes_sent": pd["bytes_sent"],

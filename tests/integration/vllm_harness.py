@@ -158,8 +158,8 @@ def _build(kind: str, out: Path) -> None:
 class Server:
     """A vLLM OpenAI API server in its own process group; ``with`` stops it."""
 
-    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path):
-        self.proc, self.port, self.log_path = proc, port, log_path
+    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path, host: str = "127.0.0.1"):
+        self.proc, self.port, self.log_path, self.host = proc, port, log_path, host
         self.started = time.monotonic()
         self.ready_after: float | None = None
 
@@ -172,7 +172,7 @@ class Server:
     def wait_ready(self, timeout: float = 240.0) -> float:
         """Poll ``GET /health`` until 200; return seconds since start. Raise if it died or timed out."""
         deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{self.port}/health"
+        url = f"http://{self.host}:{self.port}/health"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise VllmHarnessError(
@@ -224,13 +224,13 @@ class Server:
 
 
 def server_args(model_path: str | os.PathLike, port: int, kv_config: dict | None,
-                extra_args: tuple[str, ...] | list[str] = ()) -> list[str]:
+                extra_args: tuple[str, ...] | list[str] = (), host: str = "127.0.0.1") -> list[str]:
     args = [
         vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
         "--dtype", "bfloat16", "--block-size", "32", "--enforce-eager", "--max-model-len", "4096",
         # Small token budget so a ~600-token prompt is prefilled in several chunks.
         "--max-num-batched-tokens", "256", "--served-model-name", "tiny",
-        "--host", "127.0.0.1", "--port", str(port),
+        "--host", host, "--port", str(port),
     ]
     if kv_config is not None:
         args += ["--kv-transfer-config", json.dumps(kv_config)]
@@ -239,16 +239,18 @@ def server_args(model_path: str | os.PathLike, port: int, kv_config: dict | None
 
 def start_server(model_path: str | os.PathLike, port: int, *, kv_config: dict | None, cpu: int,
                  env_extra: dict[str, str] | None = None, extra_args: tuple[str, ...] | list[str] = (),
-                 log_path: str | os.PathLike | None = None) -> Server:
-    """Start a vLLM server pinned to ``cpu``; call ``wait_ready`` before use."""
+                 log_path: str | os.PathLike | None = None, host: str = "127.0.0.1",
+                 wrap: tuple[str, ...] | list[str] = ()) -> Server:
+    """Start a vLLM server pinned to ``cpu`` listening on ``host``, its command prefixed by
+    ``wrap`` (e.g. ``ip netns exec NS``); call ``wait_ready`` before use."""
     log = Path(log_path) if log_path else Path(model_path).parent / f"vllm-{port}.log"
     env = _subprocess_env({
         "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": str(cpu), **(env_extra or {}),
     })
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(server_args(model_path, port, kv_config, extra_args), cwd=REPO,
+        proc = subprocess.Popen([*wrap, *server_args(model_path, port, kv_config, extra_args, host)], cwd=REPO,
                                 env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    return Server(proc, port, log)
+    return Server(proc, port, log, host)
 
 
 def complete(port: int, prompt: str | list[int], max_tokens: int, timeout: float = 300.0,
