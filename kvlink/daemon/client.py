@@ -1,8 +1,8 @@
 """Clients of ``kvlink pool serve``: :class:`PoolClient` (asyncio) and :class:`SyncPoolClient`.
 
 Control calls go over HTTP; ``put`` and ``get`` move bytes over kvlink transfers. Each client
-also listens on an ephemeral loopback port for the daemon's replies (bind ``reply_host`` to a
-routable address when the daemon is on another machine). With TLS (``ssl`` + ``reply_ssl``)
+also listens on an ephemeral port for the daemon's replies, on its own address on the route to the
+daemon (loopback for a loopback daemon; ``reply_host`` overrides). With TLS (``ssl`` + ``reply_ssl``)
 HTTP, data and reply connections are all encrypted and the peers' certificates verified.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import socket
 import ssl as _ssl
 import threading
 
@@ -36,6 +37,17 @@ from kvlink.transport.sender import TransferClient
 
 _REPLY_ERRORS = {"AccessDenied": AccessDenied, "ResourceLimit": ResourceLimit, "EntryMissing": EntryMissing,
                  "TierUnavailable": TierUnavailable}
+
+
+def route_address(host: str) -> str:
+    """This host's address on the route to ``host`` (no packet is sent); loopback when unknown."""
+    try:
+        info = socket.getaddrinfo(host, 9, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(info[0], socket.SOCK_DGRAM) as probe:
+            probe.connect(info[4])
+            return probe.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
 
 
 class PoolClient:
@@ -67,7 +79,7 @@ class PoolClient:
 
     def __init__(self, model: str, host: str = "127.0.0.1", http_port: int = 7480, data_port: int = 7481,
                  secret: bytes | None = None, tenant: str = DEFAULT_TENANT, transport: TransportConfig | None = None,
-                 reply_host: str = "127.0.0.1", timeout: float = 60.0, reply_arena: int = 256 << 20,
+                 reply_host: str | None = None, timeout: float = 60.0, reply_arena: int = 256 << 20,
                  ssl: _ssl.SSLContext | None = None, reply_ssl: _ssl.SSLContext | None = None,
                  spec: CacheSpec | None = None, lookup_only: bool = False):
         self.model, self.tenant = model, tenant
@@ -79,7 +91,9 @@ class PoolClient:
             raise ConfigError("a tenant secret is printable ASCII without spaces (it travels in an HTTP header)")
         self.secret = secret
         self.transport = transport or TransportConfig()
-        self.reply_host = reply_host
+        # The daemon connects back to the address it sees us at: listen there (loopback for a
+        # loopback daemon), not on loopback for a daemon on another host.
+        self.reply_host = reply_host or route_address(host)
         self.timeout = timeout
         self.reply_arena = reply_arena
         # The layout the daemon serves as ``model``: a preset's, or ``spec`` (a layout the daemon
