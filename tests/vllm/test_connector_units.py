@@ -347,3 +347,18 @@ def test_flash_attention_layout_round_trips_in_place():
         s, d = [4, 0, 5][t // block], [1, 3, 2][t // block]
         assert torch.equal(dst["l0"][:, d, t % block], src["l0"][:, s, t % block])
     assert int((dst["l0"] != 0).sum()) == 2 * n * HEADS * HEAD_DIM  # nothing else written
+
+
+def test_worker_keeps_no_finished_ids_it_does_not_wait_for():
+    """vLLM reports every finished request to the worker each step; the worker keeps only those
+    whose send it still waits for (it kept them all: memory grew with every request served)."""
+    from kvlink.engine.vllm.worker import WorkerSide
+
+    caches, groups, _ = dense_cache()
+    side = WorkerSide(build_layout(caches, groups, "llama"), ConnectorConfig(), listen=False)
+    try:
+        for step in range(100):
+            assert side.transfer_results({f"req-{step}-{i}" for i in range(10)}) == (set(), set(), set())
+        assert not side._finished_seen
+    finally:
+        side.close()

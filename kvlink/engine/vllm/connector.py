@@ -22,7 +22,9 @@ vLLM's default ``"fail"`` the request ends with an error.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from typing import Any
 
 import torch
@@ -44,9 +46,6 @@ log = logging.getLogger("kvlink.vllm")
 
 def write_spec(spec, path: str) -> None:
     """The spec as JSON at ``path`` (written whole, then renamed: a reader never sees half)."""
-    import json
-    import os
-
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(spec.to_dict(), f)

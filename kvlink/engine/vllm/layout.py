@@ -141,13 +141,12 @@ def build_layout(kv_caches: dict, groups: list[tuple[list[str], object]], model_
         raise IncompatibleLayoutError(f"token layers in {len(attention_groups)} KV-cache groups (block tables); "
                                       "kvlink's vLLM connector carries one")
     attention_group = attention_groups[0] if attention_groups else None
-    names = [n for n in kv_caches if n in group_of]
     missing = sorted(set(kv_caches) - set(group_of))
     if missing:
         raise IncompatibleLayoutError(f"layers {missing[:3]} belong to no transfer group")
     layers, tensors, layer_index, layer_group = [], {}, {}, {}
     block_size = ratio = None
-    for i, name in enumerate(names):
+    for i, name in enumerate(kv_caches):
         t, g = kv_caches[name], group_of[name]
         layer_index[name], layer_group[i] = i, g
         what = f"vLLM layer {name}"

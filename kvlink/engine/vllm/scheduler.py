@@ -131,17 +131,18 @@ class SchedulerSide:
         if not _ours(params):
             return
         groups = tuple(list(g) for g in blocks.get_block_ids())
-        tokens = list(request.prompt_token_ids)
         if params.get("do_remote_prefill"):
             start = int(params.get("kvlink_start", 0))
             self._jobs.loads.append(LoadJob(request.request_id, str(params["kvlink_transfer"]), groups,
-                                            int(params["kvlink_tokens"]), start, tokens[:start]))
+                                            int(params["kvlink_tokens"]), start,
+                                            list(request.prompt_token_ids[:start])))
             # One load per request: if it fails, vLLM recomputes the request from scratch and must
             # not wait for the same transfer again (a retry would wait and fail forever).
             params["do_remote_prefill"] = False
         elif params.get("do_remote_decode") and self._pool_hits.get(request.request_id):
             hit = self._pool_hits[request.request_id]
-            self._jobs.loads.append(LoadJob(request.request_id, None, groups, hit, hit, tokens[:hit]))
+            self._jobs.loads.append(LoadJob(request.request_id, None, groups, hit, hit,
+                                            list(request.prompt_token_ids[:hit])))
 
     # -- per step ------------------------------------------------------------------------
     def build_meta(self, scheduler_output, requests: dict[str, Any]) -> StepJobs:

@@ -64,10 +64,9 @@ class WorkerSide:
         self._loading: dict[str, concurrent.futures.Future] = {}
         self._storing: dict[str, concurrent.futures.Future] = {}
         self._pool_lock = asyncio.Lock()
-        self._finished_seen: set[str] = set()
+        self._finished_seen: set[str] = set()  # finished requests whose send is still being waited for
         if config.pool is not None:  # connect in the background now rather than at the first request
             self._submit(self._pool()).add_done_callback(_log_pool_connect)
-        self.stats = {"sent_bytes": 0, "loaded_bytes": 0, "pool_tokens": 0, "failed_loads": 0, "failed_sends": 0}
 
     def _run(self, coro, timeout: float | None = None):
         return run_sync(coro, self._loop, timeout)
@@ -93,13 +92,15 @@ class WorkerSide:
     async def _restore(self, job: LoadJob) -> None:
         """Tokens ``[0, job.token_start)`` from the pool; raises :class:`LoadFailed` when the pool
         no longer holds them all (evicted since the lookup) and the pool's typed errors."""
+        began = time.monotonic()
         await self._pool()
         hit = await self.decode.lookup(job.tokens[: job.token_start])
         if hit.tokens < job.token_start:
             cause = EntryMissing(f"the pool holds {hit.tokens} of {job.token_start} tokens")
             raise LoadFailed(job.req_id, list(range(self.layout.spec.num_layers)), [], {-1: cause})
         await self.decode.load_from_pool(hit, self._ref(job.blocks, job.token_start))
-        self.stats["pool_tokens"] += job.token_start
+        log.info("kvlink: request %s restored %d tokens from the pool (%.1f ms)", job.req_id, job.token_start,
+                 1e3 * (time.monotonic() - began))
 
     # -- before the forward ----------------------------------------------------------------
     def bind(self, jobs: StepJobs) -> None:
@@ -117,12 +118,9 @@ class WorkerSide:
         """A prefill request's pool hit, before the forward reads it. vLLM already counts these
         tokens as computed, so a failure cannot be recomputed here: the request's transfer is
         cancelled instead (the decode server then recomputes the prompt)."""
-        began = time.monotonic()
         try:
             self._run(self._restore(job), self.config.load_timeout)
             self._zero_after(job.blocks, job.token_start)
-            log.info("kvlink: request %s restored %d tokens from the pool (%.1f ms)", job.req_id, job.token_start,
-                     1e3 * (time.monotonic() - began))
         except KvlinkError as exc:
             log.error("request %s: pool restore failed (%s); its transfer will be cancelled", job.req_id, exc)
             self._finishing[job.req_id] = None
@@ -135,16 +133,12 @@ class WorkerSide:
 
     async def _load(self, job: LoadJob) -> None:
         if job.token_start:
-            began = time.monotonic()
             await self._restore(job)
-            log.info("kvlink: request %s restored %d tokens from the pool (%.1f ms)", job.req_id, job.token_start,
-                     1e3 * (time.monotonic() - began))
         ref = self._ref(job.blocks, job.num_tokens, job.token_start)
         self.decode.start_load(job.transfer, ref, timeout=self.config.load_timeout)
         try:
             report = await self.decode.wait_all(job.transfer)
             self._zero_after(job.blocks, job.num_tokens)
-            self.stats["loaded_bytes"] += report.bytes
             log.info("kvlink: request %s loaded tokens [0, %d) (%d bytes, %.1f ms), pool tokens %d", job.req_id,
                      job.num_tokens, report.bytes, 1e3 * (report.finished - report.began), job.token_start)
         finally:
@@ -173,7 +167,6 @@ class WorkerSide:
             self._run(self.prefill.begin(job.transfer, ref, job.destination), self.config.send_timeout)
         except KvlinkError as exc:
             log.error("request %s: cannot open its transfer to %s (%s)", job.req_id, job.destination, exc)
-            self.stats["failed_sends"] += 1
             self._finishing[job.req_id] = None
             return
         if restore_failed:  # its prefix is not what the pool held: cancel, so the decode side recomputes now
@@ -198,7 +191,6 @@ class WorkerSide:
             self._saved[req_id].add(layer)
         except KvlinkError as exc:
             log.error("request %s: layer %d not sent (%s)", req_id, layer, exc)
-            self.stats["failed_sends"] += 1
             self._sends.pop(req_id)
             self._submit(self.prefill.abort(job.transfer))
             self._finishing[req_id] = None
@@ -219,17 +211,15 @@ class WorkerSide:
         """``(finished sending, finished receiving, failed receiving)`` as vLLM wants them: a
         send (or pool store) is reported once done and once vLLM said the request finished; a failed
         load is reported both as finished and failed, so vLLM recomputes it."""
-        self._finished_seen |= set(finished_req_ids)
+        # Only ids with a send in flight are kept: every other finished request would stay forever.
+        self._finished_seen |= self._finishing.keys() & set(finished_req_ids)
         sending, recving, failed = set(), set(), set()
         for req_id, fut in list(self._finishing.items()):
             if req_id in self._finished_seen and (fut is None or fut.done()):
                 if fut is not None and fut.exception() is not None:
                     log.error("request %s: send failed (%s)", req_id, fut.exception())
-                    self.stats["failed_sends"] += 1
                 elif fut is not None:
-                    report = fut.result()
-                    self.stats["sent_bytes"] += report.bytes
-                    log.info("kvlink: request %s sent (%d bytes)", req_id, report.bytes)
+                    log.info("kvlink: request %s sent (%d bytes)", req_id, fut.result().bytes)
                 del self._finishing[req_id]
                 self._finished_seen.discard(req_id)
                 sending.add(req_id)
@@ -238,7 +228,6 @@ class WorkerSide:
                 if fut.exception() is not None:
                     log.warning("request %s: pool store failed (%s)", req_id, fut.exception())
                 del self._storing[req_id]
-                self._finished_seen.discard(req_id)
                 sending.add(req_id)
         for req_id, fut in list(self._loading.items()):
             if fut.done():
@@ -246,7 +235,6 @@ class WorkerSide:
                 recving.add(req_id)
                 if fut.exception() is not None:
                     log.error("request %s: load failed, vLLM recomputes it (%s)", req_id, fut.exception())
-                    self.stats["failed_loads"] += 1
                     failed.add(req_id)
         return sending, recving, failed
 
