@@ -185,7 +185,7 @@ def _spec_files(items: list[str]) -> dict[str, str]:
 
 
 def cmd_pool_serve(args) -> int:
-    from kvlink.config import DaemonConfig, TransportConfig
+    from kvlink.config import ClusterConfig, DaemonConfig, TransportConfig
     from kvlink.daemon.server import serve_forever
     from kvlink.transport.loop import run
 
@@ -194,10 +194,15 @@ def cmd_pool_serve(args) -> int:
                  "spec_files": _spec_files(args.spec) if args.spec else None,
                  "allow_insecure": True if args.allow_insecure else None,
                  "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_ca": args.tls_ca}
+    cluster = {"index_nodes": tuple(a for a in args.index.split(",") if a) if args.index else None,
+               "cluster": args.cluster, "node": args.node, "advertise_host": args.advertise,
+               "password": ClusterConfig.password_from_env()}
+    overrides["cluster"] = {k: v for k, v in cluster.items() if v is not None}
     if args.config:
         config = DaemonConfig.from_toml(args.config, **overrides)
     else:
-        config = DaemonConfig(**{k: v for k, v in overrides.items() if v is not None})
+        fields = {k: v for k, v in overrides.items() if v is not None and k != "cluster"}
+        config = DaemonConfig(cluster=ClusterConfig(**overrides["cluster"]), **fields)
     run(serve_forever(config, TransportConfig.secret_from_env()))
     return 0
 
@@ -222,13 +227,21 @@ def cmd_sim(args) -> int:
 
     from kvlink.route import plan, report
 
+    if args.trace:
+        from kvlink.route import trace
+
+        result = trace.run_trace(args.trace, args.pool_blocks, args.speedup, args.inputs)
+        if args.plots:
+            print("--plots is for --case runs", file=sys.stderr)
+        print(json.dumps(result, indent=2) if args.json else trace.render_trace(result))
+        return 0
     if args.config:
         result = plan.run_plan(args.config, args.duration, args.load, args.seed)
         if args.plots:
             print("--plots is for --case runs", file=sys.stderr)
         print(report.to_json(result) if args.json else plan.render_plan(result))
         return 0
-    result = report.run_case(args.duration, args.load, args.seed)
+    result = report.run_case(args.duration, args.load, args.seed, args.inputs)
     if args.plots:
         try:
             for path in report.write_plots(result, Path(args.plots)):
@@ -319,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--tls-key", default=None, help="its private key (PEM)")
     ps.add_argument("--tls-ca", default=None,
                     help="CA that signs clients' reply-listener certificates (default: the system's trust store)")
+    ps.add_argument("--index", default=None, metavar="HOST:PORT[,HOST:PORT...]",
+                    help="publish this daemon's entries to the global index on this Valkey/Redis Cluster "
+                         "(password: KVLINK_INDEX_PASSWORD)")
+    ps.add_argument("--cluster", default=None, help="this daemon's cluster (datacenter) name in the index")
+    ps.add_argument("--node", default=None, help="this daemon's stable name in the index (default host:data-port)")
+    ps.add_argument("--advertise", default=None, help="the address other hosts reach this daemon at")
     ps.set_defaults(func=cmd_pool_serve)
 
     px = sub.add_parser("proxy", help="P/D proxy for vLLM servers running KvlinkConnector "
@@ -348,8 +367,34 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--load", type=float, default=0.5, help="TTFT runs at this share of each Lambda_max")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--plots", default=None, help="directory for PNG plots (needs matplotlib)")
+    sim.add_argument("--inputs", default="independent", choices=["independent", "fitted"],
+                     help="8xH20 profile and decode batch: from published hardware/model figures (default) or "
+                          "solved from the paper's own results (old behaviour; matches some figures by construction)")
+    sim.add_argument("--trace", default=None, metavar="PATH",
+                     help="drive the PrfaaS-PD deployment with a Mooncake-format JSONL trace, without and with "
+                          "per-cluster prefix pools")
+    sim.add_argument("--pool-blocks", type=int, default=65536, help="prefix pool capacity per cluster, in blocks")
+    sim.add_argument("--speedup", type=float, default=1.0, help="divide the trace's arrival times by this")
     sim.add_argument("--json", action="store_true")
     sim.set_defaults(func=cmd_sim)
+
+    cl = sub.add_parser("cluster", help="the cluster-wide pool")
+    cl_sub = cl.add_subparsers(dest="cluster_cmd", required=True)
+    up = cl_sub.add_parser("up", help="a whole PrfaaS deployment on this machine (network namespaces when root), "
+                                      "replaying a trace through the cache-affine router, without and with the pool")
+    up.add_argument("--trace", default=None, help="Mooncake-format JSONL (default ../shared/traces/...)")
+    up.add_argument("--conversations", type=int, default=8, help="whole conversations of the trace to replay")
+    up.add_argument("--max-input", type=int, default=16384, help="cut prompts to this many tokens")
+    up.add_argument("--model", default="kimi-linear-48b-a3b", help="preset whose entry sizes the payloads take")
+    up.add_argument("--size-scale", type=float, default=1.0, help="entry bytes as a share of the model's real size")
+    up.add_argument("--hosts", default="2,2", help="hosts in the PrfaaS and in the local cluster")
+    up.add_argument("--link", default="5gbit", help="inter-cluster link rate (tbf)")
+    up.add_argument("--threshold", type=int, default=4096, help="incremental tokens above which prefill goes remote")
+    up.add_argument("--abundant", action="store_true", help="bandwidth-abundant routing (cross-cluster transfers)")
+    up.add_argument("--lab", choices=["auto", "on", "off"], default="auto", help="network namespaces (auto: root)")
+    up.add_argument("--out", default=None, help="also write the JSON report here")
+    up.add_argument("--json", action="store_true")
+    up.set_defaults(func=lambda a: __import__("kvlink.cluster.deploy", fromlist=["main"]).main(a))
 
     demo = sub.add_parser("demo", help="run the main job end to end: prefill -> transfer -> decode, two processes")
     demo.add_argument("--family", default="kimi_linear", choices=["kimi_linear", "qwen3_next", "llama"])

@@ -8,6 +8,8 @@ Environment variables (all optional):
   (default ``~/.cache/kvlink/build``).
 - ``KVLINK_SECRET``: shared secret for the transport handshake (read by
   :meth:`TransportConfig.from_env` and the CLI; unset means no authentication).
+- ``KVLINK_INDEX_PASSWORD``: the password of the Valkey/Redis Cluster holding the global index
+  (:meth:`ClusterConfig.password_from_env`).
 """
 
 from __future__ import annotations
@@ -279,6 +281,66 @@ class PoolConfig:
             raise ConfigError("ssd_bytes and ssd_segment_bytes must be positive")
 
 
+@dataclass(frozen=True)
+class ClusterConfig:
+    """A pool daemon's (or a cluster client's) place in the cluster-wide pool.
+
+    ``index_nodes``: "host:port" of some nodes of the Valkey/Redis Cluster holding the global
+    index (the client discovers the rest). ``cluster``: the name of this daemon's cluster
+    (datacenter); ``node``: its stable name in the index (default ``<advertise host>:<data port>``),
+    kept across restarts so a restarted daemon replaces its own records. ``advertise_host``: the
+    address other hosts reach this daemon at (default: the daemon's ``host``). A holder whose
+    heartbeat is ``heartbeat_ttl_s`` old is no longer offered; updates are batched every
+    ``publish_interval_s`` (at most ``publish_batch`` per round trip, ``queue_limit`` waiting:
+    beyond, the daemon re-publishes everything it holds once the index keeps up again).
+    ``lookup_batch``: blocks probed in the first round of a lookup (the rest only if all of those
+    are cached somewhere). ``replicate_after``: fetches of one prefix from a daemon of the same
+    cluster after which a client copies it into its own daemon (0: never).
+    """
+
+    index_nodes: tuple[str, ...] = ()
+    cluster: str = "local"
+    node: str | None = None
+    advertise_host: str | None = None
+    key_prefix: str = "kvl"
+    password: str | None = None
+    heartbeat_ttl_s: float = 3.0
+    publish_interval_s: float = 0.05
+    publish_batch: int = 4096
+    queue_limit: int = 1 << 18
+    lookup_batch: int = 256
+    replicate_after: int = 3
+    timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        check_name("cluster", self.cluster)
+        if self.node is not None and not re.fullmatch(r"[A-Za-z0-9._:-]{1,96}", self.node):
+            raise ConfigError("node name must match [A-Za-z0-9._:-]{1,96}")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,16}", self.key_prefix):
+            raise ConfigError("key_prefix must match [A-Za-z0-9_-]{1,16}")
+        for addr in self.index_nodes:
+            host, _, port = str(addr).rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"index node {addr!r} is not host:port")
+        if not 0.1 <= self.heartbeat_ttl_s <= 3600:
+            raise ConfigError("heartbeat_ttl_s must be in [0.1, 3600]")
+        if not 0 < self.publish_interval_s < self.heartbeat_ttl_s:
+            raise ConfigError("publish_interval_s must be positive and below heartbeat_ttl_s")
+        if self.publish_batch <= 0 or self.queue_limit < self.publish_batch or self.lookup_batch <= 0:
+            raise ConfigError("publish_batch and lookup_batch must be positive, queue_limit >= publish_batch")
+        if self.replicate_after < 0 or self.timeout_s <= 0:
+            raise ConfigError("replicate_after must be >= 0 and timeout_s positive")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.index_nodes)
+
+    @staticmethod
+    def password_from_env() -> str | None:
+        """The index's password from ``KVLINK_INDEX_PASSWORD`` (None when unset or empty)."""
+        return os.environ.get("KVLINK_INDEX_PASSWORD") or None
+
+
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -325,6 +387,8 @@ class DaemonConfig:
     spec_files: dict[str, str] = field(default_factory=dict)
     root: str | None = None
     pool: PoolConfig = field(default_factory=PoolConfig)
+    # The cluster-wide pool: the global index this daemon publishes its entries to (``[cluster]``).
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     max_pools: int = 64
     receive_arena: int = 512 << 20  # preallocated landing area for puts (bounds one put's size)
     tenant_arena_bytes: int = 256 << 20  # most of receive_arena one tenant's transfers may hold at once
@@ -377,6 +441,9 @@ class DaemonConfig:
                               f"pool.host_bytes ({self.pool.host_bytes}): lower pool.host_bytes or raise the budget")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert and tls_key go together")
+        if self.cluster.enabled and self.cluster.advertise_host is None and self.host in ("0.0.0.0", "::", ""):
+            raise ConfigError("a daemon listening on every interface needs cluster.advertise_host: the address "
+                              "other hosts reach it at")
         if self.tls_ca is not None and self.tls_cert is None:
             raise ConfigError("tls_ca needs tls_cert and tls_key (it verifies TLS clients' reply listeners)")
 
@@ -387,8 +454,9 @@ class DaemonConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides) -> "DaemonConfig":
-        """Read ``[daemon]``, ``[pool]``, ``[tenants]`` (name = "secret") and ``[specs]`` (model =
-        "spec.json") tables; keyword overrides (CLI flags) win. Raises :class:`ConfigError`."""
+        """Read ``[daemon]``, ``[pool]``, ``[cluster]`` (:class:`ClusterConfig`), ``[tenants]`` (name =
+        "secret") and ``[specs]`` (model = "spec.json") tables; keyword overrides (CLI flags) win.
+        Raises :class:`ConfigError`."""
         import tomllib
 
         try:
@@ -397,8 +465,13 @@ class DaemonConfig:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read {path}: {exc}") from None
         daemon, pool = dict(doc.get("daemon", {})), dict(doc.get("pool", {}))
-        unknown = set(daemon) - {f for f in cls.__dataclass_fields__ if f not in ("pool", "tenants", "spec_files")}
-        unknown |= set(doc) - {"daemon", "pool", "tenants", "specs"}
+        cluster = dict(doc.get("cluster", {}))
+        unknown = set(daemon) - {f for f in cls.__dataclass_fields__
+                                 if f not in ("pool", "tenants", "spec_files", "cluster")}
+        unknown |= set(doc) - {"daemon", "pool", "tenants", "specs", "cluster"}
+        unknown |= {f"cluster.{k}" for k in set(cluster) - set(ClusterConfig.__dataclass_fields__)}
+        if "index_nodes" in cluster:
+            cluster["index_nodes"] = tuple(cluster["index_nodes"])
         daemon["tenants"] = dict(doc.get("tenants", {}))
         daemon["spec_files"] = {str(k): str(v) for k, v in doc.get("specs", {}).items()}
         unknown |= {f"pool.{k}" for k in set(pool) - set(PoolConfig.__dataclass_fields__)}
@@ -406,8 +479,10 @@ class DaemonConfig:
             raise ConfigError(f"unknown settings in {path}: {sorted(unknown)}")
         if "models" in daemon:
             daemon["models"] = tuple(daemon["models"])
+        cluster_overrides = overrides.pop("cluster", None)
         daemon.update({k: v for k, v in overrides.items() if v is not None})
         try:
-            return cls(pool=PoolConfig(**pool), **daemon)
+            cluster_config = ClusterConfig(**{**cluster, **(cluster_overrides or {})})
+            return cls(pool=PoolConfig(**pool), cluster=cluster_config, **daemon)
         except TypeError as exc:
             raise ConfigError(str(exc)) from None

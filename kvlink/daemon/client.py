@@ -292,15 +292,23 @@ class PoolClient:
         views point into the client's landing arena: ``release()`` the result (or use it as a
         context manager) once unpacked. Raises :class:`~kvlink.errors.EntryMissing` when some
         entry is gone (evicted since the lookup)."""
-        keys = proto.hit_keys(hit)
+        return await self.get_keys(proto.hit_keys(hit))
+
+    async def get_keys(self, keys: list[tuple[str, bytes]], allow_missing: bool = False) -> "Fetched":
+        """Entries by ``(kind, key)`` (as :meth:`get`). With ``allow_missing`` the absent ones are
+        left out and listed in ``Fetched.missing`` instead of raising
+        :class:`~kvlink.errors.EntryMissing`."""
         reply = await self._call({"op": "get"}, [proto.encode_get(keys)])
-        buffers = reply.buffers()
+        buffers = list(reply.buffers())
         # The daemon sends an absent entry as an empty part (entries are never empty).
-        missing = sum(1 for _, buf in zip(keys, buffers) if len(buf) == 0) + max(0, len(keys) - len(buffers))
-        if missing:
+        buffers += [memoryview(b"")] * max(0, len(keys) - len(buffers))
+        missing = [k for k, buf in zip(keys, buffers) if len(buf) == 0]
+        if missing and not allow_missing:
             reply.release()
-            raise EntryMissing(f"{missing} of {len(keys)} entries are no longer in the pool")
-        return Fetched(zip(keys, buffers), reply.release)
+            raise EntryMissing(f"{len(missing)} of {len(keys)} entries are no longer in the pool")
+        fetched = Fetched(((k, b) for k, b in zip(keys, buffers) if len(b)), reply.release)
+        fetched.missing = missing
+        return fetched
 
 
 def store_report(meta: dict) -> StoreReport:
@@ -334,6 +342,7 @@ class Fetched(dict):
     def __init__(self, items, release):
         super().__init__(items)
         self._release = release
+        self.missing: list[tuple[str, bytes]] = []
 
     def release(self) -> None:
         self.clear()

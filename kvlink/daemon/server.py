@@ -78,6 +78,7 @@ class PoolDaemon:
                                       allocator=self._arena, allocator_for=self._allocator_for,
                                       part_verifier=proto.part_intact, part_scanner=proto.PartScan, ssl=ssl)
         self._landings: dict[int, dict[int, Landing]] = {}  # put transfer id -> {id(view): landing}
+        self.publisher = None  # the global index's publisher (config.cluster), from start()
         self._http: HttpApi | None = None
         self._tasks: set[asyncio.Task] = set()
         self._acceptor: asyncio.Task | None = None
@@ -101,6 +102,8 @@ class PoolDaemon:
                 fields["ssd_dir"] = str(self.tier_dir(model, tenant))
             pool = self._pools[(model, tenant)] = Pool(self.specs[model], type(self.config.pool)(**fields),
                                                        budget=self.budget)
+            if self.publisher is not None:
+                self.publisher.attach(pool)
             return pool
 
     def tier_dir(self, model: str, tenant: str) -> Path:
@@ -193,9 +196,20 @@ class PoolDaemon:
                         "in clear (set tls_cert/tls_key)", self.config.host, self.http_port)
         _, self.data_port = await self._server.start(self.config.host, self.config.data_port)
         self._acceptor = asyncio.create_task(self._accept())
+        if self.config.cluster.enabled:
+            from kvlink.cluster.publisher import IndexPublisher
+
+            self.publisher = IndexPublisher(self.config.cluster, self.config.host, self.http_port, self.data_port)
+            with self._pools_lock:
+                for pool in self._pools.values():
+                    self.publisher.attach(pool)
+            self.publisher.start()
         return self.http_port, self.data_port
 
     async def close(self) -> None:
+        if self.publisher is not None:  # stop offering our entries before they go away
+            await asyncio.to_thread(self.publisher.close)
+            self.publisher = None
         if self._acceptor is not None:
             self._acceptor.cancel()
         for task in list(self._tasks):

@@ -234,6 +234,10 @@ class PrefixIndex:
     def entry(self, kind: str, key: bytes) -> Entry | None:
         return self._entries.get((kind, key))
 
+    def entries(self) -> list[Entry]:
+        """Every entry (a snapshot)."""
+        return list(self._entries.values())
+
     def pin(self, hit: PrefixHit) -> Lease:
         """Protect every entry of ``hit`` from eviction until the lease is released."""
         entries = [self._entries[(FULL, k)] for k in hit.full] + [self._entries[(SLIDING, k)] for k in hit.sliding]

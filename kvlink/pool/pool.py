@@ -84,6 +84,10 @@ class Pool(SsdTraffic):
             except TierUnavailable as exc:  # serve the memory tiers; health() says why SSD is off
                 self._errors["ssd"] = str(exc)
         self._lock = threading.RLock()
+        # Called as on_change(op, kind, key, nbytes, tier) with op "add" or "remove" whenever the
+        # index gains or loses an entry, under the pool's lock: it must only queue (the global
+        # index's publisher sets it).
+        self.on_change = None
         self._start_io()
         self.stats = collections.Counter()
         if self.ssd is not None:
@@ -104,6 +108,16 @@ class Pool(SsdTraffic):
             out = [name for name, tier in self.levels if tkey in tier]
             if tkey in self._pending or (self.ssd is not None and tkey in self.ssd):
                 out.append("ssd")
+            return out
+
+    def held(self) -> list[tuple[str, bytes, int, str]]:
+        """``(kind, key, nbytes, tier)`` of every entry (its highest tier): what the global index
+        is told when it has to be told everything again."""
+        with self._lock:
+            out = []
+            for e in self.index.entries():
+                tiers = self.where(e.kind, e.key)
+                out.append((e.kind, e.key, e.nbytes, tiers[0] if tiers else "ssd"))
             return out
 
     # -- storing ----------------------------------------------------------------------------------
@@ -162,6 +176,8 @@ class Pool(SsdTraffic):
                     continue
                 self.index.add(kind, key, nbytes, block)
                 report.stored += 1
+                if self.on_change is not None:
+                    self.on_change("add", kind, key, nbytes, self.levels[0][0])
             if through and not landed:
                 # Write-through is synchronous: once store() returns the entry is on SSD too
                 # (outside the lock, so readers are not held up by the disk).
@@ -217,6 +233,8 @@ class Pool(SsdTraffic):
         if not self.where(_KINDS[tkey[:1]], tkey[1:]):
             self.index.remove(_KINDS[tkey[:1]], tkey[1:], force=True)
             self.stats["dropped"] += 1
+            if self.on_change is not None:
+                self.on_change("remove", _KINDS[tkey[:1]], tkey[1:], 0, "")
 
     # -- fetching ---------------------------------------------------------------------------------
     def fetch(self, hit: PrefixHit) -> dict[tuple[str, bytes], memoryview]:

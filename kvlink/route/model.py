@@ -99,6 +99,39 @@ def evaluate(dist, dep: Deployment, threshold: float) -> Throughput:
                       theta_prfaas, theta_pdp, dep.theta_pdd, lam, egress)
 
 
+def _sweep(dist, dep: Deployment, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(lambda_max, egress_bps)`` of :func:`evaluate` at every threshold at once: the grid is
+    sorted, so each path's conditional means are prefix/suffix sums looked up by position."""
+    lengths, weights = dist.grid()
+    order = np.argsort(lengths, kind="stable")
+    lengths, weights = lengths[order], weights[order]
+
+    def prefix(values) -> np.ndarray:  # prefix[i] = sum of weights * values over lengths[:i]
+        return np.concatenate([[0.0], np.cumsum(weights * values)])
+
+    idx = np.searchsorted(lengths, thresholds, side="right")
+    w_all = prefix(np.ones_like(lengths))
+    w_short = w_all[idx]
+    p = w_all[-1] - w_short
+    has_long, has_short = idx < lengths.size, idx > 0
+    bounds = [np.full(thresholds.shape, dep.theta_pdd)]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kv_long = np.zeros(thresholds.shape)
+        if dep.prfaas_instances:
+            t_all, kv_all = prefix(dep.prfaas_profile(lengths)), prefix(dep.kv(lengths))
+            t_long = (t_all[-1] - t_all[idx]) / p
+            kv_long = (kv_all[-1] - kv_all[idx]) / p * 8
+            theta_prfaas = np.minimum(dep.prfaas_instances / t_long, dep.link_bps / kv_long)
+            bounds.append(np.where(has_long, theta_prfaas / p, np.inf))
+        local_all = prefix(dep.local_profile(lengths))
+        t_short = local_all[idx] / w_short
+        theta_pdp = dep.local_prefill / t_short if dep.local_prefill else np.zeros(thresholds.shape)
+        bounds.append(np.where(has_short, theta_pdp / (1 - p), np.inf))
+        lam = np.minimum.reduce(bounds)
+        egress = np.where(has_long, lam * p * kv_long, 0.0)
+    return lam, egress
+
+
 def solve_threshold(dist, dep: Deployment, candidates: int = 600, link_limit: float = 1.0) -> Throughput:
     """The threshold that maximises ``lambda_max`` while the link stays under ``link_limit`` of its
     rate (ties: the larger threshold, which moves fewer bytes)."""
@@ -106,15 +139,14 @@ def solve_threshold(dist, dep: Deployment, candidates: int = 600, link_limit: fl
         return evaluate(dist, dep, float("inf"))
     lengths, _ = dist.grid()
     grid = np.unique(np.geomspace(lengths.min(), lengths.max(), candidates).round())
-    best = evaluate(dist, dep, float("inf"))
-    for t in grid:
-        r = evaluate(dist, dep, float(t))
-        if r.egress_bps > link_limit * dep.link_bps:
+    lams, egress = _sweep(dist, dep, grid)
+    best_t, best_lam = float("inf"), evaluate(dist, dep, float("inf")).lambda_max
+    for t, lam, eg in zip(grid, lams, egress):
+        if eg > link_limit * dep.link_bps:
             continue
-        if r.lambda_max > best.lambda_max * (1 + 1e-9) or (r.lambda_max >= best.lambda_max * (1 - 1e-9)
-                                                            and t > best.threshold):
-            best = r
-    return best
+        if lam > best_lam * (1 + 1e-9) or (lam >= best_lam * (1 - 1e-9) and t > best_t):
+            best_t, best_lam = float(t), float(lam)
+    return evaluate(dist, dep, best_t)
 
 
 def best_split(dist, dep: Deployment, local_instances: int, link_limit: float = 1.0) -> tuple[Deployment, Throughput]:

@@ -4,6 +4,7 @@ study, printed beside the paper's figures; JSON and PNG plots on request."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,17 +14,23 @@ from kvlink.route.model import best_split, evaluate, solve_threshold
 from kvlink.route.simulator import simulate
 
 NAMES = {"prfaas": "PrfaaS-PD", "homogeneous": "homogeneous PD", "naive": "naive heterogeneous"}
+PAPER_SPLITS = {"prfaas": (3, 5), "homogeneous": (9, 3)}  # local P / D of the paper's Table 6
 
 
-def run_case(duration: float = 3000.0, load: float = 0.5, seed: int = 0) -> dict:
-    """Model and simulation of every deployment of the case study. TTFTs are simulated at ``load``
-    times each deployment's own Lambda_max; saturation runs (1.2x) check Lambda_max itself."""
-    h20, factors = cases.derived_h20()
-    out = {"derived": {"decode_batch": round(cases.derived_batch(), 3), "h20_profile": h20.__dict__, **factors,
-                       "h200_profile": cases.H200.__dict__, "kv_fixed_mib": cases.KV.fixed / (1 << 20),
-                       "kv_per_token_kib": cases.KV.per_token / 1024},
+def run_case(duration: float = 3000.0, load: float = 0.5, seed: int = 0, inputs: str = "independent") -> dict:
+    """Model and simulation of every deployment of the case study from ``inputs`` (``independent``
+    or ``fitted``, see :mod:`kvlink.route.cases`). TTFTs are simulated at ``load`` times each
+    deployment's own Lambda_max; saturation runs (1.2x) check Lambda_max itself."""
+    h20, batch = cases.inputs_for(inputs)
+    out = {"inputs": inputs, "input_table": cases.input_table(inputs),
+           "derived": {"decode_batch": batch, "h20_profile": h20.__dict__, "h200_profile": cases.H200.__dict__,
+                       "kv_fixed_mib": cases.KV.fixed / (1 << 20), "kv_per_token_kib": cases.KV.per_token / 1024},
            "paper": cases.PAPER, "load": load, "systems": {}}
-    deployments = cases.deployments()
+    if inputs == "fitted":
+        out["derived"].update(cases.derived_h20()[1])
+    else:
+        out["derived"]["decode"] = cases.independent_decode().__dict__
+    deployments = cases.deployments(inputs)
     for key, (dep, local) in deployments.items():
         if local:
             dep, model = best_split(cases.DIST, dep, local)
@@ -31,57 +38,116 @@ def run_case(duration: float = 3000.0, load: float = 0.5, seed: int = 0) -> dict
             model = solve_threshold(cases.DIST, dep)
         at_load = simulate(key, dep, cases.DIST, model.threshold, load * model.lambda_max, duration, seed)
         saturated = simulate(key, dep, cases.DIST, model.threshold, 1.2 * model.lambda_max, duration, seed)
+        split = f"{dep.prfaas_instances} PrfaaS / " * bool(dep.prfaas_instances) + \
+            f"{dep.local_prefill} P / {dep.local_decode} D"
+        if key == "naive":  # its prefill instances are H200s, as the paper writes it
+            split = f"{dep.local_prefill} H200 P / {dep.local_decode} H20 D"
         out["systems"][key] = {
-            "split": f"{dep.prfaas_instances} PrfaaS / " * bool(dep.prfaas_instances)
-                     + f"{dep.local_prefill} P / {dep.local_decode} D",
+            "split": split,
             "model": model.as_dict(), "sim": at_load.as_dict(), "sim_saturated": saturated.as_dict(),
             "ttfts": at_load.ttfts,
         }
+    out["at_paper_split"] = {}
+    for key, (n_p, n_d) in PAPER_SPLITS.items():
+        dep = replace(deployments[key][0], local_prefill=n_p, local_decode=n_d)
+        out["at_paper_split"][key] = solve_threshold(cases.DIST, dep).as_dict()
     prfaas_dep = deployments["prfaas"][0]
     grid = np.geomspace(1024, 131072, 60)
     out["threshold_search"] = [[float(t), evaluate(cases.DIST, prfaas_dep, float(t)).lambda_max] for t in grid]
+    out["comparison"] = compare(out)
+    if inputs == "independent":
+        out["sensitivity"] = sensitivity()
     return out
 
 
-def _pct(ours: float, paper: float) -> str:
-    return f"{(ours - paper) / paper * 100:+.1f}%"
+def sensitivity() -> dict:
+    """Model Lambda_max of each system with the 8xH20 profile whose linear term is split at the
+    compute floor of the assumed active parameters (the other bound of the roofline choice)."""
+    h20 = cases.split_h20()
+    out = {"h20_profile": h20.__dict__, "lambda_max": {}, "split": {}}
+    for key, (dep, local) in cases.deployments("independent").items():
+        dep = replace(dep, local_profile=h20) if key != "naive" else dep
+        dep, model = best_split(cases.DIST, dep, local) if local else (dep, solve_threshold(cases.DIST, dep))
+        out["lambda_max"][key] = round(model.lambda_max, 4)
+        out["split"][key] = f"{dep.local_prefill} P / {dep.local_decode} D"
+    return out
+
+
+def _row(figure: str, ours, paper) -> dict:
+    """One comparison row; numbers get ratio and difference, strings whether they agree."""
+    if isinstance(ours, str) or isinstance(paper, str):
+        return {"figure": figure, "kvlink": ours, "paper": paper, "ratio": None, "diff": None,
+                "same": ours == paper}
+    if ours is None:
+        return {"figure": figure, "kvlink": None, "paper": paper, "ratio": None, "diff": None}
+    return {"figure": figure, "kvlink": round(float(ours), 4), "paper": paper,
+            "ratio": round(ours / paper, 4) if paper else None, "diff": round(ours - paper, 4)}
+
+
+def compare(result: dict) -> list[dict]:
+    """The model's and the simulator's figures beside the paper's (Table 6 and the text)."""
+    paper, systems = result["paper"], result["systems"]
+    m = systems["prfaas"]["model"]
+    rows = [_row("threshold t (tokens)", m["threshold"], paper["threshold"]),
+            _row("requests offloaded", m["p"], paper["offloaded"]),
+            _row("mean offloaded length (tokens)", m["mean_long"], paper["mean_offloaded"])]
+    for key in ("theta_prfaas", "theta_pdp", "theta_pdd"):
+        rows.append(_row(f"PrfaaS-PD {key} (req/s)", m[key], paper["prfaas"][key]))
+    rows.append(_row("PrfaaS-PD egress at Lambda_max (Gbps)", m["egress_bps"] / 1e9, paper["prfaas"]["egress_gbps"]))
+    for key, s in systems.items():
+        pp = paper[key]
+        rows += [_row(f"{NAMES[key]} split", s["split"], pp["split"]),
+                 _row(f"{NAMES[key]} Lambda_max (req/s)", s["model"]["lambda_max"], pp["lambda"]),
+                 _row(f"{NAMES[key]} TTFT mean (s)", s["sim"]["ttft_mean"], pp["ttft_mean"]),
+                 _row(f"{NAMES[key]} TTFT P90 (s)", s["sim"]["ttft_p90"], pp["ttft_p90"])]
+    for key, (n_p, n_d) in PAPER_SPLITS.items():
+        at = result["at_paper_split"][key]
+        label = f"{NAMES[key]} at the paper's {n_p} P / {n_d} D"
+        rows.append(_row(f"{label}: Lambda_max", at["lambda_max"], paper[key]["lambda"]))
+        if key == "prfaas":
+            rows += [_row(f"{label}: {k}", at[k], paper["prfaas"][k]) for k in ("theta_pdp", "theta_pdd")]
+    gain = systems["prfaas"]["model"]["lambda_max"] / systems["homogeneous"]["model"]["lambda_max"]
+    paper_gain = paper["prfaas"]["lambda"] / paper["homogeneous"]["lambda"]
+    rows.append(_row("PrfaaS-PD / homogeneous Lambda_max", gain, paper_gain))
+    return rows
+
+
+def _cell(v, width: int) -> str:
+    if v is None:
+        return f"{'-':>{width}}"
+    if isinstance(v, str):
+        return f"{v:>{width}}"
+    return f"{v:>{width}.3f}" if abs(v) < 100 else f"{v:>{width}.0f}"
 
 
 def render(result: dict) -> str:
-    paper, rows = result["paper"], []
-    p = result["systems"]["prfaas"]
-    m = p["model"]
-    rows.append("PrfaaS case study (arXiv 2604.15039): internal 1T hybrid, 32xH200 PrfaaS + 64xH20 local PD "
-                "vs 96xH20 PD, 100 Gbps link")
-    d = result["derived"]
-    rows.append(f"derived: BS_max = {d['decode_batch']:.2f} per decode instance; 8xH20 prefill = H200 fit with "
-                f"linear part x{d['k_lin']:.2f}, attention part x{d['k_att']:.2f}")
+    """The inputs with their kinds, then every compared figure with ratio and difference."""
+    rows = ["PrfaaS case study (arXiv 2604.15039): internal 1T hybrid, 32xH200 PrfaaS + 64xH20 local PD "
+            "vs 96xH20 PD, 100 Gbps link", f"inputs: {result['inputs']}", ""]
+    rows.append(f"{'input':<38}{'kind':<13}{'value':<40}how")
+    for r in result["input_table"]:
+        rows.append(f"{r['input']:<38}{r['kind'].upper() if r['kind'] == 'fitted' else r['kind']:<13}"
+                    f"{r['value']:<40}{r['how']}")
     rows.append("")
-    rows.append(f"{'figure':<34}{'kvlink':>12}{'paper':>12}{'gap':>9}")
-    rows.append(f"{'threshold t (tokens)':<34}{m['threshold']:>12.0f}{paper['threshold']:>12}"
-                f"{_pct(m['threshold'], paper['threshold']):>9}")
-    rows.append(f"{'requests offloaded':<34}{m['p']:>12.3f}{paper['offloaded']:>12.3f}{_pct(m['p'], paper['offloaded']):>9}")
-    rows.append(f"{'mean offloaded length':<34}{m['mean_long']:>12.0f}{paper['mean_offloaded']:>12}"
-                f"{_pct(m['mean_long'], paper['mean_offloaded']):>9}")
-    for key, label in (("theta_prfaas", "Theta_prfaas"), ("theta_pdp", "Theta_pdp"), ("theta_pdd", "Theta_pdd")):
-        rows.append(f"{label + ' (req/s)':<34}{m[key]:>12.2f}{paper['prfaas'][key]:>12.2f}"
-                    f"{_pct(m[key], paper['prfaas'][key]):>9}")
-    rows.append(f"{'PrfaaS egress at Lambda_max (Gbps)':<34}{m['egress_bps'] / 1e9:>12.1f}"
-                f"{paper['prfaas']['egress_gbps']:>12.1f}{_pct(m['egress_bps'] / 1e9, paper['prfaas']['egress_gbps']):>9}")
+    rows.append(f"{'figure':<50}{'kvlink':>22}{'paper':>22}{'ratio':>8}{'diff':>10}")
+    for r in result["comparison"]:
+        if "same" in r:
+            tail = f"{'same' if r['same'] else 'differs':>18}"
+        else:
+            tail = _cell(r["ratio"], 8) + _cell(r["diff"], 10)
+        rows.append(f"{r['figure']:<50}{_cell(r['kvlink'], 22)}{_cell(r['paper'], 22)}{tail}")
     rows.append("")
-    rows.append(f"{'system':<22}{'split':<22}{'Lambda_max':>11}{'paper':>7}{'gap':>8}{'sim max':>9}"
-                f"{'TTFT mean':>11}{'paper':>7}{'P90':>7}{'paper':>7}{'link':>7}")
-    for key, s in result["systems"].items():
-        pp = paper[key]
-        lam = s["model"]["lambda_max"]
-        rows.append(f"{NAMES[key]:<22}{s['split']:<22}{lam:>11.2f}{pp['lambda']:>7.2f}{_pct(lam, pp['lambda']):>8}"
-                    f"{s['sim_saturated']['throughput_rps']:>9.2f}{s['sim']['ttft_mean']:>11.2f}{pp['ttft_mean']:>7.2f}"
-                    f"{s['sim']['ttft_p90']:>7.2f}{pp['ttft_p90']:>7.2f}{s['sim']['link_utilisation'] * 100:>6.1f}%")
-    gain = result["systems"]["prfaas"]["model"]["lambda_max"] / result["systems"]["homogeneous"]["model"]["lambda_max"]
-    rows.append("")
-    rows.append(f"PrfaaS-PD over homogeneous PD: {gain:.2f}x (paper 1.54x). 'sim max': simulated throughput offered "
-                f"1.2x Lambda_max; TTFTs simulated at {result.get('load', 0.5):.0%} of each system's Lambda_max "
-                f"(the paper does not state its load).")
+    sat = ", ".join(f"{NAMES[k]} {s['sim_saturated']['throughput_rps']:.2f}" for k, s in result["systems"].items())
+    rows.append(f"Simulated throughput offered 1.2x Lambda_max: {sat} req/s. TTFTs simulated at "
+                f"{result.get('load', 0.5):.0%} of each system's own Lambda_max (the paper does not state its load).")
+    if "sensitivity" in result:
+        sens = result["sensitivity"]
+        h = sens["h20_profile"]
+        lam = ", ".join(f"{NAMES[k]} {v:.2f} ({sens['split'][k]})" for k, v in sens["lambda_max"].items())
+        rows.append(f"Sensitivity (not the default): b of 8xH20 split at the compute floor of the assumed active "
+                    f"params, b = {h['b'] * 1e6:.1f} us/token: Lambda_max {lam} req/s.")
+    if result["inputs"] == "fitted":
+        rows.append("FITTED inputs: Theta_pdp, Theta_pdd and homogeneous Lambda_max match by construction.")
     return "\n".join(rows)
 
 

@@ -6,6 +6,10 @@ FIFO per prefill cluster, are prefilled (profile time), offloaded ones then cros
 above the rate), and finally wait for a decode slot (``BS_max`` per decode instance; a request
 holds its slot for ``L_out * T_decode``, the per-token SLO). TTFT runs from arrival to admission
 into a decode batch.
+
+``simulate`` draws Poisson arrivals from a length distribution; ``run_requests`` replays given
+requests (a trace, :mod:`kvlink.route.trace`), each with its own routing, prefill length, bytes to
+ship and output length.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvlink.errors import ConfigError
 from kvlink.route.model import Deployment
 
 
@@ -24,8 +29,11 @@ from kvlink.route.model import Deployment
 class Request:
     rid: int
     arrival: float
-    length: int
+    length: int              # tokens to prefill (the incremental length)
     remote: bool = False
+    kv_bytes: float | None = None    # shipped if remote; None: ``dep.kv(length)``
+    output_tokens: int | None = None  # None: ``dep.output_tokens``
+    cached: int = 0          # prefix tokens already cached where it is prefilled
     prefill_start: float = 0.0
     prefill_end: float = 0.0
     transfer_end: float = 0.0
@@ -74,10 +82,20 @@ class SimResult:
     link_peak_bps: float = 0.0
     egress_gbps: float = 0.0
     offloaded: float = 0.0
+    link_bytes: float = 0.0
 
     def as_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k != "ttfts"}
         return {k: (round(v, 4) if np.isfinite(v) else None) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def prefill_time(profile, req: Request) -> float:
+    """Seconds to prefill ``req.length`` new tokens after ``req.cached`` cached ones: the fixed
+    cost once, the linear part for the new tokens, and attention of the new tokens over the whole
+    context (``c * ((cached + new)^2 - cached^2)``)."""
+    if not req.cached:
+        return float(profile(req.length))
+    return float(profile(req.cached + req.length) - profile(req.cached) + profile.a)
 
 
 def simulate(name: str, dep: Deployment, dist, threshold: float, rate_rps: float, duration_s: float = 3000.0,
@@ -90,10 +108,27 @@ def simulate(name: str, dep: Deployment, dist, threshold: float, rate_rps: float
     n = rng.poisson(rate_rps * duration_s)
     arrivals = np.sort(rng.uniform(0, duration_s, n))
     lengths = dist.sample(rng, n)
+    remote = bool(dep.prfaas_instances)
+    requests = [Request(i, float(t), int(length), remote and int(length) > threshold)
+                for i, (t, length) in enumerate(zip(arrivals, lengths))]
+    result = run_requests(name, dep, requests, duration_s, pacing)
+    result.offered_rps, result.threshold = rate_rps, threshold
+    return result
+
+
+def run_requests(name: str, dep: Deployment, requests: list[Request], duration_s: float,
+                 pacing: float = 1.0) -> SimResult:
+    """Replay ``requests`` (routing already in ``Request.remote``) until every one is decoded.
+
+    Throughput counts decode admissions up to ``duration_s``; TTFT covers every request. Raises
+    :class:`ConfigError` when a request is routed to a PrfaaS cluster the deployment lacks.
+    """
+    n = len(requests)
+    if not dep.prfaas_instances and any(r.remote for r in requests):
+        raise ConfigError("a request is routed remotely but the deployment has no PrfaaS cluster")
     seq = itertools.count()
-    events: list = []
-    for i, (t, length) in enumerate(zip(arrivals, lengths)):
-        heapq.heappush(events, (float(t), next(seq), "arrive", Request(i, float(t), int(length))))
+    events: list = [(req.arrival, next(seq), "arrive", req) for req in requests]
+    heapq.heapify(events)
     free = {"remote": dep.prfaas_instances, "local": dep.local_prefill}
     queues = {"remote": deque(), "local": deque()}
     profiles = {"remote": dep.prfaas_profile, "local": dep.local_profile}
@@ -103,14 +138,13 @@ def simulate(name: str, dep: Deployment, dist, threshold: float, rate_rps: float
     link_event: tuple | None = None
     bits: dict[int, Request] = {}
     done: list[Request] = []
-    hold = dep.output_tokens * dep.decode_step_s
 
     def start_prefill(now: float, where: str) -> None:
         while free[where] and queues[where]:
             req = queues[where].popleft()
             free[where] -= 1
             req.prefill_start = now
-            req.prefill_end = now + float(profiles[where](req.length))
+            req.prefill_end = now + prefill_time(profiles[where], req)
             heapq.heappush(events, (req.prefill_end, next(seq), "prefilled", req))
 
     def admit(now: float) -> None:
@@ -119,7 +153,8 @@ def simulate(name: str, dep: Deployment, dist, threshold: float, rate_rps: float
             req = waiting.popleft()
             slots -= 1
             req.admitted = now
-            heapq.heappush(events, (now + hold, next(seq), "decoded", req))
+            out = dep.output_tokens if req.output_tokens is None else req.output_tokens
+            heapq.heappush(events, (now + out * dep.decode_step_s, next(seq), "decoded", req))
 
     def reschedule_link() -> None:
         nonlocal link_event
@@ -142,7 +177,6 @@ def simulate(name: str, dep: Deployment, dist, threshold: float, rate_rps: float
             reschedule_link()
         elif kind == "arrive":
             req = item
-            req.remote = bool(dep.prfaas_instances) and req.length > threshold
             where = "remote" if req.remote else "local"
             queues[where].append(req)
             start_prefill(now, where)
@@ -153,7 +187,8 @@ def simulate(name: str, dep: Deployment, dist, threshold: float, rate_rps: float
             start_prefill(now, where)
             if req.remote:
                 link.advance(now)
-                link.active[req.rid] = float(dep.kv(req.length)) * 8
+                size = dep.kv(req.length) if req.kv_bytes is None else req.kv_bytes
+                link.active[req.rid] = float(size) * 8
                 bits[req.rid] = req
                 reschedule_link()
             else:
@@ -168,11 +203,13 @@ def simulate(name: str, dep: Deployment, dist, threshold: float, rate_rps: float
     ttft = np.array([r.admitted - r.arrival for r in done]) if done else np.zeros(1)
     in_window = sum(1 for r in done if r.admitted <= duration_s)
     end = max((r.finished for r in done), default=duration_s)
-    result = SimResult(name, rate_rps, threshold, n, len(done), in_window / duration_s, float(ttft.mean()),
+    window = max(duration_s, 1e-9)
+    result = SimResult(name, n / window, float("nan"), n, len(done), in_window / window, float(ttft.mean()),
                        float(np.percentile(ttft, 90)), ttft.tolist(),
                        offloaded=float(np.mean([r.remote for r in done])) if done else 0.0)
     if link is not None:
         result.link_utilisation = link.bits_sent / (link.rate * end)
         result.link_peak_bps = link.max_total_rate
         result.egress_gbps = link.bits_sent / end / 1e9
+        result.link_bytes = link.bits_sent / 8
     return result
