@@ -254,7 +254,10 @@ class GlobalIndex:
         while self._stale and len(batch) < 4096:
             batch.append(self._stale.popleft())
         try:
-            self.store.fanout([(b"HDEL", key, fld) for key, fld in set(batch)])
+            # The lookups judged by a cached live set: a holder that registered (or renewed a lapsed
+            # heartbeat, same epoch) since then is live, and its records must stay.
+            current = self._fields(self.live_holders(max_age=0.0))
+            self.store.fanout([(b"HDEL", key, fld) for key, fld in set(batch) if fld not in current])
         except TierUnavailable:
             pass  # they will be met again
 

@@ -106,6 +106,20 @@ class PoolDaemon:
                 self.publisher.attach(pool)
             return pool
 
+    def _open_stored_pools(self) -> None:
+        """Open the pools whose SSD tiers survive under ``root`` (a restart): with a global index
+        their entries must be offered again now, not when a client first touches the pool."""
+        if self.config.root is None or not Path(self.config.root).is_dir():
+            return
+        tenants = set(self.tenants.secrets) | {DEFAULT_TENANT}
+        for model in self.specs:
+            for tenant in sorted(tenants):
+                if (Path(self.config.root) / model / tenant).is_dir():
+                    try:
+                        self.pool(model, tenant)
+                    except KvlinkError as exc:
+                        log.warning("cannot reopen the pool of %s/%s: %s", model, tenant, exc)
+
     def tier_dir(self, model: str, tenant: str) -> Path:
         """``root/<model>/<tenant>``, checked to be a directory inside ``root`` (names are
         validated and the resolved path must stay under the resolved root)."""
@@ -200,6 +214,7 @@ class PoolDaemon:
             from kvlink.cluster.publisher import IndexPublisher
 
             self.publisher = IndexPublisher(self.config.cluster, self.config.host, self.http_port, self.data_port)
+            self._open_stored_pools()
             with self._pools_lock:
                 for pool in self._pools.values():
                     self.publisher.attach(pool)

@@ -182,15 +182,9 @@ async def test_restarted_daemon_gets_new_epoch_and_republishes(valkey, tmp_path)
 
         (new,) = await poll(new_epoch, 10, "r registered again")
         assert new.id == old.id and (new.data_port, new.http_port) == (r.data_port, r.http_port)
-        # The records are still in the index, but of the old epoch: not offered.
-        keys = cc.layout.hashes(toks)
-        assert all(await asyncio.to_thread(cc.index.probe, keys, True))
-        hits = await cc.lookup_clusters(toks)
-        assert hits["c1"].tokens == 0 and hits["c1"].by_holder == {"r": 0}
-        # The daemon opens the pool on first use (here a local lookup), rebuilds it from SSD and
-        # publishes it under the new epoch.
-        async with r.client() as pc:
-            assert (await pc.lookup(toks)).tokens == 160
+        # The restarted daemon reopens the pools under its root at start and publishes them under
+        # the new epoch, without any client touching the pool (records of the old epoch are
+        # never offered: every hit below names the new epoch).
         await poll(held(cc, toks, "r", 160), 5, "r's entries re-published")
         hit = await cc.lookup(toks)
         assert [h.epoch for h in hit.holders.values()] == [new.epoch]
@@ -365,17 +359,7 @@ async def test_index_primary_killed_fails_over(valkey):
         more = prompt(160, seed=12)
         async with client(a) as ca:
             assert (await ca.put(more, pieces(more, state_after=[9]))).stored == len(stored)
-        try:
-            await poll(held(cc, more, "a", 160), 10, "a store after the failover published")
-        except AssertionError:
-            print("DEBUG", a.publisher.stats, a.publisher.last_error, await cc.lookup_clusters(more))
-            from kvlink.cluster.index import GlobalIndex as G
-            fresh = G(cfg(valkey, "t4"))
-            print("DEBUG probe cc", cc.index.probe(cc.layout.hashes(more), True))
-            print("DEBUG probe fresh", fresh.probe(cc.layout.hashes(more), True))
-            print("DEBUG live", fresh.live_holders(0), a.publisher.holder)
-            print("DEBUG toks", fresh.lookup(cc.layout, toks))
-            raise
+        await poll(held(cc, more, "a", 160), 10, "a store after the failover published")
 
         # Now the promoted replica dies too: that shard has no node left, the index stays down.
         # lookup() answers from the local daemon (b holds `mine`) instead of raising.

@@ -294,3 +294,27 @@ def test_replica_takes_over_right_after_start():
                     time.sleep(0.05)  # poll interval
         finally:
             store.close()
+
+
+def test_reaping_keeps_records_of_holders_newer_than_the_cached_live_set(valkey):
+    """A lookup judges records by a live set cached for TTL/4: a daemon that registered (or renewed
+    a lapsed heartbeat) since looks dead to it. Its records must survive the reaping."""
+    looker = GlobalIndex(cfg(valkey, "u5"))
+    daemon = GlobalIndex(cfg(valkey, "u5"))
+    lay = layout()
+    toks = list(range(500, 660))
+    keys = lay.hashes(toks)
+    try:
+        b = daemon.register("b", "c1", "127.0.0.1", 3, 4)
+        assert set(looker.live_holders()) == {b.id}  # cached: only b
+        a = daemon.register("a", "c1", "127.0.0.1", 1, 2)
+        daemon.publish(a, [("add", FULL, k, 1000, "host") for k in keys] + [("add", STATE, keys[9], 9, "host")])
+        # a is not live as far as the looker knows: a miss, and a's records are met as stale (the
+        # first lookup that meets stale records reaps them at once).
+        assert looker.lookup(lay, toks)["c1"].tokens == 0
+        looker._live_at = -1e9  # the cache expires
+        hit = looker.lookup(lay, toks)["c1"]
+        assert hit.tokens == 160 and hit.by_holder == {"a": 160, "b": 0}
+    finally:
+        looker.close()
+        daemon.close()
