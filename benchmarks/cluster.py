@@ -315,6 +315,9 @@ def _fetch_rounds(hosts: dict, index_host: str, blocks: int, rounds: int, two: b
             "ratio": round(gbps["kvlink"] / best_raw, 3),
             "ratio_vs_raw_hashed": round(gbps["kvlink"] / gbps["rawh4"], 3),
             "ratio_with_lookup": round(lookup_get / best_raw, 3), "goal": FETCH_GOAL,
+            # The acceptance: >= 0.8x of a raw socket; the stricter check: of the best raw.
+            "ratio_vs_raw1": round(gbps["kvlink"] / gbps["raw1"], 3),
+            "pass_vs_raw1": gbps["kvlink"] / gbps["raw1"] >= FETCH_GOAL,
             "pass": gbps["kvlink"] / best_raw >= FETCH_GOAL}
 
 
@@ -375,9 +378,10 @@ def render(result: dict) -> str:
         lines.append(f"kvlink get {f['kvlink_get_gbps']:.2f} Gbit/s (with lookup {f['kvlink_lookup_plus_get_gbps']:.2f}; "
                      f"lookup {f['lookup_ms']} ms); raw TCP 1 socket {f['raw_1_socket_gbps']:.2f}, "
                      f"4 sockets {f['raw_4_sockets_gbps']:.2f}, 4 sockets hashing xxh3 {f['raw_4_sockets_hashed_gbps']:.2f}")
-        lines.append(f"ratio vs best raw {f['ratio']} (with lookup {f['ratio_with_lookup']}; "
-                     f"vs hashed raw {f['ratio_vs_raw_hashed']}); "
-                     f"goal >= {f['goal']}x: {'PASS' if f['pass'] else 'FAIL'}")
+        lines.append(f"ratio vs 1 raw socket {f['ratio_vs_raw1']}: goal >= {f['goal']}x "
+                     f"{'PASS' if f['pass_vs_raw1'] else 'FAIL'}; vs best raw {f['ratio']} (with lookup "
+                     f"{f['ratio_with_lookup']}; vs hashed raw {f['ratio_vs_raw_hashed']}): "
+                     f"{'PASS' if f['pass'] else 'FAIL'}")
     return "\n".join(lines)
 
 
