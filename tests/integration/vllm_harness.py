@@ -223,11 +223,21 @@ class Server:
         self.stop()
 
 
+def server_dtype() -> str:
+    """bfloat16, except on CPUs with AMX tiles: there vLLM's CPU attention stores bf16 blocks in its
+    AMX tile layout, which kvlink refuses with a typed error (test_amx_layout_is_refused), so the
+    servers run float32 and keep the K-transposed layout the connector carries."""
+    import torch
+
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "float32" if amx else "bfloat16"
+
+
 def server_args(model_path: str | os.PathLike, port: int, kv_config: dict | None,
                 extra_args: tuple[str, ...] | list[str] = (), host: str = "127.0.0.1") -> list[str]:
     args = [
         vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
-        "--dtype", "bfloat16", "--block-size", "32", "--enforce-eager", "--max-model-len", "4096",
+        "--dtype", server_dtype(), "--block-size", "32", "--enforce-eager", "--max-model-len", "4096",
         # Small token budget so a ~600-token prompt is prefilled in several chunks.
         "--max-num-batched-tokens", "256", "--served-model-name", "tiny",
         "--host", host, "--port", str(port),

@@ -28,6 +28,10 @@ from kvlink.serde import CacheRef, Packer, Unpacker
 HEADS, HEAD_DIM = 2, 64  # both probes: 2 KV heads of 64
 MAMBA_SHAPES, MAMBA_DTYPES = ((3, 512), (4, 64, 64)), (torch.bfloat16, torch.float32)  # qwen3_next GDN
 STATE_BYTES = 3 * 512 * 2 + 4 * 64 * 64 * 4  # 68608, the probe's last dim
+# On CPUs with AMX tiles vLLM keeps bf16 blocks of 32k tokens in its AMX tile layout, which kvlink
+# refuses (test_amx_bf16_layout_is_refused); the carried layouts are tested in float32 there.
+AMX = torch.cpu._is_amx_tile_supported()
+ATTN_DTYPE = torch.float32 if AMX else torch.bfloat16
 
 
 # ---------------------------------------------------------------------------- 1. connector class
@@ -40,7 +44,7 @@ def test_connector_is_a_complete_hma_connector():
 
 # ---------------------------------------------------------------------------- caches as vLLM registers them
 def _attn_spec(block: int) -> FullAttentionSpec:
-    return FullAttentionSpec(block_size=block, num_kv_heads=HEADS, head_size=HEAD_DIM, dtype=torch.bfloat16)
+    return FullAttentionSpec(block_size=block, num_kv_heads=HEADS, head_size=HEAD_DIM, dtype=ATTN_DTYPE)
 
 
 def _mamba_spec(block: int, page: int) -> MambaSpec:
@@ -49,7 +53,7 @@ def _mamba_spec(block: int, page: int) -> MambaSpec:
 
 def _attn_view(raw: torch.Tensor, blocks: int, block: int) -> torch.Tensor:
     """The CPU backend's view of a raw int8 page buffer (vLLM views its KVCacheTensor this way)."""
-    return raw.view(torch.bfloat16)[: blocks * HEADS * block * 2 * HEAD_DIM].view(blocks, HEADS, block, 2 * HEAD_DIM)
+    return raw.view(ATTN_DTYPE)[: blocks * HEADS * block * 2 * HEAD_DIM].view(blocks, HEADS, block, 2 * HEAD_DIM)
 
 
 def _mamba_view(raw: torch.Tensor, blocks: int, page: int) -> torch.Tensor:
@@ -60,7 +64,7 @@ def _mamba_view(raw: torch.Tensor, blocks: int, page: int) -> torch.Tensor:
 def hybrid_cache(blocks: int = 6, block: int = 160):
     """qwen3_next-like: two linear-attention layers (a group each) then one attention layer; every
     layer over its own raw buffer of ``blocks`` pages of the attention page size (81920 bytes)."""
-    page = block * HEADS * 2 * HEAD_DIM * 2
+    page = block * HEADS * 2 * HEAD_DIM * ATTN_DTYPE.itemsize
     assert page >= STATE_BYTES
     raws = [torch.zeros(blocks * page, dtype=torch.int8) for _ in range(3)]
     caches = {"model.layers.0.linear_attn": _mamba_view(raws[0], blocks, page),
@@ -74,7 +78,7 @@ def hybrid_cache(blocks: int = 6, block: int = 160):
 
 def dense_cache(blocks: int = 8, block: int = 32):
     """llama-like: two attention layers in one group, sharing one buffer (probe-llama.json)."""
-    layer_bytes = blocks * HEADS * block * 2 * HEAD_DIM * 2
+    layer_bytes = blocks * HEADS * block * 2 * HEAD_DIM * ATTN_DTYPE.itemsize
     raw = torch.zeros(2 * layer_bytes, dtype=torch.int8)
     caches = {f"model.layers.{i}.self_attn.attn": _attn_view(raw[i * layer_bytes:], blocks, block) for i in range(2)}
     return caches, [(list(caches), _attn_spec(block))], raw
@@ -110,9 +114,9 @@ def test_packer_reads_what_vllm_wrote_and_unpacker_writes_vllm_bytes(make, block
     gen = torch.Generator().manual_seed(block)
     written = {}
     for name, t in src_caches.items():
-        if t.dtype == torch.bfloat16:
-            keys = torch.randn(n, HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16)
-            values = torch.randn(n, HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16)
+        if t.dtype == ATTN_DTYPE:
+            keys = torch.randn(n, HEADS, HEAD_DIM, generator=gen).to(ATTN_DTYPE)
+            values = torch.randn(n, HEADS, HEAD_DIM, generator=gen).to(ATTN_DTYPE)
             _write_tokens(t, keys, values, _slots(src_ids, block, n))
             written[name] = (keys, values)
     assert written
@@ -122,13 +126,17 @@ def test_packer_reads_what_vllm_wrote_and_unpacker_writes_vllm_bytes(make, block
     for name, (keys, values) in written.items():
         layer = src.layer_index[name]
         for component, expected in enumerate((keys, values)):  # token-major [n, heads, head_dim]
-            got = torch.frombuffer(bytearray(by_segment[(layer, component)]), dtype=torch.bfloat16)
+            got = torch.frombuffer(bytearray(by_segment[(layer, component)]), dtype=ATTN_DTYPE)
             assert torch.equal(got.view(n, HEADS, HEAD_DIM), expected), (name, component)
     assert Unpacker(dst.paged).unpack(payload, CacheRef(dst_ids, n)) == sorted(attn_layers)
     for name in written:
         src_mask = _owned_mask(src_caches[name], _slots(src_ids, block, n))
         dst_mask = _owned_mask(dst_caches[name], _slots(dst_ids, block, n))
-        s, d = src_caches[name].view(torch.int16), dst_caches[name].view(torch.int16)
+        s, d = src_caches[name], dst_caches[name]  # compared bit for bit (the masks are per element)
+        if ATTN_DTYPE == torch.bfloat16:
+            s, d = s.view(torch.int16), d.view(torch.int16)
+        else:
+            s, d = s.view(torch.int32), d.view(torch.int32)
         assert int(dst_mask.sum()) == 2 * n * HEADS * HEAD_DIM  # K and V of n tokens
         for sb, db in zip(src_ids, dst_ids):  # block by block: same bytes where vLLM keeps those tokens
             assert torch.equal(src_mask[sb], dst_mask[db]) and src_mask[sb].any()
@@ -362,3 +370,13 @@ def test_worker_keeps_no_finished_ids_it_does_not_wait_for():
         assert not side._finished_seen
     finally:
         side.close()
+
+
+@pytest.mark.skipif(not AMX, reason="only CPUs with AMX tiles use vLLM's AMX cache layout")
+def test_amx_bf16_layout_is_refused():
+    """bf16 blocks of 32 on an AMX CPU: vLLM's kernel writes its tile layout, which kvlink does not
+    read; the connector must refuse it with a typed error, never carry it wrongly."""
+    from kvlink.engine.vllm.layout import check_cpu_interior
+
+    with pytest.raises(IncompatibleLayoutError, match="amx"):
+        check_cpu_interior(HEADS + 1, 32, HEAD_DIM, torch.bfloat16)
