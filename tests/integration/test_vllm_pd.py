@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.vllm_harness import REPO, build_tiny_model, complete, start_server
+from tests.integration.vllm_harness import REPO, build_tiny_model, complete, server_dtype, start_server
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -126,6 +126,11 @@ def _wait_http(url: str, timeout: float) -> None:
 
 @pytest.fixture(scope="module", params=["llama", "qwen3_next"])
 def pd(request, tmp_path_factory):
+    if request.param == "qwen3_next" and server_dtype() == "float32":
+        # On AMX CPUs kvlink refuses vLLM's bf16 tile layout (tests/vllm: test_amx_bf16_layout_is_refused)
+        # and vLLM 0.32's CPU engine fails Qwen3-Next's GDN layers in float32 (HTTP 500 at the first
+        # request), so the hybrid P/D path cannot run on this CPU.
+        pytest.skip("Qwen3-Next P/D needs bf16 without AMX tiles (vLLM's AMX layout is refused, float32 GDN fails)")
     servers = PD(request.param, tmp_path_factory.mktemp(request.param))
     yield servers
     servers.close()
