@@ -128,8 +128,7 @@ def _wait_http(url: str, timeout: float) -> None:
 def pd(request, tmp_path_factory):
     if request.param == "qwen3_next" and server_dtype() == "float32":
         # On AMX CPUs kvlink refuses vLLM's bf16 tile layout (tests/vllm: test_amx_bf16_layout_is_refused)
-        # and vLLM 0.32's CPU engine fails Qwen3-Next's GDN layers in float32 (HTTP 500 at the first
-        # request), so the hybrid P/D path cannot run on this CPU.
+        # and in float32 vLLM 0.32's CPU engine answered HTTP 500 to the first Qwen3-Next request.
         pytest.skip("Qwen3-Next P/D needs bf16 without AMX tiles (vLLM's AMX layout is refused, float32 GDN fails)")
     servers = PD(request.param, tmp_path_factory.mktemp(request.param))
     yield servers
