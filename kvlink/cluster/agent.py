@@ -26,7 +26,8 @@ from kvlink.config import ClusterConfig, TransportConfig
 from kvlink.errors import KvlinkError
 from kvlink.pool.index import FULL, STATE, PrefixHit
 
-from kvlink.cluster.client import ClusterPoolClient
+from kvlink.cluster.client import ClusterPoolClient, hit_pieces
+from kvlink.cluster.index import ClusterHit
 from kvlink.cluster.replay import entry_bytes, entry_matches, entry_sizes, tokens_for
 
 
@@ -78,7 +79,8 @@ class Agent:
         fetched = await self.pool.get(hit)
         with fetched:
             ok = all(entry_matches(kind, key, buf) for (kind, key), buf in fetched.items())
-            return sum(len(b) for b in fetched.values()), len(getattr(hit, "plan", {}) or {1: 0}), ok
+            holders = len(hit.plan) if isinstance(hit, ClusterHit) else 1  # a local-daemon fallback hit
+            return sum(len(b) for b in fetched.values()), holders, ok
 
     async def prefill(self, cmd: dict) -> dict:
         t0 = time.perf_counter()
@@ -125,13 +127,12 @@ class Agent:
         if hit is None or not hit.tokens:
             return {"copied_bytes": 0}
         fetched = await self.pool.get(hit)
-        with fetched:
+        with fetched:  # put straight from the landed views, before they are released
             ok = all(entry_matches(kind, key, buf) for (kind, key), buf in fetched.items())
-            pieces = {(FULL, b): bytes(fetched[(FULL, k)]) for b, k in enumerate(hit.full)}
-            if hit.state is not None:
-                pieces[(STATE, hit.tokens // self.block - 1)] = bytes(fetched[(STATE, hit.state)])
-        await self.pool.put(tokens[: hit.tokens], pieces)
-        return {"copied_bytes": sum(len(p) for p in pieces.values()), "verified": ok, "copied_tokens": hit.tokens}
+            pieces = hit_pieces(hit, fetched, self.block)
+            await self.pool.put(tokens[: hit.tokens], pieces)
+            copied = sum(len(p) for p in pieces.values())
+        return {"copied_bytes": copied, "verified": ok, "copied_tokens": hit.tokens}
 
 
 async def _main(settings: dict) -> None:

@@ -226,7 +226,7 @@ class ClusterPoolClient:
                 self._fetches.popitem(last=False)
             tokens = self._prompts.get(boundary)
             if count == self.config.replicate_after and tokens is not None:
-                pieces = _pieces(hit, fetched, self._block_size)  # copies: the views go away on release
+                pieces = hit_pieces(hit, fetched, self._block_size, copy=True)  # the views go away on release
                 self.stats["replications"] += 1
                 self._spawn(self._replicate(tokens, pieces))
                 return
@@ -244,12 +244,14 @@ class ClusterPoolClient:
         task.add_done_callback(self._tasks.discard)
 
 
-def _pieces(hit: PrefixHit, fetched: Fetched, block_size: int) -> dict[tuple[str, int], bytes]:
-    """The hit's entries as ``{(kind, block): bytes}`` for a put of its prompt."""
+def hit_pieces(hit: PrefixHit, fetched: Fetched, block_size: int, copy: bool = False) -> dict[tuple[str, int], object]:
+    """The hit's entries as ``{(kind, block): buffer}`` for a put of its prompt: views into
+    ``fetched`` (put them before releasing it), or copies with ``copy``."""
+    own = bytes if copy else (lambda view: view)
     blocks = hit.tokens // block_size
-    out = {(FULL, b): bytes(fetched[(FULL, k)]) for b, k in enumerate(hit.full)}
-    out.update({(SLIDING, b): bytes(fetched[(SLIDING, k)])
+    out = {(FULL, b): own(fetched[(FULL, k)]) for b, k in enumerate(hit.full)}
+    out.update({(SLIDING, b): own(fetched[(SLIDING, k)])
                 for b, k in enumerate(hit.sliding, start=blocks - len(hit.sliding))})
     if hit.state is not None:
-        out[(STATE, blocks - 1)] = bytes(fetched[(STATE, hit.state)])
+        out[(STATE, blocks - 1)] = own(fetched[(STATE, hit.state)])
     return out

@@ -18,11 +18,11 @@ crossed the link (the tbf qdiscs' own counters) and gives hit rates per cluster 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,7 +80,6 @@ class Deployment:
         self.lab = None
         self.valkey = None
         self.nodes: list[Node] = []
-        self._stack = contextlib.ExitStack()
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def __enter__(self) -> "Deployment":
@@ -153,8 +152,6 @@ class Deployment:
             self.valkey.stop()
         if self.lab is not None:
             self.lab.close()
-        import shutil
-
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     # -- processes ----------------------------------------------------------------------------------
