@@ -6,6 +6,7 @@ Environment variables (all optional):
   ``triton`` or ``cuda``.
 - ``KVLINK_BUILD_DIR``: where on-demand native builds (csrc/) are cached
   (default ``~/.cache/kvlink/build``).
+- ``KVLINK_OPS_THREADS``: threads of the native copy-and-hash runs (default: one per core).
 - ``KVLINK_SECRET``: shared secret for the transport handshake (read by
   :meth:`TransportConfig.from_env` and the CLI; unset means no authentication).
 - ``KVLINK_INDEX_PASSWORD``: the password of the Valkey/Redis Cluster holding the global index
@@ -27,14 +28,18 @@ BACKENDS = ("auto", "reference", "native", "triton", "cuda")
 
 @dataclass(frozen=True)
 class OpsConfig:
-    """Which gather/scatter backend to use and where native builds go."""
+    """Which gather/scatter backend to use, where native builds go, and how many threads the
+    native copy-and-hash runs use (0: one per core)."""
 
     backend: str = "auto"
     build_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "kvlink" / "build")
+    threads: int = 0
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown ops backend {self.backend!r}; expected one of {BACKENDS}")
+        if self.threads < 0:
+            raise ConfigError(f"ops threads must be >= 0, got {self.threads}")
 
     @classmethod
     def from_env(cls) -> "OpsConfig":
@@ -43,6 +48,11 @@ class OpsConfig:
             kwargs["backend"] = backend
         if build_dir := os.environ.get("KVLINK_BUILD_DIR"):
             kwargs["build_dir"] = Path(build_dir)
+        if threads := os.environ.get("KVLINK_OPS_THREADS"):
+            try:
+                kwargs["threads"] = int(threads)
+            except ValueError:
+                raise ConfigError(f"KVLINK_OPS_THREADS must be an integer, got {threads!r}") from None
         return cls(**kwargs)
 
 

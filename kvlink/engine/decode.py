@@ -100,15 +100,27 @@ class DecodeSide:
     async def load_from_pool(self, hit: PrefixHit, ref: CacheRef) -> int:
         """Restore ``hit`` into ``ref``'s blocks and slot; returns the tokens restored. Raises
         :class:`~kvlink.errors.EntryMissing` if entries were evicted meanwhile (look up again) and
-        the entries' typed errors if one fails verification (nothing of it is written)."""
+        the entries' typed errors if one fails verification (see
+        :func:`~kvlink.engine.pieces.restore_pieces`: on a CPU cache the hit's blocks and slot
+        may then hold garbage, so treat them as not loaded)."""
         if not hit.tokens:
             return 0
+        if hasattr(self.pool, "pin_hit"):
+            # In place: host pages (SSD entries land in host pages first) straight into the cache.
+            return await asyncio.to_thread(self._load_pinned, hit, ref)
         if hasattr(self.pool, "fetch"):
             entries = await asyncio.to_thread(self.pool.fetch, hit)
             return await asyncio.to_thread(restore_pieces, self.cache, hit, entries, ref, self.pool_block_size)
         fetched = await self.pool.get(hit)
         with fetched:
             return await asyncio.to_thread(restore_pieces, self.cache, hit, fetched, ref, self.pool_block_size)
+
+    def _load_pinned(self, hit: PrefixHit, ref: CacheRef) -> int:
+        entries, release = self.pool.pin_hit(hit)
+        try:
+            return restore_pieces(self.cache, hit, entries, ref, self.pool_block_size)
+        finally:
+            release()
 
     async def store(self, tokens: Sequence[int], ref: CacheRef, first_block: int = 0) -> StoreReport:
         """Keep the cache of ``tokens`` (held at ``ref``) in the pool: its full pool blocks from

@@ -11,9 +11,16 @@ from the daemon) is verified before a byte lands in the cache.
 
 from __future__ import annotations
 
-from kvlink.errors import ConfigError, PoolError
+import numpy as np
+import torch
+
+from kvlink.codec import Codec
+from kvlink.errors import ChecksumMismatch, ConfigError, LengthError, PoolError
+from kvlink.ops.runs import Runs, buffer_pieces, concat, slice_pieces
 from kvlink.pool.index import FULL, SLIDING, STATE, PrefixHit
 from kvlink.serde import CacheRef, Packer, PagedCache, Payload, Unpacker, check_compatible
+from kvlink.serde.fused import fused_usable, segment_pieces
+from kvlink.serde.wire import PREFIX, PayloadHeader, parse_header, peek_lengths
 
 
 _GROUP = {FULL: "full", SLIDING: "window", STATE: "state"}  # pool entry kind -> spec component group
@@ -54,15 +61,20 @@ def pack_pieces(cache: PagedCache, ref: CacheRef, pool_block: int, first_block: 
 
 
 def restore_pieces(cache: PagedCache, hit: PrefixHit, entries: dict, ref: CacheRef, pool_block: int) -> int:
-    """Write the entries of ``hit`` (``{(kind, key): bytes}``, from ``Pool.fetch`` or the daemon)
-    into ``ref``'s blocks and slot; returns the tokens restored (``hit.tokens``).
+    """Write the entries of ``hit`` (``{(kind, key): value}``, a value being the entry's bytes or
+    a list of buffers back to back: pool pages from ``Pool.pin_views``, the daemon's reply) into
+    ``ref``'s blocks and slot; returns the tokens restored (``hit.tokens``).
 
-    Everything is checked before anything is written: the hit against the spec (a full entry per
-    block, the window's blocks, a state exactly when the model has states), each entry's token
-    range, layers and components against its group, and every checksum. Raises :class:`PoolError`
-    for a hit or entry of the wrong shape, and the entry's typed error otherwise
+    The hit is checked against the spec (a full entry per block, the window's blocks, a state
+    exactly when the model has states), and each entry's header, token range, layers and
+    components against its group, before anything is written. On a CPU cache the entries'
+    bytes go straight from where they are into the cache, hashed on the way in one native
+    batch, so a :class:`~kvlink.errors.ChecksumMismatch` is raised after the write (only
+    ``ref``'s blocks from the hit and its slot were touched; the caller treats them as not
+    loaded). Elsewhere every checksum is verified first. Raises :class:`PoolError` for a hit or
+    entry of the wrong shape, and the entry's typed error otherwise
     (:class:`~kvlink.errors.ChecksumMismatch`, :class:`~kvlink.errors.FingerprintMismatch`,
-    :class:`~kvlink.errors.IncompatibleLayoutError`).
+    :class:`~kvlink.errors.IncompatibleLayoutError`, :class:`~kvlink.errors.LengthError`).
     """
     check_block_size(cache, pool_block)
     groups = _groups(cache)
@@ -79,19 +91,85 @@ def restore_pieces(cache: PagedCache, hit: PrefixHit, entries: dict, ref: CacheR
              for b, key in enumerate(hit.sliding, start=blocks - len(hit.sliding))]
     if hit.state is not None:
         jobs.append((STATE, hit.state, hit.tokens, hit.tokens))
+    fused = fused_usable(cache, None)
     checked = []
     for kind, key, start, end in jobs:
-        payload = Payload.from_buffer(entries[(kind, key)])
-        header, span = payload.header, ref.span(end, start)
+        header, pieces = entry_segments(entries[(kind, key)])
+        span = ref.span(end, start)
         layers = sorted({seg.layer for seg in header.segments})
         if (header.token_start, header.token_end) != (start, end) or layers != groups[kind]:
             raise PoolError(f"{kind} entry {key.hex()[:16]}: tokens [{header.token_start}, {header.token_end}) of "
                             f"layers {layers}, expected [{start}, {end}) of layers {groups[kind]}")
-        check_compatible(payload, cache, span, _GROUP[kind])
-        checked.append((payload, span, _GROUP[kind]))
-    unpacker = Unpacker(cache)
-    for payload, span, group in checked:
+        check_compatible(header, cache, span, _GROUP[kind])
+        checked.append((kind, key, header, pieces, span))
+    if fused and all(seg.codec is Codec.NONE for _, _, header, _, _ in checked for seg in header.segments):
+        _restore_fused(cache, checked)
+        return hit.tokens
+    payloads = [(_joined(header, pieces), span, _GROUP[kind]) for kind, key, header, pieces, span in checked]
+    for payload, _, _ in payloads:
         payload.verify()  # all of them before the first write
-    for payload, span, group in checked:
+    unpacker = Unpacker(cache)
+    for payload, span, group in payloads:
         unpacker.unpack(payload, span, verify=False, group=group)
     return hit.tokens
+
+
+def entry_segments(value) -> tuple[PayloadHeader, list]:
+    """An entry's parsed header and each segment's bytes as pieces, read where they are (one
+    buffer, or a list of buffers back to back) without joining them. Raises the typed
+    :class:`~kvlink.errors.WireFormatError` of a malformed entry."""
+    bufs = [memoryview(b).cast("B") if not isinstance(b, torch.Tensor) else memoryview(b.numpy()).cast("B")
+            for b in (value if isinstance(value, (list, tuple)) else [value])]
+    total = sum(b.nbytes for b in bufs)
+    head = _first_bytes(bufs, PREFIX.size)
+    if len(head) < PREFIX.size:
+        raise LengthError(f"entry of {total} bytes is shorter than a payload header")
+    header_len, body_len = peek_lengths(head)
+    header = parse_header(_first_bytes(bufs, header_len))
+    if header_len + body_len != total:
+        raise LengthError(f"entry of {total} bytes, its header says {header_len + body_len}")
+    all_pieces = concat([buffer_pieces(b) for b in bufs])
+    pieces = []
+    for seg in header.segments:
+        if seg.offset + seg.length > body_len:
+            raise LengthError(f"{seg.name}: bytes [{seg.offset}, {seg.offset + seg.length}) beyond a body of {body_len}")
+        pieces.append(slice_pieces(all_pieces, header_len + seg.offset, seg.length))
+    return header, pieces
+
+
+def _first_bytes(bufs: list[memoryview], n: int) -> bytes:
+    out, need = [], n
+    for b in bufs:
+        if need <= 0:
+            break
+        out.append(bytes(b[:need]))
+        need -= len(out[-1])
+    return b"".join(out)
+
+
+def _joined(header: PayloadHeader, pieces: list) -> Payload:
+    """The entry as a :class:`Payload` over one buffer per segment (copies: the classic path)."""
+    runs, datas = Runs(), []
+    for src in pieces:
+        datas.append(bytearray(int(src[1].sum())))
+        runs.add(src, buffer_pieces(datas[-1]))
+    runs.run(hash=False, stream=False)
+    return Payload(header, datas)
+
+
+def _restore_fused(cache: PagedCache, checked: list) -> None:
+    """Every segment of every entry straight into the cache in one batch of copy-and-hash runs."""
+    runs, names = Runs(), []
+    for kind, key, header, pieces, span in checked:
+        ids, ids_host = span.block_ids_checked(cache)
+        ids_np = np.asarray(ids_host, np.int64)
+        for seg, src in zip(header.segments, pieces):
+            dst = segment_pieces(cache, seg, ids_np, span.slot(cache, seg.layer) if seg.is_state else -1)
+            if dst is None:
+                raise PoolError(f"{cache.spec.name}: layer {seg.layer}'s layout cannot be written by runs")
+            runs.add(src, dst)
+            names.append((f"{kind} entry {key.hex()[:16]} layer {seg.layer} "
+                          f"{cache.spec.layers[seg.layer].components[seg.component].name}", seg.checksum))
+    for (name, expect), digest in zip(names, runs.run()):
+        if digest != expect:
+            raise ChecksumMismatch(name, expect, digest)

@@ -1,4 +1,5 @@
-"""On-demand builds of ``csrc/``: the CPU row copier (plain C through ctypes) and the CUDA extension.
+"""On-demand builds of ``csrc/``: the CPU row copier and fused copy-and-hash runs (plain C through
+ctypes, with the vendored xxHash header) and the CUDA extension.
 
 Each is built once per machine into the build directory (``KVLINK_BUILD_DIR``) keyed by a hash of
 its source, then loaded once per process. A missing compiler or CUDA makes the backend unavailable;
@@ -36,10 +37,28 @@ def _source(rel: str) -> Path:
     raise BackendUnavailable(f"csrc/{rel} not found: native backends need a source checkout")
 
 
+CPU_SOURCES = ("cpu/rows.c", "cpu/runs.c")
+CPU_HEADERS = ("third_party/xxhash/xxhash.h",)
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags: part of the build key, as the library is built for this CPU
+    (``-march=native``) and a build directory may be shared by machines of different kinds."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return ""
+
+
 def _build_cpu(config: OpsConfig) -> ctypes.CDLL:
-    src = _source("cpu/rows.c")
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
-    target = config.build_dir / f"kvlink_rows_{digest}.so"
+    srcs = [_source(rel) for rel in CPU_SOURCES]
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in srcs + [_source(h) for h in CPU_HEADERS]))
+    key.update(_cpu_flags().encode())
+    target = config.build_dir / f"kvlink_cpu_{key.hexdigest()[:16]}.so"
     if not target.exists():
         cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
         if cc is None:
@@ -47,17 +66,28 @@ def _build_cpu(config: OpsConfig) -> ctypes.CDLL:
         config.build_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=config.build_dir)
         os.close(fd)
-        cmd = [cc, "-O3", "-fopenmp", "-shared", "-fPIC", str(src), "-o", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
+        errors = []
+        # -march=native lets xxh3 and the streaming copy use AVX2/AVX-512; a compiler without it
+        # (or another architecture) builds the portable code.
+        for arch in (["-march=native"], []):
+            proc = subprocess.run([cc, "-O3", *arch, "-fopenmp", "-shared", "-fPIC", *map(str, srcs), "-o", tmp],
+                                  capture_output=True, text=True)
+            if proc.returncode == 0:
+                break
+            errors.append(proc.stderr.strip()[:500])
+        else:
             os.unlink(tmp)
-            raise BackendUnavailable(f"building {src.name} failed: {proc.stderr.strip()[:500]}")
+            raise BackendUnavailable(f"building {', '.join(CPU_SOURCES)} failed: {errors[-1]}")
         os.replace(tmp, target)  # atomic: concurrent builders never see half a library
     lib = ctypes.CDLL(str(target))
     args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     for name in ("kvlink_gather_rows", "kvlink_scatter_rows"):
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = None
+    lib.kvlink_copy_runs.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    lib.kvlink_copy_runs.restype = None
+    lib.kvlink_xxh3.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.kvlink_xxh3.restype = ctypes.c_uint64
     return lib
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import numpy as np
 import torch
 
 from kvlink.codec import Codec, checksum, encode
 from kvlink.codec.parallel import parallel_map
 from kvlink.config import CodecConfig
 from kvlink.errors import ConfigError
+from kvlink.ops.runs import Runs, buffer_pieces
+from kvlink.serde.fused import fused_usable, segment_pieces
 from kvlink.serde.layout import SegmentLayout, payload_segments
 from kvlink.serde.paged import CacheRef, PagedCache
 from kvlink.serde.payload import Payload
@@ -74,8 +77,11 @@ class Packer:
         codecs = [choose_codec(seg, self.codec, (codecs or {}).get(i)) for i, seg in enumerate(layouts)]
         lease = self.staging.lease(total) if self.staging else StagingLease.standalone(total)
         try:
+            results = self._copy_fused(layouts, offsets, codecs, lease.tensor, ids_host, slots)
             jobs = []
-            for seg, off, codec in zip(layouts, offsets, codecs):
+            for i, (seg, off, codec) in enumerate(zip(layouts, offsets, codecs)):
+                if results[i] is not None:
+                    continue
                 raw = self._gather(seg, lease.tensor, off, ids, ids_host, slots.get(seg.layer, -1))
                 ready = None
                 if cache.device.type == "cuda":
@@ -83,8 +89,10 @@ class Packer:
                     # while the GPU moves on to the next segments.
                     ready = torch.cuda.Event()
                     ready.record(torch.cuda.current_stream(cache.device))
-                jobs.append((codec, raw, ready))
-            results = parallel_map(self._finish, jobs, total)
+                jobs.append((i, (codec, raw, ready)))
+            done = parallel_map(self._finish, [job for _, job in jobs], total)
+            for (i, _), result in zip(jobs, done):
+                results[i] = result
             if cache.device.type == "cuda":
                 torch.cuda.current_stream(cache.device).synchronize()
         except BaseException:
@@ -118,6 +126,28 @@ class Packer:
             t0 = seg.token_start
             copy_tokens(rows, ids, ids_host, t0, t0 + seg.shape[0], self.cache.block_size, out, True, self.backend)
         return out.view(seg.shape)
+
+    def _copy_fused(self, layouts, offsets, codecs, buf: torch.Tensor, ids_host, slots) -> list:
+        """Copy and hash every uncompressed segment of a CPU cache in one native call (the
+        checksum is computed while the bytes are in cache); ``(data, checksum)`` per segment,
+        None for those left to the classic path."""
+        results: list = [None] * len(layouts)
+        if not fused_usable(self.cache, self.backend):
+            return results
+        ids_np = np.asarray(ids_host, np.int64)
+        runs, placed = Runs(), []
+        for i, (seg, off, codec) in enumerate(zip(layouts, offsets, codecs)):
+            if codec is not Codec.NONE:
+                continue
+            src = segment_pieces(self.cache, seg, ids_np, slots.get(seg.layer, -1))
+            if src is None:
+                continue
+            out = buf[off: off + seg.nbytes]
+            runs.add(src, buffer_pieces(out))
+            placed.append((i, out))
+        for (i, out), digest in zip(placed, runs.run()):
+            results[i] = (memoryview(out.numpy()), digest)
+        return results
 
     def _finish(self, job) -> tuple[object, int]:
         codec, raw, ready = job

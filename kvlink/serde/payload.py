@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvlink.codec.checksum import checksum_stream, checksums
+from kvlink.codec.checksum import checksum, checksum_stream, checksums
 from kvlink.errors import ChecksumMismatch, LengthError, WireFormatError
 from kvlink.serde.staging import StagingLease
 from kvlink.serde.wire import PREFIX, PayloadHeader, parse_header, peek_lengths
@@ -49,6 +49,15 @@ class Payload:
         for i, (seg, got) in enumerate(zip(self.header.segments, checksums(self.datas))):
             if got != seg.checksum:
                 raise ChecksumMismatch(names[i] if names else seg.name, seg.checksum, got)
+
+    def verify_segment(self, i: int, name: str | None = None) -> None:
+        """:meth:`verify` for segment ``i`` alone."""
+        seg, data = self.header.segments[i], self.datas[i]
+        if data.nbytes != seg.length:
+            raise LengthError(f"{seg.name}: {data.nbytes} bytes, expected {seg.length}")
+        got = checksum(data)
+        if got != seg.checksum:
+            raise ChecksumMismatch(name or seg.name, seg.checksum, got)
 
     def release(self) -> None:
         """Give the staging space back; the segment buffers must not be used afterwards."""

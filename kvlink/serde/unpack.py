@@ -1,31 +1,41 @@
 """Unpack a payload into a paged cache: validate everything first, then write.
 
-Any error leaves the destination untouched: structure, fingerprint, layout, block table and
-checksums are all checked, and every segment is decoded, before the first byte is written.
+Structure, fingerprint, layout and block table are all checked, and every compressed segment is
+verified and decoded, before the first byte is written: any of those errors leaves the destination
+untouched. Uncompressed segments of a CPU cache are verified while they are copied (one pass over
+memory instead of two), so a checksum mismatch there is raised after the write: the tokens and
+state slot the payload addresses hold garbage then, and nothing else was touched. The caller
+treats them as not loaded, as after any failed load.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from kvlink.codec import Codec, decode
 from kvlink.codec.parallel import parallel_map
-from kvlink.errors import FingerprintMismatch, IncompatibleLayoutError
+from kvlink.errors import ChecksumMismatch, FingerprintMismatch, IncompatibleLayoutError
+from kvlink.ops.runs import Runs, buffer_pieces
+from kvlink.serde.fused import fused_usable, segment_pieces
 from kvlink.serde.layout import TORCH_DTYPES, layer_segments
 from kvlink.serde.paged import CacheRef, PagedCache
 from kvlink.serde.payload import Payload
+from kvlink.serde.wire import PayloadHeader
 from kvlink.serde.tokens import copy_tokens
 
 
-def check_compatible(payload: Payload, cache: PagedCache, ref: CacheRef, group: str | None = None) -> None:
-    """Raise unless every segment of ``payload`` is exactly what ``cache``'s spec expects at ``ref``.
+def check_compatible(payload: Payload | PayloadHeader, cache: PagedCache, ref: CacheRef,
+                     group: str | None = None) -> None:
+    """Raise unless every segment of ``payload`` (or of a parsed header) is exactly what
+    ``cache``'s spec expects at ``ref``.
 
     Every layer present must carry all its components (a peer's payload), or with ``group``
     (``full``, ``window``, ``state``: a pool entry) exactly its components of that group, in
     component order. Raises :class:`FingerprintMismatch` or :class:`IncompatibleLayoutError` naming
     the segment or the missing component, :class:`SpecError` for an unknown group.
     """
-    spec, header = cache.spec, payload.header
+    spec, header = cache.spec, payload if isinstance(payload, PayloadHeader) else payload.header
     if header.fingerprint != spec.fingerprint:
         raise FingerprintMismatch(spec.fingerprint, header.fingerprint)
     if header.token_end != ref.num_tokens:
@@ -59,6 +69,24 @@ def check_compatible(payload: Payload, cache: PagedCache, ref: CacheRef, group: 
 class Unpacker:
     """Writes payloads into one :class:`PagedCache`."""
 
+    def _fused_jobs(self, payload: Payload, ids_host: list[int], slots: dict) -> tuple[Runs, list[int]]:
+        """Uncompressed segments of a CPU cache as one batch of copy-and-hash runs, and their
+        indices (none when the classic path does it all)."""
+        cache = self.cache
+        runs, order = Runs(), []
+        if not fused_usable(cache, self.backend):
+            return runs, order
+        ids_np = np.asarray(ids_host, np.int64)
+        for i, (seg, data) in enumerate(zip(payload.header.segments, payload.datas)):
+            if seg.codec is not Codec.NONE or data.nbytes != seg.raw_nbytes:
+                continue  # a wrong length is reported by the classic path's checks
+            dst = segment_pieces(cache, seg, ids_np, slots.get(seg.layer, -1))
+            if dst is None:
+                continue
+            runs.add(buffer_pieces(data), dst)
+            order.append(i)
+        return runs, order
+
     def __init__(self, cache: PagedCache, backend: str | None = None):
         self.cache = cache
         self.backend = backend
@@ -71,7 +99,8 @@ class Unpacker:
         with ``group`` exactly its components of that group (the pool's per-group entries).
 
         ``ref.block_ids`` must cover tokens [0, payload end); only tokens from the payload's start
-        are written. Raises (writing nothing) :class:`~kvlink.errors.WireFormatError` subclasses for
+        are written. A :class:`~kvlink.errors.ChecksumMismatch` may come after the payload's
+        tokens and slot were written (see the module docstring). Raises (writing nothing) :class:`~kvlink.errors.WireFormatError` subclasses for
         malformed or corrupt payloads, :class:`~kvlink.errors.FingerprintMismatch` /
         :class:`~kvlink.errors.IncompatibleLayoutError` for the wrong layout,
         :class:`~kvlink.errors.ConfigError` for a bad block table or slot, and
@@ -86,21 +115,34 @@ class Unpacker:
         ref = ref.span(header.token_end, header.token_start)
         ids, ids_host = ref.block_ids_checked(cache)
         slots = {s.layer: ref.slot(cache, s.layer) for s in header.segments if s.is_state}
-        if verify:
-            payload.verify([f"layer {s.layer} {cache.spec.layers[s.layer].components[s.component].name}"
-                            for s in header.segments])
+        names = [f"layer {s.layer} {cache.spec.layers[s.layer].components[s.component].name}" for s in header.segments]
+        runs, fused = self._fused_jobs(payload, ids_host, slots)
+        if verify:  # segments outside the fused runs are checked before anything is written
+            for i, seg in enumerate(header.segments):
+                if i not in fused:
+                    payload.verify_segment(i, names[i])
+        rest = [i for i in range(len(header.segments)) if i not in fused]
         decoded = parallel_map(
-            lambda job: decode(job[0].codec, job[1], TORCH_DTYPES[job[0].dtype], job[0].numel,
-                               fp8_group=1 << job[0].codec_param).view(job[0].shape),
-            zip(header.segments, payload.datas),
-            sum(s.raw_nbytes for s in header.segments if s.codec is not Codec.NONE))
-        for seg, values in zip(header.segments, decoded):
+            lambda i: decode(header.segments[i].codec, payload.datas[i], TORCH_DTYPES[header.segments[i].dtype],
+                             header.segments[i].numel,
+                             fp8_group=1 << header.segments[i].codec_param).view(header.segments[i].shape),
+            rest, sum(header.segments[i].raw_nbytes for i in rest if header.segments[i].codec is not Codec.NONE))
+        for i, values in zip(rest, decoded):
+            seg = header.segments[i]
             if seg.is_state:
                 cache.tensor(seg.layer, seg.component)[slots[seg.layer]].copy_(values, non_blocking=values.is_pinned())
             else:
                 rows = cache.tensor(seg.layer, seg.component)
                 copy_tokens(rows, ids, ids_host, seg.token_start, seg.token_start + seg.shape[0], cache.block_size,
                             values, False, self.backend)
+        if fused:
+            # Each fused segment is hashed while it is copied: a mismatch is found after the
+            # write, and raised then (the docstring's exception to "nothing written").
+            digests = runs.run(hash=verify)
+            if verify:
+                for i, digest in zip(fused, digests):
+                    if digest != header.segments[i].checksum:
+                        raise ChecksumMismatch(names[i], header.segments[i].checksum, digest)
         if cache.device.type == "cuda":
             torch.cuda.current_stream(cache.device).synchronize()
         return sorted({seg.layer for seg in header.segments})

@@ -30,6 +30,17 @@ def snapshot(cache: PagedCache) -> list[torch.Tensor]:
     return out
 
 
+def outside_ref(cache: PagedCache, ref: CacheRef) -> list[torch.Tensor]:
+    """Copies of every block and state slot that ``ref`` does not address."""
+    ids = set(ref.block_ids[: -(-ref.num_tokens // cache.block_size)])
+    keep = [b for b in range(cache.num_blocks) if b not in ids]
+    out = []
+    for layer in range(cache.spec.num_layers):
+        out.extend(t[keep].clone() for _, t in cache.planes(layer))
+        out.extend(torch.cat([t[:ref.state_slot], t[ref.state_slot + 1:]]).clone() for _, t in cache.states(layer))
+    return out
+
+
 def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(a, b))
 

@@ -14,7 +14,7 @@ from kvlink.serde import CacheRef, Packer, PagedCache, Payload, Unpacker
 from kvlink.serde.wire import ENTRY, PREFIX
 from kvlink.spec import CacheSpec, FullAttention
 
-from .helpers import HYBRID, filled, random_ref, same, snapshot
+from .helpers import HYBRID, filled, outside_ref, random_ref, same, snapshot
 
 BS = 4
 SRC = filled(HYBRID, 16, BS)
@@ -30,9 +30,12 @@ def _dest():
 
 def _rejected(wire, exc=KvlinkError, ref=REF):
     dst, before = _dest()
-    with pytest.raises(exc):
+    outside = outside_ref(dst, ref)
+    with pytest.raises(exc) as raised:
         Unpacker(dst).unpack(wire, ref)
-    assert same(before, snapshot(dst)), "a rejected payload wrote into the destination"
+    assert same(outside, outside_ref(dst, ref)), "a rejected payload wrote outside its blocks and slot"
+    if not isinstance(raised.value, ChecksumMismatch):  # found by the fused copy, after its write
+        assert same(before, snapshot(dst)), "a rejected payload wrote into the destination"
 
 
 def _patch_header(wire: bytes, offset: int, fmt: str, value) -> bytes:
@@ -86,12 +89,25 @@ def test_unknown_codec():
 
 
 def test_checksum_names_segment():
+    """The classic path (a backend asked for by name) verifies before writing anything."""
     buf = bytearray(WIRE)
     buf[-3] ^= 0x10
     dst, before = _dest()
     with pytest.raises(ChecksumMismatch, match="layer 5 v"):
-        Unpacker(dst).unpack(bytes(buf), REF)
+        Unpacker(dst, backend="reference").unpack(bytes(buf), REF)
     assert same(before, snapshot(dst))
+
+
+def test_checksum_mismatch_on_the_fused_path_writes_only_the_payloads_blocks_and_slot():
+    """Uncompressed segments of a CPU cache are verified while copied: the error comes after the
+    write, which touched nothing the payload does not address."""
+    buf = bytearray(WIRE)
+    buf[-3] ^= 0x10
+    dst, _ = _dest()
+    before = outside_ref(dst, REF)
+    with pytest.raises(ChecksumMismatch, match="layer 5 v"):
+        Unpacker(dst).unpack(bytes(buf), REF)
+    assert same(before, outside_ref(dst, REF))
 
 
 def test_fingerprint_mismatch():

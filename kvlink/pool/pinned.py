@@ -1,0 +1,110 @@
+"""Reads that leave entries where they are: views of host-tier pages, pinned until released.
+
+What an engine's :meth:`~kvlink.engine.decode.DecodeSide.load_from_pool` and the daemon's gets
+use: a host-tier entry is read in place (no copy, no allocation), and an entry found only on SSD
+is read straight into host-tier pages reserved for it, which then become its promoted copy. Only
+when the host tier has no room even after eviction (or the top tier is a GPU) does an entry get a
+buffer of its own.
+"""
+
+from __future__ import annotations
+
+from kvlink.errors import ChecksumMismatch, EntryMissing, PoolError
+from kvlink.pool.index import FULL, SLIDING, STATE, PrefixHit
+
+
+class PinnedReads:
+    """Mixed into :class:`~kvlink.pool.pool.Pool`, whose state it works on (``index``,
+    ``levels``, ``policies``, ``ssd``, ``stats``, ``_lock``, ``_pending``) and whose methods it
+    calls (``_read``, ``_put_level``, ``evict``, ``landing``)."""
+
+    def pin_views(self, keys: list[tuple[str, bytes]]):
+        """Entries by (kind, key) without copying: for each, a list of buffers (pages in a host
+        tier; for an SSD-only entry, the host pages it was just read and promoted into; else a
+        buffer of its own) or None if absent; plus ``release()``, to call once the buffers are no
+        longer used (until then the entries cannot be evicted). Raises :class:`PoolError` for an
+        unknown kind (before pinning anything)."""
+        from kvlink.pool.pool import tier_key
+
+        out, pinned, slow = [], [], []
+        tkeys = [tier_key(kind, key) for kind, key in keys]
+        with self._lock:
+            for (kind, key), tkey in zip(keys, tkeys):
+                entry = self.index.entry(kind, key)
+                if entry is None:
+                    out.append(None)
+                    continue
+                entry.pins += 1
+                pinned.append(entry)
+                if not self._views_in_memory(tkey, out):
+                    slow.append(len(out))
+                    out.append(tkey)
+        for i in slow:
+            tkey = out[i]
+            try:
+                out[i] = self._land_from_ssd(tkey) or [self._read(tkey)]
+            except PoolError:
+                out[i] = None
+
+        def release() -> None:
+            with self._lock:
+                for entry in pinned:
+                    entry.pins -= 1
+                pinned.clear()
+
+        return out, release
+
+    def pin_hit(self, hit: PrefixHit):
+        """Every entry of ``hit`` as :meth:`pin_views` gives them, ``({(kind, key): buffers},
+        release)``. Raises :class:`EntryMissing` (pinning nothing) when one is gone: look up again."""
+        keys = [(FULL, k) for k in hit.full] + [(SLIDING, k) for k in hit.sliding]
+        if hit.state is not None:
+            keys.append((STATE, hit.state))
+        views, release = self.pin_views(keys)
+        if any(v is None for v in views):
+            release()
+            raise EntryMissing(f"an entry of this {hit.tokens}-token hit is no longer in the pool; look up again")
+        return dict(zip(keys, views)), release
+
+    def _views_in_memory(self, tkey: bytes, out: list) -> bool:
+        """Append the entry's page views if a host tier holds it (caller holds the lock)."""
+        for level, (name, tier) in enumerate(self.levels):
+            if tkey in tier and tier.device.type == "cpu":
+                out.append(tier.views(tkey))
+                self.policies[level].touch(tkey)
+                self.stats[f"hit_{name}"] += 1
+                return True
+        return False
+
+    def _land_from_ssd(self, tkey: bytes):
+        """Read an entry that only the SSD holds into host pages reserved for it and adopt them
+        (its promotion, with no copy); their views, or None to leave it to ``_read`` (not on SSD
+        only, no room, or the read failed: ``_read`` reports that)."""
+        if self.ssd is None:
+            return None
+        with self._lock:
+            out: list = []
+            if self._views_in_memory(tkey, out):  # promoted meanwhile
+                return out[0]
+            if any(tkey in tier for _, tier in self.levels) or tkey in self._pending:
+                return None
+            nbytes = self.ssd.entry_size(tkey)
+            if nbytes is None:
+                return None
+            landing = self.landing(nbytes)
+            if landing is None and self.evict(nbytes):
+                landing = self.landing(nbytes)
+        if landing is None:
+            return None
+        try:
+            self.ssd.get(tkey, out=landing.view)
+            with self._lock:
+                if tkey in self.levels[0][1] or not self._put_level(0, tkey, landing):
+                    return None
+                self.stats["hit_ssd"] += 1
+                self.stats["promoted_in_place"] += 1
+                return self.levels[0][1].views(tkey)
+        except (EntryMissing, ChecksumMismatch, PoolError):
+            return None
+        finally:
+            landing.release()  # a no-op once adopted
