@@ -24,14 +24,15 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from kvlink.config import TransportConfig
-from kvlink.engine.pieces import pack_pieces, restore_pieces
+from kvlink.daemon.arena import FreeListArena
+from kvlink.engine.pieces import pack_pieces, release_pieces, restore_pieces
 from kvlink.engine.prefill import transfer_id_for
 from kvlink.errors import ConfigError, EngineError, KvlinkError, LoadFailed, TransferTimeout, TransportError
 from kvlink.pool.index import PrefixHit, checkpoint_positions
 from kvlink.pool.pool import StoreReport
 from kvlink.serde import CacheRef, PagedCache, Payload, Unpacker
 from kvlink.serde.payload import PayloadScan, payload_intact
-from kvlink.transport import IncomingTransfer, TransferServer
+from kvlink.transport import IncomingTransfer, TransferServer, arena_allocator
 from kvlink.transport.loop import new_event_loop, run_sync, stop_loop
 
 
@@ -60,20 +61,31 @@ class _Load:
         self.error: LoadFailed | None = None
 
 
+DEFAULT_ARENA_BYTES = 64 << 20  # a few layers of a long request in flight; larger ones overflow
+
+
 class DecodeSide:
     """Receives requests' caches into one :class:`PagedCache`; optional prefix pool (a local
     :class:`~kvlink.pool.Pool` or a daemon :class:`~kvlink.daemon.client.PoolClient`)."""
 
     def __init__(self, cache: PagedCache, transport: TransportConfig | None = None, secret: bytes | None = None,
-                 pool=None, pool_block_size: int | None = None, begin_timeout: float = 30.0):
+                 pool=None, pool_block_size: int | None = None, begin_timeout: float = 30.0,
+                 arena_bytes: int = DEFAULT_ARENA_BYTES):
+        """``arena_bytes``: a receive arena (pinned when CUDA exists, pre-faulted otherwise) that
+        arriving layers land in, reused from request to request; a layer that does not fit gets
+        a buffer of its own (0: always). Raises :class:`ConfigError` for a pool without a block
+        size or a negative ``arena_bytes``."""
+        if arena_bytes < 0:
+            raise ConfigError(f"arena_bytes must be >= 0, got {arena_bytes}")
         self.cache = cache
         self.unpacker = Unpacker(cache)
+        extra = {"allocator": arena_allocator(FreeListArena(arena_bytes), overflow=True)} if arena_bytes else {}
         # Parts are kvlink payloads with their own checksums: the receiver verifies each layer
         # once (a layer that fails is resent whole) and senders skip per-chunk hashing.
         # Transfers are claimed by id (start_load): nothing is queued for accept(), so nothing is
         # held for a request once it is released.
         self.server = TransferServer(transport, [cache.spec.fingerprint], secret, part_verifier=payload_intact,
-                                     part_scanner=PayloadScan, accept_queue=False)
+                                     part_scanner=PayloadScan, accept_queue=False, **extra)
         self.pool = pool
         self.pool_block_size = pool_block_size or (pool.config.block_size if hasattr(pool, "config") else None)
         if pool is not None and self.pool_block_size is None:
@@ -128,12 +140,23 @@ class DecodeSide:
         pool's :class:`~kvlink.pool.pool.StoreReport` (what was kept, on SSD too, refused)."""
         if self.pool is None:
             return StoreReport()
+        return await self._store(tokens, ref, first_block)
+
+    async def _store(self, tokens: Sequence[int], ref: CacheRef, first_block: int) -> StoreReport:
+        if hasattr(self.pool, "fetch"):
+            # In process: each entry is packed straight into pool pages, which the pool keeps.
+            return await asyncio.to_thread(self._store_local, tokens, ref, first_block)
         pieces = await asyncio.to_thread(pack_pieces, self.cache, ref, self.pool_block_size, first_block)
         if not pieces:
             return StoreReport()
-        if hasattr(self.pool, "fetch"):
-            return await asyncio.to_thread(self.pool.store, tokens, pieces)
         return await self.pool.put(list(tokens), pieces)
+
+    def _store_local(self, tokens: Sequence[int], ref: CacheRef, first_block: int) -> StoreReport:
+        pieces = pack_pieces(self.cache, ref, self.pool_block_size, first_block, getattr(self.pool, "landing", None))
+        try:
+            return self.pool.store(tokens, pieces) if pieces else StoreReport()
+        finally:
+            release_pieces(pieces)
 
     def checkpoint_positions(self, end: int, start: int = 0) -> list[int]:
         """Token positions in ``(start, end]`` at which the pool wants the linear-attention state
@@ -162,11 +185,7 @@ class DecodeSide:
                               f"within the tokens, got {ref.num_tokens}")
         at = ref.span(ref.num_tokens)
         # From the boundary's block on, pack_pieces packs only the state: no KV blocks.
-        pieces = await asyncio.to_thread(pack_pieces, self.cache, at, bs, ref.num_tokens // bs)
-        prefix = list(tokens[: ref.num_tokens])
-        if hasattr(self.pool, "fetch"):
-            return await asyncio.to_thread(self.pool.store, prefix, pieces)
-        return await self.pool.put(prefix, pieces)
+        return await self._store(list(tokens[: ref.num_tokens]), at, ref.num_tokens // bs)
 
     # -- loads ----------------------------------------------------------------------------------
     def start_load(self, request_id: str, ref: CacheRef, layers: list[int] | None = None,

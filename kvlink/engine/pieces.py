@@ -18,8 +18,9 @@ from kvlink.codec import Codec
 from kvlink.errors import ChecksumMismatch, ConfigError, LengthError, PoolError
 from kvlink.ops.runs import Runs, buffer_pieces, concat, slice_pieces
 from kvlink.pool.index import FULL, SLIDING, STATE, PrefixHit
+from kvlink.pool.slab import Landing
 from kvlink.serde import CacheRef, Packer, PagedCache, Payload, Unpacker, check_compatible
-from kvlink.serde.fused import fused_usable, segment_pieces
+from kvlink.serde.fused import add_segment, fused_usable, segment_pieces
 from kvlink.serde.wire import PREFIX, PayloadHeader, parse_header, peek_lengths
 
 
@@ -36,10 +37,15 @@ def check_block_size(cache: PagedCache, pool_block: int) -> None:
         raise ConfigError(f"pool block size {pool_block} must be a multiple of the cache's {cache.block_size}")
 
 
-def pack_pieces(cache: PagedCache, ref: CacheRef, pool_block: int, first_block: int = 0) -> dict:
-    """``{(kind, block): buffers}`` for every full pool block of ``ref`` from ``first_block`` on
-    (each value a payload's header and segment buffers: the pool and the transport take them as
-    they are, without joining them into one copy first).
+def pack_pieces(cache: PagedCache, ref: CacheRef, pool_block: int, first_block: int = 0, landing=None) -> dict:
+    """``{(kind, block): value}`` for every full pool block of ``ref`` from ``first_block`` on.
+
+    With ``landing`` (a pool's :meth:`~kvlink.pool.pool.Pool.landing`) and a CPU cache, each
+    entry is packed straight into pool pages reserved for it (checksums computed on the way), so
+    the pool keeps them without another copy: the value is that landing, and the caller calls
+    :func:`release_pieces` after the store (it hands back what was not kept). Otherwise (or when
+    the pool has no room for a run of pages) the value is a payload's header and segment
+    buffers: the pool and the transport take them as they are, without joining them.
 
     The state entry goes with the last block only when the request ends exactly on a pool
     block boundary: the slot holds the state at ``ref.num_tokens`` and nowhere else.
@@ -48,16 +54,41 @@ def pack_pieces(cache: PagedCache, ref: CacheRef, pool_block: int, first_block: 
     packer = Packer(cache)
     groups = _groups(cache)
     nblocks = ref.num_tokens // pool_block
-    pieces = {}
-    for b in range(first_block, nblocks):
-        span = ref.span((b + 1) * pool_block, b * pool_block)
-        for kind in (FULL, SLIDING):
-            if groups[kind]:
-                pieces[(kind, b)] = packer.pack(span, groups[kind], group=_GROUP[kind]).buffers()
-    if groups[STATE] and nblocks and nblocks * pool_block == ref.num_tokens:
-        end = ref.span(ref.num_tokens, ref.num_tokens)
-        pieces[(STATE, nblocks - 1)] = packer.pack(end, groups[STATE], group="state").buffers()
+    direct = landing is not None and fused_usable(cache, None)
+    pieces: dict = {}
+
+    def pack(key, span, kind, group):
+        if direct:
+            room = landing(packer.wire_nbytes(span, groups[kind], group))
+            if room is not None:
+                try:
+                    packer.pack(span, groups[kind], group=group, into=room.view)
+                except BaseException:
+                    room.release()
+                    raise
+                pieces[key] = room
+                return
+        pieces[key] = packer.pack(span, groups[kind], group=group).buffers()
+
+    try:
+        for b in range(first_block, nblocks):
+            span = ref.span((b + 1) * pool_block, b * pool_block)
+            for kind in (FULL, SLIDING):
+                if groups[kind]:
+                    pack((kind, b), span, kind, _GROUP[kind])
+        if groups[STATE] and nblocks and nblocks * pool_block == ref.num_tokens:
+            pack((STATE, nblocks - 1), ref.span(ref.num_tokens, ref.num_tokens), STATE, "state")
+    except BaseException:
+        release_pieces(pieces)
+        raise
     return pieces
+
+
+def release_pieces(pieces: dict) -> None:
+    """Hand back the pool pages of :func:`pack_pieces` values the pool did not keep."""
+    for value in pieces.values():
+        if isinstance(value, Landing):
+            value.release()
 
 
 def restore_pieces(cache: PagedCache, hit: PrefixHit, entries: dict, ref: CacheRef, pool_block: int) -> int:
@@ -163,11 +194,14 @@ def _restore_fused(cache: PagedCache, checked: list) -> None:
     for kind, key, header, pieces, span in checked:
         ids, ids_host = span.block_ids_checked(cache)
         ids_np = np.asarray(ids_host, np.int64)
+        ids_at = runs.block_ids(ids_np)
         for seg, src in zip(header.segments, pieces):
-            dst = segment_pieces(cache, seg, ids_np, span.slot(cache, seg.layer) if seg.is_state else -1)
-            if dst is None:
-                raise PoolError(f"{cache.spec.name}: layer {seg.layer}'s layout cannot be written by runs")
-            runs.add(src, dst)
+            slot = span.slot(cache, seg.layer) if seg.is_state else -1
+            if len(src[0]) != 1 or not add_segment(runs, cache, seg, ids_at, slot, int(src[0][0]), scatter=True):
+                dst = segment_pieces(cache, seg, ids_np, slot)
+                if dst is None:
+                    raise PoolError(f"{cache.spec.name}: layer {seg.layer}'s layout cannot be written by runs")
+                runs.add(src, dst)
             names.append((f"{kind} entry {key.hex()[:16]} layer {seg.layer} "
                           f"{cache.spec.layers[seg.layer].components[seg.component].name}", seg.checksum))
     for (name, expect), digest in zip(names, runs.run()):

@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass, field
 
 from kvlink.config import CodecConfig, TransportConfig
-from kvlink.errors import EngineError, TransferTimeout
-from kvlink.serde import CacheRef, Packer, PagedCache
+from kvlink.errors import ConfigError, EngineError, TransferTimeout
+from kvlink.serde import CacheRef, Packer, PagedCache, StagingArena
 from kvlink.serde.layout import layer_segments
 from kvlink.transport import OutgoingTransfer, TransferClient
 from kvlink.transport.adaptive import CodecAdvisor, link_rate
@@ -61,6 +61,9 @@ class _Request:
     payloads: list = field(default_factory=list)
 
 
+DEFAULT_STAGING_BYTES = 64 << 20  # a few layers of a long request in flight; larger ones overflow
+
+
 class PrefillSide:
     """Sends requests' caches out of one :class:`PagedCache` (asyncio; see :class:`SyncPrefillSide`).
 
@@ -72,9 +75,17 @@ class PrefillSide:
     """
 
     def __init__(self, cache: PagedCache, codec: CodecConfig | None = None, transport: TransportConfig | None = None,
-                 secret: bytes | None = None, advisor: CodecAdvisor | None = None):
+                 secret: bytes | None = None, advisor: CodecAdvisor | None = None,
+                 staging_bytes: int = DEFAULT_STAGING_BYTES):
+        """``staging_bytes``: a staging arena (pinned when CUDA exists, pre-faulted otherwise)
+        that layers are packed into and sent from, reused from request to request; a layer that
+        does not fit gets a buffer of its own (0: always). Raises :class:`ConfigError` for a
+        negative size."""
+        if staging_bytes < 0:
+            raise ConfigError(f"staging_bytes must be >= 0, got {staging_bytes}")
         self.cache = cache
-        self.packer = Packer(cache, codec)
+        staging = StagingArena(staging_bytes) if staging_bytes else None
+        self.packer = Packer(cache, codec, staging=staging, overflow=True)
         self.advisor = advisor
         self.transport = transport or TransportConfig()
         self.secret = secret

@@ -86,6 +86,9 @@ def _build_cpu(config: OpsConfig) -> ctypes.CDLL:
         getattr(lib, name).restype = None
     lib.kvlink_copy_runs.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.kvlink_copy_runs.restype = None
+    lib.kvlink_plane_runs.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                      ctypes.c_int]
+    lib.kvlink_plane_runs.restype = None
     lib.kvlink_xxh3.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     lib.kvlink_xxh3.restype = ctypes.c_uint64
     return lib

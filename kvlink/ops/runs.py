@@ -65,6 +65,8 @@ def slice_pieces(pieces: Pieces, start: int, length: int) -> Pieces:
     """Bytes ``[start, start + length)`` of the pieces' concatenation, as pieces.
     Raises :class:`ConfigError` when the range runs past the end."""
     addr, lens = pieces
+    if len(addr) == 1 and 0 <= start and 0 <= length and start + length <= int(lens[0]):
+        return np.array([int(addr[0]) + start], np.int64), np.array([length], np.int64)
     ends = np.cumsum(lens)
     if start < 0 or length < 0 or start + length > (int(ends[-1]) if len(ends) else 0):
         raise ConfigError(f"bytes [{start}, {start + length}) lie outside pieces of {int(ends[-1]) if len(ends) else 0}")
@@ -86,7 +88,11 @@ def _align(src: Pieces, dst: Pieces) -> tuple[np.ndarray, np.ndarray, np.ndarray
     keep_s, keep_d = sl > 0, dl > 0
     sa, sl, da, dl = sa[keep_s], sl[keep_s], da[keep_d], dl[keep_d]
     if len(sl) == len(dl) and np.array_equal(sl, dl):
-        return sa, da, sl  # the common case: pieces already match (e.g. rows <-> a packed buffer cut per row)
+        return sa, da, sl  # pieces already match (e.g. rows <-> a packed buffer cut per row)
+    if len(sl) == 1:  # one contiguous source: cut it as the destination is cut
+        return sa[0] + np.concatenate(([0], np.cumsum(dl)[:-1])), da, dl
+    if len(dl) == 1:
+        return sa, da[0] + np.concatenate(([0], np.cumsum(sl)[:-1])), sl
     sc, dc = np.cumsum(sl), np.cumsum(dl)
     ends = np.union1d(sc, dc)
     starts = np.concatenate(([0], ends[:-1]))
@@ -96,15 +102,22 @@ def _align(src: Pieces, dst: Pieces) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 class Runs:
-    """A batch of jobs, done by one :meth:`run`. Not thread-safe (one builder per call)."""
+    """A batch of jobs, done by one :meth:`run`. Not thread-safe (one builder per call).
+
+    Two kinds of job: :meth:`add` (any two piece lists) and :meth:`add_plane` (a packed segment
+    and token rows of a paged plane, described by a few integers: no per-row Python work)."""
 
     def __init__(self) -> None:
+        self._kinds: list[bool] = []  # per job: True for a plane job
         self._src: list[np.ndarray] = []
         self._dst: list[np.ndarray] = []
         self._len: list[np.ndarray] = []
+        self._planes: list[tuple[int, ...]] = []
+        self._ids: list[np.ndarray] = [np.zeros(1, np.int64)]  # index 0: a block id 0, for single pieces
+        self._ids_len = 1
 
     def __len__(self) -> int:
-        return len(self._len)
+        return len(self._kinds)
 
     def add(self, src: Pieces, dst: Pieces | None = None) -> int:
         """Add a job copying ``src`` to ``dst`` (or only hashing ``src``); returns its index.
@@ -119,31 +132,80 @@ class Runs:
         self._src.append(s.astype(np.int64, copy=False))
         self._dst.append(d.astype(np.int64, copy=False))
         self._len.append(n.astype(np.int64, copy=False))
-        return len(self._len) - 1
+        self._kinds.append(False)
+        return len(self._kinds) - 1
 
-    @property
-    def nbytes(self) -> int:
-        return int(sum(int(n.sum()) for n in self._len))
+    def block_ids(self, ids: np.ndarray) -> int:
+        """Register a request's block ids for :meth:`add_plane`; returns their offset."""
+        at = self._ids_len
+        self._ids.append(np.ascontiguousarray(ids, np.int64))
+        self._ids_len += len(ids)
+        return at
+
+    def add_plane(self, flat: int, base: int, stride: int, row: int, skip: int, length: int, ids_at: int,
+                  scatter: bool) -> int:
+        """Add a job between ``length`` packed bytes at address ``flat`` and token rows of a plane:
+        block ``k`` of the segment is row ``ids[ids_at + k]`` at ``base + id * stride``, of which
+        ``row`` bytes hold tokens; the first ``skip`` bytes of the first row are not part of it.
+        ``scatter``: packed -> rows (else rows -> packed). A single piece at ``base``: ``stride``
+        0, ``row == length``, ``ids_at`` 0. The caller guarantees every address is in bounds."""
+        self._planes.append((flat, base, stride, row, skip, length, ids_at, int(scatter)))
+        self._kinds.append(True)
+        return len(self._kinds) - 1
 
     def run(self, copy: bool = True, hash: bool = True, stream: bool = True) -> list[int]:
-        """Do every job; returns the digests (zeros without ``hash``). ``stream``: large copies use
-        non-temporal stores (right when the destination is not read again soon)."""
-        if not self._len:
+        """Do every job; returns the digests (zeros without ``hash``), in the order added.
+        ``stream``: large copies use non-temporal stores (right when the destination is not
+        read again soon)."""
+        if not self._kinds:
             return []
+        flags = (_HASH if hash else 0) | (_COPY if copy else 0) | (_STREAM if stream else 0)
+        generic = self._run_generic(flags) if self._len else []
+        planes = self._run_planes(flags) if self._planes else []
+        out, gi, pi = [], iter(generic), iter(planes)
+        for is_plane in self._kinds:
+            out.append(next(pi) if is_plane else next(gi))
+        return out
+
+    def _run_generic(self, flags: int) -> list[int]:
         counts = np.array([len(n) for n in self._len], np.int64)
         starts = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
         src, dst, lens = (np.ascontiguousarray(np.concatenate(x)) for x in (self._src, self._dst, self._len))
-        digests = np.zeros(len(self._len), np.uint64)
-        flags = (_HASH if hash else 0) | (_COPY if copy else 0) | (_STREAM if stream else 0)
         try:
             lib = native.cpu_lib()
         except BackendUnavailable:
             return reference_runs(src, dst, lens, starts, flags)
-        threads = max(1, min(_threads(), len(self._len)))
+        digests = np.zeros(len(self._len), np.uint64)
         # ctypes releases the GIL for the call: other Python threads (the transport) keep going.
         lib.kvlink_copy_runs(src.ctypes.data, dst.ctypes.data, lens.ctypes.data, starts.ctypes.data,
-                             len(self._len), digests.ctypes.data, flags, threads)
+                             len(self._len), digests.ctypes.data, flags, max(1, min(_threads(), len(self._len))))
         return [int(d) for d in digests]
+
+    def _run_planes(self, flags: int) -> list[int]:
+        desc = np.array(self._planes, np.int64).reshape(-1)
+        ids = np.concatenate(self._ids)
+        try:
+            lib = native.cpu_lib()
+        except BackendUnavailable:
+            return [reference_plane(job, ids, flags) for job in self._planes]
+        digests = np.zeros(len(self._planes), np.uint64)
+        lib.kvlink_plane_runs(desc.ctypes.data, len(self._planes), ids.ctypes.data, digests.ctypes.data, flags,
+                              max(1, min(_threads(), len(self._planes))))
+        return [int(d) for d in digests]
+
+
+def reference_plane(job: tuple[int, ...], ids: np.ndarray, flags: int) -> int:
+    """What ``kvlink_plane_runs`` computes for one job, in Python."""
+    flat, base, stride, row, pos, left, at, scatter = job
+    src, dst, lens = [], [], []
+    while left > 0:
+        n = min(row - pos, left)
+        cell = base + int(ids[at]) * stride + pos
+        src.append(flat if scatter else cell)
+        dst.append(cell if scatter else flat)
+        lens.append(n)
+        flat, left, pos, at = flat + n, left - n, 0, at + 1
+    return reference_runs(src, dst, lens, [0, len(lens)], flags)[0]
 
 
 def reference_runs(src, dst, lens, starts, flags: int) -> list[int]:

@@ -23,11 +23,13 @@ import collections
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import xxhash
 
 from kvlink.codec.checksum import checksum
 from kvlink.errors import ChecksumMismatch, ConfigError, LengthError, PoolError
+from kvlink.ops.runs import Runs, buffer_pieces, concat
 
 
 @dataclass(frozen=True)
@@ -186,8 +188,15 @@ class SlabTier:
             if old is not None:
                 self._push(old.pages)
             pages = self._pop(need)
+        want_hash = hashed and digest is None
+        if self.device.type == "cpu" and nbytes and all(src.device.type == "cpu" for src in srcs):
+            # One native job: each piece hashed (when asked) and copied while in cache, on all cores.
+            runs = Runs()
+            runs.add(concat([buffer_pieces(src) for src in srcs if src.numel()]), self._page_pieces(pages, nbytes))
+            got = runs.run(hash=want_hash, stream=True)[0]
+            return self._record(key, pages, nbytes, got if want_hash else digest)
         # Hash each span right after copying it, while it is still in cache (host tiers).
-        hasher = xxhash.xxh3_64() if hashed and digest is None and self.device.type == "cpu" else None
+        hasher = xxhash.xxh3_64() if want_hash and self.device.type == "cpu" else None
         whole_page = len(srcs) == 1 and nbytes == self.page_bytes
         if whole_page:  # no slicing
             self._page(pages[0]).copy_(srcs[0], non_blocking=self.device.type == "cuda")
@@ -212,10 +221,21 @@ class SlabTier:
             for src in srcs:
                 h.update(_host_view(src))
             digest = h.intdigest()
+        return self._record(key, pages, nbytes, digest)
+
+    def _record(self, key: bytes, pages: tuple[int, ...], nbytes: int, digest: int | None) -> bool:
         with self._lock:
             self._entries[key] = SlabEntry(pages, nbytes, digest)
             self.stats["puts"] += 1
         return True
+
+    def _page_pieces(self, pages: tuple[int, ...], nbytes: int):
+        """Addresses and lengths of an entry's bytes, page by page (host tiers)."""
+        cp, pb = self.chunk_pages, self.page_bytes
+        addr = np.array([self._chunks[p // cp].data_ptr() + (p % cp) * pb for p in pages], np.int64)
+        lens = np.full(len(pages), pb, np.int64)
+        lens[-1] = nbytes - (len(pages) - 1) * pb
+        return addr, lens
 
     def reserve(self, nbytes: int) -> Landing | None:
         """Adjacent free pages for ``nbytes`` (host tiers), or None when there are none: this never
@@ -243,6 +263,9 @@ class SlabTier:
         if run is None and not self._pin:
             pages = self._new_chunk(fault=False)
             if pages is not None:
+                if len(pages) < need:  # the tier's last chunk is smaller than the others
+                    self._push(pages)
+                    return self._free_run(need)
                 run = tuple(pages[:need])
                 self._push(pages[need:])
         return run
@@ -303,6 +326,11 @@ class SlabTier:
         if dst.numel() != entry.nbytes:
             raise LengthError(f"output holds {dst.numel()} bytes, entry has {entry.nbytes}")
         verify = verify and entry.digest is not None
+        if self.device.type == "cpu" and dst.device.type == "cpu" and entry.nbytes:
+            runs = Runs()
+            runs.add(self._page_pieces(entry.pages, entry.nbytes), buffer_pieces(dst))
+            got = runs.run(hash=verify, stream=False)[0]  # the caller reads it next: keep it in cache
+            return self._verified(key, entry, dst, got if verify else entry.digest)
         hasher = xxhash.xxh3_64() if verify and dst.device.type == "cpu" else None
         if len(entry.pages) == 1 and entry.nbytes == self.page_bytes and hasher is None:
             dst.copy_(self._page(entry.pages[0]))  # a whole page: no slicing
@@ -314,6 +342,9 @@ class SlabTier:
                 if hasher is not None and n:
                     hasher.update(memoryview(dst[lo: lo + n].numpy()))  # while it is in cache
         got = hasher.intdigest() if hasher is not None else (checksum(_host_view(dst)) if verify else entry.digest)
+        return self._verified(key, entry, dst, got)
+
+    def _verified(self, key: bytes, entry: SlabEntry, dst: torch.Tensor, got: int | None) -> torch.Tensor:
         if got != entry.digest:
             self.delete(key)
             self.stats["corrupt"] += 1

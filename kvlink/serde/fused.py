@@ -68,3 +68,26 @@ def segment_pieces(cache: PagedCache, seg, ids_np: np.ndarray, slot: int) -> Pie
         return state_pieces(cache.tensor(seg.layer, seg.component), slot)
     rows = cache.tensor(seg.layer, seg.component)
     return token_pieces(rows, ids_np, seg.token_start, seg.token_start + seg.shape[0], cache.block_size)
+
+
+def add_segment(runs: runs_mod.Runs, cache: PagedCache, seg, ids_at: int, slot: int, flat: int,
+                scatter: bool) -> bool:
+    """Add one segment as a plane job of ``runs``: its packed bytes at address ``flat``, its cache
+    side from ``cache`` (block ids registered at ``ids_at`` with :meth:`Runs.block_ids`).
+    False when the plane's layout needs pieces (:func:`segment_pieces`) instead."""
+    if seg.is_state:
+        state = cache.tensor(seg.layer, seg.component)[slot]
+        if not state.is_contiguous():
+            return False
+        n = state.numel() * state.element_size()
+        runs.add_plane(flat, state.data_ptr(), 0, n, 0, n, 0, scatter)
+        return True
+    rows = cache.tensor(seg.layer, seg.component)
+    if rows.dim() != 2 or rows.stride(1) != 1:
+        return False
+    es, bs = rows.element_size(), cache.block_size
+    tok = rows.shape[1] // bs * es
+    t0 = seg.token_start
+    runs.add_plane(flat, rows.data_ptr(), rows.stride(0) * es, bs * tok, (t0 % bs) * tok, seg.shape[0] * tok,
+                   ids_at + t0 // bs, scatter)
+    return True

@@ -81,6 +81,21 @@ def layer_segments(spec: CacheSpec, layer: int, token_start: int, token_end: int
     return out
 
 
+_CACHE: dict = {}
+_CACHE_MAX = 1 << 14
+
+
 def payload_segments(spec: CacheSpec, layers, token_start: int, token_end: int,
                      group: str | None = None) -> list[SegmentLayout]:
-    return [seg for layer in layers for seg in layer_segments(spec, layer, token_start, token_end, group)]
+    """Segments of ``layers`` in order. Remembered per (spec, layers, range, group): an engine
+    packs and restores the same pool block ranges request after request, and a model of ~100
+    layers has hundreds of segments per entry."""
+    layers = tuple(layers)
+    key = (spec.fingerprint, layers, token_start, token_end, group)
+    hit = _CACHE.get(key)  # the fingerprint covers every component: all that segments depend on
+    if hit is None:
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.clear()  # bounded; refilled by the next calls
+        hit = _CACHE[key] = tuple(seg for layer in layers
+                                  for seg in layer_segments(spec, layer, token_start, token_end, group))
+    return list(hit)

@@ -10,15 +10,15 @@ import torch
 from kvlink.codec import Codec, checksum, encode
 from kvlink.codec.parallel import parallel_map
 from kvlink.config import CodecConfig
-from kvlink.errors import ConfigError
+from kvlink.errors import ConfigError, StagingExhausted
 from kvlink.ops.runs import Runs, buffer_pieces
-from kvlink.serde.fused import fused_usable, segment_pieces
+from kvlink.serde.fused import add_segment, fused_usable, segment_pieces
 from kvlink.serde.layout import SegmentLayout, payload_segments
 from kvlink.serde.paged import CacheRef, PagedCache
 from kvlink.serde.payload import Payload
 from kvlink.serde.staging import ALIGN, StagingArena, StagingLease
 from kvlink.serde.tokens import copy_tokens
-from kvlink.serde.wire import PayloadHeader, SegmentHeader
+from kvlink.serde.wire import ENTRY, PREFIX, PayloadHeader, SegmentHeader
 
 
 def choose_codec(seg: SegmentLayout, config: CodecConfig, codec: Codec | None = None) -> Codec:
@@ -43,25 +43,37 @@ class Packer:
     """Packs requests (or single layers) of one :class:`PagedCache` into payloads.
 
     With a :class:`StagingArena`, segment bytes live in leases of it (release the payload after
-    sending); without one each payload gets a fresh buffer.
+    sending); without one each payload gets a fresh buffer, as does one that does not fit a full
+    arena when ``overflow`` is set (else :class:`StagingExhausted`).
     """
 
     def __init__(self, cache: PagedCache, codec: CodecConfig | None = None, staging: StagingArena | None = None,
-                 backend: str | None = None):
+                 backend: str | None = None, overflow: bool = False):
         self.cache = cache
         self.codec = codec or CodecConfig()
         self.staging = staging
         self.backend = backend
+        self.overflow = overflow  # a full staging area: a buffer of its own instead of StagingExhausted
+
+    def wire_nbytes(self, ref: CacheRef, layers: Iterable[int] | None = None, group: str | None = None) -> int:
+        """Size of the whole uncompressed payload (header and segments): what :meth:`pack`'s
+        ``into`` must hold."""
+        spec = self.cache.spec
+        layouts = payload_segments(spec, list(range(spec.num_layers) if layers is None else layers),
+                                   ref.token_start, ref.num_tokens, group)
+        return PREFIX.size + ENTRY.size * len(layouts) + sum(seg.nbytes for seg in layouts)
 
     def pack(self, ref: CacheRef, layers: Iterable[int] | None = None, codecs: dict[int, Codec] | None = None,
-             group: str | None = None) -> Payload:
+             group: str | None = None, into=None) -> Payload:
         """Pack tokens [ref.token_start, ref.num_tokens) of the given layers (all by default).
 
         Every component of each layer goes in, or with ``group`` (``full``, ``window``, ``state``;
         see :meth:`CacheSpec.group`) only that group's. ``codecs`` optionally overrides the codec
-        per segment index. Raises :class:`ConfigError` for a bad reference or a layer listed twice,
-        :class:`SpecError` for a bad layer or group and :class:`StagingExhausted` when the staging
-        area is full.
+        per segment index. ``into``: a writable buffer of exactly :meth:`wire_nbytes` bytes (e.g.
+        pool pages reserved for the entry) that receives the whole payload, header included, in
+        one pass (CPU caches, uncompressed). Raises :class:`ConfigError` for a bad reference, a
+        layer listed twice or an ``into`` that does not fit, :class:`SpecError` for a bad layer or
+        group and :class:`StagingExhausted` when the staging area is full.
         """
         cache, spec = self.cache, self.cache.spec
         layers = list(range(spec.num_layers) if layers is None else layers)
@@ -70,12 +82,14 @@ class Packer:
         ids, ids_host = ref.block_ids_checked(cache)
         layouts = payload_segments(spec, layers, ref.token_start, ref.num_tokens, group)
         slots = {s.layer: ref.slot(cache, s.layer) for s in layouts if s.is_state}
+        codecs = [choose_codec(seg, self.codec, (codecs or {}).get(i)) for i, seg in enumerate(layouts)]
+        if into is not None:
+            return self._pack_into(ref, layouts, codecs, ids, ids_host, slots, into)
         offsets, total = [], 0
         for seg in layouts:
             offsets.append(total)
             total += -(-seg.nbytes // ALIGN) * ALIGN
-        codecs = [choose_codec(seg, self.codec, (codecs or {}).get(i)) for i, seg in enumerate(layouts)]
-        lease = self.staging.lease(total) if self.staging else StagingLease.standalone(total)
+        lease = self._lease(total)
         try:
             results = self._copy_fused(layouts, offsets, codecs, lease.tensor, ids_host, slots)
             jobs = []
@@ -101,6 +115,10 @@ class Packer:
         if all(codec is not Codec.NONE for codec in codecs):
             lease.release()  # every segment was re-encoded into its own buffer
             lease = None
+        return self._payload(ref, layouts, codecs, results, lease)
+
+    def _payload(self, ref: CacheRef, layouts, codecs, results, lease) -> Payload:
+        spec, cache = self.cache.spec, self.cache
         headers, datas, offset = [], [], 0
         for seg, codec, (data, digest) in zip(layouts, codecs, results):
             length = memoryview(data).nbytes
@@ -111,6 +129,41 @@ class Packer:
             offset += length
         header = PayloadHeader(spec.fingerprint, ref.token_start, ref.num_tokens, cache.block_size, tuple(headers))
         return Payload(header, datas, lease)
+
+    def _lease(self, total: int) -> StagingLease:
+        if self.staging is None:
+            return StagingLease.standalone(total)
+        try:
+            return self.staging.lease(total)
+        except StagingExhausted:
+            if not self.overflow:
+                raise
+            return StagingLease.standalone(total, pin=self.staging.pinned)
+
+    def _pack_into(self, ref: CacheRef, layouts, codecs, ids, ids_host, slots, into) -> Payload:
+        view = memoryview(into).cast("B")
+        header_len = PREFIX.size + ENTRY.size * len(layouts)
+        need = header_len + sum(seg.nbytes for seg in layouts)
+        if view.nbytes != need or view.readonly:
+            raise ConfigError(f"packing into a {'read-only ' if view.readonly else ''}buffer of {view.nbytes} bytes, "
+                              f"the payload needs {need}")
+        if any(codec is not Codec.NONE for codec in codecs) or not fused_usable(self.cache, self.backend):
+            raise ConfigError("packing into a buffer needs uncompressed segments of a CPU cache")
+        offsets, at = [], header_len
+        for seg in layouts:
+            offsets.append(at)
+            at += seg.nbytes
+        results = self._copy_fused(layouts, offsets, codecs, torch.frombuffer(view, dtype=torch.uint8), ids_host, slots)
+        for i, seg in enumerate(layouts):
+            if results[i] is None:  # a layout the runs cannot describe: gather apart, then place it
+                raw = self._gather(seg, torch.empty(seg.nbytes, dtype=torch.uint8), 0, ids, ids_host,
+                                   slots.get(seg.layer, -1))
+                out = view[offsets[i]: offsets[i] + seg.nbytes]
+                out[:] = memoryview(raw.reshape(-1).view(torch.uint8).numpy())
+                results[i] = (out, checksum(out))
+        payload = self._payload(ref, layouts, codecs, results, None)
+        view[:header_len] = payload.header_bytes()
+        return payload
 
     def pack_layer(self, ref: CacheRef, layer: int) -> Payload:
         """Pack one layer on its own, e.g. as soon as prefill has produced it."""
@@ -136,14 +189,17 @@ class Packer:
             return results
         ids_np = np.asarray(ids_host, np.int64)
         runs, placed = Runs(), []
+        ids_at = runs.block_ids(ids_np)
         for i, (seg, off, codec) in enumerate(zip(layouts, offsets, codecs)):
             if codec is not Codec.NONE:
                 continue
-            src = segment_pieces(self.cache, seg, ids_np, slots.get(seg.layer, -1))
-            if src is None:
-                continue
             out = buf[off: off + seg.nbytes]
-            runs.add(src, buffer_pieces(out))
+            slot = slots.get(seg.layer, -1)
+            if not add_segment(runs, self.cache, seg, ids_at, slot, out.data_ptr(), scatter=False):
+                src = segment_pieces(self.cache, seg, ids_np, slot)
+                if src is None:
+                    continue
+                runs.add(src, buffer_pieces(out))
             placed.append((i, out))
         for (i, out), digest in zip(placed, runs.run()):
             results[i] = (memoryview(out.numpy()), digest)

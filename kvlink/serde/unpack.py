@@ -17,8 +17,8 @@ from kvlink.codec import Codec, decode
 from kvlink.codec.parallel import parallel_map
 from kvlink.errors import ChecksumMismatch, FingerprintMismatch, IncompatibleLayoutError
 from kvlink.ops.runs import Runs, buffer_pieces
-from kvlink.serde.fused import fused_usable, segment_pieces
-from kvlink.serde.layout import TORCH_DTYPES, layer_segments
+from kvlink.serde.fused import add_segment, fused_usable, segment_pieces
+from kvlink.serde.layout import TORCH_DTYPES, payload_segments
 from kvlink.serde.paged import CacheRef, PagedCache
 from kvlink.serde.payload import Payload
 from kvlink.serde.wire import PayloadHeader
@@ -48,7 +48,7 @@ def check_compatible(payload: Payload | PayloadHeader, cache: PagedCache, ref: C
     for layer, segs in by_layer.items():
         if layer >= spec.num_layers:
             raise IncompatibleLayoutError(f"layer {layer} beyond the destination's {spec.num_layers} layers")
-        expected = {exp.component: exp for exp in layer_segments(spec, layer, header.token_start, header.token_end,
+        expected = {exp.component: exp for exp in payload_segments(spec, (layer,), header.token_start, header.token_end,
                                                                  group)}
         components = [seg.component for seg in segs]
         if components != sorted(expected):  # also refuses repeats and disorder
@@ -77,13 +77,17 @@ class Unpacker:
         if not fused_usable(cache, self.backend):
             return runs, order
         ids_np = np.asarray(ids_host, np.int64)
+        ids_at = runs.block_ids(ids_np)
         for i, (seg, data) in enumerate(zip(payload.header.segments, payload.datas)):
             if seg.codec is not Codec.NONE or data.nbytes != seg.raw_nbytes:
                 continue  # a wrong length is reported by the classic path's checks
-            dst = segment_pieces(cache, seg, ids_np, slots.get(seg.layer, -1))
-            if dst is None:
-                continue
-            runs.add(buffer_pieces(data), dst)
+            src = buffer_pieces(data)
+            slot = slots.get(seg.layer, -1)
+            if not add_segment(runs, cache, seg, ids_at, slot, int(src[0][0]), scatter=True):
+                dst = segment_pieces(cache, seg, ids_np, slot)
+                if dst is None:
+                    continue
+                runs.add(src, dst)
             order.append(i)
         return runs, order
 

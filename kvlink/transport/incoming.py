@@ -38,14 +38,18 @@ def default_allocator(nbytes: int) -> tuple[memoryview, None]:
     return memoryview(np.empty(nbytes, dtype=np.uint8)), None
 
 
-def arena_allocator(arena) -> Allocator:
+def arena_allocator(arena, overflow: bool = False) -> Allocator:
     """Parts land in leases of a preallocated (pinned when CUDA exists) :class:`StagingArena`,
-    so receiving costs no page faults and decode-side unpacking copies from registered memory."""
+    so receiving costs no page faults and decode-side unpacking copies from registered memory.
+    A full arena rejects the transfer (:class:`TransferRejected`), or with ``overflow`` gives
+    the part a fresh buffer of its own instead."""
 
     def allocate(nbytes: int):
         try:
             lease = arena.lease(nbytes)
         except StagingExhausted as exc:
+            if overflow:
+                return default_allocator(nbytes)
             raise TransferRejected(f"receive arena full: {exc}") from None
         return memoryview(lease.tensor.numpy()), lease.release
 

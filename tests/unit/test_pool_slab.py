@@ -127,3 +127,14 @@ def test_views_are_one_buffer_for_adjacent_pages_and_in_entry_order_otherwise():
     assert tier.put(b"b", other) and tier.entry(b"b").pages == (4, 0, 1, 2)
     views = tier.views(b"b")
     assert len(views) == 4 and b"".join(bytes(v) for v in views) == other
+
+
+def test_landing_never_spans_past_the_tiers_smaller_last_chunk():
+    """Regression: a reservation that allocated the tier's last chunk, smaller than the others,
+    got that chunk's few pages for a bigger entry, and a view shorter than the entry."""
+    tier = SlabTier(5 * 4096, page_bytes=4096, chunk_bytes=4 * 4096)  # chunks of 4 pages, then 1
+    first = tier.reserve(4 * 4096)
+    assert len(first.pages) == 4 and first.view.nbytes == 4 * 4096
+    assert tier.reserve(3 * 4096) is None  # only the 1-page chunk is left
+    single = tier.reserve(4096)
+    assert single is not None and single.view.nbytes == 4096
