@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import xxhash
 
-from kvlink.codec.parallel import parallel_map
+from kvlink.codec.parallel import PARALLEL_MIN_BYTES, parallel_map
+from kvlink.ops.runs import checksums_native, native_available
 
 
 def checksum(data) -> int:
@@ -30,5 +31,10 @@ def checksum_pieces(pieces) -> int:
 
 
 def checksums(buffers: list) -> list[int]:
-    """Checksums of many buffers, hashed on all cores when they are large."""
-    return parallel_map(checksum, buffers, sum(memoryview(b).nbytes for b in buffers))
+    """Checksums of many buffers, hashed on all cores when they are large (in one native call
+    when the CPU library is built, else on the codec thread pool: xxhash releases the GIL)."""
+    total = sum(memoryview(b).nbytes for b in buffers)
+    if len(buffers) > 1 and total >= PARALLEL_MIN_BYTES:
+        if native_available():
+            return checksums_native(buffers)
+    return parallel_map(checksum, buffers, total)

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from kvlink.engine import DecodeSide  # noqa: E402
 from kvlink.engine.hf import HFCacheAdapter, spec_from_cache, spec_from_config  # noqa: E402
-from kvlink.errors import ConfigError, IncompatibleLayoutError, LoadFailed, SpecError  # noqa: E402
+from kvlink.errors import ConfigError, IncompatibleLayoutError, SpecError  # noqa: E402
 from kvlink.serde import CacheRef, Packer, PagedCache, Payload, Unpacker  # noqa: E402
 from tests.integration.hf_stream import stream_prefill as streamed  # noqa: E402
 from tests.integration.hf_zoo import ZOO, build, one_torch_thread  # noqa: E402,F401  (autouse fixture)

@@ -5,7 +5,6 @@ dev certificates are written without following planted files."""
 
 import asyncio
 import os
-import socket
 import stat
 
 import pytest
@@ -17,7 +16,7 @@ from kvlink.transport.frame import FrameType
 from kvlink.transport.receiver import PART_OVERHEAD, TRANSFER_OVERHEAD
 from kvlink.transport.tls import make_dev_certs
 
-from tests.integration.rawframes import read_frame, send_frame
+from tests.integration.rawframes import read_frame
 from tests.integration.test_transport_limits import FP, begin, cfg, connect, expect_error, hello, part, send
 
 SECRETS = {"alpha": b"alpha-secret-1", "beta": b"beta-secret-22"}

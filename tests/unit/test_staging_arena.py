@@ -1,7 +1,6 @@
 """The staging ring arena against a model: placement, fullness, in_use, no overlapping leases."""
 
 import pytest
-import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
