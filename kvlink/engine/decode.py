@@ -30,7 +30,7 @@ from kvlink.engine.prefill import transfer_id_for
 from kvlink.errors import ConfigError, EngineError, KvlinkError, LoadFailed, TransferTimeout, TransportError
 from kvlink.pool.index import PrefixHit, checkpoint_positions
 from kvlink.pool.pool import StoreReport
-from kvlink.serde import CacheRef, PagedCache, Payload, Unpacker
+from kvlink.serde import CacheRef, PagedCache, Payload, StagingArena, Unpacker
 from kvlink.serde.payload import PayloadScan, payload_intact
 from kvlink.transport import IncomingTransfer, TransferServer, arena_allocator
 from kvlink.transport.loop import new_event_loop, run_sync, stop_loop
@@ -72,8 +72,8 @@ class DecodeSide:
                  pool=None, pool_block_size: int | None = None, begin_timeout: float = 30.0,
                  arena_bytes: int = DEFAULT_ARENA_BYTES):
         """``arena_bytes``: a receive arena (pinned when CUDA exists, pre-faulted otherwise) that
-        arriving layers land in, reused from request to request; a layer that does not fit gets
-        a buffer of its own (0: always). Raises :class:`ConfigError` for a pool without a block
+        arriving layers land in, reused from request to request, and as much for packing a daemon
+        pool's puts (made on the first); what does not fit gets a buffer of its own (0: always). Raises :class:`ConfigError` for a pool without a block
         size or a negative ``arena_bytes``."""
         if arena_bytes < 0:
             raise ConfigError(f"arena_bytes must be >= 0, got {arena_bytes}")
@@ -92,6 +92,8 @@ class DecodeSide:
             raise ConfigError("give pool_block_size for a daemon pool (its [pool] block_size)")
         self.begin_timeout = begin_timeout
         self._loads: dict[str, _Load] = {}
+        self._arena_bytes = arena_bytes
+        self._put_staging: StagingArena | None = None  # a daemon pool's puts are packed here (made on first use)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Listen for prefill peers (loopback unless told otherwise); returns the bound address.
@@ -146,10 +148,18 @@ class DecodeSide:
         if hasattr(self.pool, "fetch"):
             # In process: each entry is packed straight into pool pages, which the pool keeps.
             return await asyncio.to_thread(self._store_local, tokens, ref, first_block)
-        pieces = await asyncio.to_thread(pack_pieces, self.cache, ref, self.pool_block_size, first_block)
-        if not pieces:
-            return StoreReport()
-        return await self.pool.put(list(tokens), pieces)
+        if self._put_staging is None and self._arena_bytes:
+            self._put_staging = StagingArena(self._arena_bytes)
+        held: list = []
+        try:
+            pieces = await asyncio.to_thread(pack_pieces, self.cache, ref, self.pool_block_size, first_block,
+                                             None, self._put_staging, held)
+            if not pieces:
+                return StoreReport()
+            return await self.pool.put(list(tokens), pieces)
+        finally:
+            for payload in held:
+                payload.release()
 
     def _store_local(self, tokens: Sequence[int], ref: CacheRef, first_block: int) -> StoreReport:
         pieces = pack_pieces(self.cache, ref, self.pool_block_size, first_block, getattr(self.pool, "landing", None))

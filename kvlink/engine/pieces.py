@@ -19,7 +19,7 @@ from kvlink.errors import ChecksumMismatch, ConfigError, LengthError, PoolError
 from kvlink.ops.runs import Runs, buffer_pieces, concat, slice_pieces
 from kvlink.pool.index import FULL, SLIDING, STATE, PrefixHit
 from kvlink.pool.slab import Landing
-from kvlink.serde import CacheRef, Packer, PagedCache, Payload, Unpacker, check_compatible
+from kvlink.serde import CacheRef, Packer, PagedCache, Payload, StagingArena, Unpacker, check_compatible
 from kvlink.serde.fused import add_segment, fused_usable, segment_pieces
 from kvlink.serde.wire import PREFIX, PayloadHeader, parse_header, peek_lengths
 
@@ -37,7 +37,8 @@ def check_block_size(cache: PagedCache, pool_block: int) -> None:
         raise ConfigError(f"pool block size {pool_block} must be a multiple of the cache's {cache.block_size}")
 
 
-def pack_pieces(cache: PagedCache, ref: CacheRef, pool_block: int, first_block: int = 0, landing=None) -> dict:
+def pack_pieces(cache: PagedCache, ref: CacheRef, pool_block: int, first_block: int = 0, landing=None,
+                staging: StagingArena | None = None, held: list | None = None) -> dict:
     """``{(kind, block): value}`` for every full pool block of ``ref`` from ``first_block`` on.
 
     With ``landing`` (a pool's :meth:`~kvlink.pool.pool.Pool.landing`) and a CPU cache, each
@@ -49,9 +50,12 @@ def pack_pieces(cache: PagedCache, ref: CacheRef, pool_block: int, first_block: 
 
     The state entry goes with the last block only when the request ends exactly on a pool
     block boundary: the slot holds the state at ``ref.num_tokens`` and nowhere else.
+
+    ``staging`` (with ``held``): payloads are packed into leases of that arena (a buffer of their
+    own when it is full) and appended to ``held``; release them once the pieces were sent.
     """
     check_block_size(cache, pool_block)
-    packer = Packer(cache)
+    packer = Packer(cache, staging=staging, overflow=True)
     groups = _groups(cache)
     nblocks = ref.num_tokens // pool_block
     direct = landing is not None and fused_usable(cache, None)
@@ -68,7 +72,10 @@ def pack_pieces(cache: PagedCache, ref: CacheRef, pool_block: int, first_block: 
                     raise
                 pieces[key] = room
                 return
-        pieces[key] = packer.pack(span, groups[kind], group=group).buffers()
+        payload = packer.pack(span, groups[kind], group=group)
+        if held is not None:
+            held.append(payload)
+        pieces[key] = payload.buffers()
 
     try:
         for b in range(first_block, nblocks):
