@@ -1,13 +1,20 @@
 """Pool benchmark (groundwork): host slab tier put/get of 2 MiB entries vs a same-run memcpy,
-SSD tier put/get of 4 MiB entries vs plain sequential file I/O of the same bytes (page cache
-dropped for the files before reads, both writes synced), prefix-index lookup of a 128K-token
-prompt, and `kvlink pool serve` put/get of model payloads vs raw sockets (interleaved rounds).
+the SSD tier on ~1 GiB of 256-token DeepSeek-V3 chunks vs plain file I/O of the same bytes
+(durable put and write-through ``Pool.store`` vs write + fsync; cold ``get_many`` and cold
+``Pool.fetch`` vs a plain cold read; interleaved rounds in alternating order), prefix-index lookup
+of a 128K-token prompt, and `kvlink pool serve` put/get of model payloads vs raw sockets.
 
-    python benchmarks/pool.py [--json] [--dir DIR]   (DIR: where the SSD tier writes; default a temp dir)
+    python benchmarks/pool.py [--json] [--dir DIR] [--quick] [--rounds N] [--ssd-only] [--unsettled] [--no-prime]
+
+DIR: where the SSD files go (default a temp dir, deleted after). --quick: 8 SSD entries.
+--unsettled: do not sync and wait for writeback before each SSD step (shows the round-order effect).
+--no-prime: no plain read pass over the files before the timed cold reads (see bench_ssd).
 """
 
 import json
 import os
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -22,6 +29,7 @@ from kvlink.presets import get_preset
 
 
 def _drop_cache(path: Path) -> None:
+    """Drop a file's pages from the page cache (written and synced: clean pages go)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -29,49 +37,182 @@ def _drop_cache(path: Path) -> None:
         os.close(fd)
 
 
-def bench_ssd(where: Path | None, entry: int = 4 << 20, count: int = 64, rounds: int = 5) -> dict:
-    """Rounds alternate plain file I/O and the tier on the same bytes (a shared disk drifts a lot
-    between runs); medians of ``rounds``."""
+def _meminfo() -> dict:
+    """Dirty and Writeback (MiB) from /proc/meminfo: page-cache data not yet on disk."""
+    out = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                name, value = line.split(":")
+                if name in ("Dirty", "Writeback"):
+                    out[name.lower()] = int(value.split()[0]) >> 10
+    except OSError:
+        pass
+    return out
+
+
+def _settle(limit_mib: int = 64, deadline_s: float = 30.0) -> dict:
+    """Start from a quiet disk: flush what others left dirty (sync), then wait (bounded) until
+    Dirty + Writeback is small. Returns the state found before, for the record."""
+    before = _meminfo()
+    os.sync()
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end and sum(_meminfo().values()) > limit_mib:
+        time.sleep(0.05)  # polling a kernel counter with a deadline, not synchronising threads
+    return before
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+            "max": round(max(values), 3)}
+
+
+def bench_ssd(where: Path | None, entry: int, count: int, rounds: int = 3, settle: bool = True,
+              prime: bool = True) -> dict:
+    """The SSD tier against plain file I/O of the same bytes, in interleaved rounds whose order
+    alternates (a shared disk drifts a lot between runs; and see docs/pool.md on round order).
+
+    Writes of the same ``count`` entries of ``entry`` bytes, each round into new files: plain
+    write + fsync of one file; ``SsdTier.put_many`` (durable) on a new tier; a durable
+    write-through ``Pool.store`` of a new prompt (CPU tensors, as an engine hands them over) on
+    one long-lived pool, as a server runs it (its host memory warmed by an untimed first store).
+    Reads with the page cache dropped (``POSIX_FADV_DONTNEED`` after the sync): a plain
+    ``readinto`` of the file into one reused buffer; ``SsdTier.get_many`` into one reused buffer
+    (verified); ``Pool.fetch`` of the round's prompt after it was evicted from memory (only the
+    SSD holds it). ``settle``: sync and let writeback finish before each timed step. ``prime``:
+    read each step's files once (plain reads, page cache dropped before and after) before the
+    timed reads of a round, so that all of them find the disk's own cache in the same state."""
+    from kvlink.config import PoolConfig
+    from kvlink.pool.index import FULL
+    from kvlink.pool.pool import Pool, tier_key
     from kvlink.pool.ssd import SsdTier
 
-    blobs = [os.urandom(entry) for _ in range(count)]
-    buf = bytearray(entry)
-    times = {"plain_w": [], "tier_w": [], "plain_r": [], "tier_r": []}
-    with tempfile.TemporaryDirectory(dir=where) as d, SsdTier(Path(d) / "tier", entry * count * (rounds + 1)) as tier:
-        for r in range(rounds):
-            base = Path(d) / f"plain{r}.bin"
-            t0 = time.perf_counter()
-            with open(base, "wb", buffering=0) as f:
-                for b in blobs:
-                    f.write(b)
-                os.fsync(f.fileno())
-            times["plain_w"].append(time.perf_counter() - t0)
-            keys = [(r * count + i).to_bytes(16, "little") for i in range(count)]
-            t0 = time.perf_counter()
-            for k, b in zip(keys, blobs):
-                tier.put(k, b)
-            os.sync()
-            times["tier_w"].append(time.perf_counter() - t0)
-            _drop_cache(base)
-            for segment in (Path(d) / "tier" / "data").iterdir():
-                _drop_cache(segment)
-            t0 = time.perf_counter()
-            with open(base, "rb", buffering=0) as f:
-                for _ in blobs:
-                    f.readinto(buf)
-            times["plain_r"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            for _ in tier.get_many(keys, out=buf):  # as Pool.fetch reads a hit's entries
-                pass
-            times["tier_r"].append(time.perf_counter() - t0)
-            base.unlink()
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    spec, bs = get_preset("deepseek-v3"), 256
+    blobs = [torch.frombuffer(bytearray(os.urandom(entry)), dtype=torch.uint8) for _ in range(count)]
     total = entry * count
-    return {"ssd_entry_bytes": entry, "ssd_rounds": rounds,
-            "ssd_plain_write_gbps": round(total / med["plain_w"] / 1e9, 3),
-            "ssd_put_gbps": round(total / med["tier_w"] / 1e9, 3), "ssd_put_vs_plain": round(med["plain_w"] / med["tier_w"], 3),
-            "ssd_plain_read_gbps": round(total / med["plain_r"] / 1e9, 3),
-            "ssd_get_gbps": round(total / med["tier_r"] / 1e9, 3), "ssd_get_vs_plain": round(med["plain_r"] / med["tier_r"], 3)}
+    buf = torch.empty(entry, dtype=torch.uint8)
+    bufv = memoryview(buf.numpy())
+    keys = [i.to_bytes(16, "little") for i in range(count)]
+    times: dict[str, list[float]] = {k: [] for k in ("plain_w", "tier_w", "pool_w", "plain_r", "tier_r", "pool_r")}
+    dirty: dict[str, list[dict]] = {k: [] for k in times}
+    first: dict[str, list[float]] = {k: [] for k in ("plain_r", "tier_r", "pool_r")}  # GB/s of the priming pass
+
+    def prompt(r: int) -> list[int]:
+        return [(r * 7919 + i * 31) % 50000 for i in range(bs * count)]
+
+    with tempfile.TemporaryDirectory(dir=where) as tmp:
+        tmp = Path(tmp)
+        config = PoolConfig(block_size=bs, host_bytes=total + (64 << 20), page_bytes=1 << 20, chunk_bytes=64 << 20,
+                            ssd_dir=str(tmp / "pool"), ssd_bytes=(rounds + 2) * total, ssd_durable=True,
+                            write_mode="through", checkpoint_every=None)
+        with Pool(spec, config) as pool:
+            pool.store(prompt(-1), {(FULL, i): b for i, b in enumerate(blobs)})  # warm-up: host memory faulted in
+            for r in range(rounds):
+                rd = tmp / f"round{r}"
+                rd.mkdir()
+                tokens = prompt(r)
+                pool.evict(total + (64 << 20))  # the memory tier empty again (all of it is on SSD)
+                pool.drain()
+
+                # Each step: (open, timed, close); opening a file or a tier (RocksDB) is not
+                # part of a put or a read.
+                def plain_w(fd):
+                    at = 0
+                    for b in blobs:
+                        at += os.pwrite(fd, b.numpy(), at)
+                    os.fsync(fd)
+
+                def tier_w(tier):
+                    assert all(tier.put_many([(k, b, None) for k, b in zip(keys, blobs)]))
+
+                def pool_w(_):
+                    report = pool.store(tokens, {(FULL, i): b for i, b in enumerate(blobs)})
+                    assert report.on_ssd == count, report
+
+                def plain_r(f):
+                    for _ in blobs:
+                        f.readinto(bufv)
+
+                def tier_r(tier):
+                    for _ in tier.get_many(keys, out=buf):
+                        pass
+
+                def pool_r(_):
+                    hit = pool.lookup(tokens)
+                    assert hit.tokens == len(tokens), hit
+                    assert len(pool.fetch(hit)) == count
+
+                opens = {"plain_w": lambda: os.open(rd / "plain.bin", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+                         "tier_w": lambda: SsdTier(rd / "tier", 2 * total, durable=True),
+                         "plain_r": lambda: open(rd / "plain.bin", "rb", buffering=0),
+                         "tier_r": lambda: SsdTier(rd / "tier", 2 * total)}
+                files = {"plain_r": lambda: [rd / "plain.bin"],
+                         "tier_r": lambda: sorted((rd / "tier" / "data").iterdir()),
+                         "pool_r": lambda: sorted({pool.ssd.locate(tier_key(FULL, k))[0]
+                                                   for k in pool.index.hashes(tokens)})}
+                steps = {"plain_w": plain_w, "tier_w": tier_w, "pool_w": pool_w,
+                         "plain_r": plain_r, "tier_r": tier_r, "pool_r": pool_r}
+                writes, reads = ["plain_w", "tier_w", "pool_w"], ["plain_r", "tier_r", "pool_r"]
+                if r % 2:  # alternate the order: whatever one step leaves behind hits the others alike
+                    writes.reverse()
+                    reads.reverse()
+                for step in writes + reads:
+                    if step == reads[0] and prime:
+                        # On this VM the first read of freshly written bytes runs at 0.4-1.9 GB/s
+                        # depending on the hypervisor's cache, whatever reads them (docs/pool.md):
+                        # one untimed-for-the-ratio plain pass over each step's files first, so
+                        # the timed reads below all find the same state. Its speed is reported.
+                        for rstep in reads:
+                            paths = list(files[rstep]())
+                            for path in paths:
+                                _drop_cache(path)
+                            _settle() if settle else None
+                            t0 = time.perf_counter()
+                            for path in paths:
+                                with open(path, "rb", buffering=0) as f:
+                                    while f.readinto(bufv):
+                                        pass
+                            first[rstep].append(sum(p.stat().st_size for p in paths) / (time.perf_counter() - t0) / 1e9)
+                    if step == "pool_r":
+                        pool.evict(total + (64 << 20))  # only the SSD holds the prompt now
+                        pool.drain()
+                    handle = opens[step]() if step in opens else None
+                    try:
+                        for path in files[step]() if step in reads else []:
+                            _drop_cache(path)
+                        dirty[step].append(_settle() if settle else _meminfo())
+                        t0 = time.perf_counter()
+                        steps[step](handle)
+                        times[step].append(time.perf_counter() - t0)
+                        pool.drain()  # promotions after an SSD hit: done before the next step
+                    finally:
+                        if isinstance(handle, int):
+                            os.close(handle)
+                        elif handle is not None:
+                            handle.close()
+                shutil.rmtree(rd)
+    ratio = {"put_vs_plain_write": [p / q for p, q in zip(times["plain_w"], times["pool_w"])],
+             "tier_put_many_vs_plain_write": [p / q for p, q in zip(times["plain_w"], times["tier_w"])],
+             "fetch_vs_plain_read": [p / q for p, q in zip(times["plain_r"], times["pool_r"])],
+             "tier_get_many_vs_plain_read": [p / q for p, q in zip(times["plain_r"], times["tier_r"])]}
+    return {"ssd_entry_bytes": entry, "ssd_entries": count, "ssd_rounds": rounds, "ssd_settled": settle,
+            "ssd_gbps": {k: _spread([total / t / 1e9 for t in v]) for k, v in times.items()},
+            "ssd_ratios": {k: _spread(v) for k, v in ratio.items()},
+            "ssd_seconds": {k: [round(t, 4) for t in v] for k, v in times.items()},
+            "ssd_first_read_gbps": {k: _spread(v) for k, v in first.items() if v},
+            "ssd_dirty_before_mib": dirty}
+
+
+def print_ssd(res: dict) -> None:
+    print(f"SSD tier: {res['ssd_entries']} entries of {res['ssd_entry_bytes'] / 2**20:.1f} MiB "
+          f"({res['ssd_entries'] * res['ssd_entry_bytes'] / 2**30:.2f} GiB), {res['ssd_rounds']} alternating rounds")
+    for name, s in res["ssd_gbps"].items():
+        print(f"  {name:8s} {s['median']:6.3f} GB/s  ({s['min']:.3f}-{s['max']:.3f})")
+    for name, s in res.get("ssd_first_read_gbps", {}).items():
+        print(f"  first read of {name[:-2]} files (plain, priming) {s['median']:.3f} GB/s  "
+              f"({s['min']:.3f}-{s['max']:.3f})")
+    for name, s in res["ssd_ratios"].items():
+        print(f"  {name:30s} {s['median']:.3f}x  (range {s['min']:.3f}-{s['max']:.3f})")
 
 
 def bench_daemon(page: int = 512 << 10, rounds: int = 2) -> dict:
@@ -143,6 +284,16 @@ def bench_daemon(page: int = 512 << 10, rounds: int = 2) -> dict:
 
 
 def main() -> int:
+    quick = "--quick" in sys.argv
+    where = Path(sys.argv[sys.argv.index("--dir") + 1]) if "--dir" in sys.argv else None
+    rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 3
+    # 256-token chunks of DeepSeek-V3 (MLA): 17.2 MiB each, 60 of them ~1 GiB (--quick: 8).
+    chunk = get_preset("deepseek-v3").kv_bytes_per_token * 256
+    ssd = bench_ssd(where, chunk, 8 if quick else 60, rounds, settle="--unsettled" not in sys.argv,
+                    prime="--no-prime" not in sys.argv)
+    if "--ssd-only" in sys.argv:
+        print(json.dumps(ssd)) if "--json" in sys.argv else print_ssd(ssd)
+        return 0
     entry, count = 2 << 20, 128
     data = [torch.empty(entry, dtype=torch.uint8).random_() for _ in range(count)]
     dst = torch.empty(entry, dtype=torch.uint8)
@@ -190,7 +341,6 @@ def main() -> int:
     hit = index.lookup(tokens)
     lookup_ms = (time.perf_counter() - t0) * 1e3
     daemon = bench_daemon()
-    ssd = bench_ssd(Path(sys.argv[sys.argv.index("--dir") + 1]) if "--dir" in sys.argv else None)
     result = {
         "entry_bytes": entry, "entries": count,
         "memcpy_in_gbps": round(total / in_s / 1e9, 2), "memcpy_out_gbps": round(total / out_s / 1e9, 2),
@@ -201,6 +351,8 @@ def main() -> int:
         "lookup_128k_tokens_ms": round(lookup_ms, 3), "lookup_hit_tokens": hit.tokens,
         **ssd, **daemon,
     }
+    if "--json" not in sys.argv:
+        print_ssd(ssd)
     print(json.dumps(result, indent=None if "--json" in sys.argv else 2))
     return 0
 

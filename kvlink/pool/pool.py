@@ -24,11 +24,12 @@ import threading
 from typing import Sequence
 
 from kvlink.config import PoolConfig
-from kvlink.errors import ChecksumMismatch, EntryMissing, PoolError, TierUnavailable
+from kvlink.errors import ChecksumMismatch, ConfigError, EntryMissing, PoolError, TierUnavailable
 from kvlink.pool.budget import HostBudget
 from kvlink.pool.eviction import make_policy
 from kvlink.pool.index import FULL, SLIDING, STATE, PrefixHit, PrefixIndex, checkpoint_positions
 from kvlink.pool.readahead import ReadAhead
+from kvlink.pool.pinned import PinnedReads
 from kvlink.pool.report import StoreReport
 from kvlink.pool.slab import Landing, SlabTier
 from kvlink.pool.ssd import SsdTier
@@ -39,6 +40,11 @@ _CODES = {FULL: b"F", SLIDING: b"W", STATE: b"S"}
 _KINDS = {v: k for k, v in _CODES.items()}
 
 
+def _bytes_of(data):
+    """What the SSD tier writes for a piece: a landing's filled view, else the value itself."""
+    return data.view if isinstance(data, Landing) else data
+
+
 def tier_key(kind: str, key: bytes) -> bytes:
     code = _CODES.get(kind)
     if code is None:
@@ -46,7 +52,7 @@ def tier_key(kind: str, key: bytes) -> bytes:
     return code + key
 
 
-class Pool(SsdTraffic):
+class Pool(SsdTraffic, PinnedReads):
     """A prefix cache pool for one layout. Thread-safe; every method returns promptly except
     :meth:`drain` (waits for background SSD work) and :meth:`close`. ``budget``: the host
     memory shared with other pools (None: this pool's ``host_bytes`` alone bounds it). Raises
@@ -152,18 +158,19 @@ class Pool(SsdTraffic):
             except (TypeError, ValueError) as exc:
                 raise PoolError(f"piece ({kind!r}, {block}) is not bytes: {exc}") from None
         report = StoreReport()
-        through = self.config.write_mode == "through" and self.ssd is not None
+        on_ssd: dict[tuple[str, int], bool] = {}
+        if self.config.write_mode == "through" and self.ssd is not None:
+            # Write-through: every new piece goes to disk first, as one group commit (one sync
+            # for the whole call, outside the lock so readers are not held up by the disk). Landed
+            # bytes must go first anyway: once their pages join the tier, an eviction could hand
+            # them to another entry while the disk write still reads them.
+            new = [(kind, block) for kind, block in pieces if not self.index.has(kind, keys[block])]
+            flags = self._ssd_put_many([(tier_key(kind, keys[block]), _bytes_of(pieces[(kind, block)]))
+                                        for kind, block in new], report)
+            on_ssd = dict(zip(new, flags))
         for (kind, block), data in pieces.items():
             key, nbytes = keys[block], sizes[(kind, block)]
             tkey = tier_key(kind, key)
-            landed = isinstance(data, Landing)
-            on_ssd = False
-            if through and landed:
-                # Landed bytes go to disk before their pages join the tier, where an eviction
-                # could hand them to another entry while the disk write still reads them.
-                if self.index.has(kind, key):
-                    continue
-                on_ssd = self._ssd_put(tkey, data.view, report)
             with self._lock:
                 if self.index.has(kind, key):
                     continue
@@ -171,18 +178,14 @@ class Pool(SsdTraffic):
                     self.stats["store_refused"] += 1
                     report.failed += 1
                     report.error(f"{self.levels[0][0]}: no room within the pool's quota or the host budget")
-                    if on_ssd:  # not indexed, so nothing would ever find it
+                    if on_ssd.get((kind, block)):  # not indexed, so nothing would ever find it
                         self._ssd_delete(tkey)
                     continue
                 self.index.add(kind, key, nbytes, block)
                 report.stored += 1
                 if self.on_change is not None:
                     self.on_change("add", kind, key, nbytes, self.levels[0][0])
-            if through and not landed:
-                # Write-through is synchronous: once store() returns the entry is on SSD too
-                # (outside the lock, so readers are not held up by the disk).
-                on_ssd = self._ssd_put(tkey, data, report)
-            report.on_ssd += on_ssd
+            report.on_ssd += on_ssd.get((kind, block), False)
         return report
 
     def _pinned(self, tkey: bytes) -> bool:
@@ -237,11 +240,14 @@ class Pool(SsdTraffic):
                 self.on_change("remove", _KINDS[tkey[:1]], tkey[1:], 0, "")
 
     # -- fetching ---------------------------------------------------------------------------------
-    def fetch(self, hit: PrefixHit) -> dict[tuple[str, bytes], memoryview]:
-        """The bytes of every entry of ``hit``, keyed by (kind, key), each verified. Entries found
-        only on SSD are promoted to memory in the background. Raises :class:`EntryMissing` when
-        an entry was evicted or lost meanwhile (look up again), :class:`ChecksumMismatch` /
-        :class:`PoolError` when one failed verification on SSD (it is dropped)."""
+    def fetch(self, hit: PrefixHit, out=None) -> dict[tuple[str, bytes], memoryview]:
+        """The bytes of every entry of ``hit``, keyed by (kind, key), each verified. ``out``: a
+        writable buffer of at least :meth:`hit_nbytes` bytes the entries are read into, back to
+        back (reuse it from fetch to fetch: nothing is allocated); without it each entry gets a
+        buffer of its own. Entries found only on SSD are promoted to memory. Raises
+        :class:`EntryMissing` when an entry was evicted or lost meanwhile (look up again),
+        :class:`ChecksumMismatch` / :class:`PoolError` when one failed verification on SSD (it is
+        dropped), :class:`ConfigError` for an ``out`` too small or read-only."""
         wanted = [(FULL, k) for k in hit.full] + [(SLIDING, k) for k in hit.sliding]
         if hit.state is not None:
             wanted.append((STATE, hit.state))
@@ -251,86 +257,72 @@ class Pool(SsdTraffic):
             except KeyError:
                 raise EntryMissing(f"an entry of this {hit.tokens}-token hit was evicted since the lookup; "
                                    "look up again") from None
+            sizes = [self.index.entry(kind, key).nbytes for kind, key in wanted]
         try:
+            view = None
+            if out is not None:
+                view = memoryview(out).cast("B")
+                if view.readonly or view.nbytes < sum(sizes):
+                    raise ConfigError(f"fetch needs a writable buffer of {sum(sizes)} bytes, got "
+                                      f"{'a read-only one of ' if view.readonly else ''}{view.nbytes}")
             ahead = None
             if self.ssd is not None:  # read ahead the entries only the SSD holds
                 with self._lock:
                     cold = [t for t in (tier_key(k, key) for k, key in wanted)
                             if not any(t in tier for _, tier in self.levels) and t not in self._pending]
                 ahead = ReadAhead(self.ssd, cold)
-            out = {}
-            for kind, key in wanted:
+            got, at = {}, 0
+            for (kind, key), nbytes in zip(wanted, sizes):
                 tkey = tier_key(kind, key)
                 if ahead is not None:
                     ahead.before(tkey)
-                out[(kind, key)] = self._read(tkey)
-            return out
+                got[(kind, key)] = self._read(tkey, None if view is None else view[at: at + nbytes])
+                at += nbytes
+            return got
         finally:
             with self._lock:
                 lease.release()
 
-    def pin_views(self, keys: list[tuple[str, bytes]]):
-        """Entries by (kind, key) without copying: for each, a list of buffers (pages in a host
-        tier, or a fresh buffer read from GPU/SSD) or None if absent; plus ``release()``, to call
-        once the buffers are no longer used (until then the entries cannot be evicted). Raises
-        :class:`PoolError` for an unknown kind (before pinning anything)."""
-        out, pinned, slow = [], [], []
-        tkeys = [tier_key(kind, key) for kind, key in keys]
+    def hit_nbytes(self, hit: PrefixHit) -> int:
+        """Bytes of every entry of ``hit`` (what :meth:`fetch`'s ``out`` must hold); raises
+        :class:`EntryMissing` when one is gone."""
+        wanted = [(FULL, k) for k in hit.full] + [(SLIDING, k) for k in hit.sliding]
+        if hit.state is not None:
+            wanted.append((STATE, hit.state))
         with self._lock:
-            for (kind, key), tkey in zip(keys, tkeys):
-                entry = self.index.entry(kind, key)
-                if entry is None:
-                    out.append(None)
-                    continue
-                entry.pins += 1
-                pinned.append(entry)
-                for level, (name, tier) in enumerate(self.levels):
-                    if tkey in tier and tier.device.type == "cpu":
-                        out.append(tier.views(tkey))
-                        self.policies[level].touch(tkey)
-                        self.stats[f"hit_{name}"] += 1
-                        break
-                else:
-                    slow.append(len(out))
-                    out.append(tkey)
-        for i in slow:  # GPU or SSD: read into a buffer of its own
-            try:
-                out[i] = [self._read(out[i])]
-            except PoolError:
-                out[i] = None
+            entries = [self.index.entry(kind, key) for kind, key in wanted]
+        if any(e is None for e in entries):
+            raise EntryMissing(f"an entry of this {hit.tokens}-token hit is no longer in the pool; look up again")
+        return sum(e.nbytes for e in entries)
 
-        def release() -> None:
-            with self._lock:
-                for entry in pinned:
-                    entry.pins -= 1
-                pinned.clear()
-
-        return out, release
-
-    def _read(self, tkey: bytes) -> memoryview:
+    def _read(self, tkey: bytes, out: memoryview | None = None) -> memoryview:
+        """One entry's bytes: into ``out`` (exactly its size) when given, else a buffer of its own."""
         with self._lock:
             for level, (name, tier) in enumerate(self.levels):
                 if tkey in tier:
                     try:
                         # Memory is trusted (ECC); checksums guard what crosses a disk or a wire.
-                        data = tier.get(tkey, verify=self.config.verify_memory)
+                        data = tier.get(tkey, out=out, verify=self.config.verify_memory)
                     except ChecksumMismatch:
                         self.policies[level].remove(tkey)
                         self.stats["corrupt"] += 1
                         continue
                     self.policies[level].touch(tkey)
                     self.stats[f"hit_{name}"] += 1
-                    return memoryview(data.numpy())
+                    return out if out is not None else memoryview(data.numpy())
             pending = self._pending.get(tkey)
             if pending is not None:
                 self.stats["hit_queue"] += 1
-                return memoryview(pending)
+                if out is None:
+                    return memoryview(pending)
+                out[:] = memoryview(pending).cast("B")
+                return out
         if self.ssd is None or tkey not in self.ssd:
             with self._lock:
                 self._forget(tkey)
             raise EntryMissing(f"entry {tkey.hex()[:18]} is no longer in the pool; look up again")
         try:
-            data = self.ssd.get(tkey)
+            data = self.ssd.get(tkey, out=out)
         except EntryMissing:  # evicted since the check above
             with self._lock:
                 self._forget(tkey)
@@ -341,7 +333,10 @@ class Pool(SsdTraffic):
                 self._forget(tkey)
             raise PoolError(f"entry {tkey.hex()[:18]} failed verification and was dropped: {exc}") from exc
         self.stats["hit_ssd"] += 1
-        self._background(self._promote, tkey, data)  # a fresh buffer: no copy needed
+        if out is None:
+            self._background(self._promote, tkey, data)  # a fresh buffer: no copy needed
+        else:
+            self._promote(tkey, data)  # the caller reuses `out`: the promotion copies it now (memory speed)
         return data
 
     # -- maintenance ------------------------------------------------------------------------------

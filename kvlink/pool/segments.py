@@ -22,6 +22,8 @@ import re
 import threading
 from pathlib import Path
 
+from kvlink.pool.ssd_io import start_writeback
+
 _NAME = re.compile(r"^seg-(\d{8})\.kvs$")
 MAX_OPEN = 32
 
@@ -161,15 +163,17 @@ class SegmentFiles:
         finally:
             self.release(seg)
 
-    def write(self, seg: int, offset: int, pieces, hasher=None, piece_bytes: int = 1 << 20) -> None:
+    def write(self, seg: int, offset: int, pieces, hasher=None, piece_bytes: int = 1 << 20,
+              writeback: int = 0) -> None:
         """Write ``pieces`` (buffers) back to back at ``offset`` (a reservation not yet given
         back), each hashed into ``hasher`` just before it is written (it is then copied from
-        cache). Raises OSError (ENOSPC: disk full)."""
+        cache). ``writeback``: start the disk writes of every this many bytes as soon as they are
+        written (0: leave it to the kernel). Raises OSError (ENOSPC: disk full)."""
         fd = self.acquire(seg)
         if fd is None:
             raise OSError(errno.ENOENT, f"segment {seg} is gone")
         try:
-            at = offset
+            at = flushed = offset
             for v in pieces:
                 for start in range(0, v.nbytes, piece_bytes):
                     piece = v[start: start + piece_bytes]
@@ -181,6 +185,11 @@ class SegmentFiles:
                             raise OSError(errno.ENOSPC, "no progress writing a segment")
                         at += n
                         piece = piece[n:]
+                    if writeback and at - flushed >= writeback:
+                        start_writeback(fd, flushed, at - flushed)
+                        flushed = at
+            if writeback and at > flushed:
+                start_writeback(fd, flushed, at - flushed)
         finally:
             self.release(seg)
 

@@ -7,7 +7,10 @@ segment files (:mod:`~kvlink.pool.segments`): entries stored together are read b
 sequential read.
 
 Crash safety comes from the order of writes: the bytes are appended (and, when durable,
-synced), and only then is the index record written. A process killed at any point leaves either
+synced), and only then is the index record written. Puts are group-committed
+(:meth:`SsdTier.put_many`): a batch's bytes are all written, each segment they touched is synced
+once, then one RocksDB write batch records them all, so a durable batch costs one data sync and
+one index sync, not one of each per entry. A process killed at any point leaves either
 no record (the bytes are dead space in their segment) or a record whose bytes are complete. At
 open, records pointing past the end of their segment are dropped. Reads verify the xxh3 and
 drop an entry that fails. A full disk (told by errno: :func:`~kvlink.pool.ssd_io.disk_full`)
@@ -30,18 +33,24 @@ import time
 from pathlib import Path
 
 import xxhash
-from rocksdict import Options, Rdict, WriteOptions
+from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 from kvlink.errors import ChecksumMismatch, ConfigError, EntryMissing, LengthError, PoolError, TierUnavailable
 from kvlink.pool.readahead import READ_AHEAD_BYTES, ReadAhead
 from kvlink.pool.segments import SegmentFiles, segment_name
 from kvlink.pool.ssd_io import (READ_PIECE, RECORD, RECORD_MAGIC, decode_record, disk_full, encode_record,
-                                read_into, views)
+                                out_view, read_into, views)
+from kvlink.pool.ssd_space import SsdSpace
 
 SEGMENT_BYTES = 256 << 20
+# Disk writes of a put are started every this many bytes (see ssd_io.start_writeback).
+WRITEBACK_BYTES = 8 << 20
+# Bytes per write call, each hashed just before it is written (then copied from cache). Larger
+# writes measured slower puts on this VM (docs/pool.md, "SSD tier performance").
+WRITE_PIECE = 1 << 20
 
 
-class SsdTier:
+class SsdTier(SsdSpace):
     """Entries under ``root`` up to ``capacity`` live bytes. ``durable``: sync data and index
     before a put returns (survives power loss, not only process death). ``segment_bytes``: the
     target size of a segment file (at most a quarter of the capacity, at least 64 KiB).
@@ -150,62 +159,108 @@ class SsdTier:
 
     # -- data -------------------------------------------------------------------------------------
     def put(self, key: bytes, data, digest: int | None = None) -> bool:
-        """Store ``data`` (bytes-like or list of them) under ``key``; False when it did not fit
-        (capacity or a full disk). ``digest``: xxh3 of the bytes if the caller has it.
-        Raises :class:`ConfigError` for a bad key, :class:`PoolError` when the disk fails."""
-        if not key or len(key) > 64:
-            raise ConfigError("keys are 1..64 bytes")
-        stored = self._put(key, data, digest)
+        """Store ``data`` (bytes-like, CPU or device tensor, or a list of them) under ``key``;
+        False when it did not fit (capacity or a full disk). ``digest``: xxh3 of the bytes if the
+        caller has it. Raises :class:`ConfigError` for a bad key, :class:`PoolError` when the disk fails."""
+        return self.put_many([(key, data, digest)])[0]
+
+    def put_many(self, items) -> list[bool]:
+        """Store several entries as one group commit: ``items`` is ``[(key, data, digest | None)]``.
+        All bytes are written, then (durable) each segment they touched is synced once, then one
+        index batch records them all (synced once when durable): a batch costs what one put of
+        its bytes costs. Returns, per item, whether it was stored (False: capacity or a full
+        disk, see ``last_refusal``). Raises :class:`ConfigError` for a bad key (before anything
+        is written), :class:`PoolError` when the disk fails (none of the batch is then stored)."""
+        items = [(key, views(data), digest) for key, data, digest in items]
+        for key, _, _ in items:
+            if not key or len(key) > 64:
+                raise ConfigError("keys are 1..64 bytes")
+        stored = self._put_many(items)
         self._reclaim()
         return stored
 
     def _put(self, key: bytes, data, digest: int | None, expect: tuple | None = None) -> bool:
-        """Append, then record. With ``expect`` (compaction moving an entry) the record is written
-        only if the entry is still where it was: never over a newer put or a delete."""
-        pieces = views(data)
-        nbytes = sum(v.nbytes for v in pieces)
-        with self._lock:
-            old = self._where.get(key)
-            if self._total - (old[2] if old else 0) + nbytes > self.capacity:
-                self.stats["put_full"] += 1
-                self.last_refusal = "capacity reached"
-                return False
-            try:
-                seg, offset = self._segments.reserve(nbytes)
-            except OSError as exc:
-                return self._write_failed(exc)
-            self._writing[seg] += 1
-        h = xxhash.xxh3_64() if digest is None else None
+        """One entry; with ``expect`` (compaction moving an entry) the record is written only if
+        the entry is still where it was: never over a newer put or a delete."""
+        return self._put_many([(key, views(data), digest)], expect)[0]
+
+    def _put_many(self, items: list, expect: tuple | None = None) -> list[bool]:
+        """Reserve and write each entry (hashing while the bytes are in cache), then sync, then
+        record: a record never points at bytes that are not (durably, when durable) there. An
+        entry that does not fit (capacity, full disk) is skipped; the others still go in."""
+        stored = [False] * len(items)
+        written = []  # [item index, seg, offset, nbytes, digest]
+        held: list[int] = []  # segments whose _writing count this batch holds
+        extra = 0  # live bytes the batch adds once recorded
         try:
-            try:
-                self._segments.write(seg, offset, pieces, h, READ_PIECE)
-                if self.durable:
-                    self._segments.sync(seg)
-            except OSError as exc:
-                self._segments.unreserve(seg, offset, nbytes)
-                return self._write_failed(exc)
-            if h is not None:
-                digest = h.intdigest()
-            # The record goes in last: an entry is visible only once its bytes are complete.
-            record = encode_record(seg, offset, nbytes, digest, time.time())
-            with self._lock:  # record and map change together, so puts and deletes of a key are ordered
-                old = self._where.get(key)
-                if expect is not None and old != expect:
-                    return False  # the copy's bytes are dead space
+            for i, (key, pieces, digest) in enumerate(items):
+                nbytes = sum(v.nbytes for v in pieces)
+                with self._lock:
+                    old = self._where.get(key)
+                    grows = nbytes - (old[2] if old else 0)
+                    if self._total + extra + grows > self.capacity:
+                        self.stats["put_full"] += 1
+                        self.last_refusal = "capacity reached"
+                        continue
+                    try:
+                        seg, offset = self._segments.reserve(nbytes)
+                    except OSError as exc:
+                        self._write_failed(exc)  # raises unless the disk is full
+                        continue
+                    self._writing[seg] += 1
+                    held.append(seg)
+                h = xxhash.xxh3_64() if digest is None else None
                 try:
-                    self._db.put(key, record, self._write_opts)
-                except Exception as exc:  # rocksdict: a bare Exception (full disk, I/O error); bytes are dead space
-                    return self._write_failed(exc)
+                    self._segments.write(seg, offset, pieces, h, WRITE_PIECE, WRITEBACK_BYTES)
+                except OSError as exc:
+                    self._segments.unreserve(seg, offset, nbytes)
+                    self._write_failed(exc)  # raises unless the disk is full: the rest may still fit
+                    continue
+                written.append((i, seg, offset, nbytes, digest if h is None else h.intdigest()))
+                extra += grows
+            if self.durable and written:
+                try:
+                    for seg in dict.fromkeys(w[1] for w in written):  # once per segment, in write order
+                        self._segments.sync(seg)
+                except OSError as exc:  # nothing of the batch is known to be on disk
+                    for _, seg, offset, nbytes, _ in reversed(written):  # reversed: each tail can be cut back
+                        self._segments.unreserve(seg, offset, nbytes)
+                    self._write_failed(exc)
+                    return stored
+            if written:
+                self._record(items, written, expect, stored)
+        finally:
+            with self._lock:
+                for seg in held:
+                    self._writing[seg] -= 1
+        return stored
+
+    def _record(self, items: list, written: list, expect: tuple | None, stored: list[bool]) -> None:
+        """The batch's index records, in one (durable: synced) write; then the map."""
+        now = time.time()
+        batch = WriteBatch(raw_mode=True)
+        with self._lock:  # record and map change together, so puts and deletes of a key are ordered
+            keep = [p for p in written if expect is None or self._where.get(items[p[0]][0]) == expect]
+            if not keep:
+                return  # compaction's copy lost to a newer put or a delete: its bytes are dead space
+            for i, seg, offset, nbytes, digest in keep:
+                batch.put(items[i][0], encode_record(seg, offset, nbytes, digest, now))
+            try:
+                self._db.write(batch, self._write_opts)
+            except Exception as exc:  # rocksdict: a bare Exception (full disk, I/O error); bytes are dead space
+                self._write_failed(exc)
+                return
+            for i, seg, offset, nbytes, _ in keep:
+                key = items[i][0]
+                old = self._where.get(key)
                 self._where[key] = (seg, offset, nbytes)
                 self._live[seg] += nbytes
                 self._total += nbytes
                 if old is not None:
                     self._dead(old)
-                self.stats["puts"] += 1
-        finally:
-            with self._lock:
-                self._writing[seg] -= 1
-        return True
+                stored[i] = True
+            self.stats["puts"] += len(keep)
+            self.stats["index_batches"] += 1
 
     def _write_failed(self, exc: Exception) -> bool:
         if disk_full(exc):
@@ -215,10 +270,11 @@ class SsdTier:
         raise PoolError(f"SSD tier write failed: {exc}") from exc
 
     def get(self, key: bytes, out=None, verify: bool = True) -> memoryview:
-        """The entry's bytes, read into ``out`` (writable, exactly its size) or a new buffer.
-        Raises :class:`EntryMissing` when missing, :class:`LengthError` for an ``out`` of the wrong
-        size, :class:`PoolError` when the disk fails; an entry failing its checksum is dropped and
-        :class:`ChecksumMismatch` raised."""
+        """The entry's bytes, read straight into ``out`` (bytes-like or a CPU tensor, exactly its
+        size: no staging copy) or into a new buffer, hashed piece by piece while in cache.
+        Raises :class:`EntryMissing` when missing, :class:`LengthError` for an ``out`` of the
+        wrong size, :class:`ConfigError` for a device tensor ``out``, :class:`PoolError` when the
+        disk fails; an entry failing its checksum is dropped and :class:`ChecksumMismatch` raised."""
         for _ in range(3):  # an entry that compaction moved meanwhile is looked up again
             try:
                 raw = self._db.get(key)
@@ -227,7 +283,7 @@ class SsdTier:
             if raw is None or key not in self._where:
                 break
             seg, offset, nbytes, digest, _ = decode_record(raw)
-            buf = memoryview(bytearray(nbytes)) if out is None else memoryview(out).cast("B")
+            buf = memoryview(bytearray(nbytes)) if out is None else out_view(out)
             if buf.nbytes != nbytes:
                 raise LengthError(f"output holds {buf.nbytes} bytes, entry has {nbytes}")
             try:
@@ -274,14 +330,22 @@ class SsdTier:
         for seg, start, end in spans:
             self._segments.advise(seg, start, end - start)
 
-    def get_many(self, keys, out=None, verify: bool = True, ahead: int = READ_AHEAD_BYTES):
-        """Yield each entry's bytes in order (into ``out`` when given: reuse it between
-        iterations), keeping ~``ahead`` bytes of the next entries requested. Raises as :meth:`get`."""
+    def get_many(self, keys, out=None, outs=None, verify: bool = True, ahead: int = READ_AHEAD_BYTES):
+        """Yield each entry's bytes in order, keeping ~``ahead`` bytes of the next entries
+        requested from the disk while the current one is read and hashed. ``outs``: one buffer
+        per key (e.g. views into a staging buffer or a cache's blocks), each filled in place;
+        ``out``: one buffer reused for every entry (each yielded view is valid until the next);
+        neither: a new buffer per entry. A generator: nothing is read until it is iterated.
+        Raises as :meth:`get`, and :class:`LengthError` when ``outs`` does not match ``keys``."""
         keys = list(keys)
+        if outs is not None:
+            outs = list(outs)
+            if len(outs) != len(keys):
+                raise LengthError(f"{len(outs)} output buffers for {len(keys)} entries")
         reader = ReadAhead(self, keys, ahead)
-        for key in keys:
+        for i, key in enumerate(keys):
             reader.before(key)
-            yield self.get(key, out=out, verify=verify)
+            yield self.get(key, out=outs[i] if outs is not None else out, verify=verify)
 
     def delete(self, key: bytes) -> bool:
         """Forget an entry (its bytes become dead space); False if there was none."""
@@ -295,87 +359,3 @@ class SsdTier:
                 self._dead(where)
         self._reclaim()
         return where is not None
-
-    # -- space ------------------------------------------------------------------------------------
-    def fits(self, nbytes: int) -> bool:
-        with self._lock:
-            return self._total + nbytes <= self.capacity
-
-    def make_room(self, nbytes: int, keep=None) -> list[bytes]:
-        """Drop entries, oldest segment first, until ``nbytes`` more fit the capacity (FIFO
-        eviction: a segment holds what was stored around the same time, and it goes whole).
-        Entries for which ``keep(key)`` is true (pinned: being read) are moved to the head
-        instead. Returns the keys dropped."""
-        dropped: list[bytes] = []
-        tried: set[int] = set()
-        while True:
-            with self._lock:
-                if self._total + nbytes <= self.capacity:
-                    return dropped
-                head = self._segments.head()
-                old = sorted(s for s in self._segments.sizes() if s != head and not self._writing[s] and s not in tried)
-                if not old:
-                    return dropped  # what is left is in the segment being written
-                seg = old[0]
-                tried.add(seg)
-                victims = [(k, w) for k, w in self._where.items() if w[0] == seg]
-            for key, where in victims:
-                if keep is not None and keep(key):
-                    self._move(key, seg)
-                    continue
-                with self._lock:
-                    if self._where.get(key) != where:
-                        continue  # replaced or deleted meanwhile
-                    self._db.delete(key)
-                    del self._where[key]
-                    self._dead(where)
-                    self.stats["evicted"] += 1
-                dropped.append(key)
-            self._reclaim()
-
-    def _move(self, key: bytes, seg: int) -> bool:
-        """Copy an entry still in ``seg`` to the head; False if it is gone, was dropped as
-        corrupt, or was replaced or moved meanwhile."""
-        try:
-            data = self.get(key)
-        except PoolError:
-            return False
-        where = self._where.get(key)
-        return where is not None and where[0] == seg and self._put(key, data, None, expect=where)
-
-    def _dead(self, where: tuple[int, int, int]) -> None:
-        """Count an entry's bytes out (under the lock)."""
-        self._live[where[0]] -= where[2]
-        self._total -= where[2]
-
-    def _reclaim(self) -> None:
-        """Delete segments without live entries; while dead bytes pass a quarter of the capacity,
-        move the live entries of the sparsest segment that is at most half live to the head and
-        delete it. Segments being written to are left alone; one thread compacts at a time."""
-        tried: set[int] = set()  # a segment whose entries could not all move is not retried
-        while True:
-            with self._lock:
-                head = self._segments.head()
-                sizes = self._segments.sizes()
-                idle = [s for s in sizes if s != head and not self._writing[s]]
-                for seg in [s for s in idle if self._live[s] <= 0]:
-                    self._live.pop(seg, None)
-                    self._segments.remove(seg)
-                    del sizes[seg]
-                    self.stats["segments_reclaimed"] += 1
-                if self._compacting or sum(sizes.values()) - self._total <= self.capacity // 4:
-                    return
-                sparse = [s for s in idle if s in sizes and s not in tried and self._live[s] <= sizes[s] // 2]
-                if not sparse:
-                    return
-                seg = min(sparse, key=lambda s: self._live[s] / sizes[s])
-                moving = [k for k, w in self._where.items() if w[0] == seg]
-                self._compacting = True
-                tried.add(seg)
-            try:
-                for key in moving:
-                    if self._move(key, seg):
-                        self.stats["entries_compacted"] += 1
-            finally:
-                with self._lock:
-                    self._compacting = False

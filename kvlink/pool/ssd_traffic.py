@@ -1,6 +1,7 @@
 """The pool's traffic with its SSD tier, apart from the tiers' bookkeeping in :mod:`~kvlink.pool.pool`:
-synchronous puts (write-through) that make room first, and one background I/O thread for
-demotions to SSD and promotions after an SSD hit, its queue bounded by ``PoolConfig.io_queue``.
+synchronous puts (write-through: one group commit per store) that make room first, and one
+background I/O thread for demotions to SSD and promotions after an SSD hit, its queue bounded by
+``PoolConfig.io_queue``.
 Entries on their way to disk stay readable from ``_pending`` until they are there.
 """
 
@@ -56,29 +57,38 @@ class SsdTraffic:
                 self._forget(tkey)
 
     def _ssd_put(self, tkey: bytes, data, report: StoreReport | None = None) -> bool:
-        """Put on SSD; a full tier first drops its oldest entries (pinned ones are kept), and
-        those no other tier holds leave the index. False when it did not get there: the reason
-        goes to ``report`` and to :meth:`health`, never raised (the entry may be in memory)."""
-        nbytes = entry_nbytes(data)
+        """Put one entry on SSD (see :meth:`_ssd_put_many`)."""
+        return self._ssd_put_many([(tkey, data)], report)[0]
+
+    def _ssd_put_many(self, items: list, report: StoreReport | None = None) -> list[bool]:
+        """Put ``[(tier key, data)]`` on SSD as one group commit (one sync for them all when
+        durable); a full tier first drops its oldest entries (pinned ones are kept), and those no
+        other tier holds leave the index. Per item, whether it got there; why not goes to
+        ``report`` and to :meth:`health`, never raised (the entries may be in memory)."""
+        if not items:
+            return []
+        flags = [False] * len(items)
         try:
+            nbytes = sum(entry_nbytes(data) for _, data in items)
             if not self.ssd.fits(nbytes):
                 with self._lock:
                     dropped = self.ssd.make_room(nbytes, keep=self._pinned)
                     for victim in dropped:
                         self._forget(victim)
                     self.stats["ssd_evicted"] += len(dropped)
-            if self.ssd.put(tkey, data):
+            flags = self.ssd.put_many([(tkey, data, None) for tkey, data in items])
+            if all(flags):
                 self._errors["ssd"] = None
-                return True
+                return flags
             error = f"ssd: {self.ssd.last_refusal}"
         except KvlinkError as exc:  # a failing disk: the memory tiers keep serving
             error = f"ssd: {exc}"
         with self._lock:
-            self.stats["ssd_refused"] += 1
+            self.stats["ssd_refused"] += flags.count(False)
             self._errors["ssd"] = error
         if report is not None:
             report.error(error)
-        return False
+        return flags
 
     def _ssd_delete(self, tkey: bytes) -> None:
         try:

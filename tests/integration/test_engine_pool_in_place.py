@@ -10,7 +10,7 @@ import pytest
 from kvlink.config import PoolConfig
 from kvlink.engine import SyncDecodeSide
 from kvlink.engine.pieces import pack_pieces, restore_pieces
-from kvlink.errors import ChecksumMismatch
+from kvlink.errors import ChecksumMismatch, ConfigError
 from kvlink.pool import Pool
 from kvlink.serde import CacheRef, Packer, PagedCache
 from tests.integration.test_engine_faults import SPEC
@@ -115,5 +115,27 @@ def test_a_corrupt_host_entry_raises_and_touches_only_the_requests_blocks():
             assert packed(dst, CacheRef(list(range(16, 24)), 128, 1)) == before
         finally:
             side.close()
+    finally:
+        pool.close()
+
+
+def test_fetch_into_one_reused_buffer(tmp_path):
+    """Pool.fetch(hit, out=...) reads every entry (host or SSD) into the caller's buffer, back to
+    back, and SSD entries are promoted (copied into memory) before the buffer is reused."""
+    pool, _, _, _ = stored_pool(tmp_path, write_mode="through")
+    try:
+        hit = pool.lookup(TOKENS)
+        want = {k: bytes(v) for k, v in pool.fetch(hit).items()}
+        buf = bytearray(pool.hit_nbytes(hit))
+        got = pool.fetch(hit, out=buf)
+        assert {k: bytes(v) for k, v in got.items()} == want
+        assert all(memoryview(v).obj is buf or v.obj is buf for v in got.values())
+        pool.evict(1 << 40)
+        pool.drain()
+        buf[:] = bytes(len(buf))
+        assert {k: bytes(v) for k, v in pool.fetch(hit, out=buf).items()} == want  # from SSD
+        assert all(pool.where("full", k)[0] == "host" for k in hit.full)  # promoted
+        with pytest.raises(ConfigError):
+            pool.fetch(hit, out=bytearray(len(buf) - 1))
     finally:
         pool.close()
