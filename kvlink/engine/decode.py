@@ -130,7 +130,7 @@ class DecodeSide:
             return await asyncio.to_thread(restore_pieces, self.cache, hit, fetched, ref, self.pool_block_size)
 
     def _load_pinned(self, hit: PrefixHit, ref: CacheRef) -> int:
-        entries, release = self.pool.pin_hit(hit)
+        entries, release = self.pool.pin_hit(hit, background=True)  # SSD reads overlap the copies
         try:
             return restore_pieces(self.cache, hit, entries, ref, self.pool_block_size)
         finally:

@@ -11,11 +11,13 @@ from the daemon) is verified before a byte lands in the cache.
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import numpy as np
 import torch
 
 from kvlink.codec import Codec
-from kvlink.errors import ChecksumMismatch, ConfigError, LengthError, PoolError
+from kvlink.errors import ChecksumMismatch, ConfigError, EntryMissing, LengthError, PoolError
 from kvlink.ops.runs import Runs, buffer_pieces, concat, slice_pieces
 from kvlink.pool.index import FULL, SLIDING, STATE, PrefixHit
 from kvlink.pool.slab import Landing
@@ -103,14 +105,20 @@ def restore_pieces(cache: PagedCache, hit: PrefixHit, entries: dict, ref: CacheR
     a list of buffers back to back: pool pages from ``Pool.pin_views``, the daemon's reply) into
     ``ref``'s blocks and slot; returns the tokens restored (``hit.tokens``).
 
+    A value may also be a future of one (``Pool.pin_hit(background=True)``: an entry still
+    being read from SSD), waited for when its turn comes.
+
     The hit is checked against the spec (a full entry per block, the window's blocks, a state
     exactly when the model has states), and each entry's header, token range, layers and
-    components against its group, before anything is written. On a CPU cache the entries'
-    bytes go straight from where they are into the cache, hashed on the way in one native
-    batch, so a :class:`~kvlink.errors.ChecksumMismatch` is raised after the write (only
-    ``ref``'s blocks from the hit and its slot were touched; the caller treats them as not
-    loaded). Elsewhere every checksum is verified first. Raises :class:`PoolError` for a hit or
-    entry of the wrong shape, and the entry's typed error otherwise
+    components against its group, before anything is written (with futures: each entry before
+    it is written). On a CPU cache
+    each entry's bytes go straight from where they are into the cache, hashed on the way (one
+    native batch per entry), so a :class:`~kvlink.errors.ChecksumMismatch` is raised after its
+    write; an error in a later entry leaves the earlier ones written. Only ``ref``'s blocks from
+    the hit and its slot are ever touched: on any error, treat them as not loaded. Elsewhere
+    every checksum is verified before the first write. Raises :class:`PoolError` for a hit or
+    entry of the wrong shape, :class:`EntryMissing` for an entry lost while it was read, and the
+    entry's typed error otherwise
     (:class:`~kvlink.errors.ChecksumMismatch`, :class:`~kvlink.errors.FingerprintMismatch`,
     :class:`~kvlink.errors.IncompatibleLayoutError`, :class:`~kvlink.errors.LengthError`).
     """
@@ -130,26 +138,48 @@ def restore_pieces(cache: PagedCache, hit: PrefixHit, entries: dict, ref: CacheR
     if hit.state is not None:
         jobs.append((STATE, hit.state, hit.tokens, hit.tokens))
     fused = fused_usable(cache, None)
-    checked = []
-    for kind, key, start, end in jobs:
-        header, pieces = entry_segments(entries[(kind, key)])
+    classic = []
+
+    def check(kind: str, key: bytes, start: int, end: int):
+        header, pieces = entry_segments(_resolved(entries[(kind, key)], kind, key))
         span = ref.span(end, start)
         layers = sorted({seg.layer for seg in header.segments})
         if (header.token_start, header.token_end) != (start, end) or layers != groups[kind]:
             raise PoolError(f"{kind} entry {key.hex()[:16]}: tokens [{header.token_start}, {header.token_end}) of "
                             f"layers {layers}, expected [{start}, {end}) of layers {groups[kind]}")
         check_compatible(header, cache, span, _GROUP[kind])
-        checked.append((kind, key, header, pieces, span))
-    if fused and all(seg.codec is Codec.NONE for _, _, header, _, _ in checked for seg in header.segments):
-        _restore_fused(cache, checked)
-        return hit.tokens
-    payloads = [(_joined(header, pieces), span, _GROUP[kind]) for kind, key, header, pieces, span in checked]
-    for payload, _, _ in payloads:
-        payload.verify()  # all of them before the first write
+        return kind, key, header, pieces, span
+
+    def write(entry) -> None:
+        kind, key, header, pieces, span = entry
+        if fused and all(seg.codec is Codec.NONE for seg in header.segments):
+            _restore_fused(cache, [entry])
+        else:
+            classic.append((_joined(header, pieces), span, _GROUP[kind]))
+
+    if any(isinstance(entries[(kind, key)], concurrent.futures.Future) for kind, key, _, _ in jobs):
+        # Entries still being read from SSD: each is written as soon as it is in and checked,
+        # so its copy overlaps the next one's read.
+        for job in jobs:
+            write(check(*job))
+    else:
+        for entry in [check(*job) for job in jobs]:  # all checked before the first write
+            write(entry)
+    for payload, _, _ in classic:
+        payload.verify()  # all of them before their first write
     unpacker = Unpacker(cache)
-    for payload, span, group in payloads:
+    for payload, span, group in classic:
         unpacker.unpack(payload, span, verify=False, group=group)
     return hit.tokens
+
+
+def _resolved(value, kind: str, key: bytes):
+    """An entry value, waiting for it when a pool reader is still bringing it in."""
+    if isinstance(value, concurrent.futures.Future):
+        value = value.result()
+        if value is None:
+            raise EntryMissing(f"{kind} entry {key.hex()[:16]} was lost while it was read; look up again")
+    return value
 
 
 def entry_segments(value) -> tuple[PayloadHeader, list]:

@@ -9,6 +9,8 @@ buffer of its own.
 
 from __future__ import annotations
 
+import concurrent.futures
+
 from kvlink.errors import ChecksumMismatch, EntryMissing, PoolError
 from kvlink.pool.index import FULL, SLIDING, STATE, PrefixHit
 
@@ -18,12 +20,14 @@ class PinnedReads:
     ``levels``, ``policies``, ``ssd``, ``stats``, ``_lock``, ``_pending``) and whose methods it
     calls (``_read``, ``_put_level``, ``evict``, ``landing``)."""
 
-    def pin_views(self, keys: list[tuple[str, bytes]]):
+    def pin_views(self, keys: list[tuple[str, bytes]], background: bool = False):
         """Entries by (kind, key) without copying: for each, a list of buffers (pages in a host
         tier; for an SSD-only entry, the host pages it was just read and promoted into; else a
         buffer of its own) or None if absent; plus ``release()``, to call once the buffers are no
-        longer used (until then the entries cannot be evicted). Raises :class:`PoolError` for an
-        unknown kind (before pinning anything)."""
+        longer used (until then the entries cannot be evicted). With ``background`` the SSD-only
+        entries are read in order by a reader thread and come as futures of the same (so the
+        caller uses the first while the next are read); ``release()`` waits for them. Raises
+        :class:`PoolError` for an unknown kind (before pinning anything)."""
         from kvlink.pool.pool import tier_key
 
         out, pinned, slow = [], [], []
@@ -39,14 +43,25 @@ class PinnedReads:
                 if not self._views_in_memory(tkey, out):
                     slow.append(len(out))
                     out.append(tkey)
-        for i in slow:
-            tkey = out[i]
+        def land(tkey: bytes):
             try:
-                out[i] = self._land_from_ssd(tkey) or [self._read(tkey)]
+                return self._land_from_ssd(tkey) or [self._read(tkey)]
             except PoolError:
-                out[i] = None
+                return None
+
+        futures = []
+        if background and slow:
+            reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvlink-pool-read")
+            for i in slow:
+                out[i] = reader.submit(land, out[i])
+                futures.append(out[i])
+            reader.shutdown(wait=False)  # the thread ends once the queue is read
+        else:
+            for i in slow:
+                out[i] = land(out[i])
 
         def release() -> None:
+            concurrent.futures.wait(futures)  # no reader still writes into pages it pinned
             with self._lock:
                 for entry in pinned:
                     entry.pins -= 1
@@ -54,13 +69,15 @@ class PinnedReads:
 
         return out, release
 
-    def pin_hit(self, hit: PrefixHit):
+    def pin_hit(self, hit: PrefixHit, background: bool = False):
         """Every entry of ``hit`` as :meth:`pin_views` gives them, ``({(kind, key): buffers},
-        release)``. Raises :class:`EntryMissing` (pinning nothing) when one is gone: look up again."""
+        release)``. Raises :class:`EntryMissing` (pinning nothing) when one is gone: look up again.
+        With ``background``, SSD-only entries are futures (resolving to None when the entry was
+        lost meanwhile)."""
         keys = [(FULL, k) for k in hit.full] + [(SLIDING, k) for k in hit.sliding]
         if hit.state is not None:
             keys.append((STATE, hit.state))
-        views, release = self.pin_views(keys)
+        views, release = self.pin_views(keys, background)
         if any(v is None for v in views):
             release()
             raise EntryMissing(f"an entry of this {hit.tokens}-token hit is no longer in the pool; look up again")
