@@ -227,6 +227,7 @@ def bench_daemon(page: int = 512 << 10, rounds: int = 2) -> dict:
     from kvlink.bench import harness
     from kvlink.bench.transfer import model_payloads, raw_baseline
     from kvlink.daemon import PoolClient
+    from kvlink.daemon.auth import DEFAULT_TENANT
     from kvlink.transport.loop import run as run_loop
     from kvlink.pool.index import FULL, PrefixHit
 
@@ -256,9 +257,9 @@ def bench_daemon(page: int = 512 << 10, rounds: int = 2) -> dict:
                     # Warm-up: creates the pool (its slab is allocated on first use) and the
                     # daemon's reply connection, so the figures are steady-state.
                     warm = [(i * 17) % 50000 for i in range(bs)]
-                    await c.put(warm, {(FULL, 0): b"w"})
-                    (await c.get(PrefixHit(bs, tuple(PrefixIndex(get_preset(model), bs).hashes(warm)), (), None, bs,
-                                           ""))).release()
+                    index = PrefixIndex(get_preset(model), bs, namespace=DEFAULT_TENANT)  # the daemon's keys
+                    assert (await c.put(warm, {(FULL, 0): blobs[0]})).stored == 1
+                    (await c.get(PrefixHit(bs, tuple(index.hashes(warm)), (), None, bs, ""))).release()
                     puts, gets, raws = [], [], []
                     # Each round: a new prompt (new entries), its get, then the raw-socket baseline
                     # on the same bytes, so drift on a shared machine hits all three alike.
@@ -267,7 +268,7 @@ def bench_daemon(page: int = 512 << 10, rounds: int = 2) -> dict:
                         t0 = time.perf_counter()
                         await c.put(prompt, pieces)
                         puts.append(time.perf_counter() - t0)
-                        keys = tuple(PrefixIndex(get_preset(model), bs).hashes(prompt))
+                        keys = tuple(index.hashes(prompt))
                         t0 = time.perf_counter()
                         with await c.get(PrefixHit(len(prompt), keys, (), None, len(prompt), "")) as got:
                             gets.append(time.perf_counter() - t0)
