@@ -152,9 +152,8 @@ def restore_pieces(cache: PagedCache, hit: PrefixHit, entries: dict, ref: CacheR
 
     def write(entry) -> None:
         kind, key, header, pieces, span = entry
-        if fused and all(seg.codec is Codec.NONE for seg in header.segments):
-            _restore_fused(cache, [entry])
-        else:
+        if not (fused and all(seg.codec is Codec.NONE for seg in header.segments)
+                and _restore_fused(cache, [entry])):
             classic.append((_joined(header, pieces), span, _GROUP[kind]))
 
     if any(isinstance(entries[(kind, key)], concurrent.futures.Future) for kind, key, _, _ in jobs):
@@ -225,8 +224,10 @@ def _joined(header: PayloadHeader, pieces: list) -> Payload:
     return Payload(header, datas)
 
 
-def _restore_fused(cache: PagedCache, checked: list) -> None:
-    """Every segment of every entry straight into the cache in one batch of copy-and-hash runs."""
+def _restore_fused(cache: PagedCache, checked: list) -> bool:
+    """Every segment of every entry straight into the cache in one batch of copy-and-hash runs.
+    False, having written nothing, when a plane's layout cannot be described by runs (e.g.
+    head-major blocks, where a token's values are not adjacent): the classic path does it then."""
     runs, names = Runs(), []
     for kind, key, header, pieces, span in checked:
         ids, ids_host = span.block_ids_checked(cache)
@@ -237,10 +238,11 @@ def _restore_fused(cache: PagedCache, checked: list) -> None:
             if len(src[0]) != 1 or not add_segment(runs, cache, seg, ids_at, slot, int(src[0][0]), scatter=True):
                 dst = segment_pieces(cache, seg, ids_np, slot)
                 if dst is None:
-                    raise PoolError(f"{cache.spec.name}: layer {seg.layer}'s layout cannot be written by runs")
+                    return False
                 runs.add(src, dst)
             names.append((f"{kind} entry {key.hex()[:16]} layer {seg.layer} "
                           f"{cache.spec.layers[seg.layer].components[seg.component].name}", seg.checksum))
     for (name, expect), digest in zip(names, runs.run()):
         if digest != expect:
             raise ChecksumMismatch(name, expect, digest)
+    return True

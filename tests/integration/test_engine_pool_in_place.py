@@ -5,6 +5,8 @@ bit-exact, and a corrupt entry raises a typed error that touches only the reques
 
 import random
 
+import torch
+
 import pytest
 
 from kvlink.config import PoolConfig
@@ -137,5 +139,41 @@ def test_fetch_into_one_reused_buffer(tmp_path):
         assert all(pool.where("full", k)[0] == "host" for k in hit.full)  # promoted
         with pytest.raises(ConfigError):
             pool.fetch(hit, out=bytearray(len(buf) - 1))
+    finally:
+        pool.close()
+
+
+def test_head_major_blocks_take_the_classic_path():
+    """Regression: a cache whose blocks are head-major ([heads, block, dim] per block, as vLLM's
+    CPU attention keeps them: a token's values are not adjacent) made every pool restore fail
+    with "layout cannot be written by runs"; such planes now take the classic copy."""
+    from kvlink.spec import CacheSpec, Layer, TokenTensor
+
+    heads, dim, bs, nb = 2, 8, 16, 24
+    spec = CacheSpec("head-major", tuple(Layer(tokens=(TokenTensor("k", (heads, dim), "float32"),
+                                                       TokenTensor("v", (heads, dim), "float32"))) for _ in range(2)))
+
+    def head_major(fill):
+        tensors = {}
+        for layer in range(2):
+            for name in ("k", "v"):
+                base = torch.randn(nb, heads, bs, dim) if fill else torch.zeros(nb, heads, bs, dim)
+                tensors[(layer, name)] = base.permute(0, 2, 1, 3)  # [blocks, block, heads, dim], strided
+        return PagedCache(spec, bs, tensors=tensors)
+
+    src, dst = head_major(True), head_major(False)
+    tokens = list(range(128))
+    pool = Pool(spec, PoolConfig(block_size=POOL_BLOCK, host_bytes=16 << 20))
+    try:
+        ref = CacheRef(list(range(8)), 128, 0)
+        holder, side = SyncDecodeSide(src, pool=pool), SyncDecodeSide(dst, pool=pool)
+        try:
+            assert holder.store(tokens, ref).stored == 2
+            dst_ref = CacheRef(list(range(16, 24)), 128, 0)
+            assert side.load_from_pool(side.lookup(tokens), dst_ref) == 128
+            assert packed(src, ref) == packed(dst, dst_ref)
+        finally:
+            holder.close()
+            side.close()
     finally:
         pool.close()
