@@ -6,6 +6,7 @@ destination's spec segment by segment before any byte is written.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -39,7 +40,7 @@ class SegmentLayout:
     shape: tuple[int, ...]
     token_start: int
 
-    @property
+    @functools.cached_property  # layouts are remembered and asked for their size per segment
     def numel(self) -> int:
         return math.prod(self.shape)
 
@@ -47,7 +48,7 @@ class SegmentLayout:
     def torch_dtype(self) -> torch.dtype:
         return TORCH_DTYPES[self.dtype]
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return self.numel * self.torch_dtype.itemsize
 

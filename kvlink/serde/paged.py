@@ -293,6 +293,12 @@ class CacheRef:
         """The same blocks and slots for tokens ``[token_start, num_tokens)``."""
         return replace(self, num_tokens=num_tokens, token_start=token_start)
 
+    def with_host_ids(self) -> "CacheRef":
+        """The same reference with its block ids as one int64 host tensor: spans of it then skip
+        converting a long id list again and again (a request packed pool block by pool block).
+        Raises :class:`ConfigError` for ids that are not integers."""
+        return replace(self, block_ids=_block_ids(self.block_ids))
+
     def block_ids_checked(self, cache: PagedCache) -> tuple[torch.Tensor, list[int]]:
         """Validated block ids covering [0, num_tokens): on the cache's device, and as a host list.
 
