@@ -57,7 +57,7 @@ def pack_pieces(cache: PagedCache, ref: CacheRef, pool_block: int, first_block: 
     own when it is full) and appended to ``held``; release them once the pieces were sent.
     """
     check_block_size(cache, pool_block)
-    ref = ref.with_host_ids()
+    ref = ref.checked(cache)
     packer = Packer(cache, staging=staging, overflow=True)
     groups = _groups(cache)
     nblocks = ref.num_tokens // pool_block
@@ -124,7 +124,7 @@ def restore_pieces(cache: PagedCache, hit: PrefixHit, entries: dict, ref: CacheR
     :class:`~kvlink.errors.IncompatibleLayoutError`, :class:`~kvlink.errors.LengthError`).
     """
     check_block_size(cache, pool_block)
-    ref = ref.with_host_ids()
+    ref = ref.span(hit.tokens).checked(cache)  # the ids the hit needs, validated once
     groups = _groups(cache)
     blocks = hit.tokens // pool_block
     window = -(-cache.spec.window_tokens // pool_block) if groups[SLIDING] else 0

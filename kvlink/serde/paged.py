@@ -18,6 +18,7 @@ element-wise through the view, never by reshaping the engine's tensor.
 from __future__ import annotations
 
 import operator
+from collections import abc
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Mapping, Sequence
@@ -293,11 +294,13 @@ class CacheRef:
         """The same blocks and slots for tokens ``[token_start, num_tokens)``."""
         return replace(self, num_tokens=num_tokens, token_start=token_start)
 
-    def with_host_ids(self) -> "CacheRef":
-        """The same reference with its block ids as one int64 host tensor: spans of it then skip
-        converting a long id list again and again (a request packed pool block by pool block).
-        Raises :class:`ConfigError` for ids that are not integers."""
-        return replace(self, block_ids=_block_ids(self.block_ids))
+    def checked(self, cache: PagedCache) -> "CacheRef":
+        """The same reference with its block ids validated for ``cache`` once (as
+        :meth:`block_ids_checked` does): its spans then skip converting and checking a long id
+        list again and again (a request packed pool block by pool block). Raises as
+        :meth:`block_ids_checked`."""
+        ids, host = self.block_ids_checked(cache)
+        return replace(self, block_ids=CheckedIds(cache, ids, host))
 
     def block_ids_checked(self, cache: PagedCache) -> tuple[torch.Tensor, list[int]]:
         """Validated block ids covering [0, num_tokens): on the cache's device, and as a host list.
@@ -307,6 +310,8 @@ class CacheRef:
         truncated), too few or repeated ids, an id out of range, or a bad ``num_tokens`` or
         ``token_start``.
         """
+        if isinstance(self.block_ids, CheckedIds) and self.block_ids.cache is cache:
+            return self.block_ids.cover(self)
         ids = _block_ids(self.block_ids)
         num_tokens = _index(self.num_tokens, "num_tokens")
         _index(self.token_start, "token_start")
@@ -340,8 +345,38 @@ class CacheRef:
         return slot
 
 
+class CheckedIds(abc.Sequence):
+    """Block ids already validated for one cache (:meth:`CacheRef.checked`): a sequence of ints,
+    kept as the device tensor and host list that validation returns."""
+
+    def __init__(self, cache: PagedCache, ids: torch.Tensor, host: list[int]):
+        self.cache, self.ids, self.host = cache, ids, host
+
+    def __len__(self) -> int:
+        return len(self.host)
+
+    def __getitem__(self, i):
+        return self.host[i]
+
+    def cover(self, ref: CacheRef) -> tuple[torch.Tensor, list[int]]:
+        """:meth:`CacheRef.block_ids_checked` for a span of the validated reference: only the
+        token range is checked again (the ids were: range, repeats)."""
+        num_tokens, token_start = _index(ref.num_tokens, "num_tokens"), _index(ref.token_start, "token_start")
+        bs = self.cache.block_size
+        if not self.cache.num_blocks:
+            return self.ids[:0], []
+        need = -(-num_tokens // bs)
+        if num_tokens < 0 or need > len(self.host):
+            raise ConfigError(f"{len(self.host)} blocks cannot hold {num_tokens} tokens of block size {bs}")
+        if not 0 <= token_start <= num_tokens or token_start % bs:
+            raise ConfigError(f"token_start {token_start} must be a multiple of {bs} within [0, {num_tokens}]")
+        return self.ids[:need], self.host[:need]
+
+
 def _block_ids(block_ids) -> torch.Tensor:
     """Block ids as a flat int64 host tensor; non-integer ids are a :class:`ConfigError`."""
+    if isinstance(block_ids, CheckedIds):
+        block_ids = block_ids.host
     try:
         ids = torch.as_tensor(block_ids)
     except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
