@@ -63,17 +63,14 @@ def pack_pieces(cache: PagedCache, ref: CacheRef, pool_block: int, first_block: 
     nblocks = ref.num_tokens // pool_block
     direct = landing is not None and fused_usable(cache, None)
     pieces: dict = {}
+    landed = []  # (ref, layers, group, into) packed together once every room is reserved
 
     def pack(key, span, kind, group):
         if direct:
             room = landing(packer.wire_nbytes(span, groups[kind], group))
             if room is not None:
-                try:
-                    packer.pack(span, groups[kind], group=group, into=room.view)
-                except BaseException:
-                    room.release()
-                    raise
                 pieces[key] = room
+                landed.append((span, groups[kind], group, room.view))
                 return
         payload = packer.pack(span, groups[kind], group=group)
         if held is not None:
@@ -88,6 +85,8 @@ def pack_pieces(cache: PagedCache, ref: CacheRef, pool_block: int, first_block: 
                     pack((kind, b), span, kind, _GROUP[kind])
         if groups[STATE] and nblocks and nblocks * pool_block == ref.num_tokens:
             pack((STATE, nblocks - 1), ref.span(ref.num_tokens, ref.num_tokens), STATE, "state")
+        if landed:
+            packer.pack_into_many(landed)  # the whole request in one native batch
     except BaseException:
         release_pieces(pieces)
         raise
@@ -164,7 +163,11 @@ def restore_pieces(cache: PagedCache, hit: PrefixHit, entries: dict, ref: CacheR
         for job in jobs:
             write(check(*job))
     else:
-        for entry in [check(*job) for job in jobs]:  # all checked before the first write
+        checked = [check(*job) for job in jobs]  # all checked before the first write
+        plain = [e for e in checked if all(seg.codec is Codec.NONE for seg in e[2].segments)]
+        if fused and len(plain) == len(checked) and _restore_fused(cache, checked):
+            return hit.tokens  # every entry in one native batch
+        for entry in checked:
             write(entry)
     for payload, _, _ in classic:
         payload.verify()  # all of them before their first write

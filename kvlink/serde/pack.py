@@ -75,16 +75,12 @@ class Packer:
         layer listed twice or an ``into`` that does not fit, :class:`SpecError` for a bad layer or
         group and :class:`StagingExhausted` when the staging area is full.
         """
-        cache, spec = self.cache, self.cache.spec
-        layers = list(range(spec.num_layers) if layers is None else layers)
-        if len(set(layers)) != len(layers):
-            raise ConfigError("a layer is listed twice")
-        ids, ids_host = ref.block_ids_checked(cache)
-        layouts = payload_segments(spec, layers, ref.token_start, ref.num_tokens, group)
-        slots = {s.layer: ref.slot(cache, s.layer) for s in layouts if s.is_state}
-        codecs = [choose_codec(seg, self.codec, (codecs or {}).get(i)) for i, seg in enumerate(layouts)]
+        cache = self.cache
         if into is not None:
-            return self._pack_into(ref, layouts, codecs, ids, ids_host, slots, into)
+            if any(Codec.parse(c) is not Codec.NONE for c in (codecs or {}).values()):
+                raise ConfigError("packing into a buffer needs uncompressed segments")
+            return self.pack_into_many([(ref, layers, group, into)])[0]
+        layouts, codecs, ids, ids_host, slots = self._plan(ref, layers, codecs, group)
         offsets, total = [], 0
         for seg in layouts:
             offsets.append(total)
@@ -140,30 +136,56 @@ class Packer:
                 raise
             return StagingLease.standalone(total, pin=self.staging.pinned)
 
-    def _pack_into(self, ref: CacheRef, layouts, codecs, ids, ids_host, slots, into) -> Payload:
-        view = memoryview(into).cast("B")
-        header_len = PREFIX.size + ENTRY.size * len(layouts)
-        need = header_len + sum(seg.nbytes for seg in layouts)
-        if view.nbytes != need or view.readonly:
-            raise ConfigError(f"packing into a {'read-only ' if view.readonly else ''}buffer of {view.nbytes} bytes, "
-                              f"the payload needs {need}")
-        if any(codec is not Codec.NONE for codec in codecs) or not fused_usable(self.cache, self.backend):
-            raise ConfigError("packing into a buffer needs uncompressed segments of a CPU cache")
-        offsets, at = [], header_len
-        for seg in layouts:
-            offsets.append(at)
-            at += seg.nbytes
-        results = self._copy_fused(layouts, offsets, codecs, torch.frombuffer(view, dtype=torch.uint8), ids_host, slots)
-        for i, seg in enumerate(layouts):
-            if results[i] is None:  # a layout the runs cannot describe: gather apart, then place it
-                raw = self._gather(seg, torch.empty(seg.nbytes, dtype=torch.uint8), 0, ids, ids_host,
-                                   slots.get(seg.layer, -1))
-                out = view[offsets[i]: offsets[i] + seg.nbytes]
-                out[:] = memoryview(raw.reshape(-1).view(torch.uint8).numpy())
-                results[i] = (out, checksum(out))
-        payload = self._payload(ref, layouts, codecs, results, None)
-        view[:header_len] = payload.header_bytes()
-        return payload
+    def _plan(self, ref: CacheRef, layers, codecs, group):
+        spec = self.cache.spec
+        layers = list(range(spec.num_layers) if layers is None else layers)
+        if len(set(layers)) != len(layers):
+            raise ConfigError("a layer is listed twice")
+        ids, ids_host = ref.block_ids_checked(self.cache)
+        layouts = payload_segments(spec, layers, ref.token_start, ref.num_tokens, group)
+        slots = {s.layer: ref.slot(self.cache, s.layer) for s in layouts if s.is_state}
+        codecs = [choose_codec(seg, self.codec, (codecs or {}).get(i)) for i, seg in enumerate(layouts)]
+        return layouts, codecs, ids, ids_host, slots
+
+    def pack_into_many(self, items) -> list[Payload]:
+        """``pack(ref, layers, group=group, into=into)`` for each ``(ref, layers, group, into)``
+        (a request's pool entries), every segment of all of them copied and hashed in one native
+        batch. Raises as :meth:`pack` does, before anything is copied."""
+        runs, plans = Runs(), []
+        for ref, layers, group, into in items:
+            layouts, codecs, ids, ids_host, slots = self._plan(ref, layers, None, group)
+            view = memoryview(into).cast("B")
+            header_len = PREFIX.size + ENTRY.size * len(layouts)
+            need = header_len + sum(seg.nbytes for seg in layouts)
+            if view.nbytes != need or view.readonly:
+                raise ConfigError(f"packing into a {'read-only ' if view.readonly else ''}buffer of {view.nbytes} "
+                                  f"bytes, the payload needs {need}")
+            if any(codec is not Codec.NONE for codec in codecs) or not fused_usable(self.cache, self.backend):
+                raise ConfigError("packing into a buffer needs uncompressed segments of a CPU cache")
+            offsets, at = [], header_len
+            for seg in layouts:
+                offsets.append(at)
+                at += seg.nbytes
+            buf = torch.frombuffer(view, dtype=torch.uint8)
+            plans.append((ref, layouts, codecs, ids, ids_host, slots, view, offsets, header_len,
+                          self._add_fused(runs, layouts, offsets, codecs, buf, ids_host, slots)))
+        digests = iter(runs.run())
+        payloads = []
+        for ref, layouts, codecs, ids, ids_host, slots, view, offsets, header_len, placed in plans:
+            results: list = [None] * len(layouts)
+            for i, out in placed:
+                results[i] = (memoryview(out.numpy()), next(digests))
+            for i, seg in enumerate(layouts):
+                if results[i] is None:  # a layout the runs cannot describe: gather apart, then place it
+                    raw = self._gather(seg, torch.empty(seg.nbytes, dtype=torch.uint8), 0, ids, ids_host,
+                                       slots.get(seg.layer, -1))
+                    out = view[offsets[i]: offsets[i] + seg.nbytes]
+                    out[:] = memoryview(raw.reshape(-1).view(torch.uint8).numpy())
+                    results[i] = (out, checksum(out))
+            payload = self._payload(ref, layouts, codecs, results, None)
+            view[:header_len] = payload.header_bytes()
+            payloads.append(payload)
+        return payloads
 
     def pack_layer(self, ref: CacheRef, layer: int) -> Payload:
         """Pack one layer on its own, e.g. as soon as prefill has produced it."""
@@ -185,10 +207,19 @@ class Packer:
         checksum is computed while the bytes are in cache); ``(data, checksum)`` per segment,
         None for those left to the classic path."""
         results: list = [None] * len(layouts)
+        runs = Runs()
+        placed = self._add_fused(runs, layouts, offsets, codecs, buf, ids_host, slots)
+        for (i, out), digest in zip(placed, runs.run()):
+            results[i] = (memoryview(out.numpy()), digest)
+        return results
+
+    def _add_fused(self, runs: Runs, layouts, offsets, codecs, buf: torch.Tensor, ids_host, slots) -> list:
+        """Add the segments the native runs can copy to ``runs``: ``[(index, destination)]``, in
+        the order of their digests."""
         if not fused_usable(self.cache, self.backend):
-            return results
+            return []
         ids_np = np.asarray(ids_host, np.int64)
-        runs, placed = Runs(), []
+        placed = []
         ids_at = runs.block_ids(ids_np)
         for i, (seg, off, codec) in enumerate(zip(layouts, offsets, codecs)):
             if codec is not Codec.NONE:
@@ -201,9 +232,7 @@ class Packer:
                     continue
                 runs.add(src, buffer_pieces(out))
             placed.append((i, out))
-        for (i, out), digest in zip(placed, runs.run()):
-            results[i] = (memoryview(out.numpy()), digest)
-        return results
+        return placed
 
     def _finish(self, job) -> tuple[object, int]:
         codec, raw, ready = job
