@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 
-from kvlink.errors import ChecksumMismatch, EntryMissing, PoolError
+from kvlink.errors import ChecksumMismatch, EntryMissing, KvlinkError, PoolError
 from kvlink.pool.index import FULL, SLIDING, STATE, PrefixHit
 
 
@@ -46,10 +46,26 @@ class PinnedReads:
         def land(tkey: bytes):
             try:
                 return self._land_from_ssd(tkey) or [self._read(tkey)]
-            except PoolError:
+            except KvlinkError:  # lost, corrupt or unreadable: absent to the caller
                 return None
 
-        futures = []
+        futures: list = []
+
+        def release() -> None:
+            concurrent.futures.wait(futures)  # no reader still writes into pages it pinned
+            with self._lock:
+                for entry in pinned:
+                    entry.pins -= 1
+                pinned.clear()
+
+        try:
+            self._land_all(out, slow, background, land, futures)
+        except BaseException:
+            release()  # nothing stays pinned for a caller that never gets release()
+            raise
+        return out, release
+
+    def _land_all(self, out: list, slow: list, background: bool, land, futures: list) -> None:
         if background and slow:
             reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvlink-pool-read")
             for i in slow:
@@ -59,15 +75,6 @@ class PinnedReads:
         else:
             for i in slow:
                 out[i] = land(out[i])
-
-        def release() -> None:
-            concurrent.futures.wait(futures)  # no reader still writes into pages it pinned
-            with self._lock:
-                for entry in pinned:
-                    entry.pins -= 1
-                pinned.clear()
-
-        return out, release
 
     def pin_hit(self, hit: PrefixHit, background: bool = False):
         """Every entry of ``hit`` as :meth:`pin_views` gives them, ``({(kind, key): buffers},

@@ -193,7 +193,9 @@ class SlabTier:
             # One native job: each piece hashed (when asked) and copied while in cache, on all cores.
             runs = Runs()
             runs.add(concat([buffer_pieces(src) for src in srcs if src.numel()]), self._page_pieces(pages, nbytes))
+            chunks = list(self._chunks)  # the native copy holds no reference: a close() must not free them
             got = runs.run(hash=want_hash, stream=True)[0]
+            del chunks
             return self._record(key, pages, nbytes, got if want_hash else digest)
         # Hash each span right after copying it, while it is still in cache (host tiers).
         hasher = xxhash.xxh3_64() if want_hash and self.device.type == "cpu" else None
@@ -329,7 +331,9 @@ class SlabTier:
         if self.device.type == "cpu" and dst.device.type == "cpu" and entry.nbytes:
             runs = Runs()
             runs.add(self._page_pieces(entry.pages, entry.nbytes), buffer_pieces(dst))
+            chunks = list(self._chunks)  # the native copy holds no reference: a close() must not free them
             got = runs.run(hash=verify, stream=False)[0]  # the caller reads it next: keep it in cache
+            del chunks
             return self._verified(key, entry, dst, got if verify else entry.digest)
         hasher = xxhash.xxh3_64() if verify and dst.device.type == "cpu" else None
         if len(entry.pages) == 1 and entry.nbytes == self.page_bytes and hasher is None:

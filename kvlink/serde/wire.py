@@ -159,6 +159,8 @@ def parse_header(buf) -> PayloadHeader:
         bound = encoded_bound(codec, raw_nbytes, seg.numel, 1 << cparam if codec is Codec.FP8_E4M3 else 128)
         if off != offset or length > bound:
             raise LengthError(f"{where} ({seg.name}): offset {off} / length {length} out of place or beyond {bound}")
+        if codec is Codec.NONE and length != raw_nbytes:  # copiers trust an uncompressed segment's shape
+            raise LengthError(f"{where} ({seg.name}): uncompressed length {length}, its shape holds {raw_nbytes}")
         offset += length
         segments.append(seg)
     if offset != body_len:

@@ -177,3 +177,23 @@ def test_head_major_blocks_take_the_classic_path():
             side.close()
     finally:
         pool.close()
+
+
+def test_a_failed_read_leaves_nothing_pinned(tmp_path, monkeypatch):
+    """Regression: an error other than PoolError while an SSD entry was read left every entry of
+    the call pinned for good (never evictable), as the caller never got release()."""
+    pool, _, _, _ = stored_pool(tmp_path, write_mode="through")
+    try:
+        pool.evict(1 << 40)
+        pool.drain()
+        hit = pool.lookup(TOKENS)
+
+        def broken(tkey):
+            raise RuntimeError("disk controller on fire")
+
+        monkeypatch.setattr(pool, "_land_from_ssd", broken)
+        with pytest.raises(RuntimeError):
+            pool.pin_hit(hit)
+        assert all(e.pins == 0 for e in pool.index.entries())
+    finally:
+        pool.close()

@@ -122,3 +122,26 @@ def test_token_counts_beyond_the_wire_field_are_typed():
     states_only = PagedCache.allocate(CacheSpec("states", (LinearAttention((2, 2)),)), 0, P, fill="zeros")
     with pytest.raises(SpecError, match="bad token range"):  # was struct.error from the header encoder
         Packer(states_only).pack(CacheRef([], 1 << 32, 0, 1 << 32))
+
+
+def test_a_short_uncompressed_segment_is_refused_before_any_byte_is_read_or_written():
+    """Regression: a re-sealed entry whose last uncompressed segment was cut short passed the
+    header checks; the fused restore copied its shape's worth of bytes from the segment's start,
+    reading past the entry's end into the cache (then raised ChecksumMismatch)."""
+    from kvlink.errors import LengthError
+    from tests.unit.test_codec_bombs import reseal, split
+
+    src, dst = caches()
+    entries = entries_of(src)
+    hit = hit_for(entries)
+    key = (FULL, hit.full[1])
+    header, datas = split(entries[key])
+    datas[-1] = datas[-1][:-8]
+    marker = bytearray(reseal(header, datas)) + b"\xab" * 8  # what a short read would take in
+    entries[key] = memoryview(marker)[:-8]
+    with pytest.raises(LengthError, match="uncompressed length"):
+        Payload.from_buffer(entries[key])
+    before = snapshot(dst)
+    with pytest.raises(LengthError):
+        restore_pieces(dst, hit, entries, REF, P)
+    assert same(snapshot(dst), before)
