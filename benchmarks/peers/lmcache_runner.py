@@ -210,18 +210,6 @@ class Side:
                 return backend
         raise RuntimeError(f"no disk backend among {list(sm.storage_backends)}")
 
-    def drop_cache(self) -> int:
-        n = 0
-        for path in glob.glob(os.path.join(self.disk, "**", "*"), recursive=True):
-            if os.path.isfile(path):
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
-                n += 1
-        return n
-
     def retrieve(self) -> dict:
         for t in self.dst:
             t.zero_()
@@ -265,8 +253,6 @@ def main() -> int:
                       digests=[digest(t[kv]) for t in side.src for kv in range(2)])
             elif op == "store":
                 reply(ok=True, **side.store())
-            elif op == "drop_cache":
-                reply(ok=True, files=side.drop_cache())
             elif op == "retrieve":
                 reply(ok=True, **side.retrieve())
             elif op == "clear":

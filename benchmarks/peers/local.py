@@ -297,7 +297,7 @@ def ssd_tier(shape: Shape, rounds: int, log, where: str | None) -> Comparison:
                 return
             try:
                 put = lm.call("store")
-                lm.call("drop_cache")
+                _drop_page_cache(base / "lmcache")
                 got = lm.call("retrieve")
                 lm.call("clear")
             except PeerFailed as exc:

@@ -73,8 +73,8 @@ class DecodeSide:
                  arena_bytes: int = DEFAULT_ARENA_BYTES):
         """``arena_bytes``: a receive arena (pinned when CUDA exists, pre-faulted otherwise) that
         arriving layers land in, reused from request to request, and as much for packing a daemon
-        pool's puts (made on the first); what does not fit gets a buffer of its own (0: always). Raises :class:`ConfigError` for a pool without a block
-        size or a negative ``arena_bytes``."""
+        pool's puts (made on the first); what does not fit gets a buffer of its own (0: always).
+        Raises :class:`ConfigError` for a pool without a block size or a negative ``arena_bytes``."""
         if arena_bytes < 0:
             raise ConfigError(f"arena_bytes must be >= 0, got {arena_bytes}")
         self.cache = cache

@@ -112,9 +112,10 @@ def restore_pieces(cache: PagedCache, hit: PrefixHit, entries: dict, ref: CacheR
     exactly when the model has states), and each entry's header, token range, layers and
     components against its group, before anything is written (with futures: each entry before
     it is written). On a CPU cache
-    each entry's bytes go straight from where they are into the cache, hashed on the way (one
-    native batch per entry), so a :class:`~kvlink.errors.ChecksumMismatch` is raised after its
-    write; an error in a later entry leaves the earlier ones written. Only ``ref``'s blocks from
+    the entries' bytes go straight from where they are into the cache, hashed on the way (one
+    native batch for the hit; one per entry while entries are still arriving), so a
+    :class:`~kvlink.errors.ChecksumMismatch` is raised after the write; with arriving entries an
+    error in a later entry leaves the earlier ones written. Only ``ref``'s blocks from
     the hit and its slot are ever touched: on any error, treat them as not loaded. Elsewhere
     every checksum is verified before the first write. Raises :class:`PoolError` for a hit or
     entry of the wrong shape, :class:`EntryMissing` for an entry lost while it was read, and the
@@ -142,33 +143,30 @@ def restore_pieces(cache: PagedCache, hit: PrefixHit, entries: dict, ref: CacheR
     classic = []
 
     def check(kind: str, key: bytes, start: int, end: int):
-        header, pieces = entry_segments(_resolved(entries[(kind, key)], kind, key))
+        value = _resolved(entries[(kind, key)], kind, key)
+        header, pieces = entry_segments(value)
         span = ref.span(end, start)
         layers = sorted({seg.layer for seg in header.segments})
         if (header.token_start, header.token_end) != (start, end) or layers != groups[kind]:
             raise PoolError(f"{kind} entry {key.hex()[:16]}: tokens [{header.token_start}, {header.token_end}) of "
                             f"layers {layers}, expected [{start}, {end}) of layers {groups[kind]}")
         check_compatible(header, cache, span, _GROUP[kind])
-        return kind, key, header, pieces, span
+        return kind, key, header, pieces, span, value
 
-    def write(entry) -> None:
-        kind, key, header, pieces, span = entry
-        if not (fused and all(seg.codec is Codec.NONE for seg in header.segments)
-                and _restore_fused(cache, [entry])):
-            classic.append((_joined(header, pieces), span, _GROUP[kind]))
+    def write(batch: list) -> None:
+        """The fused copy when it can do all of ``batch``, else the classic path for each."""
+        if not (fused and all(seg.codec is Codec.NONE for e in batch for seg in e[2].segments)
+                and _restore_fused(cache, batch)):
+            classic.extend((_payload_of(header, pieces, value), span, _GROUP[kind])
+                           for kind, key, header, pieces, span, value in batch)
 
     if any(isinstance(entries[(kind, key)], concurrent.futures.Future) for kind, key, _, _ in jobs):
         # Entries still being read from SSD: each is written as soon as it is in and checked,
         # so its copy overlaps the next one's read.
         for job in jobs:
-            write(check(*job))
+            write([check(*job)])
     else:
-        checked = [check(*job) for job in jobs]  # all checked before the first write
-        plain = [e for e in checked if all(seg.codec is Codec.NONE for seg in e[2].segments)]
-        if fused and len(plain) == len(checked) and _restore_fused(cache, checked):
-            return hit.tokens  # every entry in one native batch
-        for entry in checked:
-            write(entry)
+        write([check(*job) for job in jobs])  # all checked before the first write, then one batch
     for payload, _, _ in classic:
         payload.verify()  # all of them before their first write
     unpacker = Unpacker(cache)
@@ -219,8 +217,11 @@ def _first_bytes(bufs: list[memoryview], n: int) -> bytes:
     return b"".join(out)
 
 
-def _joined(header: PayloadHeader, pieces: list) -> Payload:
-    """The entry as a :class:`Payload` over one buffer per segment (copies: the classic path)."""
+def _payload_of(header: PayloadHeader, pieces: list, value) -> Payload:
+    """The entry as a :class:`Payload` for the classic path: over its own buffer when it is one,
+    else joined (an entry split over pages or reply parts: one copy)."""
+    if not isinstance(value, (list, tuple)) or len(value) == 1:
+        return Payload.from_buffer(value[0] if isinstance(value, (list, tuple)) else value)
     runs, datas = Runs(), []
     for src in pieces:
         datas.append(bytearray(int(src[1].sum())))
@@ -234,7 +235,7 @@ def _restore_fused(cache: PagedCache, checked: list) -> bool:
     False, having written nothing, when a plane's layout cannot be described by runs (e.g.
     head-major blocks, where a token's values are not adjacent): the classic path does it then."""
     runs, names = Runs(), []
-    for kind, key, header, pieces, span in checked:
+    for kind, key, header, pieces, span, _ in checked:
         ids, ids_host = span.block_ids_checked(cache)
         ids_np = np.asarray(ids_host, np.int64)
         ids_at = runs.block_ids(ids_np)

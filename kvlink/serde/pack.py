@@ -39,6 +39,11 @@ def choose_codec(seg: SegmentLayout, config: CodecConfig, codec: Codec | None = 
     return codec
 
 
+def _header_nbytes(layouts) -> int:
+    """Bytes of the header of a payload of these segments (see :class:`PayloadHeader`)."""
+    return PREFIX.size + ENTRY.size * len(layouts)
+
+
 class Packer:
     """Packs requests (or single layers) of one :class:`PagedCache` into payloads.
 
@@ -61,7 +66,7 @@ class Packer:
         spec = self.cache.spec
         layouts = payload_segments(spec, list(range(spec.num_layers) if layers is None else layers),
                                    ref.token_start, ref.num_tokens, group)
-        return PREFIX.size + ENTRY.size * len(layouts) + sum(seg.nbytes for seg in layouts)
+        return _header_nbytes(layouts) + sum(seg.nbytes for seg in layouts)
 
     def pack(self, ref: CacheRef, layers: Iterable[int] | None = None, codecs: dict[int, Codec] | None = None,
              group: str | None = None, into=None) -> Payload:
@@ -155,7 +160,7 @@ class Packer:
         for ref, layers, group, into in items:
             layouts, codecs, ids, ids_host, slots = self._plan(ref, layers, None, group)
             view = memoryview(into).cast("B")
-            header_len = PREFIX.size + ENTRY.size * len(layouts)
+            header_len = _header_nbytes(layouts)
             need = header_len + sum(seg.nbytes for seg in layouts)
             if view.nbytes != need or view.readonly:
                 raise ConfigError(f"packing into a {'read-only ' if view.readonly else ''}buffer of {view.nbytes} "
@@ -167,20 +172,23 @@ class Packer:
                 offsets.append(at)
                 at += seg.nbytes
             buf = torch.frombuffer(view, dtype=torch.uint8)
-            plans.append((ref, layouts, codecs, ids, ids_host, slots, view, offsets, header_len,
+            plans.append((ref, layouts, codecs, ids, ids_host, slots, view, buf, offsets, header_len,
                           self._add_fused(runs, layouts, offsets, codecs, buf, ids_host, slots)))
         digests = iter(runs.run())
         payloads = []
-        for ref, layouts, codecs, ids, ids_host, slots, view, offsets, header_len, placed in plans:
+        for ref, layouts, codecs, ids, ids_host, slots, view, buf, offsets, header_len, placed in plans:
             results: list = [None] * len(layouts)
             for i, out in placed:
                 results[i] = (memoryview(out.numpy()), next(digests))
             for i, seg in enumerate(layouts):
-                if results[i] is None:  # a layout the runs cannot describe: gather apart, then place it
-                    raw = self._gather(seg, torch.empty(seg.nbytes, dtype=torch.uint8), 0, ids, ids_host,
-                                       slots.get(seg.layer, -1))
+                if results[i] is None:  # a layout the runs cannot describe: the classic gather
                     out = view[offsets[i]: offsets[i] + seg.nbytes]
-                    out[:] = memoryview(raw.reshape(-1).view(torch.uint8).numpy())
+                    if offsets[i] % seg.torch_dtype.itemsize == 0:  # straight into place
+                        self._gather(seg, buf, offsets[i], ids, ids_host, slots.get(seg.layer, -1))
+                    else:  # a typed view of the buffer cannot start there: gather apart, place it
+                        raw = self._gather(seg, torch.empty(seg.nbytes, dtype=torch.uint8), 0, ids, ids_host,
+                                           slots.get(seg.layer, -1))
+                        out[:] = memoryview(raw.reshape(-1).view(torch.uint8).numpy())
                     results[i] = (out, checksum(out))
             payload = self._payload(ref, layouts, codecs, results, None)
             view[:header_len] = payload.header_bytes()
