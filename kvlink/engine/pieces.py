@@ -12,6 +12,7 @@ from the daemon) is verified before a byte lands in the cache.
 from __future__ import annotations
 
 import concurrent.futures
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from kvlink.ops.runs import Runs, buffer_pieces, concat, slice_pieces
 from kvlink.pool.index import FULL, SLIDING, STATE, PrefixHit
 from kvlink.pool.slab import Landing
 from kvlink.serde import CacheRef, Packer, PagedCache, Payload, StagingArena, Unpacker, check_compatible
+from kvlink.serde.entry_plan import EntryPlan, address, entry_plan, register_ids
 from kvlink.serde.fused import add_segment, fused_usable, segment_pieces
 from kvlink.serde.wire import PREFIX, PayloadHeader, parse_header, peek_lengths
 
@@ -142,23 +144,29 @@ def restore_pieces(cache: PagedCache, hit: PrefixHit, entries: dict, ref: CacheR
     fused = fused_usable(cache, None)
     classic = []
 
-    def check(kind: str, key: bytes, start: int, end: int):
+    def check(kind: str, key: bytes, start: int, end: int) -> _Entry:
         value = _resolved(entries[(kind, key)], kind, key)
-        header, pieces = entry_segments(value)
         span = ref.span(end, start)
+        if fused:
+            planned = _planned(cache, value, kind, key, span, groups[kind])
+            if planned is not None:
+                return planned
+        header, pieces = entry_segments(value)
         layers = sorted({seg.layer for seg in header.segments})
         if (header.token_start, header.token_end) != (start, end) or layers != groups[kind]:
             raise PoolError(f"{kind} entry {key.hex()[:16]}: tokens [{header.token_start}, {header.token_end}) of "
                             f"layers {layers}, expected [{start}, {end}) of layers {groups[kind]}")
         check_compatible(header, cache, span, _GROUP[kind])
-        return kind, key, header, pieces, span, value
+        return _Entry(kind, key, span, value, header, pieces)
 
-    def write(batch: list) -> None:
+    def write(batch: list[_Entry]) -> None:
         """The fused copy when it can do all of ``batch``, else the classic path for each."""
-        if not (fused and all(seg.codec is Codec.NONE for e in batch for seg in e[2].segments)
-                and _restore_fused(cache, batch)):
-            classic.extend((_payload_of(header, pieces, value), span, _GROUP[kind])
-                           for kind, key, header, pieces, span, value in batch)
+        if not (fused and all(e.plan is not None or all(seg.codec is Codec.NONE for seg in e.header.segments)
+                              for e in batch) and _restore_fused(cache, batch)):
+            for e in batch:
+                if e.header is None:
+                    e.header, e.pieces = entry_segments(e.value)
+                classic.append((_payload_of(e.header, e.pieces, e.value), e.span, _GROUP[e.kind]))
 
     if any(isinstance(entries[(kind, key)], concurrent.futures.Future) for kind, key, _, _ in jobs):
         # Entries still being read from SSD: each is written as soon as it is in and checked,
@@ -230,25 +238,68 @@ def _payload_of(header: PayloadHeader, pieces: list, value) -> Payload:
     return Payload(header, datas)
 
 
-def _restore_fused(cache: PagedCache, checked: list) -> bool:
+@dataclass
+class _Entry:
+    """One entry of a hit, checked and ready to write: parsed (``header``, ``pieces``), or
+    accepted through its layout's plan (``plan``, its bytes at ``addr``, its ``digests``)."""
+
+    kind: str
+    key: bytes
+    span: CacheRef
+    value: object
+    header: PayloadHeader | None = None
+    pieces: list | None = None
+    plan: EntryPlan | None = None
+    addr: int = 0
+    digests: np.ndarray | None = None
+
+
+def _planned(cache: PagedCache, value, kind: str, key: bytes, span: CacheRef, layers: list[int]) -> _Entry | None:
+    """The entry through the plan of its layout, when it is one buffer holding exactly the
+    payload that plan describes (see :mod:`kvlink.serde.entry_plan`); None to parse it."""
+    bufs = value if isinstance(value, (list, tuple)) else [value]
+    if len(bufs) != 1:
+        return None
+    buf = bufs[0]
+    view = memoryview(buf.numpy() if isinstance(buf, torch.Tensor) else buf).cast("B")
+    plan = entry_plan(cache, tuple(layers), span.token_start, span.num_tokens, _GROUP[kind])
+    if plan is None or view.nbytes != plan.nbytes:
+        return None
+    digests = plan.read_header(np.frombuffer(view[:plan.header_len], np.uint64), f"{kind} entry {key.hex()[:16]}")
+    if digests is None:
+        return None
+    return _Entry(kind, key, span, value, plan=plan, addr=address(view), digests=digests)
+
+
+def _restore_fused(cache: PagedCache, checked: list[_Entry]) -> bool:
     """Every segment of every entry straight into the cache in one batch of copy-and-hash runs.
     False, having written nothing, when a plane's layout cannot be described by runs (e.g.
     head-major blocks, where a token's values are not adjacent): the classic path does it then."""
-    runs, names = Runs(), []
-    for kind, key, header, pieces, span, _ in checked:
-        ids, ids_host = span.block_ids_checked(cache)
+    runs, expect, seen = Runs(), [], {}
+    for e in checked:
+        if e.plan is not None:
+            first = runs.add_planes(e.plan.jobs(e.addr, register_ids(runs, cache, e.span, seen), scatter=True))
+            expect.append((first, e.digests, e, e.plan.layouts))
+            continue
+        ids, ids_host = e.span.block_ids_checked(cache)
         ids_np = np.asarray(ids_host, np.int64)
         ids_at = runs.block_ids(ids_np)
-        for seg, src in zip(header.segments, pieces):
-            slot = span.slot(cache, seg.layer) if seg.is_state else -1
+        for seg, src in zip(e.header.segments, e.pieces):
+            slot = e.span.slot(cache, seg.layer) if seg.is_state else -1
+            at = len(runs)
             if len(src[0]) != 1 or not add_segment(runs, cache, seg, ids_at, slot, int(src[0][0]), scatter=True):
                 dst = segment_pieces(cache, seg, ids_np, slot)
                 if dst is None:
                     return False
                 runs.add(src, dst)
-            names.append((f"{kind} entry {key.hex()[:16]} layer {seg.layer} "
-                          f"{cache.spec.layers[seg.layer].components[seg.component].name}", seg.checksum))
-    for (name, expect), digest in zip(names, runs.run()):
-        if digest != expect:
-            raise ChecksumMismatch(name, expect, digest)
+            expect.append((at, np.array([seg.checksum], np.uint64), e, (seg,)))
+    got = runs.run_digests()
+    for first, want, e, segs in expect:
+        have = got[first:first + len(want)]
+        if not np.array_equal(have, want):
+            i = int(np.flatnonzero(have != want)[0])
+            seg = segs[i]
+            name = cache.spec.layers[seg.layer].components[seg.component].name
+            raise ChecksumMismatch(f"{e.kind} entry {e.key.hex()[:16]} layer {seg.layer} {name}", int(want[i]),
+                                   int(have[i]))
     return True

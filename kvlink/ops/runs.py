@@ -104,20 +104,32 @@ def _align(src: Pieces, dst: Pieces) -> tuple[np.ndarray, np.ndarray, np.ndarray
 class Runs:
     """A batch of jobs, done by one :meth:`run`. Not thread-safe (one builder per call).
 
-    Two kinds of job: :meth:`add` (any two piece lists) and :meth:`add_plane` (a packed segment
-    and token rows of a paged plane, described by a few integers: no per-row Python work)."""
+    Two kinds of job: :meth:`add` (any two piece lists) and plane jobs (:meth:`add_plane`,
+    :meth:`add_planes`: a packed segment and token rows of a paged plane, described by a few
+    integers: no per-row Python work)."""
 
     def __init__(self) -> None:
-        self._kinds: list[bool] = []  # per job: True for a plane job
+        self._chunks: list[tuple[bool, int]] = []  # jobs in the order added: (plane jobs?, how many)
+        self._count = 0
         self._src: list[np.ndarray] = []
         self._dst: list[np.ndarray] = []
         self._len: list[np.ndarray] = []
-        self._planes: list[tuple[int, ...]] = []
+        self._planes: list[np.ndarray] = []  # [n, 8] descriptors
+        self._nplanes = 0
         self._ids: list[np.ndarray] = [np.zeros(1, np.int64)]  # index 0: a block id 0, for single pieces
         self._ids_len = 1
 
     def __len__(self) -> int:
-        return len(self._kinds)
+        return self._count
+
+    def _added(self, plane: bool, n: int) -> int:
+        first = self._count
+        if self._chunks and self._chunks[-1][0] == plane:
+            self._chunks[-1] = (plane, self._chunks[-1][1] + n)
+        else:
+            self._chunks.append((plane, n))
+        self._count += n
+        return first
 
     def add(self, src: Pieces, dst: Pieces | None = None) -> int:
         """Add a job copying ``src`` to ``dst`` (or only hashing ``src``); returns its index.
@@ -132,11 +144,10 @@ class Runs:
         self._src.append(s.astype(np.int64, copy=False))
         self._dst.append(d.astype(np.int64, copy=False))
         self._len.append(n.astype(np.int64, copy=False))
-        self._kinds.append(False)
-        return len(self._kinds) - 1
+        return self._added(False, 1)
 
     def block_ids(self, ids: np.ndarray) -> int:
-        """Register a request's block ids for :meth:`add_plane`; returns their offset."""
+        """Register a request's block ids for plane jobs; returns their offset."""
         at = self._ids_len
         self._ids.append(np.ascontiguousarray(ids, np.int64))
         self._ids_len += len(ids)
@@ -149,49 +160,68 @@ class Runs:
         ``row`` bytes hold tokens; the first ``skip`` bytes of the first row are not part of it.
         ``scatter``: packed -> rows (else rows -> packed). A single piece at ``base``: ``stride``
         0, ``row == length``, ``ids_at`` 0. The caller guarantees every address is in bounds."""
-        self._planes.append((flat, base, stride, row, skip, length, ids_at, int(scatter)))
-        self._kinds.append(True)
-        return len(self._kinds) - 1
+        return self.add_planes(np.array([[flat, base, stride, row, skip, length, ids_at, int(scatter)]], np.int64))
+
+    def add_planes(self, desc: np.ndarray) -> int:
+        """Add ``len(desc)`` plane jobs at once, one :meth:`add_plane` argument list per row of the
+        int64 array ``desc`` (``[n, 8]``, not copied: leave it alone until :meth:`run`); returns
+        the first one's index."""
+        if desc.ndim != 2 or desc.shape[1] != 8 or desc.dtype != np.int64:
+            raise ConfigError(f"plane jobs are [n, 8] int64 rows, got {desc.dtype} {tuple(desc.shape)}")
+        self._planes.append(desc)
+        self._nplanes += len(desc)
+        return self._added(True, len(desc))
 
     def run(self, copy: bool = True, hash: bool = True, stream: bool = True) -> list[int]:
         """Do every job; returns the digests (zeros without ``hash``), in the order added.
         ``stream``: large copies use non-temporal stores (right when the destination is not
         read again soon)."""
-        if not self._kinds:
-            return []
+        return [int(d) for d in self.run_digests(copy, hash, stream)]
+
+    def run_digests(self, copy: bool = True, hash: bool = True, stream: bool = True) -> np.ndarray:
+        """:meth:`run`, the digests as one uint64 array."""
+        out = np.zeros(self._count, np.uint64)
+        if not self._count:
+            return out
         flags = (_HASH if hash else 0) | (_COPY if copy else 0) | (_STREAM if stream else 0)
-        generic = self._run_generic(flags) if self._len else []
-        planes = self._run_planes(flags) if self._planes else []
-        out, gi, pi = [], iter(generic), iter(planes)
-        for is_plane in self._kinds:
-            out.append(next(pi) if is_plane else next(gi))
+        generic = self._run_generic(flags) if self._len else out[:0]
+        planes = self._run_planes(flags) if self._nplanes else out[:0]
+        at, gi, pi = 0, 0, 0
+        for is_plane, n in self._chunks:
+            if is_plane:
+                out[at:at + n] = planes[pi:pi + n]
+                pi += n
+            else:
+                out[at:at + n] = generic[gi:gi + n]
+                gi += n
+            at += n
         return out
 
-    def _run_generic(self, flags: int) -> list[int]:
+    def _run_generic(self, flags: int) -> np.ndarray:
         counts = np.array([len(n) for n in self._len], np.int64)
         starts = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
         src, dst, lens = (np.ascontiguousarray(np.concatenate(x)) for x in (self._src, self._dst, self._len))
         try:
             lib = native.cpu_lib()
         except BackendUnavailable:
-            return reference_runs(src, dst, lens, starts, flags)
+            return np.array(reference_runs(src, dst, lens, starts, flags), np.uint64)
         digests = np.zeros(len(self._len), np.uint64)
         # ctypes releases the GIL for the call: other Python threads (the transport) keep going.
         lib.kvlink_copy_runs(src.ctypes.data, dst.ctypes.data, lens.ctypes.data, starts.ctypes.data,
                              len(self._len), digests.ctypes.data, flags, max(1, min(_threads(), len(self._len))))
-        return [int(d) for d in digests]
+        return digests
 
-    def _run_planes(self, flags: int) -> list[int]:
-        desc = np.array(self._planes, np.int64).reshape(-1)
+    def _run_planes(self, flags: int) -> np.ndarray:
+        desc = np.ascontiguousarray(np.concatenate(self._planes) if len(self._planes) > 1 else self._planes[0])
         ids = np.concatenate(self._ids)
         try:
             lib = native.cpu_lib()
         except BackendUnavailable:
-            return [reference_plane(job, ids, flags) for job in self._planes]
-        digests = np.zeros(len(self._planes), np.uint64)
-        lib.kvlink_plane_runs(desc.ctypes.data, len(self._planes), ids.ctypes.data, digests.ctypes.data, flags,
-                              max(1, min(_threads(), len(self._planes))))
-        return [int(d) for d in digests]
+            return np.array([reference_plane(tuple(int(x) for x in job), ids, flags) for job in desc], np.uint64)
+        digests = np.zeros(len(desc), np.uint64)
+        lib.kvlink_plane_runs(desc.ctypes.data, len(desc), ids.ctypes.data, digests.ctypes.data, flags,
+                              max(1, min(_threads(), len(desc))))
+        return digests
 
 
 def reference_plane(job: tuple[int, ...], ids: np.ndarray, flags: int) -> int:

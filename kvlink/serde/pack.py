@@ -12,6 +12,7 @@ from kvlink.codec.parallel import parallel_map
 from kvlink.config import CodecConfig
 from kvlink.errors import ConfigError, StagingExhausted
 from kvlink.ops.runs import Runs, buffer_pieces
+from kvlink.serde.entry_plan import EntryPlan, address, entry_plan, register_ids
 from kvlink.serde.fused import add_segment, fused_usable, segment_pieces
 from kvlink.serde.layout import SegmentLayout, payload_segments
 from kvlink.serde.paged import CacheRef, PagedCache
@@ -37,6 +38,12 @@ def choose_codec(seg: SegmentLayout, config: CodecConfig, codec: Codec | None = 
     if codec.lossy and seg.dtype not in ("bfloat16", "float16", "float32"):
         raise ConfigError(f"fp8 cannot encode {seg.dtype} ({seg.name})")
     return codec
+
+
+def _check_into(view: memoryview, need: int) -> None:
+    if view.nbytes != need or view.readonly:
+        raise ConfigError(f"packing into a {'read-only ' if view.readonly else ''}buffer of {view.nbytes} "
+                          f"bytes, the payload needs {need}")
 
 
 def _header_nbytes(layouts) -> int:
@@ -84,7 +91,8 @@ class Packer:
         if into is not None:
             if any(Codec.parse(c) is not Codec.NONE for c in (codecs or {}).values()):
                 raise ConfigError("packing into a buffer needs uncompressed segments")
-            return self.pack_into_many([(ref, layers, group, into)])[0]
+            self.pack_into_many([(ref, layers, group, into)])
+            return Payload.from_buffer(into)
         layouts, codecs, ids, ids_host, slots = self._plan(ref, layers, codecs, group)
         offsets, total = [], 0
         for seg in layouts:
@@ -152,48 +160,71 @@ class Packer:
         codecs = [choose_codec(seg, self.codec, (codecs or {}).get(i)) for i, seg in enumerate(layouts)]
         return layouts, codecs, ids, ids_host, slots
 
-    def pack_into_many(self, items) -> list[Payload]:
+    def pack_into_many(self, items) -> None:
         """``pack(ref, layers, group=group, into=into)`` for each ``(ref, layers, group, into)``
         (a request's pool entries), every segment of all of them copied and hashed in one native
-        batch. Raises as :meth:`pack` does, before anything is copied."""
-        runs, plans = Runs(), []
+        batch; each ``into`` then holds its whole payload. An entry whose layout has an
+        :class:`~kvlink.serde.entry_plan.EntryPlan` costs no Python work per segment. Raises as
+        :meth:`pack` does, before anything is copied."""
+        spec = self.cache.spec
+        fused = fused_usable(self.cache, self.backend)
+        planned = fused and all(Codec.parse(c) is Codec.NONE for c in (self.codec.kv_codec, self.codec.state_codec))
+        runs, todo, seen = Runs(), [], {}
         for ref, layers, group, into in items:
-            layouts, codecs, ids, ids_host, slots = self._plan(ref, layers, None, group)
+            layers = tuple(range(spec.num_layers) if layers is None else layers)
+            if len(set(layers)) != len(layers):
+                raise ConfigError("a layer is listed twice")
             view = memoryview(into).cast("B")
-            header_len = _header_nbytes(layouts)
-            need = header_len + sum(seg.nbytes for seg in layouts)
-            if view.nbytes != need or view.readonly:
-                raise ConfigError(f"packing into a {'read-only ' if view.readonly else ''}buffer of {view.nbytes} "
-                                  f"bytes, the payload needs {need}")
-            if any(codec is not Codec.NONE for codec in codecs) or not fused_usable(self.cache, self.backend):
-                raise ConfigError("packing into a buffer needs uncompressed segments of a CPU cache")
-            offsets, at = [], header_len
-            for seg in layouts:
-                offsets.append(at)
-                at += seg.nbytes
-            buf = torch.frombuffer(view, dtype=torch.uint8)
-            plans.append((ref, layouts, codecs, ids, ids_host, slots, view, buf, offsets, header_len,
-                          self._add_fused(runs, layouts, offsets, codecs, buf, ids_host, slots)))
-        digests = iter(runs.run())
-        payloads = []
-        for ref, layouts, codecs, ids, ids_host, slots, view, buf, offsets, header_len, placed in plans:
-            results: list = [None] * len(layouts)
-            for i, out in placed:
-                results[i] = (memoryview(out.numpy()), next(digests))
-            for i, seg in enumerate(layouts):
-                if results[i] is None:  # a layout the runs cannot describe: the classic gather
-                    out = view[offsets[i]: offsets[i] + seg.nbytes]
-                    if offsets[i] % seg.torch_dtype.itemsize == 0:  # straight into place
-                        self._gather(seg, buf, offsets[i], ids, ids_host, slots.get(seg.layer, -1))
-                    else:  # a typed view of the buffer cannot start there: gather apart, place it
-                        raw = self._gather(seg, torch.empty(seg.nbytes, dtype=torch.uint8), 0, ids, ids_host,
-                                           slots.get(seg.layer, -1))
-                        out[:] = memoryview(raw.reshape(-1).view(torch.uint8).numpy())
-                    results[i] = (out, checksum(out))
-            payload = self._payload(ref, layouts, codecs, results, None)
-            view[:header_len] = payload.header_bytes()
-            payloads.append(payload)
-        return payloads
+            plan = None
+            if planned:
+                ids_at = register_ids(runs, self.cache, ref, seen)  # validates ref's range first
+                plan = entry_plan(self.cache, layers, ref.token_start, ref.num_tokens, group)
+            if plan is None:
+                todo.append(self._add_into(runs, ref, layers, group, view, fused))
+                continue
+            _check_into(view, plan.nbytes)
+            todo.append((plan, view, runs.add_planes(plan.jobs(address(view), ids_at, scatter=False))))
+        digests = runs.run_digests()
+        for item in todo:
+            if isinstance(item[0], EntryPlan):
+                plan, view, first = item
+                plan.write_header(np.frombuffer(view[:plan.header_len], np.uint64),
+                                  digests[first:first + len(plan.layouts)])
+            else:
+                self._finish_into(item, digests)
+
+    def _add_into(self, runs: Runs, ref: CacheRef, layers, group, view: memoryview, fused: bool):
+        """The general way of :meth:`pack_into_many` for one entry: its fused segments added to
+        ``runs``; what :meth:`_finish_into` needs afterwards."""
+        layouts, codecs, ids, ids_host, slots = self._plan(ref, layers, None, group)
+        header_len = _header_nbytes(layouts)
+        _check_into(view, header_len + sum(seg.nbytes for seg in layouts))
+        if any(codec is not Codec.NONE for codec in codecs) or not fused:
+            raise ConfigError("packing into a buffer needs uncompressed segments of a CPU cache")
+        offsets, at = [], header_len
+        for seg in layouts:
+            offsets.append(at)
+            at += seg.nbytes
+        buf = torch.frombuffer(view, dtype=torch.uint8)
+        placed = self._add_fused(runs, layouts, offsets, codecs, buf, ids_host, slots)
+        return ref, layouts, codecs, ids, ids_host, slots, view, buf, offsets, header_len, placed, len(runs)
+
+    def _finish_into(self, item, digests: np.ndarray) -> None:
+        ref, layouts, codecs, ids, ids_host, slots, view, buf, offsets, header_len, placed, end = item
+        results: list = [None] * len(layouts)
+        for (i, out), digest in zip(placed, digests[end - len(placed):end]):
+            results[i] = (memoryview(out.numpy()), int(digest))
+        for i, seg in enumerate(layouts):
+            if results[i] is None:  # a layout the runs cannot describe: the classic gather
+                out = view[offsets[i]: offsets[i] + seg.nbytes]
+                if offsets[i] % seg.torch_dtype.itemsize == 0:  # straight into place
+                    self._gather(seg, buf, offsets[i], ids, ids_host, slots.get(seg.layer, -1))
+                else:  # a typed view of the buffer cannot start there: gather apart, place it
+                    raw = self._gather(seg, torch.empty(seg.nbytes, dtype=torch.uint8), 0, ids, ids_host,
+                                       slots.get(seg.layer, -1))
+                    out[:] = memoryview(raw.reshape(-1).view(torch.uint8).numpy())
+                results[i] = (out, checksum(out))
+        view[:header_len] = self._payload(ref, layouts, codecs, results, None).header_bytes()
 
     def pack_layer(self, ref: CacheRef, layer: int) -> Payload:
         """Pack one layer on its own, e.g. as soon as prefill has produced it."""

@@ -113,6 +113,7 @@ class PagedCache:
         self._planes: dict[int, list[tuple[int, torch.Tensor]]] = {}
         self._states: dict[int, list[tuple[int, torch.Tensor]]] = {}
         self._by_component: dict[tuple[int, int], torch.Tensor] = {}
+        self.entry_plans: dict = {}  # payload layouts worked out once (kvlink.serde.entry_plan)
         self.num_blocks = self.num_slots = 0
         used: set = set()
         for i, layer in enumerate(self.spec.layers):
@@ -361,16 +362,22 @@ class CheckedIds(abc.Sequence):
     def cover(self, ref: CacheRef) -> tuple[torch.Tensor, list[int]]:
         """:meth:`CacheRef.block_ids_checked` for a span of the validated reference: only the
         token range is checked again (the ids were: range, repeats)."""
+        need = self.check(ref)
+        return self.ids[:need], self.host[:need]
+
+    def check(self, ref: CacheRef) -> int:
+        """The token range checks of :meth:`cover` alone (no list is sliced): the number of
+        blocks ``ref`` covers. Raises :class:`ConfigError` as :meth:`cover`."""
         num_tokens, token_start = _index(ref.num_tokens, "num_tokens"), _index(ref.token_start, "token_start")
         bs = self.cache.block_size
         if not self.cache.num_blocks:
-            return self.ids[:0], []
+            return 0
         need = -(-num_tokens // bs)
         if num_tokens < 0 or need > len(self.host):
             raise ConfigError(f"{len(self.host)} blocks cannot hold {num_tokens} tokens of block size {bs}")
         if not 0 <= token_start <= num_tokens or token_start % bs:
             raise ConfigError(f"token_start {token_start} must be a multiple of {bs} within [0, {num_tokens}]")
-        return self.ids[:need], self.host[:need]
+        return need
 
 
 def _block_ids(block_ids) -> torch.Tensor:
