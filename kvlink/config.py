@@ -138,7 +138,8 @@ class TransportConfig:
     or ~16 ms at the estimated rate when nothing paces, up to 64 MiB (per-frame cost is what limits
     loopback speed below that: on a 16-core host 16 MiB frames reached 0.77-0.82x of raw sockets
     where 4 MiB frames reached 0.68-0.76x; on 2 cores 64 MiB frames use ~5% less CPU than 16 MiB);
-    4 MiB until the first rate estimate, so concurrent transfers' weights act from the start.
+    4 MiB until the first rate estimate, so concurrent transfers' weights act from the start (a
+    transfer alone on its client: 16 MiB, growing with the rate its acknowledgements show).
     A receiver announcing a smaller ``max_chunk_bytes`` gets frames within it.
 
     Integrity: with ``chunk_checksums=None`` (the default) a sender hashes every chunk (xxh3)

@@ -29,6 +29,7 @@ from kvlink.transport.scheduler import ChunkScheduler
 
 
 _FIRST_RUN = 4 << 20
+_FIRST_RUN_LONE = 16 << 20  # ... and when one transfer has the client to itself
 _PACED_RUN_S = 0.004    # a frame's worth of data when paced ...
 _UNPACED_RUN_S = 0.016  # ... and when TCP alone sets the pace
 
@@ -70,6 +71,8 @@ class TransferClient:
         self._tasks: list[asyncio.Task] = []
         self._closing = False
         self._rr = 0
+        self._early_start: float | None = None  # first DATA sent (sizes frames before an estimate)
+        self._early_acked = 0
         self.stats = collections.Counter()
 
     async def __aenter__(self) -> "TransferClient":
@@ -219,11 +222,26 @@ class TransferClient:
         cap = self._frame_cap()
         rate = self._rate()
         if not rate:
-            # No estimate yet (the first ~100 ms): frames of at most 4 MiB, so the first frames
-            # of concurrent transfers do not commit whole parts before weights can act.
-            return min(cap, max(cfg.grid_bytes, _FIRST_RUN // cfg.grid_bytes * cfg.grid_bytes))
+            # No estimate yet (the first ~100 ms): frames of 4 MiB, so the first frames of
+            # concurrent transfers do not commit whole parts before weights can act. A lone
+            # transfer starts at 16 MiB and grows them with what its acknowledgements show so
+            # far: on a fast path all of a 300 MiB transfer goes before the first estimate, and
+            # the per-frame costs of 4 MiB frames took a sixth of it on loopback.
+            lone = len(self._transfers) <= 1
+            first = max(cfg.grid_bytes, (_FIRST_RUN_LONE if lone else _FIRST_RUN) // cfg.grid_bytes * cfg.grid_bytes)
+            early = self._early_rate() if lone else None
+            if early:
+                first = max(first, int(early * _UNPACED_RUN_S) // cfg.grid_bytes * cfg.grid_bytes)
+            return min(cap, first)
         seconds = _PACED_RUN_S if self._bucket is not None else _UNPACED_RUN_S
         return max(cfg.grid_bytes, min(cap, int(rate * seconds) // cfg.grid_bytes * cfg.grid_bytes))
+
+    def _early_rate(self) -> float | None:
+        """Bytes/s acknowledged since this client first sent, before the controller has an
+        estimate (an underestimate: acknowledgements lag); None before the first one."""
+        if self._early_start is None or not self._early_acked:
+            return None
+        return self._early_acked / max(time.monotonic() - self._early_start, 1e-3)
 
     def _frame_cap(self) -> int:
         """The largest frame every connected receiver takes: ``chunk_bytes``, or less where a
@@ -306,6 +324,7 @@ class TransferClient:
                 t.requeue((part, offset, length), unack=record is None, max_run=self._frame_cap())
                 self._sched.add(t)
             elif t.acked(part, offset, length):
+                self._early_acked += length
                 self.controller.on_ack(length, now - record[0] if record is not None else None)
         self._wake.set()
 
@@ -399,12 +418,15 @@ class TransferClient:
                 announced += len(pairs)
             cc.announced[tid] = announced
         now = time.monotonic()
+        if self._early_start is None:
+            self._early_start = now
         if not cc.inflight:
             cc.last_ack = now  # the progress clock runs only while something is unacknowledged
         cc.inflight[(tid, part, offset)] = (now, length, t)
         cc.inflight_bytes += length
         t.bytes_sent += length
         self.stats["bytes_sent"] += length
+        self.stats["frames_sent"] += 1
         cc.send_data(t, part, offset, t.pieces(chunk), cc.checks(t.verifiable))
 
     # -- control loop ---------------------------------------------------------------------------

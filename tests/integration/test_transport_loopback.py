@@ -599,3 +599,25 @@ async def test_frames_stay_within_a_receivers_smaller_max_chunk():
     assert proxy.data_frames >= 5 and proxy.largest_data_frame == 1 << 20
     await proxy.close()
     await server.close()
+
+
+async def test_a_lone_transfer_sends_large_frames_before_the_first_estimate():
+    # Regression: before any rate estimate every frame was 4 MiB, and a 300 MiB loopback
+    # transfer (all of it sent before the first estimate) spent a sixth of its time on
+    # per-frame costs. Concurrent transfers keep 4 MiB frames, so weights act early.
+    config = TransportConfig(connections=1)
+    server, port = await start_server(config)
+    part = os.urandom(12 << 20)
+    try:
+        async with TransferClient("127.0.0.1", port, FP, config) as client:
+            assert client.controller.bottleneck is None
+            await client.send([part])
+            assert client.stats["frames_sent"] == 1
+        async with TransferClient("127.0.0.1", port, FP, config) as client:
+            both = [client.open(1), client.open(1)]
+            for t in both:
+                t.add_part(0, part)
+            await asyncio.gather(*(t.done() for t in both))
+            assert client.stats["frames_sent"] == 6  # 12 MiB each, in 4 MiB frames
+    finally:
+        await server.close()
