@@ -49,7 +49,10 @@ def transport(model: str, tokens: int, rounds: int, log) -> Comparison:
     cmp.note("Mooncake TE", "batch_transfer_sync_write over TCP, one segment per payload; no checksum "
              "(the benchmark compares digests outside the clock)")
     cmp.note("raw sockets", f"sendall over {STREAMS} connections into recv_into of a preallocated buffer; no checksum")
+    cmp.note("raw sockets + xxh3", "the same, the receiver hashing every byte it receives (xxh3, checked against "
+             "digests made before the clock): the physical cost of verifying a transfer")
     cmp.pair("kvlink", "raw sockets")
+    cmp.pair("kvlink", "raw sockets + xxh3")
     cmp.pair("kvlink", "Mooncake TE")
     cmp.pair("Mooncake TE", "raw sockets")
     sink = harness.SinkProcess(harness.serve_argv(HOST, str((total >> 20) * 2 + 64)))
@@ -80,6 +83,11 @@ def transport(model: str, tokens: int, rounds: int, log) -> Comparison:
             if record:
                 cmp.add("raw sockets", seconds)
 
+        def raw_hashed_round(record: bool) -> None:
+            seconds = raw_baseline(HOST, raw_port, buffers, STREAMS, hashed=True)
+            if record:
+                cmp.add("raw sockets + xxh3", seconds)
+
         def mooncake_round(record: bool) -> None:
             nonlocal target, initiator
             if target is None:
@@ -97,7 +105,7 @@ def transport(model: str, tokens: int, rounds: int, log) -> Comparison:
                 cmp.add("Mooncake TE", got["seconds"])
                 cmp.verified("Mooncake TE", equal)
 
-        _interleave([kvlink_round, mooncake_round, raw_round], rounds)
+        _interleave([kvlink_round, mooncake_round, raw_round, raw_hashed_round], rounds)
     finally:
         for r in (initiator, target):
             if r is not None:
@@ -205,6 +213,11 @@ def daemon(model: str, tokens: int, rounds: int, log) -> Comparison:
                 cmp.add("kvlink put", put)
                 cmp.add("kvlink get", get)
                 cmp.verified("kvlink get", equal)
+
+        def raw_hashed_round(record: bool) -> None:
+            seconds = raw_baseline(HOST, raw_port, buffers, STREAMS, hashed=True)
+            if record:
+                cmp.add("raw sockets + xxh3", seconds)
 
         def mooncake_round(record: bool) -> None:
             nonlocal store
