@@ -214,11 +214,6 @@ def daemon(model: str, tokens: int, rounds: int, log) -> Comparison:
                 cmp.add("kvlink get", get)
                 cmp.verified("kvlink get", equal)
 
-        def raw_hashed_round(record: bool) -> None:
-            seconds = raw_baseline(HOST, raw_port, buffers, STREAMS, hashed=True)
-            if record:
-                cmp.add("raw sockets + xxh3", seconds)
-
         def mooncake_round(record: bool) -> None:
             nonlocal store
             if store is None:

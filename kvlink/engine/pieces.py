@@ -152,11 +152,7 @@ def restore_pieces(cache: PagedCache, hit: PrefixHit, entries: dict, ref: CacheR
             if planned is not None:
                 return planned
         header, pieces = entry_segments(value)
-        layers = sorted({seg.layer for seg in header.segments})
-        if (header.token_start, header.token_end) != (start, end) or layers != groups[kind]:
-            raise PoolError(f"{kind} entry {key.hex()[:16]}: tokens [{header.token_start}, {header.token_end}) of "
-                            f"layers {layers}, expected [{start}, {end}) of layers {groups[kind]}")
-        check_compatible(header, cache, span, _GROUP[kind])
+        _check_header(cache, kind, key, header, span, groups[kind])
         return _Entry(kind, key, span, value, header, pieces)
 
     def write(batch: list[_Entry]) -> None:
@@ -164,8 +160,9 @@ def restore_pieces(cache: PagedCache, hit: PrefixHit, entries: dict, ref: CacheR
         if not (fused and all(e.plan is not None or all(seg.codec is Codec.NONE for seg in e.header.segments)
                               for e in batch) and _restore_fused(cache, batch)):
             for e in batch:
-                if e.header is None:
+                if e.header is None:  # accepted through its plan: parsed and checked now, as any other
                     e.header, e.pieces = entry_segments(e.value)
+                    _check_header(cache, e.kind, e.key, e.header, e.span, groups[e.kind])
                 classic.append((_payload_of(e.header, e.pieces, e.value), e.span, _GROUP[e.kind]))
 
     if any(isinstance(entries[(kind, key)], concurrent.futures.Future) for kind, key, _, _ in jobs):
@@ -181,6 +178,17 @@ def restore_pieces(cache: PagedCache, hit: PrefixHit, entries: dict, ref: CacheR
     for payload, span, group in classic:
         unpacker.unpack(payload, span, verify=False, group=group)
     return hit.tokens
+
+
+def _check_header(cache: PagedCache, kind: str, key: bytes, header: PayloadHeader, span: CacheRef,
+                  layers: list[int]) -> None:
+    """Raise unless an entry's parsed header holds ``layers`` over ``span``'s tokens, as the
+    spec expects them (:class:`PoolError`, or :func:`check_compatible`'s errors)."""
+    got = sorted({seg.layer for seg in header.segments})
+    if (header.token_start, header.token_end) != (span.token_start, span.num_tokens) or got != layers:
+        raise PoolError(f"{kind} entry {key.hex()[:16]}: tokens [{header.token_start}, {header.token_end}) of "
+                        f"layers {got}, expected [{span.token_start}, {span.num_tokens}) of layers {layers}")
+    check_compatible(header, cache, span, _GROUP[kind])
 
 
 def _resolved(value, kind: str, key: bytes):

@@ -31,7 +31,8 @@ from kvlink.serde.wire import CHECKSUM_OFFSET, ENTRY, PREFIX, PayloadHeader, Seg
 _WORD = 8
 _SUM_IN_ENTRY = ENTRY.size - _WORD  # a segment's checksum is the last field of its entry
 _HEADER_SUM = CHECKSUM_OFFSET // _WORD
-_MAX_PLANS = 4096  # per cache: pool block ranges x groups; refilled after a clear
+_MISSING = object()
+_MAX_SEGMENTS = 1 << 17  # per cache, over all its plans (~140 bytes each); the oldest half goes first
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,6 +46,7 @@ class EntryPlan:
     words: np.ndarray  # the header as uint64 words, every checksum zero
     sums: np.ndarray  # index in ``words`` of each segment's checksum
     planes: np.ndarray  # [segments, 8] plane jobs: packed side relative to the payload's start, block ids to ``ids_at``
+    anchor: tuple[int, int, int]  # (layer, component, address) of the first segment's tensor when made
 
     def jobs(self, addr: int, ids_at: int, scatter: bool) -> np.ndarray:
         """The plane jobs of the payload at address ``addr`` (whose bytes the caller owns and
@@ -88,13 +90,17 @@ def entry_plan(cache: PagedCache, layers: tuple[int, ...], token_start: int, tok
     those payloads take the general way. The cache must be a CPU cache."""
     plans = cache.entry_plans
     key = (layers, token_start, token_end, group)
-    try:
-        return plans[key]
-    except KeyError:
-        pass
-    if len(plans) >= _MAX_PLANS:
-        plans.clear()  # bounded; the ranges in use come back on their next call
-    plan = plans[key] = _make(cache, layers, token_start, token_end, group)
+    plan = plans.get(key, _MISSING)
+    if plan is not _MISSING:
+        if plan is None or cache.tensor(*plan.anchor[:2]).data_ptr() == plan.anchor[2]:
+            return plan
+        plans.clear()  # a copy of the cache (deepcopy, unpickled): its plans address the original's memory
+    plan = _make(cache, layers, token_start, token_end, group)
+    plans[key] = plan
+    held = sum(len(p.layouts) for p in plans.values() if p is not None)
+    if held > _MAX_SEGMENTS:  # bounded: the oldest half goes; ranges still in use come back
+        for old in list(plans)[:len(plans) // 2]:
+            del plans[old]
     return plan
 
 
@@ -128,8 +134,10 @@ def _make(cache: PagedCache, layers, token_start: int, token_end: int, group: st
     words = np.frombuffer(encoded, np.uint64).copy()
     words[_HEADER_SUM] = 0
     sums = (PREFIX.size + np.arange(len(layouts)) * ENTRY.size + _SUM_IN_ENTRY) // _WORD
+    first = layouts[0]
+    anchor = (first.layer, first.component, cache.tensor(first.layer, first.component).data_ptr())
     return EntryPlan(layouts, header_len, header_len + offset, words, sums.astype(np.int64),
-                     np.array(rows_out, np.int64))
+                     np.array(rows_out, np.int64), anchor)
 
 
 def register_ids(runs: Runs, cache: PagedCache, ref: CacheRef, seen: dict) -> int:

@@ -227,7 +227,7 @@ class TransferClient:
             # transfer starts at 16 MiB and grows them with what its acknowledgements show so
             # far: on a fast path all of a 300 MiB transfer goes before the first estimate, and
             # the per-frame costs of 4 MiB frames took a sixth of it on loopback.
-            lone = len(self._transfers) <= 1
+            lone = len(self._transfers) <= 1 and self.controller.bottleneck is None  # not after a stall
             first = max(cfg.grid_bytes, (_FIRST_RUN_LONE if lone else _FIRST_RUN) // cfg.grid_bytes * cfg.grid_bytes)
             early = self._early_rate() if lone else None
             if early:

@@ -2,6 +2,7 @@
 makes, and a restore takes the plan only for exactly that header; anything else is parsed and
 refused with the general path's typed error."""
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -107,10 +108,32 @@ def test_every_planned_entry_restores_bit_exact():
 
 def test_plans_per_cache_are_bounded(monkeypatch):
     src, _ = caches()
-    monkeypatch.setattr(plans, "_MAX_PLANS", 2)
-    for block in range(3):
+    monkeypatch.setattr(plans, "_MAX_SEGMENTS", 4)  # two plans of layer 1's k and v
+    for block in range(5):
         plans.entry_plan(src, (1,), block * P, (block + 1) * P, "full")
-        assert len(src.entry_plans) <= 2
+        assert sum(len(p.layouts) for p in src.entry_plans.values()) <= 4
+    assert (( 1,), 4 * P, 5 * P, "full") in src.entry_plans  # the newest stays
+
+
+def test_a_copied_cache_does_not_use_the_originals_plans():
+    # Regression (review): a plan holds the cache tensors' addresses, and a deepcopy of the cache
+    # carried its plans along: a restore into the copy wrote into the original.
+    src, dst = caches()
+    entries = entries_of(src)
+    restore(entries, dst)  # dst's plans are made
+    twin = copy.deepcopy(dst)
+    for t in twin.entry_plans.values():
+        assert t is None or t.anchor[2] != twin.tensor(*t.anchor[:2]).data_ptr()
+    for cache in (dst, twin):
+        for layer in range(3):
+            for _, rows in cache.planes(layer):
+                rows.zero_()
+    before = snapshot(dst)
+    assert restore(entries, twin) == 8
+    assert same(snapshot(dst), before), "the restore into the copy wrote into the original"
+    for layers, group in (((0, 1), "full"), ((2,), "window")):
+        assert (Packer(twin).pack(REF, layers, group=group).tobytes()
+                == Packer(src).pack(REF, layers, group=group).tobytes())
 
 
 def test_plane_jobs_added_in_bulk_keep_their_place_among_other_jobs():
