@@ -227,7 +227,7 @@ class TransferClient:
             # transfer starts at 16 MiB and grows them with what its acknowledgements show so
             # far: on a fast path all of a 300 MiB transfer goes before the first estimate, and
             # the per-frame costs of 4 MiB frames took a sixth of it on loopback.
-            lone = len(self._transfers) <= 1 and self.controller.bottleneck is None  # not after a stall
+            lone = self._lone_early()
             first = max(cfg.grid_bytes, (_FIRST_RUN_LONE if lone else _FIRST_RUN) // cfg.grid_bytes * cfg.grid_bytes)
             early = self._early_rate() if lone else None
             if early:
@@ -235,6 +235,10 @@ class TransferClient:
             return min(cap, first)
         seconds = _PACED_RUN_S if self._bucket is not None else _UNPACED_RUN_S
         return max(cfg.grid_bytes, min(cap, int(rate * seconds) // cfg.grid_bytes * cfg.grid_bytes))
+
+    def _lone_early(self) -> bool:
+        """One transfer on this client and no rate estimate yet (not even a stale one)."""
+        return len(self._transfers) <= 1 and self.controller.bottleneck is None
 
     def _early_rate(self) -> float | None:
         """Bytes/s acknowledged since this client first sent, before the controller has an
@@ -355,7 +359,9 @@ class TransferClient:
         # A connection may hold ~3 frames not yet in the kernel: enough that its writer never
         # waits for the loop at tens of Gbit/s, little enough (~12 ms paced, ~50 ms unpaced) that
         # weights still act.
-        backlog = 3 * self._run_bytes()
+        # A lone transfer before any estimate: one frame, so its larger first frames do not
+        # queue more ahead of a transfer that comes next than 4 MiB ones did.
+        backlog = (1 if self._lone_early() else 3) * self._run_bytes()
         best = None
         n = len(self._conns)
         for k in range(n):
