@@ -103,6 +103,10 @@ class ThreadReader:
             if size - got < self._lowat:
                 self._wake_at(size - got)
 
+    def _deliver(self, box: list) -> None:
+        """On the loop: hand a landed frame to the handler, taking it out of the reader's box."""
+        self.handler.on_data(*box.pop())
+
     def _run(self) -> None:
         head = bytearray(HEADER_SIZE)
         scratch = None
@@ -138,10 +142,14 @@ class ThreadReader:
                     whole = self.handler.judge_part(target)
                 elif unchecked:
                     transfer.landed(header.stream, header.offset, header.length)  # scan while warm
-                self.loop.call_soon_threadsafe(self.handler.on_data, self.conn, header, target, ok, transfer, whole)
-                # Hold nothing while blocked on the next frame: a released transfer and its part
-                # buffer must be freed at once, not when this connection next carries data.
+                # Hold nothing once the loop has the frame: a released transfer and its part
+                # buffer must be freed at once, not when this thread next gets the GIL (it may
+                # not run again before the claimer releases the transfer) or the connection next
+                # carries data. The references travel in a box the callback empties.
+                box = [(self.conn, header, target, ok, transfer, whole)]
                 transfer = target = None
+                self.loop.call_soon_threadsafe(self._deliver, box)
+                box = None
         except (_Closed, OSError, RuntimeError):
             pass  # peer gone, shut down by close(), or the loop has stopped
         except KvlinkError as exc:

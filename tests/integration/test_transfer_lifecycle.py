@@ -3,6 +3,7 @@ buffer), engine sides serve more requests than any backlog, and transfers of 100
 
 import asyncio
 import gc
+import threading
 import weakref
 
 import numpy as np
@@ -63,6 +64,55 @@ def _tracking_allocator(arrays: list):
         arrays.append(weakref.ref(array))
         return memoryview(array), None
     return allocate
+
+
+async def test_a_reader_thread_not_scheduled_again_holds_no_released_transfer():
+    # Regression: the reader thread handed a landed frame to the loop and only then dropped its
+    # references. Until the thread ran again, a transfer the claimer had released (and its part
+    # buffer) stayed alive: test_released_transfer_is_freed_by_reference_counting failed now and
+    # then on a busy machine (a fresh-clone CI run). Here the reader
+    # is held right after the hand-off until the transfer has been released and checked.
+    arrays: list = []
+    server = TransferServer(ONE, allocator=_tracking_allocator(arrays))
+    host, port = await server.start()
+    loop = asyncio.get_running_loop()
+    handoff, gate = threading.Event(), threading.Event()
+    schedule = loop.call_soon_threadsafe
+
+    def hold_reader(callback, *args, **kwargs):
+        handle = schedule(callback, *args, **kwargs)
+        if threading.current_thread().name == "kvlink-reader" and not handoff.is_set() \
+                and getattr(callback, "__name__", "") in ("_deliver", "on_data"):
+            handoff.set()
+            gate.wait(30)  # released below, once the check is done
+        return handle
+
+    loop.call_soon_threadsafe = hold_reader
+    gc.collect()
+    gc.disable()
+    try:
+        async with TransferClient(host, port, FP, ONE) as client:
+            part = b"\x05" * 20000
+            out = client.open(1, transfer_id=7)
+            claim = asyncio.ensure_future(server.transfer(7))
+            out.add_part(0, part)
+            await asyncio.wait_for(out.done(), 10)
+            incoming = await asyncio.wait_for(claim, 10)
+            assert [bytes(b) for b in await incoming.done()] == [part]
+            assert handoff.is_set()  # the reader is held after handing the frame over
+            ref = weakref.ref(incoming)
+            incoming.release()
+            del incoming, claim
+            try:
+                assert ref() is None, "the reader thread still holds the released transfer"
+                assert all(a() is None for a in arrays), "the reader thread still holds the part buffer"
+            finally:
+                gate.set()
+    finally:
+        gate.set()
+        gc.enable()
+        del loop.call_soon_threadsafe
+        await server.close()
 
 
 @pytest.mark.parametrize("accept_queue", [True, False])
