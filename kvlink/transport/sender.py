@@ -18,7 +18,7 @@ import time
 from kvlink.config import TransportConfig
 from kvlink.errors import (ConfigError, FingerprintMismatch, HandshakeError, KvlinkError, PeerUnreachable,
                            TransferFailed, TransferTimeout, TransportError)
-from kvlink.transport import handshake as hs
+from kvlink.transport import frame_size, handshake as hs
 from kvlink.transport.congestion import SAMPLE, LinkSnapshot, RateController
 from kvlink.transport.client_conn import MAX_NOTSENT_LOWAT, NOTSENT_LOWAT, ClientConn
 from kvlink.transport.connection import FrameConnection, tcp_info
@@ -26,12 +26,6 @@ from kvlink.transport.frame import FrameType
 from kvlink.transport.outgoing import Chunk, OutgoingTransfer
 from kvlink.transport.pacing import TokenBucket
 from kvlink.transport.scheduler import ChunkScheduler
-
-
-_FIRST_RUN = 4 << 20
-_FIRST_RUN_LONE = 16 << 20  # ... and when one transfer has the client to itself
-_PACED_RUN_S = 0.004    # a frame's worth of data when paced ...
-_UNPACED_RUN_S = 0.016  # ... and when TCP alone sets the pace
 
 
 class TransferClient:
@@ -71,8 +65,7 @@ class TransferClient:
         self._tasks: list[asyncio.Task] = []
         self._closing = False
         self._rr = 0
-        self._early_start: float | None = None  # first DATA sent (sizes frames before an estimate)
-        self._early_acked = 0
+        self._early = frame_size.EarlyRate()  # sizes a lone transfer's frames before an estimate
         self.stats = collections.Counter()
 
     async def __aenter__(self) -> "TransferClient":
@@ -214,38 +207,13 @@ class TransferClient:
         return t
 
     def _run_bytes(self) -> int:
-        """Largest frame now, between one grid chunk and :meth:`_frame_cap`: ~4 ms of data at the
-        pacing rate, or ~16 ms at the bottleneck estimate when nothing paces. Small paced frames
-        keep bursts short and let weights act at a fine grain; large unpaced ones keep per-frame
-        costs low (on loopback, 64 MiB frames instead of 16 MiB cut ~5% of both ends' CPU)."""
-        cfg = self.config
-        cap = self._frame_cap()
-        rate = self._rate()
-        if not rate:
-            # No estimate yet (the first ~100 ms): frames of 4 MiB, so the first frames of
-            # concurrent transfers do not commit whole parts before weights can act. A lone
-            # transfer starts at 16 MiB and grows them with what its acknowledgements show so
-            # far: on a fast path all of a 300 MiB transfer goes before the first estimate, and
-            # the per-frame costs of 4 MiB frames took a sixth of it on loopback.
-            lone = self._lone_early()
-            first = max(cfg.grid_bytes, (_FIRST_RUN_LONE if lone else _FIRST_RUN) // cfg.grid_bytes * cfg.grid_bytes)
-            early = self._early_rate() if lone else None
-            if early:
-                first = max(first, int(early * _UNPACED_RUN_S) // cfg.grid_bytes * cfg.grid_bytes)
-            return min(cap, first)
-        seconds = _PACED_RUN_S if self._bucket is not None else _UNPACED_RUN_S
-        return max(cfg.grid_bytes, min(cap, int(rate * seconds) // cfg.grid_bytes * cfg.grid_bytes))
+        """Largest frame now (:func:`~kvlink.transport.frame_size.run_bytes`)."""
+        return frame_size.run_bytes(self.config.grid_bytes, self._frame_cap(), self._rate(), self._bucket is not None,
+                                    self._lone_early(), self._early.rate())
 
     def _lone_early(self) -> bool:
         """One transfer on this client and no rate estimate yet (not even a stale one)."""
         return len(self._transfers) <= 1 and self.controller.bottleneck is None
-
-    def _early_rate(self) -> float | None:
-        """Bytes/s acknowledged since this client first sent, before the controller has an
-        estimate (an underestimate: acknowledgements lag); None before the first one."""
-        if self._early_start is None or not self._early_acked:
-            return None
-        return self._early_acked / max(time.monotonic() - self._early_start, 1e-3)
 
     def _frame_cap(self) -> int:
         """The largest frame every connected receiver takes: ``chunk_bytes``, or less where a
@@ -328,7 +296,7 @@ class TransferClient:
                 t.requeue((part, offset, length), unack=record is None, max_run=self._frame_cap())
                 self._sched.add(t)
             elif t.acked(part, offset, length):
-                self._early_acked += length
+                self._early.acked(length)
                 self.controller.on_ack(length, now - record[0] if record is not None else None)
         self._wake.set()
 
@@ -424,8 +392,7 @@ class TransferClient:
                 announced += len(pairs)
             cc.announced[tid] = announced
         now = time.monotonic()
-        if self._early_start is None:
-            self._early_start = now
+        self._early.sent()
         if not cc.inflight:
             cc.last_ack = now  # the progress clock runs only while something is unacknowledged
         cc.inflight[(tid, part, offset)] = (now, length, t)
