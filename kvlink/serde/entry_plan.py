@@ -16,6 +16,7 @@ when it is made). Anything else goes the general way, which names what is wrong.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,7 @@ _WORD = 8
 _SUM_IN_ENTRY = ENTRY.size - _WORD  # a segment's checksum is the last field of its entry
 _HEADER_SUM = CHECKSUM_OFFSET // _WORD
 _MISSING = object()
+_LOCK = threading.Lock()
 _MAX_SEGMENTS = 1 << 17  # per cache, over all its plans (~140 bytes each); the oldest half goes first
 
 
@@ -90,18 +92,27 @@ def entry_plan(cache: PagedCache, layers: tuple[int, ...], token_start: int, tok
     those payloads take the general way. The cache must be a CPU cache."""
     plans = cache.entry_plans
     key = (layers, token_start, token_end, group)
-    plan = plans.get(key, _MISSING)
-    if plan is not _MISSING:
-        if plan is None or cache.tensor(*plan.anchor[:2]).data_ptr() == plan.anchor[2]:
-            return plan
-        plans.clear()  # a copy of the cache (deepcopy, unpickled): its plans address the original's memory
-    plan = _make(cache, layers, token_start, token_end, group)
-    plans[key] = plan
-    held = sum(len(p.layouts) for p in plans.values() if p is not None)
-    if held > _MAX_SEGMENTS:  # bounded: the oldest half goes; ranges still in use come back
-        for old in list(plans)[:len(plans) // 2]:
-            del plans[old]
-    return plan
+    plan = plans.get(key, _MISSING)  # lock-free: plans are only added and dropped under _LOCK
+    if plan is not _MISSING and _current(cache, plan):
+        return plan
+    with _LOCK:  # stores and loads of one cache run in several threads
+        plan = plans.get(key, _MISSING)
+        if plan is not _MISSING:
+            if _current(cache, plan):
+                return plan
+            plans.clear()  # a copy of the cache (deepcopy, unpickled): its plans address the original's memory
+        plan = _make(cache, layers, token_start, token_end, group)
+        plans[key] = plan
+        held = sum(len(p.layouts) for p in plans.values() if p is not None)
+        if held > _MAX_SEGMENTS:  # bounded: the oldest half goes; ranges still in use come back
+            for old in list(plans)[:len(plans) // 2]:
+                del plans[old]
+        return plan
+
+
+def _current(cache: PagedCache, plan: EntryPlan | None) -> bool:
+    """Whether ``plan`` was made for this cache's memory (not copied along with the cache)."""
+    return plan is None or cache.tensor(*plan.anchor[:2]).data_ptr() == plan.anchor[2]
 
 
 def _make(cache: PagedCache, layers, token_start: int, token_end: int, group: str | None) -> EntryPlan | None:

@@ -4,6 +4,7 @@ refused with the general path's typed error."""
 
 import copy
 import dataclasses
+import sys
 
 import numpy as np
 import pytest
@@ -171,3 +172,35 @@ def test_packing_into_a_buffer_returns_the_payload_it_wrote():
     payload = Packer(src).pack(span, (0, 1), group="full", into=into)
     assert payload.tobytes() == bytes(into) and isinstance(payload, Payload)
     payload.verify()
+
+
+def test_plans_made_from_many_threads_at_once_stay_consistent(monkeypatch):
+    # Stores and loads of one cache run in several threads: making, evicting and looking up
+    # plans at once must neither raise (a dict changed while summed) nor hand out a wrong plan.
+    import threading
+
+    src, _ = caches()
+    monkeypatch.setattr(plans, "_MAX_SEGMENTS", 16)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show up at once
+    errors, start = [], threading.Barrier(4)
+
+    def work(seed):
+        start.wait()
+        try:
+            for i in range(300):
+                block = (seed * 7 + i) % 40
+                plan = plans.entry_plan(src, (1,), block * P, (block + 1) * P, "full")
+                assert plan.layouts[0].token_start == block * P
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:1]
