@@ -48,7 +48,7 @@ class PD:
     def __init__(self, kind: str, tmp: Path, pool: bool = False):
         self.kind = kind
         model = build_tiny_model(kind, tmp / "models")
-        self.p_port, self.d_port, self.kv_port, self.proxy_port = (_free_port() for _ in range(4))
+        self.p_port, self.d_port, self.kv_port = (_free_port() for _ in range(3))
         p_extra, d_extra = {}, {"listen": f"127.0.0.1:{self.kv_port}", "begin_timeout": 5}
         self.daemon = None
         if pool:
@@ -73,13 +73,17 @@ class PD:
                     [sys.executable, "-m", "kvlink.cli", "pool", "serve", "--http-port", str(http), "--data-port",
                      str(data), "--spec", f"vllm-{kind}={self.spec_file}"],
                     cwd=REPO, stdout=open(tmp / "daemon.log", "wb"), stderr=subprocess.STDOUT)
-                _wait_http(f"http://127.0.0.1:{http}/health", 60)
+                _wait_http(f"http://127.0.0.1:{http}/health", 60, self.daemon)
+            # Chosen now, not with the others: the servers took ephemeral ports of their own while
+            # starting, and one of them once took a port chosen minutes before (the proxy could not
+            # bind, and the wait below talked to a vLLM socket until it timed out).
+            self.proxy_port = _free_port()
             self.proxy = subprocess.Popen(
                 [sys.executable, "-m", "kvlink.cli", "proxy", "--port", str(self.proxy_port),
                  "--prefill", f"http://127.0.0.1:{self.p_port}",
                  "--decode", f"http://127.0.0.1:{self.d_port}=127.0.0.1:{self.kv_port}"],
                 cwd=REPO, stdout=open(tmp / f"{kind}-proxy.log", "wb"), stderr=subprocess.STDOUT)
-            _wait_http(f"http://127.0.0.1:{self.proxy_port}/health", 30)
+            _wait_http(f"http://127.0.0.1:{self.proxy_port}/health", 30, self.proxy)
         except BaseException:
             self.close()
             raise
@@ -112,9 +116,12 @@ def _wait_for(condition, timeout: float) -> None:
         time.sleep(0.1)
 
 
-def _wait_http(url: str, timeout: float) -> None:
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
+    """Wait for ``proc`` to answer ``url``; fail at once if it exits (e.g. its port was taken)."""
     deadline = time.monotonic() + timeout
     while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode} before answering {url}")
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
