@@ -23,19 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvlink.bench.timing import best_of
+from kvlink.bench.timing import best_of, drop_page_cache
 from kvlink.pool.index import PrefixIndex, STATE
 from kvlink.pool.slab import SlabTier
 from kvlink.presets import get_preset
-
-
-def _drop_cache(path: Path) -> None:
-    """Drop a file's pages from the page cache (written and synced: clean pages go)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def _meminfo() -> dict:
@@ -167,7 +158,7 @@ def bench_ssd(where: Path | None, entry: int, count: int, rounds: int = 3, settl
                         for rstep in reads:
                             paths = list(files[rstep]())
                             for path in paths:
-                                _drop_cache(path)
+                                drop_page_cache(path)
                             _settle() if settle else None
                             t0 = time.perf_counter()
                             for path in paths:
@@ -181,7 +172,7 @@ def bench_ssd(where: Path | None, entry: int, count: int, rounds: int = 3, settl
                     handle = opens[step]() if step in opens else None
                     try:
                         for path in files[step]() if step in reads else []:
-                            _drop_cache(path)
+                            drop_page_cache(path)
                         dirty[step].append(_settle() if settle else _meminfo())
                         t0 = time.perf_counter()
                         steps[step](handle)

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 import sys
 import time
-import traceback
 
 os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")  # no usage reports (and no network here)
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -29,13 +27,7 @@ os.environ.setdefault("LMCACHE_LOG_LEVEL", "WARNING")
 
 import torch  # noqa: E402
 
-_OUT = sys.stdout
-sys.stdout = sys.stderr  # anything LMCache prints stays off the reply channel
-
-
-def reply(**kw) -> None:
-    _OUT.write(json.dumps(kw) + "\n")
-    _OUT.flush()
+from runner_io import serve  # noqa: E402  (before LMCache: what it prints stays off the reply channel)
 
 
 from lmcache.v1.cache_engine import LMCacheEngineBuilder  # noqa: E402
@@ -240,34 +232,29 @@ class Side:
 
 def main() -> int:
     side = None
-    for line in sys.stdin:
-        cmd = json.loads(line)
+
+    def handle(cmd: dict) -> dict | None:
+        nonlocal side
         op = cmd["op"]
-        try:
-            if op == "open":
-                side = Side(cmd)
-                side.open()
-                import lmcache
-                reply(ok=True, bytes=side.bytes, version=getattr(lmcache, "__version__", "?"),
-                      torch_threads=torch.get_num_threads(),
-                      digests=[digest(t[kv]) for t in side.src for kv in range(2)])
-            elif op == "store":
-                reply(ok=True, **side.store())
-            elif op == "retrieve":
-                reply(ok=True, **side.retrieve())
-            elif op == "clear":
-                side.clear()
-                reply(ok=True)
-            elif op == "quit":
-                if side is not None:
-                    side.close()
-                reply(ok=True)
-                return 0
-            else:
-                reply(ok=False, error=f"unknown op {op!r}")
-        except Exception as exc:  # reported to the parent, which skips this peer with the reason
-            reply(ok=False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-2000:])
-    return 0
+        if op == "open":
+            side = Side(cmd)
+            side.open()
+            import lmcache
+            return dict(bytes=side.bytes, version=getattr(lmcache, "__version__", "?"),
+                        torch_threads=torch.get_num_threads(),
+                        digests=[digest(t[kv]) for t in side.src for kv in range(2)])
+        if op in ("store", "retrieve"):
+            return getattr(side, op)()
+        if op == "clear":
+            side.clear()
+            return {}
+        if op == "quit":
+            if side is not None:
+                side.close()
+            return {}
+        return None
+
+    return serve(handle)
 
 
 if __name__ == "__main__":

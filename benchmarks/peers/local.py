@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from kvlink.bench.serde import realistic_kv
+from kvlink.bench.timing import drop_page_cache
 from kvlink.config import PoolConfig
 from kvlink.errors import ConfigError
 from kvlink.engine.decode import DecodeSide
@@ -129,16 +130,11 @@ class KvlinkSide:
 
 
 def _drop_page_cache(root: Path) -> int:
-    n = 0
-    for path in root.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-            n += 1
-    return n
+    """Drop every file under ``root`` from the page cache; how many there were."""
+    files = [path for path in root.rglob("*") if path.is_file()]
+    for path in files:
+        drop_page_cache(path)
+    return len(files)
 
 
 def _lmcache(shape: Shape, log, cmp: Comparison, kv: "KvlinkSide | None" = None,
@@ -320,7 +316,7 @@ def ssd_tier(shape: Shape, rounds: int, log, where: str | None) -> Comparison:
                     f.write(view[off: off + piece])
                 os.fsync(f.fileno())
             write = time.perf_counter() - t0
-            _drop_file(path)
+            drop_page_cache(path)
             out = memoryview(b.numpy())
             t0 = time.perf_counter()
             with open(path, "rb", buffering=0) as f:
@@ -342,11 +338,3 @@ def ssd_tier(shape: Shape, rounds: int, log, where: str | None) -> Comparison:
             lm.close()
         shutil.rmtree(base, ignore_errors=True)
     return cmp
-
-
-def _drop_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)

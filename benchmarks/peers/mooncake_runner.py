@@ -20,18 +20,10 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import json
 import sys
 import time
-import traceback
 
-_OUT = sys.stdout
-sys.stdout = sys.stderr
-
-
-def reply(**kw) -> None:
-    _OUT.write(json.dumps(kw) + "\n")
-    _OUT.flush()
+from runner_io import serve  # before Mooncake: what it prints stays off the reply channel
 
 
 def digest(buf, n: int) -> str:
@@ -141,30 +133,27 @@ class Store:
 def main() -> int:
     role = sys.argv[1]
     obj = None
-    for line in sys.stdin:
-        cmd = json.loads(line)
+
+    def handle(cmd: dict) -> dict | None:
+        nonlocal obj
         op = cmd["op"]
-        try:
-            if op == "open":
-                obj = Te(cmd) if role == "te" else Store(cmd)
-                import importlib.metadata as md
-                version = md.version("mooncake-transfer-engine-non-cuda")
-                reply(ok=True, version=version, **(obj.info() if role == "te" else {}))
-            elif op == "digest":
-                reply(ok=True, digest=digest(obj.buf, obj.size))
-            elif op == "zero":
-                ctypes.memset(obj.buf, 0, obj.size)
-                reply(ok=True)
-            elif op in ("write", "put", "get", "remove"):
-                reply(ok=True, **getattr(obj, op)(cmd))
-            elif op == "quit":
-                reply(ok=True)
-                return 0
-            else:
-                reply(ok=False, error=f"unknown op {op!r}")
-        except Exception as exc:  # the parent skips this peer with the reason
-            reply(ok=False, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc()[-2000:])
-    return 0
+        if op == "open":
+            obj = Te(cmd) if role == "te" else Store(cmd)
+            import importlib.metadata as md
+            version = md.version("mooncake-transfer-engine-non-cuda")
+            return dict(version=version, **(obj.info() if role == "te" else {}))
+        if op == "digest":
+            return dict(digest=digest(obj.buf, obj.size))
+        if op == "zero":
+            ctypes.memset(obj.buf, 0, obj.size)
+            return {}
+        if op in ("write", "put", "get", "remove"):
+            return getattr(obj, op)(cmd)
+        if op == "quit":
+            return {}
+        return None
+
+    return serve(handle)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from kvlink.serde.layout import SegmentLayout, payload_segments
 from kvlink.ops.runs import Runs
 from kvlink.serde.paged import CacheRef, CheckedIds, PagedCache
 from kvlink.serde.unpack import check_compatible
-from kvlink.serde.wire import CHECKSUM_OFFSET, ENTRY, PREFIX, PayloadHeader, SegmentHeader, parse_header
+from kvlink.serde.wire import CHECKSUM_OFFSET, ENTRY, PREFIX, PayloadHeader, SegmentHeader, header_nbytes, parse_header
 
 _WORD = 8
 _SUM_IN_ENTRY = ENTRY.size - _WORD  # a segment's checksum is the last field of its entry
@@ -62,10 +62,9 @@ class EntryPlan:
     def write_header(self, out: np.ndarray, digests: np.ndarray) -> None:
         """Write the header of the payload whose segments hash to ``digests`` into ``out``, the
         payload's first :attr:`header_len` bytes as uint64 words."""
-        words = self.words.copy()
-        words[self.sums] = digests
-        words[_HEADER_SUM] = checksum(memoryview(words).cast("B"))
-        out[:] = words
+        out[:] = self.words
+        out[self.sums] = digests
+        out[_HEADER_SUM] = checksum(memoryview(out).cast("B"))  # over the header, its own field zero
 
     def read_header(self, head: np.ndarray, name: str) -> np.ndarray | None:
         """The segment checksums of a payload whose header words are ``head``, when that header
@@ -120,7 +119,7 @@ def _make(cache: PagedCache, layers, token_start: int, token_end: int, group: st
     layouts = tuple(payload_segments(spec, layers, token_start, token_end, group))
     if not layouts:
         return None
-    header_len = PREFIX.size + ENTRY.size * len(layouts)
+    header_len = header_nbytes(len(layouts))
     rows_out, headers, offset = [], [], 0
     for seg in layouts:
         if seg.is_state:

@@ -19,7 +19,7 @@ from kvlink.serde.paged import CacheRef, PagedCache
 from kvlink.serde.payload import Payload
 from kvlink.serde.staging import ALIGN, StagingArena, StagingLease
 from kvlink.serde.tokens import copy_tokens
-from kvlink.serde.wire import ENTRY, PREFIX, PayloadHeader, SegmentHeader
+from kvlink.serde.wire import PayloadHeader, SegmentHeader, header_nbytes
 
 
 def choose_codec(seg: SegmentLayout, config: CodecConfig, codec: Codec | None = None) -> Codec:
@@ -46,11 +46,6 @@ def _check_into(view: memoryview, need: int) -> None:
                           f"bytes, the payload needs {need}")
 
 
-def _header_nbytes(layouts) -> int:
-    """Bytes of the header of a payload of these segments (see :class:`PayloadHeader`)."""
-    return PREFIX.size + ENTRY.size * len(layouts)
-
-
 class Packer:
     """Packs requests (or single layers) of one :class:`PagedCache` into payloads.
 
@@ -73,7 +68,7 @@ class Packer:
         spec = self.cache.spec
         layouts = payload_segments(spec, list(range(spec.num_layers) if layers is None else layers),
                                    ref.token_start, ref.num_tokens, group)
-        return _header_nbytes(layouts) + sum(seg.nbytes for seg in layouts)
+        return header_nbytes(len(layouts)) + sum(seg.nbytes for seg in layouts)
 
     def pack(self, ref: CacheRef, layers: Iterable[int] | None = None, codecs: dict[int, Codec] | None = None,
              group: str | None = None, into=None) -> Payload:
@@ -168,7 +163,7 @@ class Packer:
         :meth:`pack` does, before anything is copied."""
         spec = self.cache.spec
         fused = fused_usable(self.cache, self.backend)
-        planned = fused and all(Codec.parse(c) is Codec.NONE for c in (self.codec.kv_codec, self.codec.state_codec))
+        planned = fused and Codec.parse(self.codec.kv_codec) is Codec.NONE  # plans hold token segments only
         runs, todo, seen = Runs(), [], {}
         for ref, layers, group, into in items:
             layers = tuple(range(spec.num_layers) if layers is None else layers)
@@ -197,7 +192,7 @@ class Packer:
         """The general way of :meth:`pack_into_many` for one entry: its fused segments added to
         ``runs``; what :meth:`_finish_into` needs afterwards."""
         layouts, codecs, ids, ids_host, slots = self._plan(ref, layers, None, group)
-        header_len = _header_nbytes(layouts)
+        header_len = header_nbytes(len(layouts))
         _check_into(view, header_len + sum(seg.nbytes for seg in layouts))
         if any(codec is not Codec.NONE for codec in codecs) or not fused:
             raise ConfigError("packing into a buffer needs uncompressed segments of a CPU cache")

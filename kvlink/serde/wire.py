@@ -29,6 +29,11 @@ CHECKSUM_OFFSET = 16  # byte offset of header_checksum inside PREFIX
 DEFINED_FLAGS = 0  # v2 defines no header flags; any set bit is refused, as are non-zero reserved fields
 
 
+def header_nbytes(num_segments: int) -> int:
+    """Bytes of the header of a payload of ``num_segments`` segments: prefix and segment table."""
+    return PREFIX.size + ENTRY.size * num_segments
+
+
 @dataclass(frozen=True)
 class SegmentHeader:
     layer: int
@@ -66,7 +71,7 @@ class PayloadHeader:
 
     @property
     def header_len(self) -> int:
-        return PREFIX.size + ENTRY.size * len(self.segments)
+        return header_nbytes(len(self.segments))
 
     @property
     def body_len(self) -> int:
@@ -105,7 +110,7 @@ def peek_lengths(prefix: bytes | memoryview) -> tuple[int, int]:
         raise UnsupportedVersion(f"payload version {version}; this build reads {VERSION}")
     if flags & ~DEFINED_FLAGS or reserved:
         raise WireFormatError(f"undefined header flags {flags:#06x} / reserved {reserved:#x} set")
-    if nseg > MAX_SEGMENTS or header_len != PREFIX.size + ENTRY.size * nseg:
+    if nseg > MAX_SEGMENTS or header_len != header_nbytes(nseg):
         raise LengthError(f"header length {header_len} does not fit {nseg} segments")
     if body_len > MAX_SEGMENT_BYTES * 4:
         raise LengthError(f"body length {body_len} beyond limit")
