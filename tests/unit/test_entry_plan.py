@@ -204,3 +204,17 @@ def test_plans_made_from_many_threads_at_once_stay_consistent(monkeypatch):
     finally:
         sys.setswitchinterval(interval)
     assert not errors, errors[:1]
+
+
+def test_a_state_codec_does_not_keep_kv_entries_off_their_plans():
+    # Plans hold token segments only: a compressed state codec says nothing about them.
+    from kvlink.config import CodecConfig
+
+    src, _ = caches()
+    packer = Packer(src, CodecConfig(state_codec="zstd"))
+    span = REF.span(P)
+    into = bytearray(packer.wire_nbytes(span, (0, 1), "full"))
+    src.entry_plans.clear()
+    packer.pack(span, (0, 1), group="full", into=into)
+    assert bytes(into) == Packer(src).pack(span, (0, 1), group="full").tobytes()
+    assert src.entry_plans[((0, 1), 0, P, "full")] is not None
