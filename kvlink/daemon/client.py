@@ -292,7 +292,7 @@ class PoolClient:
         views point into the client's landing arena: ``release()`` the result (or use it as a
         context manager) once unpacked. Raises :class:`~kvlink.errors.EntryMissing` when some
         entry is gone (evicted since the lookup)."""
-        return await self.get_keys(proto.hit_keys(hit))
+        return await self.get_keys(hit.keys())
 
     async def get_keys(self, keys: list[tuple[str, bytes]], allow_missing: bool = False) -> "Fetched":
         """Entries by ``(kind, key)`` (as :meth:`get`). With ``allow_missing`` the absent ones are

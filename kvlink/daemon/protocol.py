@@ -220,10 +220,3 @@ def hit_from_json(obj: dict) -> PrefixHit:
                          int(obj["kv_tokens"]), str(obj["stopped"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"malformed hit: {exc}") from None
-
-
-def hit_keys(hit: PrefixHit) -> list[tuple[str, bytes]]:
-    keys = [(FULL, k) for k in hit.full] + [(SLIDING, k) for k in hit.sliding]
-    if hit.state is not None:
-        keys.append((STATE, hit.state))
-    return keys

@@ -94,6 +94,13 @@ class PrefixHit:
     kv_tokens: int                # how far full-attention KV alone matched
     stopped: str                  # why the hit ends where it does
 
+    def keys(self) -> list[tuple[str, bytes]]:
+        """(kind, key) of every entry to restore: full blocks, sliding blocks, the state."""
+        keys = [(FULL, k) for k in self.full] + [(SLIDING, k) for k in self.sliding]
+        if self.state is not None:
+            keys.append((STATE, self.state))
+        return keys
+
 
 class Lease:
     """Entries pinned against eviction while a restore reads them; release when done (idempotent)."""
@@ -240,9 +247,7 @@ class PrefixIndex:
 
     def pin(self, hit: PrefixHit) -> Lease:
         """Protect every entry of ``hit`` from eviction until the lease is released."""
-        entries = [self._entries[(FULL, k)] for k in hit.full] + [self._entries[(SLIDING, k)] for k in hit.sliding]
-        if hit.state is not None:
-            entries.append(self._entries[(STATE, hit.state)])
+        entries = [self._entries[key] for key in hit.keys()]
         for entry in entries:
             entry.pins += 1
         return Lease(entries)

@@ -12,13 +12,13 @@ from __future__ import annotations
 import concurrent.futures
 
 from kvlink.errors import ChecksumMismatch, EntryMissing, KvlinkError, PoolError
-from kvlink.pool.index import FULL, SLIDING, STATE, PrefixHit
+from kvlink.pool.index import PrefixHit
 
 
 class PinnedReads:
     """Mixed into :class:`~kvlink.pool.pool.Pool`, whose state it works on (``index``,
     ``levels``, ``policies``, ``ssd``, ``stats``, ``_lock``, ``_pending``) and whose methods it
-    calls (``_read``, ``_put_level``, ``evict``, ``landing``)."""
+    calls (``_read``, ``_ssd_failure``, ``_put_level``, ``evict``, ``landing``)."""
 
     def pin_views(self, keys: list[tuple[str, bytes]], background: bool = False):
         """Entries by (kind, key) without copying: for each, a list of buffers (pages in a host
@@ -45,7 +45,9 @@ class PinnedReads:
                     out.append(tkey)
         def land(tkey: bytes):
             try:
-                return self._land_from_ssd(tkey) or [self._read(tkey)]
+                # strict: a corrupt entry is counted and forgotten here, not read a second time
+                # (by then it is gone from the SSD, and would only be reported missing).
+                return self._land_from_ssd(tkey, strict=True) or [self._read(tkey)]
             except KvlinkError:  # lost, corrupt or unreadable: absent to the caller
                 return None
 
@@ -81,9 +83,7 @@ class PinnedReads:
         release)``. Raises :class:`EntryMissing` (pinning nothing) when one is gone: look up again.
         With ``background``, SSD-only entries are futures (resolving to None when the entry was
         lost meanwhile)."""
-        keys = [(FULL, k) for k in hit.full] + [(SLIDING, k) for k in hit.sliding]
-        if hit.state is not None:
-            keys.append((STATE, hit.state))
+        keys = hit.keys()
         views, release = self.pin_views(keys, background)
         if any(v is None for v in views):
             release()
@@ -100,10 +100,12 @@ class PinnedReads:
                 return True
         return False
 
-    def _land_from_ssd(self, tkey: bytes):
+    def _land_from_ssd(self, tkey: bytes, strict: bool = False):
         """Read an entry that only the SSD holds into host pages reserved for it and adopt them
         (its promotion, with no copy); their views, or None to leave it to ``_read`` (not on SSD
-        only, no room, or the read failed: ``_read`` reports that)."""
+        only, no room, or the read failed: ``_read`` reports that). ``strict``: a failed read
+        raises what ``_read`` would (the entry is gone from the SSD by then: a second read could
+        only say it is missing)."""
         if self.ssd is None:
             return None
         with self._lock:
@@ -128,7 +130,32 @@ class PinnedReads:
                 self.stats["hit_ssd"] += 1
                 self.stats["promoted_in_place"] += 1
                 return self.levels[0][1].views(tkey)
-        except (EntryMissing, ChecksumMismatch, PoolError):
+        except (EntryMissing, ChecksumMismatch, PoolError) as exc:
+            if strict:
+                raise self._ssd_failure(tkey, exc) from exc
             return None
         finally:
             landing.release()  # a no-op once adopted
+
+    def _land_ahead(self, tkeys: list[bytes]) -> dict[bytes, concurrent.futures.Future]:
+        """Land the SSD-only entries ``tkeys`` in host pages, in order, on a reader thread, so a
+        caller copying them out (``Pool.fetch(hit, out=)``) copies one while the next is read;
+        read-ahead as :class:`~kvlink.pool.readahead.ReadAhead` does. Each future resolves to
+        the views once the entry is in the host tier, to None when it is left to ``_read`` (no
+        room), or raises what ``_read`` would (:class:`EntryMissing`, :class:`PoolError`).
+        Cancel and wait for the futures before unpinning the entries."""
+        from kvlink.pool.readahead import ReadAhead
+
+        if not tkeys:
+            return {}
+        ahead = ReadAhead(self.ssd, tkeys)
+
+        def land(tkey: bytes):
+            ahead.before(tkey)
+            return self._land_from_ssd(tkey, strict=True)
+
+        reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvlink-pool-read")
+        try:
+            return {tkey: reader.submit(land, tkey) for tkey in tkeys}
+        finally:
+            reader.shutdown(wait=False)  # the thread ends once the queue is read

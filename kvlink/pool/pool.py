@@ -20,6 +20,7 @@ the pool is created (so guaranteed) and given back when it is closed.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import threading
 from typing import Sequence
 
@@ -248,9 +249,7 @@ class Pool(SsdTraffic, PinnedReads):
         :class:`EntryMissing` when an entry was evicted or lost meanwhile (look up again),
         :class:`ChecksumMismatch` / :class:`PoolError` when one failed verification on SSD (it is
         dropped), :class:`ConfigError` for an ``out`` too small or read-only."""
-        wanted = [(FULL, k) for k in hit.full] + [(SLIDING, k) for k in hit.sliding]
-        if hit.state is not None:
-            wanted.append((STATE, hit.state))
+        wanted = hit.keys()
         with self._lock:
             try:
                 lease = self.index.pin(hit)
@@ -258,6 +257,7 @@ class Pool(SsdTraffic, PinnedReads):
                 raise EntryMissing(f"an entry of this {hit.tokens}-token hit was evicted since the lookup; "
                                    "look up again") from None
             sizes = [self.index.entry(kind, key).nbytes for kind, key in wanted]
+        landed: dict = {}
         try:
             view = None
             if out is not None:
@@ -270,25 +270,34 @@ class Pool(SsdTraffic, PinnedReads):
                 with self._lock:
                     cold = [t for t in (tier_key(k, key) for k, key in wanted)
                             if not any(t in tier for _, tier in self.levels) and t not in self._pending]
-                ahead = ReadAhead(self.ssd, cold)
+                if view is not None:
+                    # A reader thread lands them in host pages (their promotion) while this one
+                    # copies the previous entries out: reading them into `out` here, then copying
+                    # each into the host tier, ran at half a plain read's speed.
+                    landed = self._land_ahead(cold)
+                else:
+                    ahead = ReadAhead(self.ssd, cold)
             got, at = {}, 0
             for (kind, key), nbytes in zip(wanted, sizes):
                 tkey = tier_key(kind, key)
-                if ahead is not None:
+                if tkey in landed:
+                    landed[tkey].result()  # in the host tier now, or None: _read reads it itself
+                elif ahead is not None:
                     ahead.before(tkey)
                 got[(kind, key)] = self._read(tkey, None if view is None else view[at: at + nbytes])
                 at += nbytes
             return got
         finally:
+            for future in landed.values():
+                future.cancel()
+            concurrent.futures.wait(list(landed.values()))  # nothing lands into unpinned entries
             with self._lock:
                 lease.release()
 
     def hit_nbytes(self, hit: PrefixHit) -> int:
         """Bytes of every entry of ``hit`` (what :meth:`fetch`'s ``out`` must hold); raises
         :class:`EntryMissing` when one is gone."""
-        wanted = [(FULL, k) for k in hit.full] + [(SLIDING, k) for k in hit.sliding]
-        if hit.state is not None:
-            wanted.append((STATE, hit.state))
+        wanted = hit.keys()
         with self._lock:
             entries = [self.index.entry(kind, key) for kind, key in wanted]
         if any(e is None for e in entries):
@@ -323,21 +332,23 @@ class Pool(SsdTraffic, PinnedReads):
             raise EntryMissing(f"entry {tkey.hex()[:18]} is no longer in the pool; look up again")
         try:
             data = self.ssd.get(tkey, out=out)
-        except EntryMissing:  # evicted since the check above
-            with self._lock:
-                self._forget(tkey)
-            raise EntryMissing(f"entry {tkey.hex()[:18]} is no longer in the pool; look up again") from None
-        except (ChecksumMismatch, PoolError) as exc:
-            with self._lock:
-                self.stats["corrupt"] += 1
-                self._forget(tkey)
-            raise PoolError(f"entry {tkey.hex()[:18]} failed verification and was dropped: {exc}") from exc
+        except (EntryMissing, ChecksumMismatch, PoolError) as exc:
+            raise self._ssd_failure(tkey, exc) from exc
         self.stats["hit_ssd"] += 1
         if out is None:
             self._background(self._promote, tkey, data)  # a fresh buffer: no copy needed
         else:
             self._promote(tkey, data)  # the caller reuses `out`: the promotion copies it now (memory speed)
         return data
+
+    def _ssd_failure(self, tkey: bytes, exc: Exception) -> EntryMissing | PoolError:
+        """Forget an entry whose SSD read failed; the error for the caller."""
+        with self._lock:
+            self._forget(tkey)
+            if isinstance(exc, EntryMissing):  # evicted since it was looked up
+                return EntryMissing(f"entry {tkey.hex()[:18]} is no longer in the pool; look up again")
+            self.stats["corrupt"] += 1
+            return PoolError(f"entry {tkey.hex()[:18]} failed verification and was dropped: {exc}")
 
     # -- maintenance ------------------------------------------------------------------------------
     def evict(self, nbytes: int) -> int:

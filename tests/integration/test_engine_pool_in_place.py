@@ -121,6 +121,37 @@ def test_a_corrupt_host_entry_raises_and_touches_only_the_requests_blocks():
         pool.close()
 
 
+def test_a_corrupt_ssd_entry_is_counted_and_the_load_told_to_look_up_again(tmp_path):
+    """Regression: an SSD entry failing its checksum while the engine's load landed it was
+    dropped by the SSD tier, read again, found missing, and never counted in the pool's
+    ``corrupt`` (operators saw entries vanish, not corruption). Now it is counted and forgotten
+    once; the load raises EntryMissing (a new lookup stops before the lost block)."""
+    from kvlink.errors import EntryMissing
+
+    pool, _, _, _ = stored_pool(tmp_path, write_mode="through")
+    try:
+        pool.evict(1 << 40)
+        pool.drain()
+        hit = pool.lookup(TOKENS)
+        path, offset, _ = pool.ssd.locate(b"F" + hit.full[1])
+        with open(path, "r+b") as f:
+            f.seek(offset + 100)
+            byte = f.read(1)[0]
+            f.seek(offset + 100)
+            f.write(bytes([byte ^ 0x10]))
+        side = SyncDecodeSide(cache(), pool=pool)
+        try:
+            with pytest.raises(EntryMissing):
+                side.load_from_pool(hit, CacheRef(list(range(16)), 256, 0))
+        finally:
+            side.close()
+        assert pool.stats["corrupt"] == 1
+        assert pool.lookup(TOKENS).kv_tokens == POOL_BLOCK
+        assert all(e.pins == 0 for e in pool.index.entries())
+    finally:
+        pool.close()
+
+
 def test_fetch_into_one_reused_buffer(tmp_path):
     """Pool.fetch(hit, out=...) reads every entry (host or SSD) into the caller's buffer, back to
     back, and SSD entries are promoted (copied into memory) before the buffer is reused."""
@@ -188,7 +219,7 @@ def test_a_failed_read_leaves_nothing_pinned(tmp_path, monkeypatch):
         pool.drain()
         hit = pool.lookup(TOKENS)
 
-        def broken(tkey):
+        def broken(tkey, strict=False):
             raise RuntimeError("disk controller on fire")
 
         monkeypatch.setattr(pool, "_land_from_ssd", broken)

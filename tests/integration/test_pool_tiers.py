@@ -147,14 +147,19 @@ def test_full_ssd_drops_its_oldest_entries_but_not_pinned_ones(tmp_path):
         lease.release()
 
 
-def test_corrupt_ssd_entry_is_dropped_not_returned(tmp_path):
+@pytest.mark.parametrize("into", [False, True], ids=["own-buffers", "into-out"])
+@pytest.mark.parametrize("block", [0, 2])
+def test_corrupt_ssd_entry_is_dropped_not_returned(tmp_path, into, block):
+    """A bit flip on SSD is named as a verification failure, whether the entry is read on the
+    caller's thread or landed ahead by the reader thread of ``fetch(hit, out=)`` (where it was
+    reported as missing), and leaves no entry of the hit pinned."""
     tokens = prompt(64)
     stored = pieces(tokens, [3])
     with Pool(HYBRID, cfg(tmp_path, write_mode="through")) as pool:
         pool.store(tokens, stored)
         pool.drain()
         pool.evict(1 << 30)
-        key = pool.index.hashes(tokens)[0]
+        key = pool.index.hashes(tokens)[block]
         path, offset, _ = pool.ssd.locate(b"F" + key)
         with open(path, "r+b") as f:
             f.seek(offset + 10)
@@ -162,9 +167,33 @@ def test_corrupt_ssd_entry_is_dropped_not_returned(tmp_path):
             f.seek(offset + 10)
             f.write(bytes([byte ^ 1]))
         from kvlink.errors import PoolError
+        hit = pool.lookup(tokens)
         with pytest.raises(PoolError, match="verification"):
-            pool.fetch(pool.lookup(tokens))
-        assert pool.lookup(tokens).tokens == 0  # the hit now stops before the lost block
+            pool.fetch(hit, out=bytearray(pool.hit_nbytes(hit)) if into else None)
+        assert pool.lookup(tokens).kv_tokens == block * BS  # the hit now stops before the lost block
+        assert pool.stats["corrupt"] == 1
+        assert all(e.pins == 0 for e in pool.index._entries.values())
+
+
+def test_fetch_into_a_buffer_larger_than_the_host_tier(tmp_path):
+    """``fetch(hit, out=)`` of a hit larger than the host tier: the entries that find no room to
+    land in read straight into ``out``, and every byte is right."""
+    tokens = prompt(256)
+    stored = pieces(tokens, [15])
+    with Pool(HYBRID, cfg(tmp_path, write_mode="through", host_bytes=16 << 10)) as pool:
+        pool.store(tokens, stored)
+        pool.drain()
+        pool.evict(1 << 30)
+        hit = pool.lookup(tokens)
+        assert hit.tokens == 256
+        out = bytearray(pool.hit_nbytes(hit))
+        got = pool.fetch(hit, out=out)
+        keys = pool.index.hashes(tokens)
+        for (kind, block), data in stored.items():
+            assert bytes(got[(kind, keys[block])]) == data
+        assert sum(len(v) for v in got.values()) == len(out)
+        assert pool.stats["hit_ssd"] == len(stored)
+        assert all(e.pins == 0 for e in pool.index._entries.values())
 
 
 def test_config_checks():
