@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl as _ssl
 import time
 from typing import TYPE_CHECKING
 
 from kvlink.codec.checksum import checksum_pieces
-from kvlink.errors import HandshakeError, KvlinkError, TransportError
+from kvlink.errors import HandshakeError, KvlinkError, PeerUnreachable, TransportError
 from kvlink.transport import handshake as hs
-from kvlink.transport.connection import FrameConnection
+from kvlink.transport.congestion import RateController
+from kvlink.transport.connection import FrameConnection, tcp_info
 from kvlink.transport.frame import FLAG_UNCHECKED, FrameHeader, FrameType, make_frame, unpack_acks
 from kvlink.transport.outgoing import OutgoingTransfer
 from kvlink.transport.writer import ThreadWriter
@@ -191,3 +193,67 @@ class ClientConn:
         if self.client.config.chunk_checksums is None and not verifiable:
             return True  # the receiver's part verifier is not known to understand these parts
         return self.checked
+
+
+async def open_conn(client: "TransferClient", slot: int) -> ClientConn:
+    """Connect connection ``slot`` of ``client``, complete the handshake and start its writer.
+    Raises :class:`~kvlink.errors.PeerUnreachable` (connect failed or timed out, or TLS closed
+    before it completed) and :class:`~kvlink.errors.HandshakeError` (TLS failed: never retried;
+    or the handshake timed out), or what the handshake found (authentication, fingerprint)."""
+    loop = asyncio.get_running_loop()
+    cfg = client.config
+    cc = ClientConn(client, slot)
+    try:
+        await asyncio.wait_for(loop.create_connection(
+            lambda: FrameConnection(cc, 64 << 10), client.host, client.port, ssl=client.ssl,
+            server_hostname=client.server_hostname if client.ssl else None, local_addr=client.local_addr),
+            cfg.connect_timeout)
+    except _ssl.SSLError as exc:
+        # An unverifiable certificate or a TLS mismatch stays so: fail now, do not retry. (A TLS
+        # EOF/reset is a lost connection like any other.)
+        if isinstance(exc, (_ssl.SSLEOFError, _ssl.SSLZeroReturnError)):
+            raise PeerUnreachable(f"cannot connect to {client.host}:{client.port}: {exc}") from None
+        raise HandshakeError(f"TLS with {client.host}:{client.port} failed: {exc}") from None
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise PeerUnreachable(f"cannot connect to {client.host}:{client.port}: {exc or 'timed out'}") from None
+    try:
+        await asyncio.wait_for(asyncio.shield(cc.ready), cfg.handshake_timeout)
+    except asyncio.TimeoutError:
+        cc.conn.abort()
+        raise HandshakeError("handshake timed out") from None
+    except BaseException:
+        cc.conn.abort()
+        raise
+    # Keep little unsent data in the kernel, so what goes next is decided late (weights,
+    # deadlines, pacing) and not hidden in a deep socket buffer; the client's ticker scales it
+    # to the rate.
+    cc.set_lowat(client._lowat())
+    if client.ssl is None and cc.conn.sock is not None:
+        cc.start_writer(cfg.progress_timeout)
+    cc.registered = True
+    cc.last_ack = time.monotonic()
+    return cc
+
+
+def poll_tcp_info(conns: list[ClientConn | None], controller: RateController) -> None:
+    """Feed the kernel's view of every live connection (``TCP_INFO``: RTT, retransmissions,
+    bytes acknowledged) to the rate controller."""
+    rtts, mins, retrans, segs = [], [], 0, 0
+    for cc in conns:
+        if cc is None or cc.conn is None:
+            continue
+        info = tcp_info(cc.conn.sock)
+        if not info:
+            continue
+        prev, cc.tcp_prev = cc.tcp_prev, info
+        if info.get("rtt_us"):
+            rtts.append(info["rtt_us"] / 1e6)
+        if info.get("min_rtt_us"):
+            mins.append(info["min_rtt_us"] / 1e6)
+        if prev is not None:
+            retrans += info.get("total_retrans", 0) - prev.get("total_retrans", 0)
+            segs += info.get("segs_out", 0) - prev.get("segs_out", 0)
+            if "bytes_acked" in info:
+                controller.on_wire_acked(info["bytes_acked"] - prev.get("bytes_acked", 0))
+    if rtts:
+        controller.on_tcp_info(sum(rtts) / len(rtts), min(mins) if mins else None, retrans, segs)

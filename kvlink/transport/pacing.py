@@ -60,3 +60,17 @@ class TokenBucket:
         self._refill()
         short = nbytes - self._tokens
         return 0.0 if short <= 0 else short / self.rate
+
+
+def repace(bucket: TokenBucket | None, rate: float | None, burst: int | None, grid: int) -> TokenBucket | None:
+    """The pacer for ``rate`` bytes/s (None: unpaced), ``bucket`` updated in place when there is
+    one (tokens earned are kept). ``burst``: the configured burst, else ~4 ms at the rate (at
+    least one ``grid`` chunk)."""
+    if rate is None:
+        return None
+    burst = burst or max(grid, int(rate * 0.004))
+    if bucket is None:
+        return TokenBucket(rate, burst)
+    if bucket.rate != rate or bucket.burst != burst:
+        bucket.set_rate(rate, burst)
+    return bucket

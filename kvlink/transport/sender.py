@@ -20,11 +20,10 @@ from kvlink.errors import (ConfigError, FingerprintMismatch, HandshakeError, Kvl
                            TransferFailed, TransferTimeout, TransportError)
 from kvlink.transport import frame_size, handshake as hs
 from kvlink.transport.congestion import SAMPLE, LinkSnapshot, RateController
-from kvlink.transport.client_conn import MAX_NOTSENT_LOWAT, NOTSENT_LOWAT, ClientConn
-from kvlink.transport.connection import FrameConnection, tcp_info
+from kvlink.transport.client_conn import MAX_NOTSENT_LOWAT, NOTSENT_LOWAT, ClientConn, open_conn, poll_tcp_info
 from kvlink.transport.frame import FrameType
 from kvlink.transport.outgoing import Chunk, OutgoingTransfer
-from kvlink.transport.pacing import TokenBucket
+from kvlink.transport.pacing import TokenBucket, repace
 from kvlink.transport.scheduler import ChunkScheduler
 
 
@@ -92,37 +91,7 @@ class TransferClient:
         self._tasks = [asyncio.create_task(self._dispatch()), asyncio.create_task(self._tick())]
 
     async def _open(self, slot: int) -> ClientConn:
-        loop = asyncio.get_running_loop()
-        cc = ClientConn(self, slot)
-        try:
-            await asyncio.wait_for(loop.create_connection(
-                lambda: FrameConnection(cc, 64 << 10), self.host, self.port, ssl=self.ssl,
-                server_hostname=self.server_hostname if self.ssl else None, local_addr=self.local_addr),
-                self.config.connect_timeout)
-        except _ssl.SSLError as exc:
-            # An unverifiable certificate or a TLS mismatch stays so: fail now, do not retry. (A TLS
-            # EOF/reset is a lost connection like any other.)
-            if isinstance(exc, (_ssl.SSLEOFError, _ssl.SSLZeroReturnError)):
-                raise PeerUnreachable(f"cannot connect to {self.host}:{self.port}: {exc}") from None
-            raise HandshakeError(f"TLS with {self.host}:{self.port} failed: {exc}") from None
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise PeerUnreachable(f"cannot connect to {self.host}:{self.port}: {exc or 'timed out'}") from None
-        try:
-            await asyncio.wait_for(asyncio.shield(cc.ready), self.config.handshake_timeout)
-        except asyncio.TimeoutError:
-            cc.conn.abort()
-            raise HandshakeError("handshake timed out") from None
-        except BaseException:
-            cc.conn.abort()
-            raise
-        sock = cc.conn.sock
-        # Keep little unsent data in the kernel, so what goes next is decided late (weights,
-        # deadlines, pacing) and not hidden in a deep socket buffer; _tick scales it to the rate.
-        cc.set_lowat(self._lowat())
-        if self.ssl is None and sock is not None:
-            cc.start_writer(self.config.progress_timeout)
-        cc.registered = True
-        cc.last_ack = time.monotonic()
+        cc = await open_conn(self, slot)
         self._conns[slot] = cc
         self._wake.set()
         return cc
@@ -408,7 +377,7 @@ class TransferClient:
         while True:
             await asyncio.sleep(SAMPLE)
             now = time.monotonic()
-            self._poll_tcp()
+            poll_tcp_info(self._conns, self.controller)
             rate = self.controller.tick(sum(c.inflight_bytes for c in self._conns if c is not None))
             self._set_pacing(rate)
             lowat = self._lowat()
@@ -434,35 +403,7 @@ class TransferClient:
                     self._reconnecting[slot] = asyncio.create_task(self._reconnect(slot))
 
     def _set_pacing(self, rate: float | None) -> None:
-        if rate is None:
-            self._bucket = None
-            return
-        burst = self.config.burst_bytes or max(self.config.grid_bytes, int(rate * 0.004))
-        if self._bucket is None:
-            self._bucket = TokenBucket(rate, burst)
-        elif self._bucket.rate != rate or self._bucket.burst != burst:
-            self._bucket.set_rate(rate, burst)
-
-    def _poll_tcp(self) -> None:
-        rtts, mins, retrans, segs = [], [], 0, 0
-        for cc in self._conns:
-            if cc is None or cc.conn is None:
-                continue
-            info = tcp_info(cc.conn.sock)
-            if not info:
-                continue
-            prev, cc.tcp_prev = cc.tcp_prev, info
-            if info.get("rtt_us"):
-                rtts.append(info["rtt_us"] / 1e6)
-            if info.get("min_rtt_us"):
-                mins.append(info["min_rtt_us"] / 1e6)
-            if prev is not None:
-                retrans += info.get("total_retrans", 0) - prev.get("total_retrans", 0)
-                segs += info.get("segs_out", 0) - prev.get("segs_out", 0)
-                if "bytes_acked" in info:
-                    self.controller.on_wire_acked(info["bytes_acked"] - prev.get("bytes_acked", 0))
-        if rtts:
-            self.controller.on_tcp_info(sum(rtts) / len(rtts), min(mins) if mins else None, retrans, segs)
+        self._bucket = repace(self._bucket, rate, self.config.burst_bytes, self.config.grid_bytes)
 
     def snapshot(self) -> LinkSnapshot:
         """The rate controller's current view of the link (what a scheduler reads)."""

@@ -126,3 +126,16 @@ def test_reserved_field_and_undefined_flags_are_refused():
     ack, _ = make_frame(FrameType.ACK, body=b"")
     with pytest.raises(WireFormatError, match="flag"):
         parse_header(_resealed(ack, 6, "<H", 1), 1 << 20)
+
+
+def test_repace_keeps_one_bucket_and_its_earned_tokens():
+    from kvlink.transport.pacing import repace
+
+    assert repace(None, None, None, 1 << 20) is None
+    bucket = repace(None, 1e9, None, 1 << 20)
+    assert bucket.rate == 1e9 and bucket.burst == 4_000_000  # ~4 ms at the rate
+    assert repace(bucket, 1e9, None, 1 << 20) is bucket
+    slow = repace(bucket, 1e6, None, 1 << 20)
+    assert slow is bucket and bucket.rate == 1e6 and bucket.burst == 1 << 20  # at least one grid chunk
+    assert repace(bucket, 1e6, 8 << 20, 1 << 20).burst == 8 << 20  # a configured burst wins
+    assert repace(bucket, None, None, 1 << 20) is None
