@@ -19,6 +19,8 @@ if [ "${1:-all}" = "all" ]; then
 time timeout 200 python3 -c "from kvlink.ops import native; native.cuda_ext(); print('cuda extension built')" 2>&1 | tail -5
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/test_ops.py tests/unit/test_serde_roundtrip.py \
   -o addopts="" 2>&1 | tee "$OUT/pytest.txt" | tail -8
+timeout 60 python3 -m pytest -q -p no:cacheprovider -m cuda tests/unit/test_pool_slab.py tests/integration/test_pool_tiers.py \
+  -o addopts="" 2>&1 | tee "$OUT/pytest_pool_cuda.txt" | tail -4
 timeout 90 python3 benchmarks/gpu.py --json > "$OUT/gpu_bench.json" 2>&1; tail -c 1500 "$OUT/gpu_bench.json"; echo
 fi
 timeout 200 python3 benchmarks/transfer.py --repeat 5 --json > "$OUT/transfer.json" 2>&1; tail -c 1500 "$OUT/transfer.json"; echo

@@ -106,8 +106,8 @@ class PinnedReads:
         only, no room, or the read failed: ``_read`` reports that). ``strict``: a failed read
         raises what ``_read`` would (the entry is gone from the SSD by then: a second read could
         only say it is missing)."""
-        if self.ssd is None:
-            return None
+        if self.ssd is None or self.levels[0][1].device.type != "cpu":
+            return None  # a GPU top tier has no landings: evicting from it would only demote others
         with self._lock:
             out: list = []
             if self._views_in_memory(tkey, out):  # promoted meanwhile
@@ -155,7 +155,15 @@ class PinnedReads:
             return self._land_from_ssd(tkey, strict=True)
 
         reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvlink-pool-read")
+        futures: dict[bytes, concurrent.futures.Future] = {}
         try:
-            return {tkey: reader.submit(land, tkey) for tkey in tkeys}
+            for tkey in tkeys:
+                futures[tkey] = reader.submit(land, tkey)
+        except BaseException:
+            for future in futures.values():
+                future.cancel()
+            concurrent.futures.wait(list(futures.values()))  # none lands once the caller unpins
+            raise
         finally:
             reader.shutdown(wait=False)  # the thread ends once the queue is read
+        return futures

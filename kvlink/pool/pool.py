@@ -247,7 +247,7 @@ class Pool(SsdTraffic, PinnedReads):
         back (reuse it from fetch to fetch: nothing is allocated); without it each entry gets a
         buffer of its own. Entries found only on SSD are promoted to memory. Raises
         :class:`EntryMissing` when an entry was evicted or lost meanwhile (look up again),
-        :class:`ChecksumMismatch` / :class:`PoolError` when one failed verification on SSD (it is
+        :class:`PoolError` when one failed verification on SSD or could not be read (it is
         dropped), :class:`ConfigError` for an ``out`` too small or read-only."""
         wanted = hit.keys()
         with self._lock:
@@ -280,11 +280,12 @@ class Pool(SsdTraffic, PinnedReads):
             got, at = {}, 0
             for (kind, key), nbytes in zip(wanted, sizes):
                 tkey = tier_key(kind, key)
-                if tkey in landed:
-                    landed[tkey].result()  # in the host tier now, or None: _read reads it itself
+                counted = False
+                if tkey in landed:  # in the host tier now (hit counted), or None: _read reads it itself
+                    counted = landed[tkey].result() is not None
                 elif ahead is not None:
                     ahead.before(tkey)
-                got[(kind, key)] = self._read(tkey, None if view is None else view[at: at + nbytes])
+                got[(kind, key)] = self._read(tkey, None if view is None else view[at: at + nbytes], counted)
                 at += nbytes
             return got
         finally:
@@ -304,8 +305,9 @@ class Pool(SsdTraffic, PinnedReads):
             raise EntryMissing(f"an entry of this {hit.tokens}-token hit is no longer in the pool; look up again")
         return sum(e.nbytes for e in entries)
 
-    def _read(self, tkey: bytes, out: memoryview | None = None) -> memoryview:
-        """One entry's bytes: into ``out`` (exactly its size) when given, else a buffer of its own."""
+    def _read(self, tkey: bytes, out: memoryview | None = None, counted: bool = False) -> memoryview:
+        """One entry's bytes: into ``out`` (exactly its size) when given, else a buffer of its own.
+        ``counted``: its hit was counted already (landed from SSD for this read)."""
         with self._lock:
             for level, (name, tier) in enumerate(self.levels):
                 if tkey in tier:
@@ -317,7 +319,7 @@ class Pool(SsdTraffic, PinnedReads):
                         self.stats["corrupt"] += 1
                         continue
                     self.policies[level].touch(tkey)
-                    self.stats[f"hit_{name}"] += 1
+                    self.stats[f"hit_{name}"] += not counted
                     return out if out is not None else memoryview(data.numpy())
             pending = self._pending.get(tkey)
             if pending is not None:
@@ -334,7 +336,8 @@ class Pool(SsdTraffic, PinnedReads):
             data = self.ssd.get(tkey, out=out)
         except (EntryMissing, ChecksumMismatch, PoolError) as exc:
             raise self._ssd_failure(tkey, exc) from exc
-        self.stats["hit_ssd"] += 1
+        with self._lock:
+            self.stats["hit_ssd"] += 1
         if out is None:
             self._background(self._promote, tkey, data)  # a fresh buffer: no copy needed
         else:

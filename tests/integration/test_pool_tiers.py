@@ -3,6 +3,7 @@
 import os
 
 import pytest
+import torch
 
 from kvlink.config import PoolConfig
 from kvlink.errors import ConfigError
@@ -193,6 +194,7 @@ def test_fetch_into_a_buffer_larger_than_the_host_tier(tmp_path):
             assert bytes(got[(kind, keys[block])]) == data
         assert sum(len(v) for v in got.values()) == len(out)
         assert pool.stats["hit_ssd"] == len(stored)
+        assert pool.stats["hit_host"] == 0  # an entry landed for the read is one hit, not two
         assert all(e.pins == 0 for e in pool.index._entries.values())
 
 
@@ -243,3 +245,28 @@ def test_landed_pieces_are_kept_in_place_and_written_through(tmp_path):
         assert host.used_bytes == used
     with Pool(HYBRID, cfg(tmp_path)) as pool:  # what was written through survives a restart
         check_fetch(pool, tokens, stored)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_reading_from_ssd_does_not_demote_gpu_entries(tmp_path):
+    """Regression: a GPU top tier has no landings, and reading an SSD-only entry (the engine's
+    load, ``fetch(hit, out=)``) first evicted as many bytes of GPU entries to host, for nothing."""
+    a, b = prompt(64), prompt(64, seed=1)
+    with Pool(HYBRID, cfg(tmp_path, write_mode="through", gpu_bytes=64 << 10, gpu_device="cuda",
+                          host_bytes=16 << 10)) as pool:
+        stored = pieces(a, [3])
+        pool.store(a, stored)
+        pool.drain()
+        pool.evict(1 << 30)  # a: GPU -> host, where only part of it fits; the rest is on SSD only
+        pool.drain()
+        keys_a = pool.index.hashes(a)
+        assert any(pool.where(FULL, k) == ["ssd"] for k in keys_a)
+        pool.store(b, pieces(b, [3], seed=1))
+        keys_b = pool.index.hashes(b)
+        assert all(pool.where(FULL, k)[0] == "gpu" for k in keys_b)
+        hit = pool.lookup(a)
+        got = pool.fetch(hit, out=bytearray(pool.hit_nbytes(hit)))
+        for (kind, block), data in stored.items():
+            assert bytes(got[(kind, keys_a[block])]) == data
+        assert all(pool.where(FULL, k)[0] == "gpu" for k in keys_b)  # b untouched on the GPU
