@@ -88,3 +88,24 @@ def test_spec_from_config_matches_the_cache(family):
         cache = model(torch.arange(3, 40)[None], use_cache=True).past_key_values
     seen = spec_from_cache(cache, spec.name)
     assert seen.layers == spec.layers and seen.fingerprint == spec.fingerprint  # one layout, one fingerprint
+
+
+def test_the_adapter_does_not_trace_a_model_its_spec_was_traced_from(monkeypatch):
+    """Regression: the first ``build_cache`` traced the model on the meta device again to learn
+    its cache class, on the first request's path (the demo's first restore took ~200 ms, the
+    next 2 ms), although ``spec_from_config`` had traced the same config moments before. A
+    config changed since is traced again (the class is remembered by the config's contents)."""
+    from kvlink.engine.hf import spec as hf_spec
+
+    model, config = tiny_model("kimi_linear")
+    spec = spec_from_config(config)
+    traced = []
+    real = hf_spec._trace
+    monkeypatch.setattr(hf_spec, "_trace", lambda *args: traced.append(args) or real(*args))
+    paged = PagedCache.allocate(spec, 4, BS, num_slots=1, fill="zeros")
+    cache = HFCacheAdapter(spec, config).build_cache(paged, CacheRef([1, 2], 20, 0))
+    assert traced == [] and type(cache).__name__ == type(hf_spec.trace_cache(config)).__name__
+    traced.clear()
+    config.use_cache = not config.use_cache  # another config now: its class is not assumed
+    HFCacheAdapter(spec, config).build_cache(paged, CacheRef([1, 2], 20, 0))
+    assert len(traced) == 1

@@ -17,7 +17,7 @@ import torch
 from kvlink.engine.hf.layers import (MODULE_STATES, RWKV_STATES, XLSTM_STATES, cache_form, check_length,
                                      decoder_layers, from_token_rows, inventory, module_owner, num_cache_layers,
                                      slot_for, slots, token_rows)
-from kvlink.engine.hf.spec import num_layers, text_config, trace_cache, window_of
+from kvlink.engine.hf.spec import num_layers, text_config, traced_cache_class, window_of
 from kvlink.errors import ConfigError, IncompatibleLayoutError, SpecError
 from kvlink.serde.layout import TORCH_DTYPES
 from kvlink.serde.paged import CacheRef, PagedCache
@@ -252,7 +252,7 @@ class HFCacheAdapter:
         """The cache class the model builds (traced once); transformers' ``DynamicCache`` when the
         model cannot be traced and the spec needs nothing a ``DynamicCache`` lacks."""
         try:
-            cls = type(trace_cache(self.config, TORCH_DTYPES.get(self._model_dtype() or "")))
+            cls = traced_cache_class(self.config, TORCH_DTYPES.get(self._model_dtype() or ""))
         except SpecError:
             if any(slot_for(None, i, c.name).where == "cache" for i, layer in enumerate(self.spec.layers)
                    for c in layer.components):
