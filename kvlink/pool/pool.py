@@ -270,7 +270,7 @@ class Pool(SsdTraffic, PinnedReads):
                 with self._lock:
                     cold = [t for t in (tier_key(k, key) for k, key in wanted)
                             if not any(t in tier for _, tier in self.levels) and t not in self._pending]
-                if view is not None:
+                if view is not None and self.levels[0][1].device.type == "cpu":
                     # A reader thread lands them in host pages (their promotion) while this one
                     # copies the previous entries out: reading them into `out` here, then copying
                     # each into the host tier, ran at half a plain read's speed.
