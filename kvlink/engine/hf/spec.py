@@ -9,6 +9,7 @@ per-model guesses about config fields. :func:`spec_from_cache` reads the same of
 from __future__ import annotations
 
 import copy
+import threading
 
 import torch
 import torch.fx.experimental._config  # noqa: F401  (the meta nonzero switch)
@@ -67,6 +68,7 @@ def trace_cache(config, dtype: torch.dtype | None = None):
 # first builds a cache (on the first request's path: ~0.2-0.5 s for a small model on 2 cores).
 _CACHE_CLASSES: dict[str, type] = {}
 _MAX_CACHE_CLASSES = 64
+_CACHE_CLASSES_LOCK = threading.Lock()  # adapters of several engines may trace at once
 
 
 def _config_key(config) -> str | None:
@@ -118,9 +120,10 @@ def _trace(config, dtype: torch.dtype | None) -> tuple:
                         "its state is not reachable")
     key = _config_key(config)
     if key is not None:
-        if len(_CACHE_CLASSES) >= _MAX_CACHE_CLASSES:
-            _CACHE_CLASSES.pop(next(iter(_CACHE_CLASSES)))  # the oldest
-        _CACHE_CLASSES[key] = type(cache)
+        with _CACHE_CLASSES_LOCK:
+            if len(_CACHE_CLASSES) >= _MAX_CACHE_CLASSES:
+                _CACHE_CLASSES.pop(next(iter(_CACHE_CLASSES)))  # the oldest
+            _CACHE_CLASSES[key] = type(cache)
     return cache, []
 
 
