@@ -250,8 +250,9 @@ def test_landed_pieces_are_kept_in_place_and_written_through(tmp_path):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_reading_from_ssd_does_not_demote_gpu_entries(tmp_path):
-    """Regression: a GPU top tier has no landings, and reading an SSD-only entry (the engine's
-    load, ``fetch(hit, out=)``) first evicted as many bytes of GPU entries to host, for nothing."""
+    """Regression: a GPU top tier has no landings, and reading an SSD-only entry through the
+    pinned path (the engine's ``load_from_pool``, the daemon's gets: ``pin_hit``) first evicted
+    as many bytes of GPU entries to host, for nothing."""
     a, b = prompt(64), prompt(64, seed=1)
     with Pool(HYBRID, cfg(tmp_path, write_mode="through", gpu_bytes=64 << 10, gpu_device="cuda",
                           host_bytes=16 << 10)) as pool:
@@ -266,7 +267,11 @@ def test_reading_from_ssd_does_not_demote_gpu_entries(tmp_path):
         keys_b = pool.index.hashes(b)
         assert all(pool.where(FULL, k)[0] == "gpu" for k in keys_b)
         hit = pool.lookup(a)
-        got = pool.fetch(hit, out=bytearray(pool.hit_nbytes(hit)))
-        for (kind, block), data in stored.items():
-            assert bytes(got[(kind, keys_a[block])]) == data
+        views, release = pool.pin_hit(hit)
+        try:
+            for (kind, block), data in stored.items():
+                assert b"".join(bytes(memoryview(v).cast("B")) for v in views[(kind, keys_a[block])]) == data
+        finally:
+            release()
+        assert pool.stats["hit_ssd"] >= 1  # an SSD-only entry was read
         assert all(pool.where(FULL, k)[0] == "gpu" for k in keys_b)  # b untouched on the GPU
