@@ -13,6 +13,7 @@ import concurrent.futures
 
 from kvlink.errors import ChecksumMismatch, EntryMissing, KvlinkError, PoolError
 from kvlink.pool.index import PrefixHit
+from kvlink.pool.readahead import ReadAhead
 
 
 class PinnedReads:
@@ -144,8 +145,6 @@ class PinnedReads:
         the views once the entry is in the host tier, to None when it is left to ``_read`` (no
         room), or raises what ``_read`` would (:class:`EntryMissing`, :class:`PoolError`).
         Cancel and wait for the futures before unpinning the entries."""
-        from kvlink.pool.readahead import ReadAhead
-
         if not tkeys:
             return {}
         ahead = ReadAhead(self.ssd, tkeys)
