@@ -22,7 +22,7 @@ from kvlink.errors import KvlinkError
 from kvlink.presets import PRESETS, get_preset
 from kvlink.serde.payload import PayloadScan, payload_intact
 from kvlink.serde.staging import StagingArena
-from kvlink.transport.incoming import arena_allocator
+from kvlink.transport.parts import arena_allocator
 from kvlink.transport.receiver import TransferServer
 
 RAW_HEADER = struct.Struct("<QQQ")  # offset, length within the sink buffer, flags

@@ -5,6 +5,7 @@ from __future__ import annotations
 import xxhash
 
 from kvlink.codec.parallel import PARALLEL_MIN_BYTES, parallel_map
+from kvlink.ops.landing import Xxh3State
 from kvlink.ops.runs import checksums_native, native_available
 
 
@@ -17,6 +18,15 @@ def checksum_stream():
     """A running :func:`checksum`: ``update(piece)`` in order, then ``intdigest()`` (``reset()``
     to start over) equals ``checksum`` of the pieces joined."""
     return xxhash.xxh3_64()
+
+
+def native_checksum_stream():
+    """A :func:`checksum_stream` kept in native memory when the CPU library is built (a
+    :class:`~kvlink.ops.landing.Xxh3State`: native code such as a socket landing can feed it
+    through its ``address``), else the plain one."""
+    if native_available():
+        return Xxh3State()
+    return checksum_stream()
 
 
 def checksum_pieces(pieces) -> int:

@@ -29,7 +29,7 @@ from kvlink.presets import get_preset
 from kvlink.spec import CacheSpec
 from kvlink.serde.payload import PayloadScan, is_payload, payload_intact
 from kvlink.serde.staging import StagingArena
-from kvlink.transport.incoming import arena_allocator
+from kvlink.transport.parts import arena_allocator
 from kvlink.transport.loop import new_event_loop, run_sync, stop_loop
 from kvlink.transport.receiver import TransferServer
 from kvlink.transport.sender import TransferClient

@@ -30,7 +30,7 @@ from kvlink.pool.slab import Landing
 from kvlink.presets import get_preset
 from kvlink.serde.payload import is_payload
 from kvlink.spec import CacheSpec
-from kvlink.transport.incoming import arena_allocator
+from kvlink.transport.parts import arena_allocator
 from kvlink.transport.receiver import TransferServer
 from kvlink.transport.sender import TransferClient
 from kvlink.transport.tls import client_context, server_context

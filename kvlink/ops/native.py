@@ -1,5 +1,5 @@
-"""On-demand builds of ``csrc/``: the CPU row copier and fused copy-and-hash runs (plain C through
-ctypes, with the vendored xxHash header) and the CUDA extension.
+"""On-demand builds of ``csrc/``: the CPU row copier, fused copy-and-hash runs and hashed socket
+landings (plain C through ctypes, with the vendored xxHash header) and the CUDA extension.
 
 Each is built once per machine into the build directory (``KVLINK_BUILD_DIR``) keyed by a hash of
 its source, then loaded once per process. A missing compiler or CUDA makes the backend unavailable;
@@ -37,7 +37,7 @@ def _source(rel: str) -> Path:
     raise BackendUnavailable(f"csrc/{rel} not found: native backends need a source checkout")
 
 
-CPU_SOURCES = ("cpu/rows.c", "cpu/runs.c")
+CPU_SOURCES = ("cpu/rows.c", "cpu/runs.c", "cpu/landing.c")
 CPU_HEADERS = ("third_party/xxhash/xxhash.h",)
 
 
@@ -91,6 +91,18 @@ def _build_cpu(config: OpsConfig) -> ctypes.CDLL:
     lib.kvlink_plane_runs.restype = None
     lib.kvlink_xxh3.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     lib.kvlink_xxh3.restype = ctypes.c_uint64
+    for name in ("kvlink_xxh3_state_size", "kvlink_xxh3_state_align"):
+        getattr(lib, name).argtypes = []
+        getattr(lib, name).restype = ctypes.c_int64
+    lib.kvlink_xxh3_reset.argtypes = [ctypes.c_void_p]
+    lib.kvlink_xxh3_reset.restype = None
+    lib.kvlink_xxh3_update.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    lib.kvlink_xxh3_update.restype = None
+    lib.kvlink_xxh3_digest.argtypes = [ctypes.c_void_p]
+    lib.kvlink_xxh3_digest.restype = ctypes.c_uint64
+    lib.kvlink_recv_land.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                     ctypes.c_void_p]
+    lib.kvlink_recv_land.restype = ctypes.c_int64
     return lib
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvlink.codec.checksum import checksum, checksum_stream, checksums
+from kvlink.codec.checksum import checksum, checksums, native_checksum_stream
 from kvlink.errors import ChecksumMismatch, LengthError, WireFormatError
 from kvlink.serde.staging import StagingLease
 from kvlink.serde.wire import PREFIX, PayloadHeader, parse_header, peek_lengths
@@ -104,7 +104,7 @@ class PayloadScan:
         self._pos = 0  # bytes hashed (or parsed, for the header)
         self._segments: list[tuple[int, int]] | None = None  # (end in buf, checksum)
         self._next = 0
-        self._hash = checksum_stream()
+        self._hash = native_checksum_stream()
 
     def advance(self, end: int) -> None:
         """``buf[:end]`` is final: parse the header once it is whole, hash new segment bytes."""
@@ -127,6 +127,48 @@ class PayloadScan:
                 self._pos = upto
             if self._pos < stop:
                 return
+            if self._hash.intdigest() != expect:
+                self.failed = True
+                return
+            self._hash.reset()
+            self._next += 1
+
+    # -- landing: the caller hashes the bytes as it receives them ---------------------------------
+    def hot_span(self, pos: int) -> tuple[int, int]:
+        """For a caller about to land ``buf[pos:]`` with ``pos`` == :attr:`scanned`: ``(stop,
+        state)``. It may land ``buf[pos:stop]`` (at least one byte) hashing them into the native
+        running hash at address ``state`` as they arrive (0: land them unhashed), then must
+        call :meth:`took` before landing more. Spans never cross a segment's end, so each
+        segment's digest is checked as its last byte lands."""
+        size = len(self.buf)
+        if self.failed:  # nothing to judge any more (it stopped where it found the fault)
+            return size, 0
+        if pos != self._end or pos >= size:
+            raise ValueError(f"hot_span({pos}) on a scan at {self._end} of {size}")
+        if self._segments is None:  # the header: landed unhashed, then parsed by took()
+            if pos < PREFIX.size:
+                return min(PREFIX.size, size), 0
+            try:
+                header_len, _ = peek_lengths(self.buf[:PREFIX.size])
+            except WireFormatError:
+                self.failed = True
+                return size, 0
+            return (min(header_len, size), 0) if header_len > pos else (size, 0)
+        if self._next < len(self._segments) and self._pos == pos:
+            return min(self._segments[self._next][0], size), getattr(self._hash, "address", 0)
+        return size, 0
+
+    def took(self, end: int, hashed: bool) -> None:
+        """The caller landed ``buf[scanned:end]`` within the span :meth:`hot_span` gave, hashing
+        them into its state when ``hashed``."""
+        if not hashed or self.failed:
+            self.advance(end)
+            return
+        stop, expect = self._segments[self._next]
+        if not self._pos == self._end < end <= stop:
+            raise ValueError(f"took({end}) outside the span [{self._pos}, {stop}]")
+        self._pos = self._end = end
+        if end == stop:
             if self._hash.intdigest() != expect:
                 self.failed = True
                 return

@@ -8,7 +8,8 @@
 """
 
 from kvlink.transport.congestion import LinkSnapshot, RateController
-from kvlink.transport.incoming import IncomingTransfer, arena_allocator, default_allocator
+from kvlink.transport.incoming import IncomingTransfer
+from kvlink.transport.parts import arena_allocator, default_allocator
 from kvlink.transport.loop import run
 from kvlink.transport.outgoing import OutgoingTransfer
 from kvlink.transport.receiver import TransferServer

@@ -5,56 +5,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Callable, Protocol
+from typing import Callable
 
-import numpy as np
-
-from kvlink.errors import (KvlinkError, PartIndexError, StagingExhausted, TransferCancelled, TransferRejected,
-                           TransportError)
-
-# allocator(nbytes) -> (writable buffer of exactly nbytes, release callback or None)
-Allocator = Callable[[int], tuple[memoryview, Callable[[], None] | None]]
-
-
-class PartScan(Protocol):
-    """A part verifier's streaming form (e.g. :class:`kvlink.serde.payload.PayloadScan`)."""
-
-    def advance(self, end: int) -> None:
-        """``buf[:end]`` is final; judge what is new in it."""
-
-    def verdict(self) -> bool:
-        """After advancing to the end: whether the part is intact."""
-
-    @property
-    def scanned(self) -> int:
-        """How far it has been advanced (bytes); one that found the part bad may stop short."""
-
-
-Scanner = Callable[[memoryview], PartScan]
-
-
-def default_allocator(nbytes: int) -> tuple[memoryview, None]:
-    """A fresh, uninitialised host buffer (no memset: the received bytes are its first writes)."""
-    return memoryview(np.empty(nbytes, dtype=np.uint8)), None
-
-
-def arena_allocator(arena, overflow: bool = False) -> Allocator:
-    """Parts land in leases of a preallocated (pinned when CUDA exists) :class:`StagingArena`,
-    so receiving costs no page faults and decode-side unpacking copies from registered memory.
-    A full arena rejects the transfer (:class:`TransferRejected`), or with ``overflow`` gives
-    the part a fresh buffer of its own instead."""
-
-    def allocate(nbytes: int):
-        try:
-            lease = arena.lease(nbytes)
-        except StagingExhausted as exc:
-            if overflow:
-                return default_allocator(nbytes)
-            raise TransferRejected(f"receive arena full: {exc}") from None
-        return memoryview(lease.tensor.numpy()), lease.release
-
-    return allocate
-
+from kvlink.errors import KvlinkError, PartIndexError, TransferCancelled, TransferRejected, TransportError
+from kvlink.transport.parts import Allocator, PartScan, Scanner
 
 class _Part:
     __slots__ = ("length", "buf", "done", "chunks", "left", "completed", "unchecked", "verified_whole",
@@ -244,6 +198,24 @@ class IncomingTransfer:
             while part.prefix < n and part.landed[part.prefix]:
                 part.prefix += 1
         self._advance_scan(part, wait=False)
+
+    def claim_scan(self, index: int, offset: int) -> PartScan | None:
+        """The scan of part ``index`` for a reader about to land the run at ``offset``, when the
+        scan has reached exactly there and can hash while landing (:class:`PartScan`'s optional
+        ``hot_span``): the reader then holds it, hashing the run's bytes in cache as they arrive,
+        until :meth:`release_scan`. None when another thread holds it, or the run is not next."""
+        part = self._parts.get(index)
+        scan = part.scan if part is not None else None
+        if scan is None or not hasattr(scan, "hot_span") or not part.scan_lock.acquire(blocking=False):
+            return None
+        if part.scan is scan and scan.scanned == offset and self.error is None and not self._release_pending:
+            return scan
+        part.scan_lock.release()
+        return None
+
+    def release_scan(self, index: int) -> None:
+        """Give back a scan :meth:`claim_scan` returned (then mark the run :meth:`landed`)."""
+        self._parts[index].scan_lock.release()
 
     def _advance_scan(self, part: _Part, wait: bool, to_end: bool = False) -> None:
         if not part.scan_lock.acquire(blocking=wait):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import itertools
 import os
 import time
 from typing import TYPE_CHECKING, Callable
@@ -20,6 +21,9 @@ Chunk = tuple[int, int, int]  # (part, offset, length)
 # Parts announced per PART frame: ~24 bytes of JSON each keeps a frame far below the 64 KiB
 # control-body limit, and the receiver's work per frame bounded, however many parts there are.
 PARTS_PER_FRAME = 1024
+# Pending runs a connection looks through for its own part or a fresh one (see take()): more
+# than any plausible number of connections, few enough to keep each pick cheap.
+LANE_LOOKAHEAD = 64
 
 
 def _bytes_view(buffer) -> memoryview:
@@ -89,6 +93,7 @@ class OutgoingTransfer:
         self._order: list[int] = []  # part indices in the order they were added
         self.pending: collections.deque[Chunk] = collections.deque()
         self.resend: collections.deque[Chunk] = collections.deque()
+        self._lanes: dict[int, int] = {}  # part -> the lane its last frame went on (while it has more)
         self.retries: collections.Counter[tuple[int, int]] = collections.Counter()
         self.vfinish = 0.0  # fair-queueing tag
         self.bytes_total = 0
@@ -148,18 +153,40 @@ class OutgoingTransfer:
     def has_work(self) -> bool:
         return self.error is None and bool(self.pending or self.resend)
 
-    def take(self, max_bytes: int) -> Chunk:
+    def take(self, max_bytes: int, lane: int | None = None) -> Chunk:
         """The next frame's bytes: a resend as it was, or up to ``max_bytes`` of consecutive
-        grid chunks of one part (at least one), so frames grow with the rate."""
+        grid chunks of one part (at least one), so frames grow with the rate.
+
+        ``lane`` (the connection that will carry it) keeps a part's frames on one connection:
+        it continues the part it was given last, else starts the first part no other lane is
+        on, else (nothing else left) takes the next frame of another lane's part. A part's
+        frames then reach the receiver in order on one connection, whose reader can verify
+        each as it lands (in cache) instead of in a pass over memory later."""
         if self.resend:
             return self.resend.popleft()
-        part, offset, length = self.pending[0]
+        i = self._run_for(lane) if lane is not None else 0
+        part, offset, length = self.pending[i]
         run = max(self.chunk, max_bytes // self.chunk * self.chunk)
         if length <= run:
-            self.pending.popleft()
+            del self.pending[i]
+            self._lanes.pop(part, None)
             return part, offset, length
-        self.pending[0] = (part, offset + run, length - run)
+        self.pending[i] = (part, offset + run, length - run)
+        if lane is not None:
+            self._lanes[part] = lane
         return part, offset, run
+
+    def _run_for(self, lane: int) -> int:
+        """Index in ``pending`` of the run ``lane`` takes from (see :meth:`take`). Looks at a
+        bounded prefix: pending runs start in order, so lanes' parts are near its head."""
+        fresh = None
+        for i, (part, _, _) in enumerate(itertools.islice(self.pending, LANE_LOOKAHEAD)):
+            owner = self._lanes.get(part)
+            if owner == lane:
+                return i
+            if owner is None and fresh is None:
+                fresh = i
+        return 0 if fresh is None else fresh
 
     def acked(self, part: int, offset: int, length: int) -> bool:
         """Record an acknowledged run; False if it was already acknowledged or is unknown."""
@@ -213,6 +240,7 @@ class OutgoingTransfer:
         self.error = error
         self.pending.clear()
         self.resend.clear()
+        self._lanes.clear()
         self._done.set_exception(error)
         self._done.exception()  # marked retrieved: an unawaited failure is not logged twice
 

@@ -24,7 +24,8 @@ from kvlink.errors import ConfigError, KvlinkError, TransferRejected, TransferTi
 from kvlink.transport import handshake as hs
 from kvlink.transport.connection import FrameConnection
 from kvlink.transport.frame import FrameType
-from kvlink.transport.incoming import Allocator, IncomingTransfer, Scanner, default_allocator
+from kvlink.transport.incoming import IncomingTransfer
+from kvlink.transport.parts import Allocator, Scanner, default_allocator
 from kvlink.transport.ledger import Ledger
 from kvlink.transport.server_conn import ServerConn
 

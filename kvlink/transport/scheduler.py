@@ -29,9 +29,11 @@ class ChunkScheduler:
     def __len__(self) -> int:
         return len(self._active)
 
-    def pick(self, max_bytes: int, now: float | None = None) -> tuple[OutgoingTransfer | None, Chunk | None, float]:
-        """The next (transfer, run of at most ``max_bytes``), or (None, None, wait) where ``wait``
-        is how long until a rate-limited transfer may send again (0: nothing to send at all)."""
+    def pick(self, max_bytes: int, now: float | None = None,
+             lane: int | None = None) -> tuple[OutgoingTransfer | None, Chunk | None, float]:
+        """The next (transfer, run of at most ``max_bytes``) for connection ``lane`` (see
+        :meth:`OutgoingTransfer.take`), or (None, None, wait) where ``wait`` is how long until a
+        rate-limited transfer may send again (0: nothing to send at all)."""
         now = time.monotonic() if now is None else now
         best, best_key, wait = None, None, 0.0
         for tid, t in list(self._active.items()):
@@ -52,7 +54,7 @@ class ChunkScheduler:
         limit = max_bytes
         if best.bucket is not None:  # a capped transfer sends runs of ~4 ms at its own rate
             limit = min(limit, max(best.chunk, int(best.bucket.rate * 0.004)))
-        chunk = best.take(limit)
+        chunk = best.take(limit, lane)
         start = max(self._vtime, best.vfinish)
         best.vfinish = start + chunk[2] / best.weight
         if best.deadline is None:

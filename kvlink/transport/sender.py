@@ -316,7 +316,7 @@ class TransferClient:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            t, chunk, wait = self._sched.pick(self._run_bytes())
+            t, chunk, wait = self._sched.pick(self._run_bytes(), lane=cc.slot)
             if t is None:
                 # A connection is free and nothing can go: the application, not the path, limits.
                 self.controller.on_app_limited()

@@ -232,11 +232,14 @@ class ServerConn:
             return False
 
     def on_data(self, conn, header: FrameHeader, target: memoryview | None, ok: bool | None = None,
-                transfer: IncomingTransfer | None = None, whole: bool | None = None) -> None:
+                transfer: IncomingTransfer | None = None, whole: bool | None = None, hashed: int = 0) -> None:
         """A body is in ``target``; ``ok`` is the reader thread's checksum verdict (None: check here),
-        ``whole`` its part verifier's verdict when the body was a whole unchecked part."""
+        ``whole`` its part verifier's verdict when the body was a whole unchecked part, ``hashed``
+        how many of its bytes the reader hashed into the part's scan as they landed."""
         if target is None:
             return
+        if hashed:
+            self.server.stats["bytes_scanned_landing"] += hashed
         if transfer is None:
             (transfer, _), self._pending = self._pending, None
         if ok is None:

@@ -534,6 +534,32 @@ async def test_payload_parts_are_judged_as_they_land_and_a_corrupt_one_goes_agai
     await server.close()
 
 
+async def test_a_parts_frames_keep_to_one_connection_and_are_verified_as_they_land():
+    # Each connection carries its own parts' frames in order, so its reader hashes them into the
+    # part's scan while they are in cache (kvlink/ops/landing.py). Before, consecutive frames of
+    # a part went out on different connections, landed out of order and most were hashed later,
+    # from memory; nothing was hashed while landing at all.
+    from kvlink.bench.transfer import model_payloads
+    from kvlink.ops.landing import landing_available
+    from kvlink.serde.payload import PayloadScan, payload_intact
+
+    if not landing_available():
+        pytest.skip("native CPU library not built")
+    _, payloads = model_payloads("kimi-linear-48b-a3b", 2048)
+    data = [p.tobytes() for p in payloads[:12]]
+    segment_bytes = sum(p.nbytes - len(p.buffers()[0]) for p in payloads[:12])
+    server = TransferServer(SMALL, None, part_verifier=payload_intact, part_scanner=PayloadScan)
+    _, port = await server.start()
+    async with TransferClient("127.0.0.1", port, FP, SMALL) as client:
+        t, incoming, parts = await send_parts(client, server, data)
+    assert [bytes(p) for p in parts] == data
+    assert all(incoming.verified_whole(i) for i in range(len(data)))
+    assert client.stats["frames_sent"] >= 12 * 20  # ~2 MiB parts in 64 KiB frames, over 3 connections
+    # Only frames a connection with no part of its own left took from another's are hashed later.
+    assert server.stats["bytes_scanned_landing"] >= 0.75 * segment_bytes, (server.stats, segment_bytes)
+    await server.close()
+
+
 async def test_a_part_whose_scan_fails_before_its_end_is_judged_and_resent_not_stalled():
     # The flaky stall of the test above, made certain: a PayloadScan that finds a segment bad
     # stops advancing, and a reader thread landing the part's next frame used to loop on it for

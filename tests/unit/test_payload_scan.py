@@ -55,3 +55,68 @@ def test_any_flipped_bit_fails_like_payload_intact(pos, bit, seed):
 def test_malformed_buffers_fail_like_payload_intact(wire):
     assert not payload_intact(wire)
     assert not scan(wire, [3, 100, 5000])
+
+
+def land(buf, steps) -> tuple[bool, int]:
+    """Feed ``buf`` the way a reader thread lands it: spans from hot_span, each hashed into the
+    scan's native state as it 'arrives' (in pieces of the given steps), then took(). Returns
+    the verdict and how many bytes were hashed on landing."""
+    from kvlink.ops.landing import Xxh3State
+
+    s = PayloadScan(memoryview(buf))
+    assert isinstance(s._hash, Xxh3State)
+    view, pos, hot, i = memoryview(buf), 0, 0, 0
+    while pos < len(buf):
+        stop, state = s.hot_span(pos)
+        assert pos < stop <= len(buf)
+        end = min(stop, pos + steps[i % len(steps)])
+        i += 1
+        if state:
+            assert state == s._hash.address
+            s._hash.update(view[pos:end])
+            hot += end - pos
+        s.took(end, bool(state))
+        pos = end
+    return s.verdict(), hot
+
+
+@pytest.mark.parametrize("wire", [WIRE, WIRE_LZ4], ids=["raw", "lz4"])
+@pytest.mark.parametrize("step", [1, 7, PREFIX.size - 1, 4096, 1 << 30])
+def test_landing_hashes_every_segment_byte_and_passes_an_intact_payload(wire, step):
+    ok, hot = land(wire, [step])
+    header_len = len(wire) - sum(len(b) for b in __import__("kvlink.serde.payload", fromlist=["Payload"])
+                                 .Payload.from_buffer(wire).buffers()[1:])
+    assert ok and hot == len(wire) - header_len
+
+
+@settings(max_examples=150, deadline=None)
+@given(pos=st.integers(0, len(WIRE) - 1), bit=st.integers(0, 7), seed=st.integers(0, 2**32 - 1))
+def test_landing_fails_any_flipped_bit_like_payload_intact(pos, bit, seed):
+    bad = bytearray(WIRE)
+    bad[pos] ^= 1 << bit
+    rng = random.Random(seed)
+    ok, _ = land(bad, [rng.randint(1, 9000) for _ in range(8)])
+    assert not ok
+
+
+@pytest.mark.parametrize("wire", [WIRE[:-1], WIRE + b"\0", WIRE[:PREFIX.size - 1], b"KVLK" + bytes(200)],
+                         ids=["short", "long", "prefix-only", "zeros"])
+def test_landing_fails_malformed_buffers(wire):
+    assert not land(wire, [3, 100, 5000])[0]
+
+
+def test_landing_and_advancing_mix():
+    """A scan landed hot up to a point, then advanced over bytes another thread landed (cold)."""
+    s = PayloadScan(memoryview(WIRE))
+    pos = 0
+    while pos < len(WIRE) // 2:
+        stop, state = s.hot_span(pos)
+        end = min(stop, len(WIRE) // 2)
+        if state:
+            s._hash.update(memoryview(WIRE)[pos:end])
+        s.took(end, bool(state))
+        pos = end
+    s.advance(len(WIRE))
+    assert s.verdict()
+    with pytest.raises(ValueError):
+        s.hot_span(3)

@@ -163,6 +163,26 @@ async def test_runs_merge_grid_chunks_up_to_the_limit():
     assert not t.resend
 
 
+async def test_each_connection_keeps_to_its_own_part_and_takes_others_only_when_none_is_left():
+    # A part's frames on one connection reach its reader in order, so the reader can hash them
+    # as they land; frames of one part spread over connections land out of order (hashed later).
+    t = OutgoingTransfer(_Client(), None, 3, 4096, 1.0, None, None, {}, lambda t: None)
+    for i in range(3):
+        t.add_part(i, bytes(4 * 4096))
+    assert t.take(4096, lane=0) == (0, 0, 4096)
+    assert t.take(4096, lane=1) == (1, 0, 4096)  # part 0 is lane 0's: lane 1 starts the next
+    assert t.take(4096, lane=0) == (0, 4096, 4096)  # lane 0 goes on with its part
+    assert t.take(4096, lane=2) == (2, 0, 4096)
+    assert t.take(4096, lane=1) == (1, 4096, 4096)
+    assert t.take(3 * 4096, lane=2) == (2, 4096, 3 * 4096)  # part 2 done: lane 2 is free
+    assert t.take(4096, lane=2) == (0, 2 * 4096, 4096)  # nothing fresh: it helps with the first run left
+    assert t.take(1 << 20, lane=0) == (0, 3 * 4096, 4096)
+    assert t.take(1 << 20, lane=3) == (1, 2 * 4096, 2 * 4096)
+    assert not t.has_work
+    u = await _transfer(nbytes=3 * 4096)
+    assert [u.take(4096) for _ in range(3)] == [(0, 0, 4096), (0, 4096, 4096), (0, 2 * 4096, 4096)]
+
+
 async def test_rate_limited_transfer_waits_its_turn():
     sched = ChunkScheduler()
     slow = await _transfer(rate=8e6, nbytes=1 << 20)  # 1 MB/s

@@ -1,0 +1,102 @@
+// Landing received bytes with their hash taken on the way: a receiving socket's bytes go through
+// a small bounce buffer that stays in the reader core's cache, are hashed there (xxh3-64 into a
+// running state) and are then written to their destination with non-temporal stores.
+//
+// Why not recv straight into the destination and hash it there: on a large frame the kernel's
+// copy has pushed the first bytes out of cache before the hash reads them, so the hash is a
+// second pass over memory (~12 GB/s on the 2-core VM, against ~60 GB/s from L2); and a store to
+// a cold destination first reads each line from memory (read-for-ownership), which streaming
+// stores skip. Measured on loopback with 4 connections (docs/transport.md): hashing in place cost
+// 11-15% of goodput, this path 0-7%.
+//
+// Built on demand with runs.c by kvlink/ops/native.py; the launcher (kvlink/ops/landing.py)
+// passes only addresses of buffers it checked, and a socket it owns.
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+
+#define XXH_INLINE_ALL
+#define XXH_STATIC_LINKING_ONLY
+#include "../third_party/xxhash/xxhash.h"
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+#define LAND_PIECE (64 << 10)   // hash a piece, then store it, while it is in L1/L2
+#define LAND_STREAM_MIN (16 << 10)  // smaller landings use plain stores
+
+// ---- a running xxh3-64 kept in caller-owned memory (size and alignment from the functions below)
+int64_t kvlink_xxh3_state_size(void) { return (int64_t)sizeof(XXH3_state_t); }
+int64_t kvlink_xxh3_state_align(void) { return (int64_t)_Alignof(XXH3_state_t); }
+void kvlink_xxh3_reset(void* state) { XXH3_64bits_reset((XXH3_state_t*)state); }
+void kvlink_xxh3_update(void* state, const void* data, int64_t n) {
+  XXH3_64bits_update((XXH3_state_t*)state, data, (size_t)n);
+}
+uint64_t kvlink_xxh3_digest(const void* state) { return XXH3_64bits_digest((const XXH3_state_t*)state); }
+
+static void store(char* dst, const char* src, size_t n, int stream) {
+#if defined(__SSE2__)
+  if (stream) {
+#if defined(__AVX512F__)
+    const size_t W = 64;
+#elif defined(__AVX2__)
+    const size_t W = 32;
+#else
+    const size_t W = 16;
+#endif
+    size_t head = (W - ((uintptr_t)dst & (W - 1))) & (W - 1);
+    if (head > n) head = n;
+    memcpy(dst, src, head);
+    dst += head; src += head; n -= head;
+    size_t body = n & ~(W - 1);
+    for (size_t i = 0; i < body; i += W) {
+#if defined(__AVX512F__)
+      _mm512_stream_si512((void*)(dst + i), _mm512_loadu_si512((const void*)(src + i)));
+#elif defined(__AVX2__)
+      _mm256_stream_si256((__m256i*)(dst + i), _mm256_loadu_si256((const __m256i*)(src + i)));
+#else
+      _mm_stream_si128((__m128i*)(dst + i), _mm_loadu_si128((const __m128i*)(src + i)));
+#endif
+    }
+    memcpy(dst + body, src + body, n - body);
+    return;
+  }
+#endif
+  (void)stream;
+  memcpy(dst, src, n);
+}
+
+// Receive up to n bytes (n > 0) from the non-blocking socket fd into dst, through bounce
+// (bounce_len bytes), hashing them into state unless it is NULL. Reads until n bytes are in or
+// the socket has nothing more right now.
+// Returns the bytes landed (> 0); 0 when the peer closed with nothing landed; -errno when nothing
+// landed (-EAGAIN: wait until readable). An error or close after some bytes is reported by the
+// next call.
+int64_t kvlink_recv_land(int fd, char* dst, int64_t n, char* bounce, int64_t bounce_len, void* state) {
+  int64_t got = 0;
+  int streamed = 0;
+  while (got < n) {
+    size_t want = (size_t)(n - got < bounce_len ? n - got : bounce_len);
+    ssize_t k = recv(fd, bounce, want, MSG_DONTWAIT);
+    if (k < 0 && errno == EINTR) continue;
+    if (k <= 0) {
+      if (got) break;
+      return k == 0 ? 0 : -(int64_t)errno;
+    }
+    int stream = k >= LAND_STREAM_MIN;
+    streamed |= stream;
+    for (ssize_t off = 0; off < k; off += LAND_PIECE) {
+      size_t m = (size_t)(k - off < LAND_PIECE ? k - off : LAND_PIECE);
+      if (state) XXH3_64bits_update((XXH3_state_t*)state, bounce + off, m);
+      store(dst + got + off, bounce + off, m, stream);
+    }
+    got += k;
+  }
+#if defined(__SSE2__)
+  if (streamed) _mm_sfence();  // the streamed stores are visible before the caller reports them landed
+#endif
+  return got;
+}
