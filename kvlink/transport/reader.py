@@ -1,10 +1,14 @@
-"""A receiving connection's reader thread: ``recv_into`` straight into place, hash, report.
+"""A receiving connection's reader thread: land each frame in place, verifying it as it lands.
 
 One event loop thread cannot copy several connections' worth of bytes out of the kernel as fast
 as the link delivers them (a single-threaded reader reaches ~0.6x of four reading threads on
 loopback). After the handshake each plain-TCP connection therefore gets a thread that reads its
-frames with blocking ``recv_into`` into the destination the handler chose, and computes the
-chunk's xxh3 (both release the GIL). The thread looks each chunk's target up itself
+frames into the destination the handler chose. Bytes to verify are landed through a small bounce
+buffer (:class:`~kvlink.ops.landing.Lander`) and hashed there, in cache, as they arrive: into the
+frame's own xxh3 when it carries one, else into its part's running scan when the frame is next in
+that scan (a part's frames come in order on one connection: see ``OutgoingTransfer.take``).
+Other frames are read with ``recv_into`` and scanned later. All of it releases the GIL. The
+thread looks each chunk's target up itself
 (the transfer's lock orders it against the loop, and buffers are freed only once no write into
 them is in progress); control frames and verdicts go to the event loop, which makes every write
 (ACK, END, ERROR) on the loop's transport.
