@@ -5,6 +5,7 @@ from __future__ import annotations
 import xxhash
 
 from kvlink.codec.parallel import PARALLEL_MIN_BYTES, parallel_map
+from kvlink.ops import native
 from kvlink.ops.landing import Xxh3State
 from kvlink.ops.runs import checksums_native, native_available
 
@@ -21,10 +22,11 @@ def checksum_stream():
 
 
 def native_checksum_stream():
-    """A :func:`checksum_stream` kept in native memory when the CPU library is built (a
+    """A :func:`checksum_stream` kept in native memory when the CPU library is loaded (a
     :class:`~kvlink.ops.landing.Xxh3State`: native code such as a socket landing can feed it
-    through its ``address``), else the plain one."""
-    if native_available():
+    through its ``address``), else the plain one. Never builds the library: it is made on an
+    event loop (a receiver announcing a part), and a transport reader thread builds it."""
+    if native.cpu_lib_loaded():
         return Xxh3State()
     return checksum_stream()
 

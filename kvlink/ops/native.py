@@ -106,6 +106,11 @@ def _build_cpu(config: OpsConfig) -> ctypes.CDLL:
     return lib
 
 
+def cpu_lib_loaded() -> bool:
+    """Whether the CPU library is loaded in this process already (never builds or waits)."""
+    return _cpu_lib is not None
+
+
 def cpu_lib(config: OpsConfig | None = None) -> ctypes.CDLL:
     """The loaded CPU library; raises :class:`BackendUnavailable` if it cannot be built."""
     global _cpu_lib, _cpu_error

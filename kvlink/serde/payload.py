@@ -139,7 +139,8 @@ class PayloadScan:
         state)``. It may land ``buf[pos:stop]`` (at least one byte) hashing them into the native
         running hash at address ``state`` as they arrive (0: land them unhashed), then must
         call :meth:`took` before landing more. Spans never cross a segment's end, so each
-        segment's digest is checked as its last byte lands."""
+        segment's digest is checked as its last byte lands. Raises ValueError when ``pos`` is
+        not where the scan is (a caller's bug)."""
         size = len(self.buf)
         if self.failed:  # nothing to judge any more (it stopped where it found the fault)
             return size, 0
@@ -155,12 +156,14 @@ class PayloadScan:
                 return size, 0
             return (min(header_len, size), 0) if header_len > pos else (size, 0)
         if self._next < len(self._segments) and self._pos == pos:
-            return min(self._segments[self._next][0], size), getattr(self._hash, "address", 0)
-        return size, 0
+            stop = min(self._segments[self._next][0], size)
+            if stop > pos:
+                return stop, getattr(self._hash, "address", 0)
+        return size, 0  # unhashed: took() advances over it the ordinary way
 
     def took(self, end: int, hashed: bool) -> None:
         """The caller landed ``buf[scanned:end]`` within the span :meth:`hot_span` gave, hashing
-        them into its state when ``hashed``."""
+        them into its state when ``hashed``. Raises ValueError for an ``end`` outside that span."""
         if not hashed or self.failed:
             self.advance(end)
             return
@@ -168,7 +171,11 @@ class PayloadScan:
         if not self._pos == self._end < end <= stop:
             raise ValueError(f"took({end}) outside the span [{self._pos}, {stop}]")
         self._pos = self._end = end
-        if end == stop:
+        # Close the segment if this ended it, and any empty ones after it (as advance() does).
+        while self._next < len(self._segments):
+            stop, expect = self._segments[self._next]
+            if self._pos < stop:
+                return
             if self._hash.intdigest() != expect:
                 self.failed = True
                 return

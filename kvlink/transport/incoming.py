@@ -8,7 +8,9 @@ import time
 from typing import Callable
 
 from kvlink.errors import KvlinkError, PartIndexError, TransferCancelled, TransferRejected, TransportError
-from kvlink.transport.parts import Allocator, PartScan, Scanner
+from kvlink.transport.parts import (Allocator, PartScan, Scanner, arena_allocator,  # noqa: F401 (re-exported)
+                                    default_allocator)
+
 
 class _Part:
     __slots__ = ("length", "buf", "done", "chunks", "left", "completed", "unchecked", "verified_whole",
@@ -212,6 +214,17 @@ class IncomingTransfer:
             return scan
         part.scan_lock.release()
         return None
+
+    def restart_scan(self, index: int) -> None:
+        """The reader holding part ``index``'s scan was cut inside its run after hashing some of
+        it: the resend will overwrite those bytes, so the scan starts over from the part's start
+        (over the runs landed so far, then the rest as it lands). Call before :meth:`release_scan`."""
+        part = self._parts[index]
+        with self._lock:
+            # Which runs have landed stays true (the cut run never reported landing): only the
+            # hashing starts over.
+            if part.scan is not None and part.buf is not None and self.scanner is not None:
+                part.scan = self.scanner(part.buf)
 
     def release_scan(self, index: int) -> None:
         """Give back a scan :meth:`claim_scan` returned (then mark the run :meth:`landed`)."""

@@ -176,6 +176,11 @@ class OutgoingTransfer:
             self._lanes[part] = lane
         return part, offset, run
 
+    def release_lane(self, lane: int) -> None:
+        """``lane``'s connection is gone: its parts are free for any other lane to go on with."""
+        for part in [p for p, owner in self._lanes.items() if owner == lane]:
+            del self._lanes[part]
+
     def _run_for(self, lane: int) -> int:
         """Index in ``pending`` of the run ``lane`` takes from (see :meth:`take`). Looks at a
         bounded prefix: pending runs start in order, so lanes' parts are near its head."""

@@ -24,7 +24,7 @@ import socket
 import threading
 
 from kvlink.codec.checksum import checksum
-from kvlink.errors import KvlinkError
+from kvlink.errors import KvlinkError, TransportError
 from kvlink.ops.landing import Lander, Xxh3State, landing_available
 from kvlink.transport.connection import shutdown_quietly
 from kvlink.transport.frame import FLAG_UNCHECKED, HEADER_SIZE, FrameType, parse_header
@@ -160,6 +160,10 @@ class ThreadReader:
             return True, None
         try:
             self._land_scanned(target, scan, header.offset, lander)
+        except BaseException:
+            # Cut inside the run: its resend will overwrite bytes the scan has hashed.
+            transfer.restart_scan(header.stream)
+            raise
         finally:
             transfer.release_scan(header.stream)
         return True, scan
@@ -221,6 +225,8 @@ class ThreadReader:
             pass  # peer gone, shut down by close(), or the loop has stopped
         except KvlinkError as exc:
             error = exc  # the byte stream can no longer be trusted
+        except Exception as exc:  # a bug here must still end the connection with a typed error
+            error = TransportError(f"reader thread failed: {exc!r}")
         finally:
             self.sock.close()
             if reserved is not None:  # cut inside a body: its run must be free for the resend

@@ -53,7 +53,7 @@ class TransferServer:
     without chunk checksums (the receiver announces at the handshake that it verifies parts); a
     part it fails is resent whole, within the sender's retry limit. It may run in a reader thread.
     ``part_scanner(buffer)``, given with ``part_verifier``, is the same judgement in streaming form
-    (:class:`~kvlink.transport.incoming.PartScan`, e.g. :class:`~kvlink.serde.payload.PayloadScan`):
+    (:class:`~kvlink.transport.parts.PartScan`, e.g. :class:`~kvlink.serde.payload.PayloadScan`):
     reader threads advance it as each part's bytes land in order, so a part is judged as its last
     bytes arrive, from bytes still in cache, with no whole-part pass at the end.
     ``secrets`` (key id -> secret), when given, lets peers prove one of several secrets: a peer

@@ -121,6 +121,8 @@ class TransferClient:
         cc.registered = False
         if self._conns[cc.slot] is cc:
             self._conns[cc.slot] = None
+        for t in self._transfers.values():
+            t.release_lane(cc.slot)
         for (tid, part, offset), (_, length, t) in cc.inflight.items():
             t.requeue((part, offset, length))
             self._sched.add(t)

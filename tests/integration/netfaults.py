@@ -14,9 +14,12 @@ from kvlink.transport.frame import HEADER_SIZE, FrameType, parse_header
 
 class FaultProxy:
     def __init__(self, target_port: int, kill_after: int | None = None, corrupt_data_frame: int | None = None,
-                 cut_data_frame: int | None = None):
+                 cut_data_frame: int | None = None, corrupt_resend_of_cut: bool = False):
         self.target_port = target_port
         self.cut_data_frame = cut_data_frame  # forward half of this DATA frame's body, then cut all
+        # flip a bit early in the body of the cut frame's resend (in the half that got through)
+        self.corrupt_resend_of_cut = corrupt_resend_of_cut
+        self._cut_key: tuple | None = None
         self.kill_after = kill_after
         self.corrupt_data_frame = corrupt_data_frame
         self.forwarded = 0
@@ -63,7 +66,13 @@ class FaultProxy:
                 if self.corrupt_data_frame is not None and self.data_frames == self.corrupt_data_frame:
                     body[len(body) // 2] ^= 0x10
                     self.corrupted += 1
+                key = (header.transfer_id, header.stream, header.offset)
+                if self.corrupt_resend_of_cut and key == self._cut_key:
+                    body[len(body) // 8] ^= 0x10
+                    self.corrupted += 1
+                    self._cut_key = None
                 if self.cut_data_frame is not None and self.data_frames == self.cut_data_frame:
+                    self._cut_key = key
                     writer.write(head + body[: len(body) // 2])
                     await writer.drain()
                     self.killed += 1

@@ -610,6 +610,31 @@ async def test_connection_cut_inside_a_data_frame_resumes(verify, reader_threads
     await server.close()
 
 
+async def test_a_run_cut_while_its_part_was_hashed_on_landing_is_hashed_again_when_resent():
+    # A reader hashing a frame into its part's scan as it lands was cut halfway; the resend
+    # overwrote those bytes, but the scan had already vouched for the first ones and went on
+    # from where it stopped: a resend corrupted in that half was accepted as verified. Now the
+    # cut restarts the part's scan, the corruption is found and the part is sent again whole.
+    from kvlink.bench.transfer import model_payloads
+    from kvlink.serde.payload import PayloadScan, payload_intact
+
+    _, payloads = model_payloads("kimi-linear-48b-a3b", 2048)
+    data = [p.tobytes() for p in payloads[:2]]
+    server = TransferServer(SMALL, None, part_verifier=payload_intact, part_scanner=PayloadScan)
+    _, port = await server.start()
+    proxy = FaultProxy(port, cut_data_frame=9, corrupt_resend_of_cut=True)
+    proxy_port = await proxy.start()
+    try:
+        async with TransferClient("127.0.0.1", proxy_port, FP, SMALL) as client:
+            t, incoming, parts = await asyncio.wait_for(send_parts(client, server, data), 30)
+        assert proxy.killed == 1 and proxy.corrupted == 1
+        assert [bytes(p) for p in parts] == data
+        assert server.stats["parts_corrupt"] == 1  # found, and the part went again whole
+    finally:
+        await proxy.close()
+        await server.close()
+
+
 async def test_frames_stay_within_a_receivers_smaller_max_chunk():
     # A receiver taking frames of at most 1 MiB is sent 1 MiB frames by a sender whose own
     # largest frame is 64 MiB (before: the handshake failed).
