@@ -20,10 +20,7 @@
 #define XXH_INLINE_ALL
 #define XXH_STATIC_LINKING_ONLY
 #include "../third_party/xxhash/xxhash.h"
-
-#if defined(__SSE2__)
-#include <immintrin.h>
-#endif
+#include "stream_copy.h"
 
 #define LAND_PIECE (64 << 10)   // hash a piece, then store it, while it is in L1/L2
 #define LAND_STREAM_MIN (16 << 10)  // smaller landings use plain stores
@@ -36,38 +33,6 @@ void kvlink_xxh3_update(void* state, const void* data, int64_t n) {
   XXH3_64bits_update((XXH3_state_t*)state, data, (size_t)n);
 }
 uint64_t kvlink_xxh3_digest(const void* state) { return XXH3_64bits_digest((const XXH3_state_t*)state); }
-
-static void store(char* dst, const char* src, size_t n, int stream) {
-#if defined(__SSE2__)
-  if (stream) {
-#if defined(__AVX512F__)
-    const size_t W = 64;
-#elif defined(__AVX2__)
-    const size_t W = 32;
-#else
-    const size_t W = 16;
-#endif
-    size_t head = (W - ((uintptr_t)dst & (W - 1))) & (W - 1);
-    if (head > n) head = n;
-    memcpy(dst, src, head);
-    dst += head; src += head; n -= head;
-    size_t body = n & ~(W - 1);
-    for (size_t i = 0; i < body; i += W) {
-#if defined(__AVX512F__)
-      _mm512_stream_si512((void*)(dst + i), _mm512_loadu_si512((const void*)(src + i)));
-#elif defined(__AVX2__)
-      _mm256_stream_si256((__m256i*)(dst + i), _mm256_loadu_si256((const __m256i*)(src + i)));
-#else
-      _mm_stream_si128((__m128i*)(dst + i), _mm_loadu_si128((const __m128i*)(src + i)));
-#endif
-    }
-    memcpy(dst + body, src + body, n - body);
-    return;
-  }
-#endif
-  (void)stream;
-  memcpy(dst, src, n);
-}
 
 // Receive up to n bytes (n > 0) from the non-blocking socket fd into dst, through bounce
 // (bounce_len bytes), hashing them into state unless it is NULL. Reads until n bytes are in or
@@ -91,7 +56,8 @@ int64_t kvlink_recv_land(int fd, char* dst, int64_t n, char* bounce, int64_t bou
     for (ssize_t off = 0; off < k; off += LAND_PIECE) {
       size_t m = (size_t)(k - off < LAND_PIECE ? k - off : LAND_PIECE);
       if (state) XXH3_64bits_update((XXH3_state_t*)state, bounce + off, m);
-      store(dst + got + off, bounce + off, m, stream);
+      if (stream) copy_stream(dst + got + off, bounce + off, m);
+      else memcpy(dst + got + off, bounce + off, m);
     }
     got += k;
   }

@@ -38,7 +38,7 @@ def _source(rel: str) -> Path:
 
 
 CPU_SOURCES = ("cpu/rows.c", "cpu/runs.c", "cpu/landing.c")
-CPU_HEADERS = ("third_party/xxhash/xxhash.h",)
+CPU_HEADERS = ("third_party/xxhash/xxhash.h", "cpu/stream_copy.h")
 
 
 def _cpu_flags() -> str:

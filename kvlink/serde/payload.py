@@ -118,6 +118,11 @@ class PayloadScan:
         except WireFormatError:
             self.failed = True
             return
+        self._hash_to(end)
+
+    def _hash_to(self, end: int) -> None:
+        """Hash the segment bytes from where hashing stopped up to ``end``, checking each
+        segment (empty ones too) whose last byte that reaches."""
         segments, buf = self._segments, self.buf
         while self._next < len(segments):
             stop, expect = segments[self._next]
@@ -167,20 +172,11 @@ class PayloadScan:
         if not hashed or self.failed:
             self.advance(end)
             return
-        stop, expect = self._segments[self._next]
+        stop = self._segments[self._next][0]
         if not self._pos == self._end < end <= stop:
             raise ValueError(f"took({end}) outside the span [{self._pos}, {stop}]")
         self._pos = self._end = end
-        # Close the segment if this ended it, and any empty ones after it (as advance() does).
-        while self._next < len(self._segments):
-            stop, expect = self._segments[self._next]
-            if self._pos < stop:
-                return
-            if self._hash.intdigest() != expect:
-                self.failed = True
-                return
-            self._hash.reset()
-            self._next += 1
+        self._hash_to(end)  # nothing left to hash: checks the segment if this ended it (and empty ones after)
 
     def _parse(self) -> bool:
         if self._end < PREFIX.size:

@@ -52,6 +52,8 @@ def test_any_flipped_bit_fails_like_payload_intact(pos, bit, seed):
     steps = [rng.randint(1, 9000) for _ in range(len(bad) // 1000 + 2)]
     assert not payload_intact(bad)
     assert not scan(bad, steps)
+    if landing_available():  # and landed the way a reader thread lands it
+        assert not land(bad, steps)[0]
 
 
 @pytest.mark.parametrize("wire", [WIRE[:-1], WIRE + b"\0", WIRE[:PREFIX.size - 1], b"", b"KVLK" + bytes(200)],
@@ -130,17 +132,6 @@ def test_landing_hashes_every_segment_byte_and_passes_an_intact_payload(wire, st
     ok, hot = land(wire, [step])
     header_len = parse_payload_header(wire).header_len
     assert ok and hot == len(wire) - header_len
-
-
-@needs_native
-@settings(max_examples=150, deadline=None)
-@given(pos=st.integers(0, len(WIRE) - 1), bit=st.integers(0, 7), seed=st.integers(0, 2**32 - 1))
-def test_landing_fails_any_flipped_bit_like_payload_intact(pos, bit, seed):
-    bad = bytearray(WIRE)
-    bad[pos] ^= 1 << bit
-    rng = random.Random(seed)
-    ok, _ = land(bad, [rng.randint(1, 9000) for _ in range(8)])
-    assert not ok
 
 
 @needs_native
