@@ -15,11 +15,7 @@
 #define XXH_INLINE_ALL
 #define XXH_STATIC_LINKING_ONLY
 #include "../third_party/xxhash/xxhash.h"
-#include "stream_copy.h"
-
-#if defined(__AVX512F__) || defined(__AVX2__) || defined(__SSE2__)
-#include <immintrin.h>
-#endif
+#include "stream_copy.h"  // copy_stream, and the intrinsics
 
 #define PIECE (64 << 10)
 #define STREAM_MIN (256 << 10)  // below this total, regular stores (the bytes are likely read soon)

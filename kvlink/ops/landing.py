@@ -4,8 +4,9 @@ A receiver's reader thread lands a frame's bytes with :meth:`Lander.recv` and ca
 way into a :class:`Xxh3State` (the running hash a :class:`~kvlink.serde.payload.PayloadScan`
 keeps per segment, or a frame's own checksum): the bytes are hashed while they sit in a small
 bounce buffer in cache, then streamed to their destination, so verifying them costs no second
-pass over memory. Both need the native CPU library; :func:`landing_available` says whether it
-built, and callers keep their plain path when it did not.
+pass over memory. Both need the native CPU library
+(:func:`kvlink.ops.runs.native_available` says whether it built); callers keep their plain path
+when it did not.
 """
 
 from __future__ import annotations
@@ -15,18 +16,10 @@ import os
 
 import numpy as np
 
-from kvlink.errors import BackendUnavailable, ConfigError
+from kvlink.errors import ConfigError
 from kvlink.ops import native
 
 BOUNCE_BYTES = 1 << 20  # fits a core's L2 (128 KiB to 4 MiB measured the same on loopback)
-
-
-def landing_available() -> bool:
-    try:
-        native.cpu_lib()
-        return True
-    except BackendUnavailable:
-        return False
 
 
 def _address(view: memoryview) -> int:

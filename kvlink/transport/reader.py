@@ -25,7 +25,8 @@ import threading
 
 from kvlink.codec.checksum import checksum
 from kvlink.errors import KvlinkError, TransportError
-from kvlink.ops.landing import Lander, Xxh3State, landing_available
+from kvlink.ops.landing import Lander, Xxh3State
+from kvlink.ops.runs import native_available
 from kvlink.transport.connection import shutdown_quietly
 from kvlink.transport.frame import FLAG_UNCHECKED, HEADER_SIZE, FrameType, parse_header
 
@@ -54,7 +55,6 @@ class ThreadReader:
         self._poll = select.poll()
         self._poll.register(self.sock.fileno(), select.POLLIN)
         self._lowat = 1  # the kernel's default
-        self._hashed = 0  # bytes of the current frame hashed into its part's scan as they landed
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="kvlink-reader", daemon=True)
         self._thread.start()
@@ -94,79 +94,67 @@ class ThreadReader:
                 return  # a socket being shut down: the next read reports it
             self._lowat = nbytes
 
+    def _fill(self, view: memoryview, read) -> None:
+        """Fill ``view`` with ``read(rest) -> bytes read`` (raising :class:`BlockingIOError` when
+        nothing is there: then wait in ``poll``, woken by data or by close() shutting the socket)."""
+        got, size = 0, len(view)
+        self._wake_at(size)
+        while got < size:
+            try:
+                n = read(view[got:])
+            except BlockingIOError:
+                self._poll.poll()
+                continue
+            if n == 0:
+                raise _Closed()
+            got += n
+            if size - got < self._lowat:
+                self._wake_at(size - got)
+
     def _recv_exact(self, view: memoryview) -> None:
-        got, size = 0, len(view)
-        self._wake_at(size)
-        while got < size:
-            try:
-                n = self.sock.recv_into(view[got:])
-            except BlockingIOError:
-                self._poll.poll()  # woken by data, or by close() shutting the socket down
-                continue
-            if n == 0:
-                raise _Closed()
-            got += n
-            if size - got < self._lowat:
-                self._wake_at(size - got)
+        self._fill(view, self.sock.recv_into)
 
-    def _land(self, view: memoryview, state: int, lander) -> None:
-        """Fill ``view`` through ``lander`` (hashing into the native state at ``state``, 0: none)."""
-        got, size = 0, len(view)
-        self._wake_at(size)
-        while got < size:
-            got += self._land_some(view[got:], state, lander)
-            if size - got < self._lowat:
-                self._wake_at(size - got)
+    def _land(self, view: memoryview, lander, state: int = 0) -> None:
+        """Fill ``view`` through ``lander``, hashing into the native state at ``state`` (0: none)."""
+        fd = self.sock.fileno()
+        self._fill(view, lambda rest: lander.recv(fd, rest, state))
 
-    def _land_scanned(self, target: memoryview, scan, offset: int, lander) -> None:
+    def _land_scanned(self, target: memoryview, scan, offset: int, lander) -> int:
         """Fill ``target`` (the run at ``offset`` of a part whose scan this thread holds), each
-        span the scan gives hashed into its running hash as it lands."""
-        got, size = 0, len(target)
-        self._wake_at(size)
-        while got < size:
+        span the scan gives hashed into its running hash as it lands; returns the bytes hashed."""
+        got = hashed = 0
+        while got < len(target):
             stop, state = scan.hot_span(offset + got)
-            n = self._land_some(target[got: min(size, stop - offset)], state, lander)
-            scan.took(offset + got + n, bool(state))
-            self._hashed += n if state else 0
-            got += n
-            if size - got < self._lowat:
-                self._wake_at(size - got)
+            span = target[got: min(len(target), stop - offset)]
+            self._land(span, lander, state)
+            got += len(span)
+            hashed += len(span) if state else 0
+            scan.took(offset + got, bool(state))
+        return hashed
 
-    def _land_some(self, view: memoryview, state: int, lander) -> int:
-        while True:
-            try:
-                n = lander.recv(self.sock.fileno(), view, state)
-            except BlockingIOError:
-                self._poll.poll()  # woken by data, or by close() shutting the socket down
-                continue
-            if n == 0:
-                raise _Closed()
-            return n
-
-    def _read_body(self, transfer, header, target: memoryview, lander, frame_hash) -> tuple[bool, object]:
-        """Land a DATA body in ``target``; returns (checksum verdict, the part's scan if this
-        thread hashed the body into it as it landed)."""
+    def _read_body(self, transfer, header, target: memoryview, lander, frame_hash) -> tuple[bool, int | None]:
+        """Land a DATA body in ``target``; returns its checksum verdict and how many of its bytes
+        this thread hashed into its part's scan as they landed (None: it did not hold the scan)."""
         unchecked = bool(header.flags & FLAG_UNCHECKED)
         if lander is None:
             self._recv_exact(target)
             return unchecked or checksum(target) == header.body_checksum, None
         if not unchecked:  # the frame's own checksum, taken in cache as the bytes land
             frame_hash.reset()
-            self._land(target, frame_hash.address, lander)
+            self._land(target, lander, frame_hash.address)
             return frame_hash.intdigest() == header.body_checksum, None
         scan = transfer.claim_scan(header.stream, header.offset)
         if scan is None:  # not next in its part's scan: whoever reaches it hashes it later
             self._recv_exact(target)
             return True, None
         try:
-            self._land_scanned(target, scan, header.offset, lander)
+            return True, self._land_scanned(target, scan, header.offset, lander)
         except BaseException:
             # Cut inside the run: its resend will overwrite bytes the scan has hashed.
             transfer.restart_scan(header.stream)
             raise
         finally:
             transfer.release_scan(header.stream)
-        return True, scan
 
     def _deliver(self, box: list) -> None:
         """On the loop: hand a landed frame to the handler, taking it out of the reader's box."""
@@ -179,7 +167,7 @@ class ThreadReader:
         reserved = None  # (transfer, header) while a DATA body is being read into its target
         lander = frame_hash = None
         try:
-            if landing_available():  # built off the loop: the first build takes seconds
+            if native_available():  # built off the loop: the first build takes seconds
                 lander, frame_hash = Lander(), Xxh3State()
             while not self._closed:
                 self._recv_exact(memoryview(head))
@@ -199,12 +187,11 @@ class ThreadReader:
                         left -= step
                     continue
                 reserved = (transfer, header)
-                self._hashed = 0
-                ok, scan = self._read_body(transfer, header, target, lander, frame_hash)
+                ok, hashed = self._read_body(transfer, header, target, lander, frame_hash)
                 reserved = None
                 unchecked = bool(header.flags & FLAG_UNCHECKED)
                 whole = None
-                if scan is None and unchecked and header.offset == 0 \
+                if hashed is None and unchecked and header.offset == 0 \
                         and len(target) == transfer.part_view(header.stream).nbytes:
                     # A frame that is a whole unchecked part is judged here, while its bytes are
                     # still warm and without a hop to an executor thread.
@@ -212,12 +199,11 @@ class ThreadReader:
                 elif unchecked:
                     # Scan on while warm (after a hashed landing: over runs that landed meanwhile).
                     transfer.landed(header.stream, header.offset, header.length)
-                scan = None
                 # Hold nothing once the loop has the frame: a released transfer and its part
                 # buffer must be freed at once, not when this thread next gets the GIL (it may
                 # not run again before the claimer releases the transfer) or the connection next
                 # carries data. The references travel in a box the callback empties.
-                box = [(self.conn, header, target, ok, transfer, whole, self._hashed)]
+                box = [(self.conn, header, target, ok, transfer, whole, hashed or 0)]
                 transfer = target = None
                 self.loop.call_soon_threadsafe(self._deliver, box)
                 box = None

@@ -540,10 +540,10 @@ async def test_a_parts_frames_keep_to_one_connection_and_are_verified_as_they_la
     # a part went out on different connections, landed out of order and most were hashed later,
     # from memory; nothing was hashed while landing at all.
     from kvlink.bench.transfer import model_payloads
-    from kvlink.ops.landing import landing_available
+    from kvlink.ops.runs import native_available
     from kvlink.serde.payload import PayloadScan, payload_intact
 
-    if not landing_available():
+    if not native_available():
         pytest.skip("native CPU library not built")
     _, payloads = model_payloads("kimi-linear-48b-a3b", 2048)
     data = [p.tobytes() for p in payloads[:12]]

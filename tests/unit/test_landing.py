@@ -9,9 +9,10 @@ import pytest
 import xxhash
 
 from kvlink.errors import ConfigError
-from kvlink.ops.landing import Lander, Xxh3State, landing_available
+from kvlink.ops.landing import Lander, Xxh3State
+from kvlink.ops.runs import native_available
 
-pytestmark = pytest.mark.skipif(not landing_available(), reason="native CPU library not built")
+pytestmark = pytest.mark.skipif(not native_available(), reason="native CPU library not built")
 
 
 @pytest.fixture

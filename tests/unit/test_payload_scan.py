@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvlink.codec.checksum import checksum
-from kvlink.ops.landing import landing_available
+from kvlink.ops.runs import native_available
 from kvlink.serde.payload import PayloadScan, payload_intact
 from kvlink.serde.wire import PREFIX
 from kvlink.serde.wire import parse_header as parse_payload_header
@@ -52,7 +52,7 @@ def test_any_flipped_bit_fails_like_payload_intact(pos, bit, seed):
     steps = [rng.randint(1, 9000) for _ in range(len(bad) // 1000 + 2)]
     assert not payload_intact(bad)
     assert not scan(bad, steps)
-    if landing_available():  # and landed the way a reader thread lands it
+    if native_available():  # and landed the way a reader thread lands it
         assert not land(bad, steps)[0]
 
 
@@ -63,7 +63,7 @@ def test_malformed_buffers_fail_like_payload_intact(wire):
     assert not scan(wire, [3, 100, 5000])
 
 
-needs_native = pytest.mark.skipif(not landing_available(), reason="native CPU library not built")
+needs_native = pytest.mark.skipif(not native_available(), reason="native CPU library not built")
 
 
 def with_empty_segments(wire: bytes, where: list[int]) -> bytes:
