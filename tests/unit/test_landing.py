@@ -5,6 +5,7 @@ import select
 import socket
 import threading
 
+import numpy as np
 import pytest
 import xxhash
 
@@ -52,6 +53,28 @@ def test_bytes_land_exactly_and_hash_like_xxh3(pair, size, bounce):
     sender.join()
     assert bytes(view) == data and dst[:7] == bytes(7) and dst[7 + size:] == bytes(64 - 7)
     assert state.intdigest() == xxhash.xxh3_64_intdigest(data)
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 63, 64, 200, 256, 1000])
+@pytest.mark.parametrize("shift", [0, 8, 33])
+def test_a_landing_continues_a_running_hash_wherever_its_stripes_fall(pair, prefix, shift):
+    # The hash and the streamed stores share one pass where xxh3's 64-byte stripes line up with the
+    # destination's cache lines; that depends on what the state holds back from earlier updates.
+    # Each case puts the first stripe taken from the socket at a known distance from a line.
+    a, b = pair
+    head, data = os.urandom(prefix), os.urandom(700_001)
+    sender = threading.Thread(target=a.sendall, args=(data,))
+    sender.start()
+    buf = np.zeros(len(data) + 256, np.uint8)
+    lead = (-(prefix if prefix <= 256 else (prefix - 1) % 64 + 1)) % 64  # bytes until its buffer is full
+    at = (-buf.ctypes.data - lead + shift) % 64
+    view = memoryview(buf)[at: at + len(data)]
+    state = Xxh3State()
+    state.update(head)
+    assert land_all(Lander(), b, view, state.address) == len(data)
+    sender.join()
+    assert bytes(view) == data and not buf[:at].any() and not buf[at + len(data):].any()
+    assert state.intdigest() == xxhash.xxh3_64_intdigest(head + data)
 
 
 def test_unhashed_landing_and_a_state_fed_in_pieces(pair):
