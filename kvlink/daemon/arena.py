@@ -15,7 +15,6 @@ import threading
 import torch
 
 from kvlink.errors import ConfigError, StagingExhausted
-from kvlink.ops.host_memory import host_bytes
 from kvlink.serde.staging import ALIGN
 
 
@@ -39,7 +38,9 @@ class FreeListArena:
             raise ConfigError(f"arena capacity must be positive, got {capacity}")
         pin = torch.cuda.is_available() if pin is None else pin
         self.capacity = capacity
-        self.buffer = host_bytes(capacity, pin)  # faulted in now, not on the first put's hot path
+        self.buffer = torch.empty(capacity, dtype=torch.uint8, pin_memory=pin)
+        if not pin:
+            self.buffer.zero_()  # fault the pages in now, not on the first put's hot path
         self._starts, self._ends = [0], [capacity]  # free ranges [start, end), sorted, never adjacent
         self._lock = threading.Lock()
         self.in_use = 0

@@ -29,7 +29,6 @@ import xxhash
 
 from kvlink.codec.checksum import checksum
 from kvlink.errors import ChecksumMismatch, ConfigError, LengthError, PoolError
-from kvlink.ops.host_memory import host_bytes
 from kvlink.ops.runs import Runs, buffer_pieces, concat
 
 
@@ -130,10 +129,9 @@ class SlabTier:
             self.stats["budget_refused"] += 1
             return None
         try:
-            if self.device.type == "cpu":  # faulted in now (host tiers), not page by page on the first puts
-                chunk = host_bytes(nbytes, self._pin, fault)
-            else:
-                chunk = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            chunk = torch.empty(nbytes, dtype=torch.uint8, device=self.device, pin_memory=self._pin)
+            if fault and self.device.type == "cpu" and not self._pin:
+                chunk.zero_()  # fault the chunk in now, not page by page on the first puts
         except (RuntimeError, MemoryError):
             if self.budget is not None:
                 self.budget.release(nbytes)

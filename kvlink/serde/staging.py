@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 
 from kvlink.errors import ConfigError, StagingExhausted
-from kvlink.ops.host_memory import host_bytes
 
 ALIGN = 256  # keeps every segment aligned for wide loads and CUDA vector stores
 
@@ -59,7 +58,9 @@ class StagingArena:
             pin = torch.cuda.is_available()
         self.capacity = capacity
         self.pinned = pin
-        self.buffer = host_bytes(capacity, pin)  # faulted in now, not on the first pack's hot path
+        self.buffer = torch.empty(capacity, dtype=torch.uint8, pin_memory=pin)
+        if not pin:
+            self.buffer.zero_()  # fault the pages in now, not on the first pack's hot path
         self._spans: deque[_Span] = deque()
         self._lock = threading.Lock()
 
