@@ -238,7 +238,7 @@ async def open_conn(client: "TransferClient", slot: int) -> ClientConn:
 def poll_tcp_info(conns: list[ClientConn | None], controller: RateController) -> None:
     """Feed the kernel's view of every live connection (``TCP_INFO``: RTT, retransmissions,
     bytes acknowledged) to the rate controller."""
-    rtts, mins, retrans, segs = [], [], 0, 0
+    rtts, mins, retrans, segs, dsacks = [], [], 0, 0, 0
     for cc in conns:
         if cc is None or cc.conn is None:
             continue
@@ -253,7 +253,8 @@ def poll_tcp_info(conns: list[ClientConn | None], controller: RateController) ->
         if prev is not None:
             retrans += info.get("total_retrans", 0) - prev.get("total_retrans", 0)
             segs += info.get("segs_out", 0) - prev.get("segs_out", 0)
+            dsacks += info.get("dsack_dups", 0) - prev.get("dsack_dups", 0)
             if "bytes_acked" in info:
                 controller.on_wire_acked(info["bytes_acked"] - prev.get("bytes_acked", 0))
     if rtts:
-        controller.on_tcp_info(sum(rtts) / len(rtts), min(mins) if mins else None, retrans, segs)
+        controller.on_tcp_info(sum(rtts) / len(rtts), min(mins) if mins else None, retrans, segs, dsacks)

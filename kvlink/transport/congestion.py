@@ -1,8 +1,8 @@
 """Congestion-aware rate control for one peer link, in the spirit of BBR.
 
 Inputs: bytes acknowledged (the kernel's ``TCP_INFO`` bytes_acked where available, else the
-receiver's chunk acknowledgements), chunk round trips, and ``TCP_INFO`` smoothed and minimum RTT
-and retransmissions. Every ``SAMPLE`` seconds :meth:`tick`
+receiver's chunk acknowledgements), chunk round trips, and ``TCP_INFO`` smoothed and minimum RTT,
+retransmissions and D-SACKs (a retransmission the receiver reports as a duplicate was not lost). Every ``SAMPLE`` seconds :meth:`tick`
 turns them into a delivery-rate sample (bytes acknowledged over the last ``RATE_SPAN`` s); the bottleneck estimate is the maximum sample of the
 last ``BW_WINDOW`` seconds. The pacing rate is that estimate times a gain:
 
@@ -47,7 +47,7 @@ class LinkSnapshot:
 
     ``available_bps`` is the bottleneck estimate (None before the first sample),
     ``utilisation`` the latest delivery rate over that estimate, ``loss`` the fraction of TCP
-    segments retransmitted over the last sample.
+    segments lost over the last sample (retransmitted, and not reported back as duplicates).
     """
 
     time: float
@@ -90,6 +90,8 @@ class RateController:
         self._kernel_min_rtt: float | None = None
         self._loss = 0.0
         self._retrans_total = 0
+        self._retrans_pending = 0  # the last call's retransmissions no D-SACK has explained yet
+        self._segs_prev = 0
         self._nacks = 0
         self._phase = "startup" if adaptive else "fixed"
         self._cycle = 0
@@ -100,6 +102,7 @@ class RateController:
         self._pacing = self._initial if adaptive else cap
         self._app_limited = False  # idle at some point since the last tick
         self._idle = False
+        self._busy_since = self._last_tick  # when the sender last had data again after being idle
         self._paced = False  # the sender waited for the pacer since the last tick
 
     # -- inputs ---------------------------------------------------------------------------------
@@ -129,20 +132,36 @@ class RateController:
 
     def on_busy(self) -> None:
         """The sender has data to send again."""
+        if self._idle:
+            self._busy_since = self.clock()
         self._idle = False
 
     def on_paced(self) -> None:
         """The sender had data and a free connection but waited for the pacer: pacing binds."""
         self._paced = True
 
-    def on_tcp_info(self, rtt_s: float | None, min_rtt_s: float | None, retrans_delta: int, segs_delta: int) -> None:
-        """Kernel view, summed or averaged by the caller over the peer's connections."""
+    def on_tcp_info(self, rtt_s: float | None, min_rtt_s: float | None, retrans_delta: int, segs_delta: int,
+                    dsack_delta: int = 0) -> None:
+        """Kernel view, summed or averaged by the caller over the peer's connections:
+        retransmissions, segments sent and D-SACKs received since the last call.
+
+        A retransmission the receiver reports as a duplicate (D-SACK) was not lost: the original
+        arrived, only its acknowledgement came late (on a sub-millisecond path a busy receiver
+        host delays ACKs past the tail-loss probe's timer; on loopback every retransmission was
+        such a probe). Counting those as loss put a clear path into drain and paced it below its
+        rate. A D-SACK comes back about a round trip after its retransmission, so a call's
+        retransmissions count as loss only when the next call has not explained them."""
         if rtt_s:
             self._kernel_rtt = rtt_s
         if min_rtt_s:
             self._kernel_min_rtt = min_rtt_s
-        self._retrans_total += max(0, retrans_delta)
-        self._loss = retrans_delta / segs_delta if segs_delta > 0 else 0.0
+        retrans_delta, dsack_delta = max(0, retrans_delta), max(0, dsack_delta)
+        self._retrans_total += retrans_delta
+        from_pending = min(dsack_delta, self._retrans_pending)  # D-SACKs explain the oldest first
+        lost = self._retrans_pending - from_pending
+        self._retrans_pending = max(0, retrans_delta - (dsack_delta - from_pending))
+        self._loss = lost / self._segs_prev if self._segs_prev > 0 else 0.0
+        self._segs_prev = segs_delta
 
     # -- estimates ------------------------------------------------------------------------------
     @property
@@ -181,7 +200,12 @@ class RateController:
         while len(self._ticks) > 2 and now - self._ticks[1][0] >= RATE_SPAN:
             self._ticks.popleft()
         t_old, acked_old = self._ticks[0]
-        self._delivery = max(0, counter - acked_old) / max(now - t_old, 1e-6)
+        # Idle time before a burst began is not delivery time: nothing was in flight, so the
+        # bytes acknowledged since t_old were all sent after it. Counting it would put a burst
+        # shorter than RATE_SPAN (a 1 GiB transfer on a 30 Gbit/s path) at a fraction of the
+        # path's rate, and a paced link would then hold every later burst to that fraction.
+        start = max(t_old, min(self._busy_since, now - SAMPLE))
+        self._delivery = max(0, counter - acked_old) / max(now - start, 1e-6)
         self._last_tick = now
         while self._rtts and now - self._rtts[0][0] > RTT_WINDOW:
             self._rtts.popleft()

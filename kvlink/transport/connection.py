@@ -196,7 +196,8 @@ def shutdown_quietly(sock: socket.socket) -> None:
 _TCP_INFO_LEN = 232
 _TCP_INFO_FIELDS = {"rtt_us": (68, "I"), "rttvar_us": (72, "I"), "snd_cwnd": (80, "I"),
                     "total_retrans": (100, "I"), "min_rtt_us": (148, "I"), "delivery_rate": (160, "Q"),
-                    "bytes_retrans": (208, "Q"), "segs_out": (136, "I"), "bytes_acked": (120, "Q")}
+                    "bytes_retrans": (208, "Q"), "segs_out": (136, "I"), "bytes_acked": (120, "Q"),
+                    "dsack_dups": (216, "I")}
 
 
 def tcp_info(sock: socket.socket | None) -> dict[str, int] | None:

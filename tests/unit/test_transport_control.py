@@ -1,5 +1,7 @@
 """Rate controller, scheduler, ack bodies, handshake errors and rate parsing: pure logic, own clocks."""
 
+import socket
+import sys
 
 import pytest
 
@@ -7,6 +9,7 @@ from kvlink.config import TransportConfig, parse_rate
 from kvlink.errors import AuthenticationError, ConfigError, FingerprintMismatch, LengthError, TransferRejected
 from kvlink.transport import handshake as hs
 from kvlink.transport.congestion import RateController
+from kvlink.transport.connection import tcp_info
 from kvlink.transport.frame import pack_acks, unpack_acks
 from kvlink.transport.outgoing import OutgoingTransfer
 from kvlink.transport.scheduler import ChunkScheduler
@@ -20,7 +23,8 @@ class Clock:
         return self.now
 
 
-def drive(ctl, clock, rate_Bps, seconds, rtt=0.001, min_rtt=0.001, retrans=0, app_limited=False, paced=False):
+def drive(ctl, clock, rate_Bps, seconds, rtt=0.001, min_rtt=0.001, retrans=0, app_limited=False, paced=False,
+          dsacks=0):
     """Feed acknowledgements at ``rate_Bps`` for ``seconds``; returns the estimates per tick."""
     out = []
     for _ in range(int(seconds / 0.1)):
@@ -30,7 +34,7 @@ def drive(ctl, clock, rate_Bps, seconds, rtt=0.001, min_rtt=0.001, retrans=0, ap
         if paced:
             ctl.on_paced()
         ctl.on_ack(int(rate_Bps * 0.1), rtt)
-        ctl.on_tcp_info(rtt, min_rtt, retrans, 1000)
+        ctl.on_tcp_info(rtt, min_rtt, retrans, 1000, dsacks)
         ctl.tick(inflight=1)
         out.append((clock.now, ctl.bottleneck, ctl.pacing_rate()))
     return out
@@ -116,6 +120,67 @@ def test_bursty_sender_held_back_by_the_pacer_is_lifted_once_the_path_clears():
     drive(other, clock, 100e6, 1.0, rtt=0.03)
     drive(other, clock, 30e6, 3.0, app_limited=True)
     assert other.pacing_rate() is not None
+
+
+def test_retransmissions_reported_as_duplicates_are_not_loss():
+    # Regression: on loopback every retransmission was a tail-loss probe whose original had
+    # arrived (TCP_INFO total_retrans == dsack_dups), 0.5-1.5% of segments on a busy 2-core host.
+    # Counted as loss they put a clear path into drain and paced 1 GiB bursts at ~0.6x their rate.
+    clock = Clock()
+    ctl = RateController(cap=None, clock=clock)
+    drive(ctl, clock, 125e6, 3.0, retrans=15, dsacks=15)
+    assert ctl.snapshot().phase == "startup" and ctl.pacing_rate() is None and ctl.snapshot().loss == 0
+    # A D-SACK may come back a tick after its retransmission.
+    late = RateController(cap=None, clock=clock)
+    for _ in range(30):
+        clock.now += 0.1
+        late.on_ack(12_500_000, 0.001)
+        late.on_tcp_info(0.001, 0.001, 15, 1000, 15 if late.snapshot().retransmits else 0)
+        late.tick(inflight=1)
+    assert late.pacing_rate() is None
+    # Retransmissions nobody reports as duplicates are loss: the link backs off.
+    lossy = RateController(cap=None, clock=clock)
+    drive(lossy, clock, 125e6, 3.0, retrans=15)
+    assert lossy.snapshot().loss == pytest.approx(0.015) and lossy.pacing_rate() is not None
+
+
+def test_a_burst_is_measured_over_its_own_time_not_the_idle_time_before_it():
+    # Regression: delivery was averaged over RATE_SPAN (0.3 s) whatever part of it the sender
+    # was idle, so bursts shorter than that read as a fraction of the path's rate (29 instead
+    # of 36 Gbit/s on loopback) and a paced link held later bursts to it.
+    clock = Clock()
+    ctl = RateController(cap=None, clock=clock)
+    for _ in range(4):  # bursts of 0.2 s at 125 MB/s, 0.4 s apart
+        for _ in range(4):
+            clock.now += 0.1
+            ctl.on_app_limited()
+            ctl.on_tcp_info(0.001, 0.001, 0, 1000)
+            ctl.tick(inflight=0)
+        ctl.on_busy()
+        for _ in range(2):
+            clock.now += 0.1
+            ctl.on_ack(12_500_000, 0.001)
+            ctl.on_tcp_info(0.001, 0.001, 0, 1000)
+            ctl.tick(inflight=1)
+    assert ctl.bottleneck == pytest.approx(125e6, rel=0.05)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TCP_INFO is Linux's")
+def test_tcp_info_reads_what_the_controller_needs_from_a_real_connection():
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    peer, _ = server.accept()
+    try:
+        client.sendall(b"x" * 100_000)
+        got = 0
+        while got < 100_000:
+            got += len(peer.recv(65536))
+        info = tcp_info(client)
+        assert info["bytes_acked"] >= 100_000 and info["segs_out"] > 0
+        assert {"total_retrans", "dsack_dups", "min_rtt_us", "rtt_us"} <= set(info)
+    finally:
+        for s in (client, peer, server):
+            s.close()
 
 
 class _Client:
