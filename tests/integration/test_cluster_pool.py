@@ -229,6 +229,9 @@ async def test_stale_record_is_forgotten_by_the_fetch(valkey):
     Only the client's ``forget`` removes them: no publisher will."""
     b = PoolDaemon(config(cluster=cfg(valkey, "t5b", node="b")), None, transport=FAST)
     await b.start()
+    # b registers from its publisher thread: wait for it, or the final lookup may not know b yet
+    # (it failed that way once on a loaded 2-core CI run).
+    assert await asyncio.to_thread(b.publisher.flush)
     ghost_index = GlobalIndex(cfg(valkey, "t5b", node="ghost"))
     cc = None
     try:
