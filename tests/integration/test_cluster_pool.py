@@ -269,7 +269,7 @@ async def test_hot_prefix_is_replicated_to_the_local_daemon(valkey):
         stored = pieces(toks, state_after=[4, 9])
         async with client(a) as ca:
             assert (await ca.put(toks, stored)).stored == len(stored)
-        assert a.publisher.flush()
+        assert a.publisher.flush() and b.publisher.flush()  # both registered before b is looked up
         cc = await cluster_client(valkey, "t6", local=client(b), replicate_after=3)
         for i in range(3):
             hit = await cc.lookup(toks)
