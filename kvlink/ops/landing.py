@@ -2,9 +2,9 @@
 
 A receiver's reader thread lands a frame's bytes with :meth:`Lander.recv` and can hash them on the
 way into a :class:`Xxh3State` (the running hash a :class:`~kvlink.serde.payload.PayloadScan`
-keeps per segment, or a frame's own checksum): the bytes are hashed while they sit in a small
-bounce buffer in cache, then streamed to their destination, so verifying them costs no second
-pass over memory. Both need the native CPU library
+keeps per segment, or a frame's own checksum): one pass over the bytes while they sit in a small
+bounce buffer in cache hashes them and streams them to their destination, so verifying them costs
+no second pass over memory. Both need the native CPU library
 (:func:`kvlink.ops.runs.native_available` says whether it built); callers keep their plain path
 when it did not.
 """

@@ -2,9 +2,10 @@
 
 Inputs: bytes acknowledged (the kernel's ``TCP_INFO`` bytes_acked where available, else the
 receiver's chunk acknowledgements), chunk round trips, and ``TCP_INFO`` smoothed and minimum RTT,
-retransmissions and D-SACKs (a retransmission the receiver reports as a duplicate was not lost). Every ``SAMPLE`` seconds :meth:`tick`
-turns them into a delivery-rate sample (bytes acknowledged over the last ``RATE_SPAN`` s); the bottleneck estimate is the maximum sample of the
-last ``BW_WINDOW`` seconds. The pacing rate is that estimate times a gain:
+retransmissions and D-SACKs (a retransmission the receiver reports as a duplicate was not lost).
+Every ``SAMPLE`` seconds :meth:`tick` turns them into a delivery-rate sample (bytes acknowledged
+over the last ``RATE_SPAN`` s, less any idle time before a burst); the bottleneck estimate is the
+maximum sample of the last ``BW_WINDOW`` seconds. The pacing rate is that estimate times a gain:
 
 - ``startup``: the cap, or ``initial`` (None: no pacing, TCP's slow start finds the rate), then
   2.5x the estimate, until delivery stops growing by 25% per sample or congestion shows;
