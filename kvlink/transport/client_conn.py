@@ -75,6 +75,11 @@ class ClientConn:
             return self.writer.backlog
         return self.conn.transport.get_write_buffer_size()
 
+    @property
+    def frames(self) -> int:
+        """DATA frames handed to this connection's writer and not yet wholly in the kernel."""
+        return self.writer.frames if self.writer is not None else 0
+
     def _writer_failed(self, exc: BaseException) -> None:
         if self.conn is not None:
             self.conn.abort(exc)

@@ -295,17 +295,13 @@ class TransferClient:
     # -- sending --------------------------------------------------------------------------------
     def _free_conn(self) -> ClientConn | None:
         window, chunk = self.config.window_bytes, self._frame_cap()
-        # A connection may hold ~3 frames not yet in the kernel: enough that its writer never
-        # waits for the loop at tens of Gbit/s, little enough (~12 ms paced, ~50 ms unpaced) that
-        # weights still act.
-        # A lone transfer before any estimate: one frame, so its larger first frames do not
-        # queue more ahead of a transfer that comes next than 4 MiB ones did.
-        backlog = (1 if self._lone_early() else 3) * self._run_bytes()
+        run, lone = self._run_bytes(), self._lone_early()
         best = None
         n = len(self._conns)
         for k in range(n):
             cc = self._conns[(self._rr + k) % n]
-            if cc is not None and cc.usable and cc.inflight_bytes + chunk <= window and cc.backlog < backlog:
+            if cc is not None and cc.usable and cc.inflight_bytes + chunk <= window \
+                    and frame_size.has_room(cc.backlog, cc.frames, run, lone):
                 if best is None or cc.inflight_bytes < best.inflight_bytes:
                     best = cc
         self._rr = (self._rr + 1) % n

@@ -43,6 +43,8 @@ class ThreadWriter:
         # by one thread only, so no lock is needed.
         self._queued = 0
         self._sent = 0
+        self._frames_queued = 0
+        self._frames_sent = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="kvlink-writer", daemon=True)
@@ -55,7 +57,13 @@ class ThreadWriter:
     def data(self, transfer_id: int, part: int, offset: int, pieces: list[memoryview], checked: bool) -> None:
         """Queue a DATA chunk; its checksum is computed in the writer thread."""
         self._queued += sum(p.nbytes for p in pieces)
+        self._frames_queued += 1
         self._queue.put((transfer_id, part, offset, pieces, checked))
+
+    @property
+    def frames(self) -> int:
+        """DATA frames queued here and not yet wholly written to the socket."""
+        return self._frames_queued - self._frames_sent
 
     @property
     def backlog(self) -> int:
@@ -91,6 +99,7 @@ class ThreadWriter:
                 self._send([memoryview(head), *pieces])
                 if len(item) != 2:
                     self._sent += length
+                    self._frames_sent += 1
                     if self.on_sent is not None:
                         self.on_sent()
                 item = pieces = None  # keep no sent buffer alive while waiting for the next frame
