@@ -98,18 +98,18 @@ class ThreadReader:
         """Fill ``view`` with ``read(rest) -> bytes read`` (raising :class:`BlockingIOError` when
         nothing is there: then wait in ``poll``, woken by data or by close() shutting the socket)."""
         got, size = 0, len(view)
-        self._wake_at(size)
         while got < size:
             try:
                 n = read(view[got:])
             except BlockingIOError:
+                # Set only before a wait: most reads find their bytes already there (a frame's
+                # header behind its body, the rest of a body), and each change is a syscall.
+                self._wake_at(size - got)
                 self._poll.poll()
                 continue
             if n == 0:
                 raise _Closed()
             got += n
-            if size - got < self._lowat:
-                self._wake_at(size - got)
 
     def _recv_exact(self, view: memoryview) -> None:
         self._fill(view, self.sock.recv_into)
