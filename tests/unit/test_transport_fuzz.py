@@ -24,7 +24,8 @@ from kvlink.config import TransportConfig  # noqa: E402
 from kvlink.errors import AuthenticationError, HandshakeError, KvlinkError, LengthError  # noqa: E402
 from kvlink.transport import TransferClient, TransferServer  # noqa: E402
 from kvlink.transport import handshake as hs  # noqa: E402
-from kvlink.transport.frame import (ACK_ENTRY, HEADER, HEADER_SIZE, MAGIC, MAX_CONTROL_BODY, VERSION,  # noqa: E402
+from kvlink.transport.frame import (ACK_ENTRY, DEFINED_FLAGS, HEADER, HEADER_SIZE, MAGIC, MAX_CONTROL_BODY,  # noqa: E402
+                                    VERSION,
                                     FrameHeader, FrameType, check_body, make_frame, pack_acks, parse_header,
                                     unpack_acks)
 
@@ -66,6 +67,9 @@ def test_wrong_sized_headers_are_length_errors(raw):
 @given(magic=st.sampled_from([MAGIC, b"KVLG", b"\0\0\0\0"]), version=st.sampled_from([VERSION, 0, 2, 255]),
        ftype=u8, flags=u16, tid=u64, stream=u32, length=st.one_of(u32, st.integers(0, 2 * MAX_DATA)), offset=u64,
        body_sum=u64, reserved=u32, flip=st.one_of(st.none(), st.integers(0, HEADER_SIZE * 8 - 1)))
+@example(MAGIC, VERSION, int(FrameType.HELLO), 1, 1, 0, 10, 0, 0, 0, None)  # a flag HELLO does not define
+@example(MAGIC, VERSION, int(FrameType.DATA), 1, 1, 0, 10, 0, 0, 0, None)  # DATA's FLAG_UNCHECKED
+@example(MAGIC, VERSION, int(FrameType.DATA), 0, 1, 0, 10, 0, 0, 1, None)  # a reserved bit set
 def test_structured_headers_parse_exactly_when_valid(magic, version, ftype, flags, tid, stream, length, offset,
                                                     body_sum, reserved, flip):
     raw = bytearray(header_bytes(magic, version, ftype, flags, tid, stream, length, offset, body_sum, reserved))
@@ -73,13 +77,17 @@ def test_structured_headers_parse_exactly_when_valid(magic, version, ftype, flag
         raw[flip // 8] ^= 1 << (flip % 8)
     valid_type = ftype in {int(t) for t in FrameType}
     limit = MAX_DATA if ftype == FrameType.DATA else MAX_CONTROL_BODY
+    # Reserved bits must be zero, and a flag bit counts only where version 1 defines it for the
+    # type (the predicate once left both out, and failed in the runs that drew such a header).
+    valid = magic == MAGIC and version == VERSION and valid_type and length <= limit and not reserved \
+        and not flags & ~DEFINED_FLAGS.get(ftype, 0)
     try:
         header = parse_header(bytes(raw), MAX_DATA)
     except KvlinkError:
-        assert flip is not None or not (magic == MAGIC and version == VERSION and valid_type and length <= limit)
+        assert flip is not None or not valid
         return
     if flip is None:
-        assert magic == MAGIC and version == VERSION and valid_type and length <= limit
+        assert valid
         assert (header.type, header.transfer_id, header.stream, header.length, header.offset, header.flags) == \
             (ftype, tid, stream, length, offset, flags)
     assert header.length <= (MAX_DATA if header.type is FrameType.DATA else MAX_CONTROL_BODY)
