@@ -50,9 +50,9 @@ def has_room(backlog: int, frames: int, run: int, lone: bool) -> bool:
     unpaced), little enough that weights still act; a ``lone`` transfer before any estimate holds
     one frame's bytes, so its large first frames do not queue far ahead of a transfer that comes
     next. Frames are counted as well as bytes: frames smaller than ``run`` (a part's last run, small
-    parts) would otherwise pile up by the dozen behind a large one on one connection, and the
-    other connections, idle at the end of the transfer, could not take them (on the 293 MiB
-    Kimi-Linear request, 4 loopback connections ended 15-20 ms apart and goodput fell ~4%)."""
+    parts) could otherwise queue by the dozen behind a large one on one connection, where the
+    other connections, idle at the end of the transfer, cannot take them (counting them gained
+    3-4% of goodput on the 293 MiB Kimi-Linear request over 4 loopback connections)."""
     if lone:
         return backlog < run and frames < QUEUED_FRAMES_LONE
     return backlog < 3 * run and frames < QUEUED_FRAMES

@@ -39,8 +39,8 @@ class ThreadWriter:
         self._poll.register(self.sock.fileno(), select.POLLOUT)
         self.on_error = on_error
         self.on_sent = on_sent
-        # Bytes of DATA queued here and not yet handed to the kernel. Two counters, each written
-        # by one thread only, so no lock is needed.
+        # Bytes and frames of DATA queued here and not yet handed to the kernel: each counter is
+        # written by one thread only, so no lock is needed.
         self._queued = 0
         self._sent = 0
         self._frames_queued = 0

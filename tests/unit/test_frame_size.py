@@ -44,9 +44,8 @@ def test_the_early_rate_counts_from_the_first_send():
 
 def test_a_connection_holds_few_frames_however_small_they_are():
     # Regression: the rule counted bytes only. A lone transfer's frames are up to 64 MiB, so a
-    # connection writing a 36 MiB part took 2 MiB parts behind it until 64 MiB were queued, and
-    # at the end of the transfer the other connections sat idle while it drained them (4
-    # loopback connections ended 15-20 ms apart on the 293 MiB Kimi-Linear request).
+    # connection writing a 36 MiB part could take 2 MiB parts behind it until 64 MiB were queued,
+    # which the other connections, idle at the end of the transfer, could not take.
     run = 64 * MiB
     assert has_room(backlog=36 * MiB, frames=1, run=run, lone=True)  # one ready behind it
     assert not has_room(backlog=38 * MiB, frames=2, run=run, lone=True)
