@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 if [ "${1:-all}" = "all" ]; then
 time timeout 200 python3 -c "from kvlink.ops import native; native.cuda_ext(); print('cuda extension built')" 2>&1 | tail -5
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/test_ops.py tests/unit/test_serde_roundtrip.py \
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/unit/test_ops.py tests/unit/test_serde_roundtrip.py tests/unit/test_device_digest.py \
   -o addopts="" 2>&1 | tee "$OUT/pytest.txt" | tail -8
 timeout 60 python3 -m pytest -q -p no:cacheprovider -m cuda tests/unit/test_pool_slab.py tests/integration/test_pool_tiers.py \
   -o addopts="" 2>&1 | tee "$OUT/pytest_pool_cuda.txt" | tail -4

@@ -4,6 +4,9 @@
 
 Baselines measured in the same run: a device->pinned-host copy of the same byte count (what a pack
 must at least do), a pinned-host->device copy (unpack), and a device-to-device copy (gather only).
+Packs hash on the GPU (kvlink.ops.digest) unless KVLINK_DEVICE_HASH=0; ``pack_host_hash_gbps`` is
+the same pack hashed on the host, and ``xxh3_device_gbps`` the device hash alone over the
+payload's segments.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import sys
 import torch
 
 from kvlink import ops
+from kvlink.config import OpsConfig
+from kvlink.ops import digest
 from kvlink.presets import get_preset
 from kvlink.serde import CacheRef, Packer, PagedCache, Payload, StagingArena, Unpacker
 
@@ -70,7 +75,10 @@ def run(model: str, tokens: int, block_size: int) -> dict:
         arena = StagingArena(nbytes + (8 << 20), pin=True)
         packer = Packer(src, staging=arena, backend=backend)
         entry["pack_gbps"] = nbytes / cuda_time(lambda: packer.pack(sref).release(), repeat=5) / 1e9
+        host_hash = Packer(src, staging=arena, backend=backend, ops=OpsConfig(device_hash=False))
+        entry["pack_host_hash_gbps"] = nbytes / cuda_time(lambda: host_hash.pack(sref).release(), repeat=5) / 1e9
         payload = packer.pack(sref)
+        entry["device_hash_matches_host"] = host_hash.pack(sref).tobytes() == payload.tobytes()
         # a receiver lands payloads in pinned memory (the transport receives into a pinned arena)
         landed = torch.empty(payload.nbytes, dtype=torch.uint8, pin_memory=True)
         landed.numpy()[:] = memoryview(payload.tobytes())
@@ -84,6 +92,16 @@ def run(model: str, tokens: int, block_size: int) -> dict:
         entry["unpack_vs_h2d"] = entry["unpack_gbps"] / out["h2d_gbps"]
         out["backends"][backend] = entry
     out["kv_bytes"] = kv_bytes
+    if digest.available("cuda"):  # the device hash alone, over the payload's segment sizes
+        lengths = [s.length for s in payload.segments if s.length >= digest.MIN_LEN]
+        offsets, at = [], 0
+        for n in lengths:
+            offsets.append(at)
+            at += -(-n // 256) * 256
+        buf = torch.randint(0, 256, (at,), dtype=torch.uint8, device="cuda")
+        out["xxh3_device_gbps"] = sum(lengths) / cuda_time(lambda: digest.queue_xxh3(buf, offsets, lengths)) / 1e9
+        want = ops.reference.xxh3_segments(buf, offsets, lengths)
+        out["xxh3_device_matches_xxhash"] = digest.to_ints(digest.queue_xxh3(buf, offsets, lengths)) == want
     return out
 
 

@@ -13,18 +13,24 @@ BACKENDS = ("auto", "reference", "native", "triton", "cuda")
 
 @dataclass(frozen=True)
 class OpsConfig:
-    """Which gather/scatter backend to use, where native builds go, and how many threads the
-    native copy-and-hash runs use (0: one per core)."""
+    """Which gather/scatter backend to use, where native builds go, how many threads the native
+    copy-and-hash runs use (0: one per core), and whether payloads packed from a GPU cache are
+    hashed on the GPU (``device_hash``) through at most ``device_scratch_bytes`` of device memory
+    per batch of segments (a larger segment is hashed on the host)."""
 
     backend: str = "auto"
     build_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "kvlink" / "build")
     threads: int = 0
+    device_hash: bool = True
+    device_scratch_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown ops backend {self.backend!r}; expected one of {BACKENDS}")
         if self.threads < 0:
             raise ConfigError(f"ops threads must be >= 0, got {self.threads}")
+        if self.device_scratch_bytes <= 0:
+            raise ConfigError(f"device_scratch_bytes must be positive, got {self.device_scratch_bytes}")
 
     @classmethod
     def from_env(cls) -> "OpsConfig":
@@ -38,6 +44,15 @@ class OpsConfig:
                 kwargs["threads"] = int(threads)
             except ValueError:
                 raise ConfigError(f"KVLINK_OPS_THREADS must be an integer, got {threads!r}") from None
+        if (device_hash := os.environ.get("KVLINK_DEVICE_HASH")) is not None:
+            if device_hash not in ("0", "1"):
+                raise ConfigError(f"KVLINK_DEVICE_HASH must be 0 or 1, got {device_hash!r}")
+            kwargs["device_hash"] = device_hash == "1"
+        if scratch := os.environ.get("KVLINK_DEVICE_SCRATCH_BYTES"):
+            try:
+                kwargs["device_scratch_bytes"] = int(scratch)
+            except ValueError:
+                raise ConfigError(f"KVLINK_DEVICE_SCRATCH_BYTES must be an integer, got {scratch!r}") from None
         return cls(**kwargs)
 
 

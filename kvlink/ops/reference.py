@@ -8,6 +8,7 @@ whose last dim is contiguous (the block stride may be larger than ``R``, e.g. fo
 from __future__ import annotations
 
 import torch
+import xxhash
 
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -26,3 +27,10 @@ def gather_rows(rows: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> Non
 def scatter_rows(packed: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor) -> None:
     """``rows[ids[i]] = packed[i]``; ``ids`` must not repeat."""
     _bits(rows).index_copy_(0, ids, _bits(packed))
+
+
+def xxh3_segments(data: torch.Tensor, offsets, lengths) -> list[int]:
+    """xxh3-64 of ``data[o:o + n]`` per segment, hashed on the host: what
+    :func:`kvlink.ops.digest.queue_xxh3` must match."""
+    raw = data.cpu().numpy().tobytes()
+    return [xxhash.xxh3_64_intdigest(raw[o:o + n]) for o, n in zip(offsets, lengths)]

@@ -9,9 +9,10 @@ import torch
 
 from kvlink.codec import Codec, checksum, encode
 from kvlink.codec.parallel import parallel_map
-from kvlink.config import CodecConfig
+from kvlink.config import CodecConfig, OpsConfig
 from kvlink.errors import ConfigError, StagingExhausted
 from kvlink.ops.runs import Runs, buffer_pieces
+from kvlink.serde import device_hash
 from kvlink.serde.entry_plan import EntryPlan, address, entry_plan, register_ids
 from kvlink.serde.fused import add_segment, fused_usable, segment_pieces
 from kvlink.serde.layout import SegmentLayout, payload_segments
@@ -51,12 +52,14 @@ class Packer:
 
     With a :class:`StagingArena`, segment bytes live in leases of it (release the payload after
     sending); without one each payload gets a fresh buffer, as does one that does not fit a full
-    arena when ``overflow`` is set (else :class:`StagingExhausted`).
+    arena when ``overflow`` is set (else :class:`StagingExhausted`). From a GPU cache, segments
+    are hashed on the GPU unless ``ops.device_hash`` is off (:mod:`kvlink.serde.device_hash`).
     """
 
     def __init__(self, cache: PagedCache, codec: CodecConfig | None = None, staging: StagingArena | None = None,
-                 backend: str | None = None, overflow: bool = False):
+                 backend: str | None = None, overflow: bool = False, ops: OpsConfig | None = None):
         self.cache = cache
+        self.ops = ops or OpsConfig.from_env()
         self.codec = codec or CodecConfig()
         self.staging = staging
         self.backend = backend
@@ -96,6 +99,14 @@ class Packer:
         lease = self._lease(total)
         try:
             results = self._copy_fused(layouts, offsets, codecs, lease.tensor, ids_host, slots)
+            if device_hash.usable(cache.device, self.backend, self.ops):
+                def gather(i: int, scratch: torch.Tensor, at: int) -> None:
+                    seg = layouts[i]
+                    self._gather(seg, scratch, at, ids, ids_host, slots.get(seg.layer, -1))
+
+                on_device = device_hash.pack_segments(gather, layouts, offsets, codecs, lease.tensor, cache.device,
+                                                      self.ops)
+                results = [r if r is not None else d for r, d in zip(results, on_device)]
             jobs = []
             for i, (seg, off, codec) in enumerate(zip(layouts, offsets, codecs)):
                 if results[i] is not None:

@@ -5,7 +5,9 @@ verified and decoded, before the first byte is written: any of those errors leav
 untouched. Uncompressed segments of a CPU cache are verified while they are copied (one pass over
 memory instead of two), so a checksum mismatch there is raised after the write: the tokens and
 state slot the payload addresses hold garbage then, and nothing else was touched. The caller
-treats them as not loaded, as after any failed load.
+treats them as not loaded, as after any failed load. Into a GPU cache, uncompressed segments are
+checked on the GPU from device scratch and written from there only when all match
+(:mod:`kvlink.serde.device_hash`), so nothing is written on a mismatch.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import torch
 
 from kvlink.codec import Codec, decode
 from kvlink.codec.parallel import parallel_map
+from kvlink.config import OpsConfig
 from kvlink.errors import ChecksumMismatch, FingerprintMismatch, IncompatibleLayoutError
 from kvlink.ops.runs import Runs, buffer_pieces
+from kvlink.serde import device_hash
 from kvlink.serde.fused import add_segment, fused_usable, segment_pieces
 from kvlink.serde.layout import TORCH_DTYPES, payload_segments
 from kvlink.serde.paged import CacheRef, PagedCache
@@ -91,9 +95,10 @@ class Unpacker:
             order.append(i)
         return runs, order
 
-    def __init__(self, cache: PagedCache, backend: str | None = None):
+    def __init__(self, cache: PagedCache, backend: str | None = None, ops: OpsConfig | None = None):
         self.cache = cache
         self.backend = backend
+        self.ops = ops or OpsConfig.from_env()
 
     def unpack(self, payload: Payload | bytes | bytearray | memoryview, ref: CacheRef, verify: bool = True,
                group: str | None = None) -> list[int]:
@@ -121,17 +126,24 @@ class Unpacker:
         slots = {s.layer: ref.slot(cache, s.layer) for s in header.segments if s.is_state}
         names = [f"layer {s.layer} {cache.spec.layers[s.layer].components[s.component].name}" for s in header.segments]
         runs, fused = self._fused_jobs(payload, ids_host, slots)
-        if verify:  # segments outside the fused runs are checked before anything is written
-            for i, seg in enumerate(header.segments):
-                if i not in fused:
-                    payload.verify_segment(i, names[i])
         rest = [i for i in range(len(header.segments)) if i not in fused]
+        landed = {}  # segments checked on the device, from where they are written
+        if verify and device_hash.usable(cache.device, self.backend, self.ops):
+            landed = device_hash.land_verified(payload, rest, names, cache.device, self.ops)
+        if verify:  # the other segments outside the fused runs are checked before anything is written
+            for i in rest:
+                if i not in landed:
+                    payload.verify_segment(i, names[i])
+        for i, data in landed.items():
+            seg = header.segments[i]
+            landed[i] = data.view(TORCH_DTYPES[seg.dtype]).view(seg.shape)
+        rest = [i for i in rest if i not in landed]
         decoded = parallel_map(
             lambda i: decode(header.segments[i].codec, payload.datas[i], TORCH_DTYPES[header.segments[i].dtype],
                              header.segments[i].numel,
                              fp8_group=1 << header.segments[i].codec_param).view(header.segments[i].shape),
             rest, sum(header.segments[i].raw_nbytes for i in rest if header.segments[i].codec is not Codec.NONE))
-        for i, values in zip(rest, decoded):
+        for i, values in [*zip(rest, decoded), *landed.items()]:
             seg = header.segments[i]
             if seg.is_state:
                 cache.tensor(seg.layer, seg.component)[slots[seg.layer]].copy_(values, non_blocking=values.is_pinned())

@@ -61,3 +61,11 @@ def tokens_of(cache: PagedCache, ref: CacheRef, layer: int, t0: int, t1: int) ->
         per = [rows[ids[t // bs], (t % bs) * elems:(t % bs + 1) * elems] for t in range(t0, t1)]
         out.append(torch.stack(per) if per else torch.empty(0))
     return out
+
+
+def moved(cache: PagedCache, device: str) -> PagedCache:
+    """A copy of ``cache`` on ``device``."""
+    move = lambda t: tuple(x.to(device) for x in t) if isinstance(t, tuple) else t.to(device)  # noqa: E731
+    return PagedCache(cache.spec, cache.block_size, {k: move(v) for k, v in cache.kv.items()},
+                      {k: move(v) for k, v in cache.conv.items()}, {k: move(v) for k, v in cache.recurrent.items()},
+                      cache.layout)

@@ -8,7 +8,7 @@ from kvlink.config import CodecConfig
 from kvlink.errors import ConfigError, StagingExhausted
 from kvlink.serde import CacheRef, Packer, PagedCache, Payload, StagingArena, Unpacker
 
-from .helpers import HYBRID, filled, random_ref, same, snapshot, tokens_of
+from .helpers import HYBRID, filled, moved, random_ref, same, snapshot, tokens_of
 
 BS = 4
 
@@ -190,11 +190,7 @@ def test_large_payload_codecs_run_in_parallel_safely(codec):
     assert Packer(dst, codec=cfg).pack(ref).tobytes() == payload.tobytes()
 
 
-def _to(cache: PagedCache, device: str) -> PagedCache:
-    move = lambda t: tuple(x.to(device) for x in t) if isinstance(t, tuple) else t.to(device)  # noqa: E731
-    return PagedCache(cache.spec, cache.block_size, {k: move(v) for k, v in cache.kv.items()},
-                      {k: move(v) for k, v in cache.conv.items()}, {k: move(v) for k, v in cache.recurrent.items()},
-                      cache.layout)
+
 
 
 @pytest.mark.cuda
@@ -203,12 +199,12 @@ def _to(cache: PagedCache, device: str) -> PagedCache:
 @pytest.mark.parametrize("pinned", [True, False])
 def test_cuda_cache_roundtrip_matches_cpu(backend, pinned):
     cpu = filled(HYBRID, 16, BS, layout="kv_first", seed=5)
-    gpu = _to(cpu, "cuda")
+    gpu = moved(cpu, "cuda")
     ref = random_ref(16, BS, 37, slot=1, token_start=BS, seed=8)
     staging = StagingArena(1 << 20, pin=pinned)
     wire = Packer(gpu, staging=staging, backend=backend).pack(ref).tobytes()
     assert wire == Packer(cpu).pack(ref).tobytes()
-    dst = _to(PagedCache.allocate(HYBRID, 20, BS, 3, layout="split", fill="zeros"), "cuda")
+    dst = moved(PagedCache.allocate(HYBRID, 20, BS, 3, layout="split", fill="zeros"), "cuda")
     dst_ref = random_ref(20, BS, 37, slot=2, seed=9)
     Unpacker(dst, backend=backend).unpack(wire, dst_ref)
     assert Packer(dst, backend=backend).pack(CacheRef(dst_ref.block_ids, 37, 2, BS)).tobytes() == wire
