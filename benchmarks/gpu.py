@@ -4,9 +4,9 @@
 
 Baselines measured in the same run: a device->pinned-host copy of the same byte count (what a pack
 must at least do), a pinned-host->device copy (unpack), and a device-to-device copy (gather only).
-Packs hash on the GPU (kvlink.ops.digest) unless KVLINK_DEVICE_HASH=0; ``pack_host_hash_gbps`` is
-the same pack hashed on the host, and ``xxh3_device_gbps`` the device hash alone over the
-payload's segments.
+Packs and verified unpacks hash on the GPU (kvlink.ops.digest) unless KVLINK_DEVICE_HASH=0;
+``pack_host_hash_gbps`` and ``unpack_host_verify_gbps`` are the same calls hashing on the host, and
+``xxh3_device_gbps`` the device hash alone over the payload's segments.
 """
 
 from __future__ import annotations
@@ -77,14 +77,19 @@ def run(model: str, tokens: int, block_size: int) -> dict:
         entry["pack_gbps"] = nbytes / cuda_time(lambda: packer.pack(sref).release(), repeat=5) / 1e9
         host_hash = Packer(src, staging=arena, backend=backend, ops=OpsConfig(device_hash=False))
         entry["pack_host_hash_gbps"] = nbytes / cuda_time(lambda: host_hash.pack(sref).release(), repeat=5) / 1e9
+        hashed_on_host = host_hash.pack(sref)  # one lease at a time: the arena holds one payload
+        host_bytes = hashed_on_host.tobytes()
+        hashed_on_host.release()
         payload = packer.pack(sref)
-        entry["device_hash_matches_host"] = host_hash.pack(sref).tobytes() == payload.tobytes()
+        entry["device_hash_matches_host"] = host_bytes == payload.tobytes()
         # a receiver lands payloads in pinned memory (the transport receives into a pinned arena)
         landed = torch.empty(payload.nbytes, dtype=torch.uint8, pin_memory=True)
         landed.numpy()[:] = memoryview(payload.tobytes())
         wire = Payload.from_buffer(landed.numpy())
         unpacker = Unpacker(dst, backend=backend)
         entry["unpack_gbps"] = nbytes / cuda_time(lambda: unpacker.unpack(wire, dref), repeat=5) / 1e9
+        host_verify = Unpacker(dst, backend=backend, ops=OpsConfig(device_hash=False))
+        entry["unpack_host_verify_gbps"] = nbytes / cuda_time(lambda: host_verify.unpack(wire, dref), repeat=5) / 1e9
         entry["bit_exact"] = Packer(dst, backend=backend).pack(dref).tobytes() == wire.tobytes()
         entry["verify_gbps"] = nbytes / cuda_time(wire.verify, repeat=5) / 1e9
         payload.release()

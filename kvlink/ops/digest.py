@@ -7,6 +7,7 @@ again. Kernels: :mod:`kvlink.ops.triton_xxh3`; reference: :func:`kvlink.ops.refe
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -43,8 +44,10 @@ def queue_xxh3(data: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int
     run the kernels.
 
     ``data``: a contiguous 1-D uint8 tensor starting 8-byte aligned; offsets multiples of 8;
-    lengths at least :data:`MIN_LEN`. Raises :class:`ConfigError` for anything else and
-    :class:`BackendUnavailable` where the kernels cannot run (:func:`available`).
+    lengths at least :data:`MIN_LEN`. Raises :class:`ConfigError` for anything else,
+    :class:`BackendUnavailable` where the kernels cannot run (:func:`available`, or they fail to
+    build or launch), and ``torch.cuda.OutOfMemoryError`` when the device has no room for the
+    block sums (1/16 of the bytes hashed).
     """
     if not available(data.device.type):
         raise BackendUnavailable(f"device hashing needs Triton and a CUDA tensor (or TRITON_INTERPRET=1), "
@@ -68,7 +71,12 @@ def queue_xxh3(data: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int
         return out
     params = torch.tensor([list(offsets), list(lengths), rows], dtype=torch.int64).to(data.device, non_blocking=True)
     sums = torch.empty((row, 8), dtype=torch.int64, device=data.device)
-    triton_xxh3.launch(data, params, _constants(data.device), sums, out)
+    on_device = torch.cuda.device(data.device) if data.device.type == "cuda" else contextlib.nullcontext()
+    with on_device:  # Triton launches on the current device's stream: make it the data's
+        try:
+            triton_xxh3.launch(data, params, _constants(data.device), sums, out)
+        except Exception as exc:  # e.g. a kernel this device's architecture or toolchain cannot build
+            raise BackendUnavailable(f"the device xxh3 kernels cannot run on {data.device}: {exc}") from exc
     return out
 
 

@@ -1,14 +1,17 @@
 """xxh3 on the device (Triton, run by the CPU interpreter here) against xxhash, and packs whose
 checksums it computes against packs hashed on the host."""
 
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from kvlink.codec import Codec
 from kvlink.config import OpsConfig
-from kvlink.errors import ChecksumMismatch, ConfigError
+from kvlink.errors import BackendUnavailable, ChecksumMismatch, ConfigError
 from kvlink.ops import digest, reference
 from kvlink.serde import Packer, Payload, StagingArena, Unpacker, device_hash
 from kvlink.serde.layout import payload_segments
@@ -96,14 +99,11 @@ def test_scratch_cap_splits_batches_and_leaves_larger_segments_to_the_host():
     cache = filled(HYBRID, 48, 8)
     ref = random_ref(48, 8, 120, slot=1)
     layouts = payload_segments(HYBRID, list(range(HYBRID.num_layers)), 0, 120, None)
-    sizes = sorted(seg.nbytes for seg in layouts)
-    cap = sizes[-1] - 1  # the largest segment cannot go through the device
-    ops = OpsConfig(device_scratch_bytes=cap)
-    offsets, at = [], 0
-    for seg in layouts:
-        offsets.append(at)
-        at += -(-seg.nbytes // 256) * 256
-    out = torch.zeros(at, dtype=torch.uint8)
+    aligned = [-(-seg.nbytes // 256) * 256 for seg in layouts]
+    batch = max(aligned) - 1  # a pack's batches take half the bound: the largest segments do not fit
+    ops = OpsConfig(device_scratch_bytes=2 * batch)
+    offsets = [sum(aligned[:i]) for i in range(len(aligned))]
+    out = torch.zeros(sum(aligned), dtype=torch.uint8)
     packer = Packer(cache, backend="triton", ops=ops)
     ids, ids_host = ref.block_ids_checked(cache)
     slots = {s.layer: ref.slot(cache, s.layer) for s in layouts if s.is_state}
@@ -114,12 +114,11 @@ def test_scratch_cap_splits_batches_and_leaves_larger_segments_to_the_host():
     codecs = [Codec.NONE] * len(layouts)
     results = device_hash.pack_segments(gather, layouts, offsets, codecs, out, cache.device, ops)
     host = Packer(cache).pack(ref)
-    for seg, result, want in zip(layouts, results, host.segments):
-        if seg.nbytes > cap:
-            assert result is None
-        else:
-            assert result[1] == want.checksum
-    assert sum(r is None for r in results) == sizes.count(sizes[-1])
+    for size, result, want in zip(aligned, results, host.segments):
+        assert (result is None) == (size > batch)
+        assert result is None or result[1] == want.checksum
+    assert 0 < sum(r is None for r in results) < len(results)
+    assert sum(aligned) > batch  # so the rest went in more than one batch
     assert Packer(cache, backend="triton", ops=ops).pack(ref).tobytes() == host.tobytes()
 
 
@@ -191,7 +190,6 @@ def test_unpack_scratch_cap_leaves_the_rest_to_the_host():
     assert bytes(landed[long[0]].numpy()) == bytes(payload.datas[long[0]])
 
 
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (CI has none)")
 @pytest.mark.parametrize("size", [241, 1 << 20, (36 << 20) + 5])
@@ -224,3 +222,56 @@ def test_cuda_pack_and_verified_unpack_hash_on_the_device(backend):
     with pytest.raises(ChecksumMismatch):
         Unpacker(dst, backend=backend).unpack(wire, dref)
     assert same(snapshot(dst), before)
+
+
+@interpreted
+def test_kernels_that_cannot_run_leave_hashing_to_the_host(monkeypatch):
+    """A device whose kernels fail to build (an architecture Triton cannot target) still packs and
+    verifies, on the host, from then on."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("ptxas fatal: unsupported architecture")
+
+    monkeypatch.setattr(device_hash, "_BROKEN", set())
+    monkeypatch.setattr(digest.triton_xxh3, "launch", broken)
+    cache = filled(HYBRID, 48, 8)
+    ref = random_ref(48, 8, 120, slot=1)
+    host = Packer(cache).pack(ref)
+    with pytest.raises(BackendUnavailable, match="ptxas"):
+        digest.queue_xxh3(torch.zeros(512, dtype=torch.uint8), [0], [300])
+    assert Packer(cache, backend="triton").pack(ref).tobytes() == host.tobytes()
+    assert not device_hash.usable(cache.device, "triton", OpsConfig())
+    wire = _landed(host)
+    wire[-1] ^= 0x01
+    with pytest.raises(ChecksumMismatch):
+        Unpacker(filled(HYBRID, 48, 8, seed=9), backend="triton").unpack(wire, random_ref(48, 8, 120, slot=2))
+
+
+COMPILE_FOR_HOPPER = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kvlink.ops import triton_xxh3 as k
+target = GPUTarget("cuda", 90, 32)
+args = {n: "*i64" for n in ("consts", "seg_byte", "seg_len", "seg_row", "sums")}
+sums = triton.compile(ASTSource(k._block_sums_kernel, {"words": "*i64", **args, "num_segments": "i32",
+                      "num_rows": "i64", "ROWS": "constexpr", "SEARCH": "constexpr"}, {"ROWS": k.ROWS, "SEARCH": k.SEARCH}),
+                      target=target)
+finish = triton.compile(ASTSource(k._finish_kernel, {"data": "*u8", **args, "out": "*i64", "UNROLL": "constexpr"},
+                        {"UNROLL": 32}), target=target, options={"num_warps": 1})
+print(len(sums.asm["cubin"]), len(finish.asm["cubin"]))
+"""
+
+
+@interpreted
+def test_kernels_compile_for_a_gpu(tmp_path):
+    """The interpreter does not type-check like the compiler: build both kernels for sm_90 with
+    Triton's own ptxas (no GPU needed), as a lent GPU would."""
+    try:
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except ImportError:
+        pytest.skip("triton without its NVIDIA backend")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert all(int(n) > 0 for n in done.stdout.split())

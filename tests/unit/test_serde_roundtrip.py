@@ -190,9 +190,6 @@ def test_large_payload_codecs_run_in_parallel_safely(codec):
     assert Packer(dst, codec=cfg).pack(ref).tobytes() == payload.tobytes()
 
 
-
-
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine (CI has none)")
 @pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
