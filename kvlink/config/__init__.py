@@ -7,6 +7,8 @@ Environment variables (all optional):
 - ``KVLINK_BUILD_DIR``: where on-demand native builds (csrc/) are cached
   (default ``~/.cache/kvlink/build``).
 - ``KVLINK_OPS_THREADS``: threads of the native copy-and-hash runs (default: one per core).
+- ``KVLINK_DEVICE_HASH``: ``0`` hashes payloads of GPU caches on the host instead of the GPU.
+- ``KVLINK_DEVICE_SCRATCH_BYTES``: device scratch per pack or verified unpack for that (256 MiB).
 - ``KVLINK_SECRET``: shared secret for the transport handshake (read by
   :meth:`TransportConfig.from_env` and the CLI; unset means no authentication).
 - ``KVLINK_INDEX_PASSWORD``: the password of the Valkey/Redis Cluster holding the global index

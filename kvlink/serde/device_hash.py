@@ -1,11 +1,11 @@
 """Checksums of payloads computed on the GPU, for packs from and unpacks into a GPU cache.
 
-Packing: each uncompressed segment is gathered into device scratch; from there a side stream copies
-it to its place in the staging lease (pinned, for the copies to overlap) while the main stream
-hashes the scratch
-(:func:`kvlink.ops.digest.queue_xxh3`). The device-to-host copy is the plain copy a pack must do
-anyway, the hash reads device memory, and the host hashes nothing but segments under 241 bytes
-(xxh3's short paths) from the copy.
+Packing: each uncompressed segment is gathered into device scratch; from there a side stream
+copies it to its place in the staging lease (pinned, for the copies to overlap) while the main
+stream hashes the scratch (:func:`kvlink.ops.digest.queue_xxh3`). The device-to-host copy is the
+plain copy a pack makes anyway. Gathering into scratch rather than straight into pinned memory
+costs device memory bandwidth only, and lets the hash read device memory instead of reading the
+pinned copy back over PCIe. The host hashes only segments under 241 bytes (xxh3's short paths).
 
 Unpacking with verification: the segments are copied to device scratch first, checked there,
 and only then written into the cache from the scratch (:func:`land_verified`), so a mismatch
@@ -38,9 +38,9 @@ _BROKEN: set[torch.device] = set()  # devices whose kernels failed to build: has
 
 
 def usable(cache_device: torch.device, backend: str | None, ops: OpsConfig) -> bool:
-    """Whether a pack from (or a verified unpack into) a cache on ``cache_device`` hashes on the device: CUDA caches when
-    Triton is there and ``ops.device_hash`` is on; CPU caches only when the ``triton`` gather
-    backend was asked for and runs in the interpreter."""
+    """Whether a pack from (or a verified unpack into) a cache on ``cache_device`` hashes on the
+    device: CUDA caches when Triton is there and ``ops.device_hash`` is on; CPU caches only when
+    the ``triton`` gather backend was asked for and runs in the interpreter."""
     if not ops.device_hash or cache_device in _BROKEN:
         return False
     if cache_device.type == "cuda":
@@ -105,11 +105,10 @@ def pack_segments(gather, layouts, offsets, codecs, out: torch.Tensor, device: t
         _fall_back(device, exc)
         return results  # the caller's classic path writes and hashes every segment again
     for group, hashed, digests in queued:
-        for (i, _, _), value in zip(hashed, digest.to_ints(digests)):
-            results[i] = value
+        on_device = dict(zip((i for i, _, _ in hashed), digest.to_ints(digests)))
         for i, n, _ in group:
             data = memoryview(out[offsets[i]: offsets[i] + n].numpy())
-            results[i] = (data, results[i] if n >= digest.MIN_LEN else checksum(data))
+            results[i] = (data, on_device[i] if i in on_device else checksum(data))  # short: xxh3's host paths
     return results
 
 
@@ -156,9 +155,10 @@ def land_verified(payload, indices, names: list[str], device: torch.device, ops:
     """Copy the uncompressed segments ``indices`` of ``payload`` (at least 241 bytes each, up to
     ``ops.device_scratch_bytes`` in all, in order) to device scratch and check them there:
     ``{index: bytes on the device}`` for the segments taken (none when the device has no memory
-    for them or its kernels cannot run there); the caller verifies the rest on the host. Raises :class:`~kvlink.errors.ChecksumMismatch` naming ``names[i]`` for a segment whose
-    bytes do not match, and :class:`~kvlink.errors.LengthError` for one of the wrong length,
-    before the caller writes anything.
+    for them or its kernels cannot run there); the caller verifies the rest on the host. Raises
+    :class:`~kvlink.errors.ChecksumMismatch` naming ``names[i]`` for a segment whose bytes do not
+    match, and :class:`~kvlink.errors.LengthError` for one of the wrong length, before the caller
+    writes anything.
     """
     header = payload.header
     picked, used = [], 0

@@ -134,9 +134,8 @@ class Unpacker:
             for i in rest:
                 if i not in landed:
                     payload.verify_segment(i, names[i])
-        for i, data in landed.items():
-            seg = header.segments[i]
-            landed[i] = data.view(TORCH_DTYPES[seg.dtype]).view(seg.shape)
+        landed = {i: data.view(TORCH_DTYPES[header.segments[i].dtype]).view(header.segments[i].shape)
+                  for i, data in landed.items()}
         rest = [i for i in rest if i not in landed]
         decoded = parallel_map(
             lambda i: decode(header.segments[i].codec, payload.datas[i], TORCH_DTYPES[header.segments[i].dtype],
